@@ -1,0 +1,78 @@
+"""What a built-in benchmark provides to the trainer: a teacher, fresh trainable roles, data and evaluation.
+
+A benchmark is the only place that knows what the data is (2-D points, 8x8 digits, latents); methods and the
+trainer see tensors and a ``Denoiser``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..denoiser import Denoiser
+from ..generator import FewStepGenerator
+from ..methods.gan import probe_feature_shape
+from ..networks.heads import ClassifierHead
+from ..roles import Roles
+
+
+class Benchmark:
+    name = "base"
+    kind = "points"  # "points" (data space) or "image" (written in [0, 1])
+    num_classes: int | None = None
+    teacher: Denoiser
+    data_shape: tuple[int, ...]
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes is not None
+
+    # --- roles -------------------------------------------------------------------------------------------
+    def make_student_denoiser(self) -> Denoiser:
+        """A fresh trainable denoiser for the generator or the fake score."""
+        raise NotImplementedError
+
+    def build_roles(self, method_cfg, generator_cfg) -> Roles:
+        roles = Roles()
+        roles["teacher"] = self.teacher
+        roles["fake_score"] = self.make_student_denoiser()
+        roles["generator"] = FewStepGenerator(self.make_student_denoiser(), generator_cfg.get("timesteps"),
+                                              int(generator_cfg.steps))
+        gan = method_cfg.get("gan")
+        if gan is not None and gan.get("enabled", False):
+            x = torch.zeros(2, *self.data_shape)
+            cond = self.sample_cond(2)
+            shape = probe_feature_shape(roles["fake_score"], x, cond, gan.get("feature_module"))
+            roles["gan_head"] = ClassifierHead(shape, int(gan.get("head_width", 128)))
+        return roles
+
+    # --- data --------------------------------------------------------------------------------------------
+    def sample_cond(self, n: int, generator: torch.Generator | None = None):
+        if not self.conditional:
+            return None
+        return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+    def sample_real(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.randn(n, *self.data_shape, generator=generator)
+
+    def teacher_sample(self, noise, cond=None, steps: int | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- output ------------------------------------------------------------------------------------------
+    def to_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> what `stepdistill-sample` writes (images in [0, 1])."""
+        return x
+
+    def evaluate(self, samples: torch.Tensor, labels=None) -> dict:
+        raise NotImplementedError
+
+    def save_figure(self, samples: torch.Tensor, labels, path, teacher_samples=None) -> str:
+        raise NotImplementedError
+
+    def config_record(self) -> dict:
+        """Resolved facts written into the run's config.yaml (e.g. the mixture's means)."""
+        return {}

@@ -1,0 +1,86 @@
+"""`digits`: scikit-learn's 8x8 handwritten digits, class-conditional; the shipped UNet2DModel teacher."""
+from __future__ import annotations
+
+import copy
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from ..denoiser import NetworkDenoiser
+from ..samplers import ddim_sample
+from ..teachers import load_unet_teacher, teacher_info
+from .base import Benchmark
+
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
+
+
+class DigitsBenchmark(Benchmark):
+    name = "digits"
+    kind = "image"
+    num_classes = 10
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from ..data.digits import load_digits_tensor
+        from ..networks.unet import check_resolution
+
+        self.path = Path(cfg.teacher.path) if cfg.teacher.get("path") else SHIPPED_TEACHER
+        self.teacher = load_unet_teacher(self.path, cfg.teacher.get("prediction_type"))
+        self.info = teacher_info(self.path)
+        self.images, self.labels = load_digits_tensor()
+        res = int(cfg.get("resolution") or self.images.shape[-1])
+        check_resolution(self.teacher.net, res, res)
+        self.data_shape = (1, res, res)
+        self.guidance = float(cfg.get("guidance") or self.info.get("default_guidance", 1.0))
+        self.teacher_steps = int(cfg.get("teacher_steps") or self.info.get("default_sampler_steps", 20))
+
+    def make_student_denoiser(self):
+        t = self.teacher
+        net = copy.deepcopy(t.net).train()
+        for p in net.parameters():
+            p.requires_grad_(True)
+        return NetworkDenoiser(net, t.schedule, t.prediction_type, t.sigma_data, t.null_class)
+
+    def sample_real(self, n):
+        idx = torch.randint(0, self.images.shape[0], (n,))
+        return self.images[idx], self.labels[idx]
+
+    def sample_cond(self, n, generator=None):
+        # class-balanced labels for evaluation reproducibility; random for training
+        return torch.randint(0, self.num_classes, (n,), generator=generator)
+
+    def teacher_sample(self, noise, cond=None, steps=None):
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond, self.guidance)
+
+    def to_output(self, x):
+        return ((x.float() + 1) / 2).clamp(0, 1)
+
+    @cached_property
+    def feature_net(self):
+        from ..networks.digits_features import load_feature_net
+        return load_feature_net(self.cfg.get("feature_net"))
+
+    def evaluate(self, samples, labels=None):
+        from ..eval.fid import frechet_distance
+        fake01 = self.to_output(samples)
+        out = frechet_distance(self.to_output(self.images), fake01, self.feature_net)
+        metrics = {"fd": out["fd"], "fd_num_real": out["num_real"], "fd_num_samples": out["num_fake"]}
+        if labels is not None:
+            with torch.no_grad():
+                pred = self.feature_net.classify(fake01).argmax(-1)
+            metrics["class_accuracy"] = (pred == labels).float().mean().item()
+            metrics["class_accuracy_num_samples"] = int(labels.numel())
+        return metrics
+
+    def save_figure(self, samples, labels, path, teacher_samples=None):
+        from ..eval.grids import save_image_grid
+        x = self.to_output(samples[:100])
+        if labels is not None:  # one row per class where possible, so conditioning is visible at a glance
+            order = torch.argsort(labels[:100], stable=True)
+            x = x[order]
+        return save_image_grid(x, path, nrow=10)
+
+    def config_record(self):
+        return {"teacher_resolved": {"path": str(self.path), "guidance": self.guidance,
+                                     "teacher_steps": self.teacher_steps}}

@@ -1,0 +1,12 @@
+"""`benchmark.name` -> Benchmark class."""
+from __future__ import annotations
+
+
+def build_benchmark(cfg):
+    from .digits import DigitsBenchmark
+    from .gmm import GMMBenchmark
+
+    table = {"gmm": GMMBenchmark, "gmm_unbalanced": GMMBenchmark, "digits": DigitsBenchmark}
+    if cfg.name not in table:
+        raise ValueError(f"unknown benchmark {cfg.name!r}: use benchmark= one of {', '.join(sorted(table))}")
+    return table[cfg.name](cfg)

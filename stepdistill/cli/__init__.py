@@ -1,0 +1,34 @@
+"""Console scripts: each a Hydra app over conf/ (DESIGN §5)."""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def user_errors(app: str):
+    """Bad input ends in one line saying what to change, not a traceback."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                if os.environ.get("STEPDISTILL_TRACEBACK"):
+                    raise
+                msg = e.args[0] if e.args else repr(e)
+                print(f"{app}: error: {msg}", file=sys.stderr)
+                sys.exit(2)
+        return inner
+    return wrap
+
+
+def set_threads(n) -> None:
+    import torch
+    if n:
+        torch.set_num_threads(int(n))

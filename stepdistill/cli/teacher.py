@@ -1,0 +1,45 @@
+"""`stepdistill-teacher benchmark=digits [out=DIR]`: re-train the digits teacher and feature network from scratch.
+
+The shipped assets (stepdistill/assets/) were made by this command with the settings in conf/teacher.yaml;
+`install=true` writes straight into the package's assets folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import CONF_DIR, set_threads, user_errors
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
+@user_errors("stepdistill-teacher")
+def main(cfg: DictConfig) -> None:
+    set_threads(cfg.get("num_threads"))
+    name = cfg.benchmark.name
+    if name in ("gmm", "gmm_unbalanced"):
+        raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
+    if name != "digits":
+        raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits")
+    from ..benchmarks.digits_teacher import train_digits_teacher
+    from ..networks.digits_features import save_feature_net, train_feature_net
+
+    out = ASSETS if cfg.install else Path(cfg.out or HydraConfig.get().runtime.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fc, tc = cfg.features, cfg.teacher
+    net, feat_report = train_feature_net(steps=fc.steps, batch_size=fc.batch_size, lr=fc.lr, seed=cfg.seed)
+    save_feature_net(net, out / "digits_features.safetensors")
+    report = train_digits_teacher(out / "digits_teacher", steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
+                                  seed=cfg.seed, **OmegaConf.to_container(tc.extra))
+    print(json.dumps({"features": feat_report, "teacher": report}, indent=2, default=str))
+    print(f"teacher: {out / 'digits_teacher'}  (use benchmark.teacher.path={out / 'digits_teacher'} "
+          f"benchmark.feature_net={out / 'digits_features.safetensors'})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`stepdistill-train` (= `python -m stepdistill.train`): distil a teacher into a few-step generator."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from . import CONF_DIR, set_threads, user_errors
+
+
+def write_config(cfg: DictConfig, run_dir: Path) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / "config.yaml.tmp"
+    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    os.replace(tmp, run_dir / "config.yaml")
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> dict:
+    """Train, export and report; the Python entry point (notebooks call this with a composed config)."""
+    from ..export.export import export_run
+    from ..train.setup import build_run
+    from ..train.trainer import Trainer
+
+    run_dir = Path(run_dir)
+    set_threads(cfg.trainer.get("num_threads"))
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra's runtime
+    if "hydra" in cfg:
+        del cfg["hydra"]
+    run = build_run(cfg)
+    write_config(run.cfg, run_dir)
+    result = Trainer(run, run_dir).fit()
+    if cfg.trainer.export:
+        result["export"] = str(export_run(run, run_dir / "export"))
+    result["run_dir"] = str(run_dir)
+    return result
+
+
+def summary(result: dict) -> str:
+    lines = [f"run folder:   {result['run_dir']}"]
+    if "figure" in result:
+        lines.append(f"sample grid:  {result['figure']}")
+    lines.append(f"metrics:      {Path(result['run_dir']) / 'metrics.jsonl'}")
+    if "export" in result:
+        lines.append(f"export:       {result['export']}  (diffusers from_pretrained)")
+    for key in ("fd", "sliced_w2", "modes_covered", "high_quality_fraction", "class_accuracy"):
+        s, t = result.get(f"student_{key}"), result.get(f"teacher_{key}")
+        if s is not None:
+            extra = f"   teacher ({result.get('teacher_steps')} steps): {t:.4g}" if t is not None else ""
+            ratio = f"   ratio {s / t:.3g}" if key in ("fd", "sliced_w2") and t else ""
+            lines.append(f"student {key}: {s:.4g}{extra}{ratio}")
+    lines.append(f"train time:   {result['train_seconds']:.1f} s")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
+@user_errors("stepdistill-train")
+def main(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = train(cfg, run_dir)
+    print(summary(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The one interface every method is written against (DESIGN §2).
+
+``Denoiser.x0(x_t, t, cond, guidance)`` is the only network call a method makes; eps, score and velocity are
+derived from it here and nowhere else. Classifier-free guidance runs cond and uncond in ONE batched call.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .prediction import (check_prediction_type, edm_coefficients, eps_from_x0, score_from_x0, target_for,
+                         velocity_from_x0, x0_from_output)
+from .schedules import NoiseSchedule, _bcast
+
+
+class Denoiser(nn.Module):
+    """Base class: subclasses implement ``_x0_single`` (one network evaluation, no guidance)."""
+
+    schedule: NoiseSchedule
+    conditional: bool = False
+
+    def coeffs(self, t: torch.Tensor, like: torch.Tensor):
+        return _bcast(self.schedule.alpha(t), like), _bcast(self.schedule.sigma(t), like)
+
+    def _x0_single(self, x_t, t, cond):
+        raise NotImplementedError
+
+    def uncond(self, cond):
+        """The 'no condition' counterpart of ``cond`` (null class / empty prompt)."""
+        raise ValueError("this teacher is unconditional: set guidance to 1.0 (classifier-free guidance needs a "
+                         "conditional teacher)")
+
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
+        t = self._as_batch_t(t, x_t)
+        if guidance == 1.0 or cond is None:
+            if guidance != 1.0 and not self.conditional:
+                self.uncond(cond)  # raises the clear error
+            return self._x0_single(x_t, t, cond)
+        # CFG (Ho & Salimans 2022) on the x0-prediction, cond and uncond batched together.
+        both = self._x0_single(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.uncond(cond)]))
+        x0_c, x0_u = both.chunk(2)
+        return x0_u + guidance * (x0_c - x0_u)
+
+    def eps(self, x_t, t, cond=None, guidance=1.0):
+        a, s = self.coeffs(self._as_batch_t(t, x_t), x_t)
+        return eps_from_x0(self.x0(x_t, t, cond, guidance), x_t, a, s)
+
+    def score(self, x_t, t, cond=None, guidance=1.0):
+        a, s = self.coeffs(self._as_batch_t(t, x_t), x_t)
+        return score_from_x0(self.x0(x_t, t, cond, guidance), x_t, a, s)
+
+    def velocity(self, x_t, t, cond=None, guidance=1.0):
+        a, s = self.coeffs(self._as_batch_t(t, x_t), x_t)
+        return velocity_from_x0(self.x0(x_t, t, cond, guidance), x_t, a, s)
+
+    @staticmethod
+    def _as_batch_t(t, x):
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
+        return t.expand(x.shape[0]) if t.ndim == 0 else t
+
+
+class NetworkDenoiser(Denoiser):
+    """Wraps a backbone (diffusers UNet2DModel or any ``net(x, t, cond)`` module) and its prediction type.
+
+    ``null_class``: index of the 'no label' class embedding (label dropout) for class-conditional nets.
+    """
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str = "epsilon",
+                 sigma_data: float = 0.5, null_class: int | None = None):
+        super().__init__()
+        self.net = net
+        self.schedule = schedule
+        self.prediction_type = check_prediction_type(prediction_type)
+        self.sigma_data = sigma_data
+        self.null_class = null_class
+        self.conditional = null_class is not None
+
+    def uncond(self, cond):
+        if self.null_class is None:
+            return super().uncond(cond)
+        return torch.full_like(cond, self.null_class)
+
+    def raw(self, x_t, t, cond=None):
+        """The backbone's native output (eps / v / x0 / velocity / EDM's F)."""
+        t = self._as_batch_t(t, x_t)
+        x_in = x_t
+        if self.prediction_type == "edm":
+            a, s = self.coeffs(t, x_t)
+            x_in = edm_coefficients(a, s, self.sigma_data)[0] * x_t
+        t_net = self.schedule.net_time(t)
+        if _is_diffusers_unet(self.net):
+            return self.net(x_in, t_net, class_labels=cond).sample
+        return self.net(x_in, t_net, cond)
+
+    def _x0_single(self, x_t, t, cond):
+        a, s = self.coeffs(t, x_t)
+        out = self.raw(x_t, t, cond).float()
+        return x0_from_output(out, x_t.float(), a, s, self.prediction_type, self.sigma_data)
+
+    def denoising_loss(self, x0, t, cond=None, noise=None):
+        """Per-sample MSE in the network's native space: the loss the teacher was trained with."""
+        t = self._as_batch_t(t, x0)
+        noise = torch.randn_like(x0) if noise is None else noise
+        a, s = self.coeffs(t, x0)
+        x_t = a * x0 + s * noise
+        target = target_for(x0, noise, x_t, a, s, self.prediction_type, self.sigma_data)
+        err = (self.raw(x_t, t, cond).float() - target) ** 2
+        return err.flatten(1).mean(1)
+
+
+def _is_diffusers_unet(net) -> bool:
+    cls = type(net).__name__
+    return cls in ("UNet2DModel",) or (hasattr(net, "config") and getattr(net.config, "_class_name", "") == "UNet2DModel")

@@ -1,0 +1,3 @@
+from .export import export_run
+
+__all__ = ["export_run"]

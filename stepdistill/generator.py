@@ -1,0 +1,106 @@
+"""The one/few-step student (DESIGN §3): shared by DMD2, SiD and the phased methods.
+
+Sampling follows diffusers' ``LCMScheduler`` step exactly, so an exported student sampled by stock diffusers
+gives the same images for the same noise:
+  x0_k   = c_skip(t_k) x_k + c_out(t_k) x0_net(x_k, t_k)        (LCM boundary condition; VP teachers only)
+  x_k+1  = alpha(t_k+1) x0_k + sigma(t_k+1) z_k,  z_k ~ N(0, I)   (fresh noise between steps)
+Training uses backward simulation (DMD2 §4.5): draw k uniformly in 1..K, run k-1 steps without gradient on the
+generator's own outputs, and train step k, so the student learns from the inputs it will actually see.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .denoiser import NetworkDenoiser, _bcast
+
+LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50) -> list[int]:
+    """The timesteps diffusers' LCMScheduler.set_timesteps(steps) picks, asked of LCMScheduler itself so an
+    exported student sampled by stock diffusers runs at exactly the timesteps it was trained at."""
+    from diffusers import LCMScheduler
+
+    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
+class FewStepGenerator(nn.Module):
+    def __init__(self, denoiser: NetworkDenoiser, timesteps: list[float] | None = None, steps: int = 1,
+                 lcm_boundary: bool | None = None, timestep_scaling: float = 10.0):
+        super().__init__()
+        self.denoiser = denoiser
+        sched = denoiser.schedule
+        self.lcm_boundary = sched.discrete if lcm_boundary is None else lcm_boundary
+        self.timestep_scaling = timestep_scaling
+        if timesteps is None:
+            timesteps = self.default_timesteps(steps)
+        ts = [float(t) for t in timesteps]
+        if any(b >= a for a, b in zip(ts, ts[1:])):
+            raise ValueError(f"generator.timesteps must be strictly decreasing, got {ts}")
+        self.timesteps = ts
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def default_timesteps(self, steps: int) -> list[float]:
+        sched = self.denoiser.schedule
+        if sched.discrete:
+            return [float(t) for t in lcm_timesteps(steps, sched.num_train_timesteps)]
+        return sched.ode_timesteps(steps).tolist()
+
+    def boundary_scalings(self, t: torch.Tensor):
+        """LCMScheduler.get_scalings_for_boundary_condition_discrete."""
+        st = t * self.timestep_scaling
+        c_skip = LCM_SIGMA_DATA**2 / (st**2 + LCM_SIGMA_DATA**2)
+        c_out = st / (st**2 + LCM_SIGMA_DATA**2) ** 0.5
+        return c_skip, c_out
+
+    def denoise(self, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
+        tt = torch.full((x_t.shape[0],), float(t), device=x_t.device)
+        x0 = self.denoiser.x0(x_t, tt, cond)
+        if self.lcm_boundary:
+            c_skip, c_out = self.boundary_scalings(tt)
+            x0 = _bcast(c_skip, x0) * x_t + _bcast(c_out, x0) * x0
+        return x0
+
+    def start(self, noise: torch.Tensor) -> torch.Tensor:
+        """Pure noise -> the first step's input (EDM scales unit noise by sigma_max)."""
+        if self.schedule.kind == "edm":
+            return noise * self.timesteps[0]
+        return noise
+
+    def renoise(self, x0, t_next: float, noise):
+        tt = torch.full((x0.shape[0],), float(t_next), device=x0.device)
+        return self.schedule.add_noise(x0, noise, tt)
+
+    @torch.no_grad()
+    def sample(self, noise: torch.Tensor, cond=None, timesteps: list[float] | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """K-step sampling; `generator` draws the between-step noise in the order LCMScheduler does."""
+        ts = self.timesteps if timesteps is None else [float(t) for t in timesteps]
+        x = self.start(noise)
+        for k, t in enumerate(ts):
+            x0 = self.denoise(x, t, cond)
+            if k + 1 < len(ts):
+                z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                x = self.renoise(x0, ts[k + 1], z)
+        return x0
+
+    def forward(self, noise: torch.Tensor, cond=None, step: int | None = None) -> torch.Tensor:
+        """Training sample with backward simulation; `step` (1-based) fixes k, else k ~ U{1..K}."""
+        k = int(torch.randint(1, self.num_steps + 1, ()).item()) if step is None else step
+        x = self.start(noise)
+        if k > 1:
+            with torch.no_grad():
+                for i in range(k - 1):
+                    x0 = self.denoise(x, self.timesteps[i], cond)
+                    x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
+        return self.denoise(x, self.timesteps[k - 1], cond)

@@ -1,0 +1,50 @@
+"""The method interface (DESIGN §3): a method turns a batch into a loss for the phase the schedule asks for.
+
+A method never touches optimizers, devices, precision, logging or checkpoints; the trainer never knows which
+method it runs. ``phases`` maps each phase name to the roles its optimizer updates.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..roles import Roles
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method:
+    name: str = "base"
+    roles: tuple[str, ...] = ("teacher", "fake_score", "generator")
+    phases: dict[str, tuple[str, ...]] = {"generator": ("generator",), "critic": ("fake_score",)}
+    batch_keys: tuple[str, ...] = ("noise", "cond")  # what the trainer's data source must provide
+
+    def __init__(self, models: Roles, cfg):
+        missing = models.missing(self.roles)
+        if missing:
+            raise ValueError(f"method {self.name!r} needs the roles {missing}, which this run did not build")
+        self.models = models
+        self.cfg = cfg
+
+    def phase(self, step: int) -> str:
+        """Two-time-scale update rule (DMD2 §4.2): `critic_steps` critic updates per generator update,
+        after `critic_warmup_steps` critic-only steps (used when the critic starts from scratch)."""
+        warm = int(self.cfg.get("critic_warmup_steps", 0) or 0)
+        if step < warm:
+            return "critic"
+        period = int(self.cfg.get("critic_steps", 1)) + 1
+        return "generator" if (step - warm) % period == period - 1 else "critic"
+
+    def loss(self, phase: str, batch: dict, step: int) -> LossOut:
+        return self.generator_loss(batch, step) if phase == "generator" else self.critic_loss(batch, step)
+
+    def generator_loss(self, batch: dict, step: int) -> LossOut:
+        raise NotImplementedError
+
+    def critic_loss(self, batch: dict, step: int) -> LossOut | None:
+        return None

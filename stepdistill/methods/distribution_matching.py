@@ -1,0 +1,42 @@
+"""Pieces shared by the distribution-matching family (DMD, DMD2, and later f-distill / Phased DMD).
+
+``dmd_loss``: the distribution-matching gradient of Yin et al. (2023), Eq. 7-8, applied through a stop-gradient
+surrogate. For a generated sample x, noise level t and x_t = a x + s eps:
+    grad = (x0_fake(x_t) - x0_real(x_t)) / mean|x - x0_real(x_t)|      (per-sample normaliser, DMD §3.2)
+    loss = 0.5 * mean((x - sg(x - grad))^2)    so    d loss / d x = grad / numel(x).
+Since x0 = (x_t + s^2 score) / a, grad is proportional to s_fake - s_real: the KL gradient of DMD Eq. 7.
+``fake_score_loss``: the critic tracks the generator's distribution with the teacher's own denoising loss on
+detached generator samples over the full noise range (DMD §3.2, Eq. 6).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..denoiser import Denoiser, NetworkDenoiser
+
+
+def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
+    """The normalised score difference, (x0_fake - x0_real) / mean|x - x0_real| per sample."""
+    dims = tuple(range(1, x.ndim))
+    weight = (x - x0_real).abs().mean(dim=dims, keepdim=True)
+    return torch.nan_to_num((x0_fake - x0_real) / weight)
+
+
+def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guidance: float = 1.0,
+             fake_guidance: float = 1.0, t_range=(0.02, 0.98)) -> tuple[torch.Tensor, dict]:
+    sched = teacher.schedule
+    t = sched.sample_t(x.shape[0], *t_range, device=x.device)
+    with torch.no_grad():
+        x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
+        x0_real = teacher.x0(x_t, t, cond, guidance)  # CFG on the real score only (DMD2 §4.4)
+        x0_fake = fake.x0(x_t, t, cond, fake_guidance)
+        grad = dmd_gradient(x.detach().float(), x0_real.float(), x0_fake.float())
+    loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad), reduction="mean")
+    return loss, {"dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
+
+
+def fake_score_loss(fake: NetworkDenoiser, x_fake: torch.Tensor, cond=None) -> torch.Tensor:
+    """Denoising loss of the critic on detached generator samples, t over the whole range."""
+    t = fake.schedule.sample_t(x_fake.shape[0], 0.0, 1.0, device=x_fake.device)
+    return fake.denoising_loss(x_fake.detach(), t, cond).mean()

@@ -1,0 +1,47 @@
+"""DMD: One-step Diffusion with Distribution Matching Distillation (Yin et al., CVPR 2024, arXiv 2311.18828).
+
+Generator loss (§3.3, Eq. 9):  L = L_KL (distribution matching, Eq. 7-8) + lambda_reg * L_reg,
+with L_reg the distance between G(z) and the teacher's deterministic ODE output for the same noise z
+(precomputed noise -> sample pairs, Eq. 9; lambda_reg = 0.25, LPIPS in the paper, L2 here by default).
+Critic: the fake score's denoising loss on detached generator samples (Eq. 6); alternated 1:1.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import LossOut, Method
+from .distribution_matching import dmd_loss, fake_score_loss
+
+
+class DMD(Method):
+    name = "dmd"
+    roles = ("teacher", "fake_score", "generator")
+    phases = {"generator": ("generator",), "critic": ("fake_score",)}
+    batch_keys = ("noise", "cond", "reg_noise", "reg_cond", "reg_target")
+
+    def __init__(self, models, cfg, distance=None):
+        super().__init__(models, cfg)
+        self.distance = distance  # callable(pred, target) -> per-sample distance; None = mean squared error
+
+    def regression_loss(self, pred, target):
+        if self.distance is not None:
+            return self.distance(pred, target).mean()
+        return F.mse_loss(pred.float(), target.float())
+
+    def generator_loss(self, batch, step):
+        m, c = self.models, self.cfg
+        x = m["generator"](batch["noise"], batch["cond"])
+        l_dm, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
+                              (c.t_min, c.t_max))
+        pred = m["generator"](batch["reg_noise"], batch["reg_cond"], step=1)  # pairs start from pure noise
+        l_reg = self.regression_loss(pred, batch["reg_target"])
+        loss = l_dm + c.regression.weight * l_reg
+        return LossOut(loss, {"loss_dm": l_dm.item(), "loss_reg": l_reg.item(), **logs})
+
+    def critic_loss(self, batch, step):
+        m = self.models
+        with torch.no_grad():
+            x = m["generator"](batch["noise"], batch["cond"])
+        loss = fake_score_loss(m["fake_score"], x, batch["cond"])
+        return LossOut(loss, {"loss_fake_score": loss.item()})

@@ -1,0 +1,62 @@
+"""A small time-conditioned MLP backbone for low-dimensional benchmarks (the GMM's fake score and generator).
+
+Called as ``net(x, t_net, cond)`` like any backbone behind ``NetworkDenoiser``. The middle activation is the
+``mid`` submodule so a GAN head can read the critic's bottleneck features, as DMD2 does on a UNet's mid-block.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding (Vaswani et al. 2017), as in DDPM/DiT."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+
+    def forward(self, h, emb):
+        return h + self.fc2(torch.nn.functional.silu(self.fc1(torch.nn.functional.silu(self.norm(h) + emb))))
+
+
+class TimeMLP(ModelMixin, ConfigMixin):
+    """A diffusers model (save_pretrained / from_pretrained) so MLP students export like UNets do."""
+
+    @register_to_config
+    def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, emb_dim: int = 64,
+                 num_classes: int | None = None):
+        super().__init__()
+        self.emb_dim = emb_dim
+        self.inp = nn.Linear(dim, width)
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.label = nn.Embedding(num_classes + 1, width) if num_classes else None  # +1: the null class
+        half = depth // 2
+        self.down = nn.ModuleList(ResidualBlock(width) for _ in range(half))
+        self.mid = nn.Identity()  # bottleneck tap point for GAN heads
+        self.up = nn.ModuleList(ResidualBlock(width) for _ in range(depth - half))
+        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+
+    def forward(self, x, t_net, cond=None):
+        emb = self.time_mlp(timestep_embedding(t_net.expand(x.shape[0]), self.emb_dim))
+        if self.label is not None and cond is not None:
+            emb = emb + self.label(cond)
+        h = self.inp(x)
+        for blk in self.down:
+            h = blk(h, emb)
+        h = self.mid(h)
+        for blk in self.up:
+            h = blk(h, emb)
+        return self.out(h)

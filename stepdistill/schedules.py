@@ -1,0 +1,167 @@
+"""Noise schedules: x_t = alpha(t) * x0 + sigma(t) * eps, in each teacher's native time t.
+
+Three families cover the teachers we distil (DESIGN §2):
+  * ``VPSchedule``   DDPM / Stable Diffusion: discrete t in {0..T-1}, alpha = sqrt(alphas_cumprod[t]).
+  * ``EDMSchedule``  Karras et al. (2022): t is sigma itself, alpha = 1.
+  * ``FlowSchedule`` rectified flow: t in [0, 1], alpha = 1 - t, sigma = t.
+
+Methods never compute alpha/sigma themselves: they draw noise levels as a *fraction* u in [0, 1] of the
+schedule's range (u=0 cleanest, u=1 noisiest) through ``t_from_fraction`` so the same DMD code works for all.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample vector (N,) to broadcast against a batch (N, ...)."""
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+class NoiseSchedule:
+    kind: str = "base"
+    discrete: bool = False
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def t_from_fraction(self, u: torch.Tensor) -> torch.Tensor:
+        """Map u in [0, 1] (0 = least noise, 1 = most) to native time."""
+        raise NotImplementedError
+
+    def net_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The time value fed to the backbone network (its embedding's convention)."""
+        return t
+
+    @property
+    def t_max(self) -> float:
+        return float(self.t_from_fraction(torch.ones(1))[0])
+
+    def sample_t(self, n: int, lo: float = 0.0, hi: float = 1.0, device=None) -> torch.Tensor:
+        """Noise levels drawn uniformly in fraction-of-range [lo, hi] (DMD uses [0.02, 0.98])."""
+        u = lo + (hi - lo) * torch.rand(n, device=device)
+        return self.t_from_fraction(u)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+
+    def ode_timesteps(self, steps: int) -> torch.Tensor:
+        """Descending times for a `steps`-step ODE sampler, from the noisiest level towards clean data."""
+        return self.t_from_fraction(torch.linspace(1.0, 0.0, steps + 1)[:-1])
+
+    def final_t(self) -> torch.Tensor:
+        """Where a sampler ends: x at this time is treated as clean data."""
+        return self.t_from_fraction(torch.zeros(1))[0]
+
+    def to_config(self) -> dict:
+        raise NotImplementedError
+
+
+def betas_for(beta_schedule: str, num_train_timesteps: int, beta_start: float, beta_end: float) -> torch.Tensor:
+    """The betas of diffusers' DDPMScheduler for the schedules we support (same formulas, float64)."""
+    T = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":  # Stable Diffusion
+        return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":  # Nichol & Dhariwal (2021) cosine, betas capped at 0.999
+        f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
+    raise ValueError(
+        f"unknown beta_schedule {beta_schedule!r}: use one of linear, scaled_linear, squaredcos_cap_v2"
+    )
+
+
+class VPSchedule(NoiseSchedule):
+    """Variance-preserving discrete schedule (DDPM). t is an integer index in [0, T-1] stored as float."""
+
+    kind = "vp"
+    discrete = True
+
+    def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
+                 beta_start: float = 0.0001, beta_end: float = 0.02):
+        self.num_train_timesteps = num_train_timesteps
+        self.beta_schedule = beta_schedule
+        self.beta_start, self.beta_end = beta_start, beta_end
+        betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float64
+
+    def _ac(self, t: torch.Tensor) -> torch.Tensor:
+        idx = t.detach().round().long().clamp(0, self.num_train_timesteps - 1)
+        return self.alphas_cumprod.to(idx.device)[idx]
+
+    def alpha(self, t):
+        return self._ac(t).sqrt().float()
+
+    def sigma(self, t):
+        return (1.0 - self._ac(t)).sqrt().float()
+
+    def t_from_fraction(self, u):
+        return (u * (self.num_train_timesteps - 1)).round()
+
+    def to_config(self):
+        return dict(kind="vp", num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                    beta_start=self.beta_start, beta_end=self.beta_end)
+
+
+class EDMSchedule(NoiseSchedule):
+    """Karras et al. (2022): alpha = 1, sigma = t; fractions follow the rho-ramp between sigma_min and sigma_max."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0):
+        self.sigma_min, self.sigma_max, self.rho = sigma_min, sigma_max, rho
+
+    def alpha(self, t):
+        return torch.ones_like(t, dtype=torch.float32)
+
+    def sigma(self, t):
+        return t.float()
+
+    def t_from_fraction(self, u):
+        r = 1.0 / self.rho
+        return (self.sigma_min**r + u * (self.sigma_max**r - self.sigma_min**r)) ** self.rho
+
+    def net_time(self, t):
+        return t.float().log() / 4  # EDM's c_noise
+
+    def to_config(self):
+        return dict(kind="edm", sigma_min=self.sigma_min, sigma_max=self.sigma_max, rho=self.rho)
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow: x_t = (1 - t) x0 + t eps, t in [t_min, 1]."""
+
+    kind = "flow"
+
+    def __init__(self, t_min: float = 1e-3, time_scale: float = 1000.0):
+        self.t_min, self.time_scale = t_min, time_scale
+
+    def alpha(self, t):
+        return (1.0 - t).float()
+
+    def sigma(self, t):
+        return t.float()
+
+    def t_from_fraction(self, u):
+        return self.t_min + u * (1.0 - self.t_min)
+
+    def net_time(self, t):
+        return t.float() * self.time_scale
+
+    def to_config(self):
+        return dict(kind="flow", t_min=self.t_min, time_scale=self.time_scale)
+
+
+SCHEDULES = {"vp": VPSchedule, "edm": EDMSchedule, "flow": FlowSchedule}
+
+
+def make_schedule(kind: str = "vp", **kwargs) -> NoiseSchedule:
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule kind {kind!r}: use one of {sorted(SCHEDULES)}")
+    return SCHEDULES[kind](**kwargs)

@@ -1,0 +1,66 @@
+"""Loading a diffusers UNet2DModel teacher from a local folder (no hub, no remote code).
+
+Accepted layouts (what `save_pretrained` writes):
+  DIR/unet/ + DIR/scheduler/        (a pipeline-style folder; the shipped digits teacher)
+  DIR/ (config.json + weights) and DIR/scheduler/ or DIR/scheduler_config.json
+An optional DIR/stepdistill_teacher.json holds what diffusers' configs cannot say: the null class used for
+classifier-free guidance, the default guidance and sampler steps.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .denoiser import NetworkDenoiser
+from .prediction import check_prediction_type
+from .schedules import VPSchedule
+
+SUPPORTED_BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
+
+
+def _scheduler_config(root: Path) -> dict:
+    for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
+                 root.parent / "scheduler" / "scheduler_config.json"):
+        if cand.is_file():
+            return json.loads(cand.read_text())
+    raise FileNotFoundError(f"no scheduler config under {root}: expected {root}/scheduler/scheduler_config.json "
+                            "(save the teacher's DDPMScheduler with save_pretrained)")
+
+
+def teacher_info(path: str | Path) -> dict:
+    f = Path(path) / "stepdistill_teacher.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def load_unet_teacher(path: str | Path, prediction_type: str | None = None, null_class: int | None = None,
+                      device="cpu") -> NetworkDenoiser:
+    from diffusers import UNet2DModel
+
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise FileNotFoundError(f"teacher path {root} does not exist: set benchmark.teacher.path to a local folder "
+                                "holding a diffusers UNet2DModel (unet/ and scheduler/ from save_pretrained)")
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (unet_dir / "config.json").is_file():
+        raise FileNotFoundError(f"teacher path {root} has no unet/config.json or config.json: point "
+                                "benchmark.teacher.path at a folder written by UNet2DModel.save_pretrained")
+    sched_cfg = _scheduler_config(root)
+    beta = sched_cfg.get("beta_schedule", "linear")
+    if beta not in SUPPORTED_BETAS:
+        raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS}")
+    native = sched_cfg.get("prediction_type", "epsilon")
+    if prediction_type is not None and check_prediction_type(prediction_type) != native:
+        raise ValueError(f"teacher.prediction_type={prediction_type!r} does not match the teacher's scheduler, "
+                         f"which says {native!r}: remove the override or set it to {native!r}")
+    schedule = VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta,
+                          sched_cfg.get("beta_start", 0.0001), sched_cfg.get("beta_end", 0.02))
+    unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
+    info = teacher_info(root)
+    if null_class is None:
+        null_class = info.get("null_class")
+    if null_class is None and unet.config.num_class_embeds:
+        null_class = unet.config.num_class_embeds - 1  # convention: the last class embedding is "no label"
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return NetworkDenoiser(unet, schedule, native, null_class=null_class)
+

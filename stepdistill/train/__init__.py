@@ -1,0 +1,1 @@
+"""The trainer: one loop on accelerate for every method (DESIGN §4)."""

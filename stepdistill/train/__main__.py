@@ -1,0 +1,4 @@
+"""`python -m stepdistill.train ...` is `stepdistill-train ...`."""
+from ..cli.train import main
+
+main()

@@ -1,0 +1,76 @@
+"""Atomic checkpoints: `checkpoints/step_XXXXXXX/` holds one safetensors file per role + `trainer_state.pt`.
+
+A checkpoint is written into a temporary sibling folder and renamed into place (os.replace is atomic on one
+file system), so a kill mid-save leaves the previous checkpoint intact and never a half-written one.
+`trainer_state.pt` holds only tensors and plain containers and is read back with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step_(\d{7,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    # tied / shared tensors: safetensors refuses aliases, so store clones
+    save_file({k: v.clone() for k, v in state.items()}, str(path))
+
+
+def load_module(module: torch.nn.Module, path: Path) -> None:
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the network: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]} (was it written with a different config?)")
+
+
+def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module], state: dict, keep: int = 2) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_dir_name(step)
+    tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, mod in modules.items():
+        save_module(mod, tmp / f"{name}.safetensors")
+    torch.save(state, tmp / "trainer_state.pt")
+    if final.exists():  # re-saving the same step: move the old one aside first, then swap
+        old = root / f".old_{step_dir_name(step)}_{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and STEP_DIR.match(d.name) and (d / "trainer_state.pt").is_file()]
+    return sorted(dirs, key=lambda d: int(STEP_DIR.match(d.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict:
+    for name, mod in modules.items():
+        f = path / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no weights for role {name!r} ({f.name})")
+        load_module(mod, f)
+    return torch.load(path / "trainer_state.pt", weights_only=True)

@@ -1,0 +1,76 @@
+"""Evaluation hook (DESIGN §7): student samples from fixed noise -> benchmark metrics + a figure.
+
+Evaluation draws from its own seeded ``torch.Generator`` inside ``fork_rng``, so running it (or not) never
+changes the training trajectory: a resumed run with evals matches a straight one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import step_dir_name
+
+
+def student_sample(generator, noise, cond=None, timesteps=None, rng: torch.Generator | None = None,
+                   batch_size: int = 1000) -> torch.Tensor:
+    """Sample the few-step student in chunks; `rng` draws the between-step noise (as LCMScheduler does)."""
+    device = next(generator.parameters()).device
+    out = []
+    for i in range(0, noise.shape[0], batch_size):
+        c = None if cond is None else cond[i:i + batch_size].to(device)
+        out.append(generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng).cpu())
+    return torch.cat(out)
+
+
+def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: int = 1000) -> torch.Tensor:
+    out = []
+    for i in range(0, noise.shape[0], batch_size):
+        c = None if cond is None else cond[i:i + batch_size]
+        out.append(benchmark.teacher_sample(noise[i:i + batch_size], c, steps).cpu())
+    return torch.cat(out)
+
+
+def eval_inputs(benchmark, n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    noise = benchmark.noise(n, gen)
+    cond = None
+    if benchmark.conditional:  # balanced labels: every class equally represented
+        cond = torch.arange(n) % benchmark.num_classes
+    return noise, cond, gen
+
+
+class Evaluator:
+    def __init__(self, run, run_dir: Path):
+        self.run, self.run_dir = run, Path(run_dir)
+        self.cfg = run.cfg.eval
+        self._teacher_cache: dict = {}
+
+    @torch.no_grad()
+    def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None) -> dict:
+        bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
+        student = self.run.student()
+        was_training = student.training
+        student.eval()
+        with torch.random.fork_rng(devices=[]):
+            noise, cond, gen = eval_inputs(bm, n, seed)
+            ts = None if steps is None else student.default_timesteps(steps)
+            samples = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size))
+        student.train(was_training)
+        metrics = {f"student_{k}": v for k, v in bm.evaluate(samples, cond).items()}
+        teacher = None
+        if teacher_reference:
+            teacher = self.teacher_samples(noise, cond)
+            metrics.update({f"teacher_{k}": v for k, v in bm.evaluate(teacher, cond).items()})
+            metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
+        fig = self.run_dir / "samples" / f"{step_dir_name(step)}.png"
+        bm.save_figure(samples, cond, fig, teacher_samples=teacher)
+        metrics["figure"] = str(fig)
+        return metrics
+
+    def teacher_samples(self, noise, cond):
+        if "samples" not in self._teacher_cache:
+            with torch.random.fork_rng(devices=[]):
+                self._teacher_cache["samples"] = teacher_sample_batched(self.run.benchmark, noise, cond,
+                                                                        batch_size=int(self.cfg.batch_size))
+        return self._teacher_cache["samples"]

@@ -1,0 +1,57 @@
+"""Metric sinks: `metrics.jsonl` and the console always; wandb (offline without an API key) or TensorBoard."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+log = logging.getLogger("stepdistill")
+
+
+def _clean(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, backend: str = "console", project: str = "stepdistill", config=None,
+                 console: bool = True, resume: bool = False):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+        self.console = console
+        self.backend = backend
+        self._wandb = self._tb = None
+        if backend == "wandb":
+            import wandb
+            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
+        elif backend == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        elif backend != "console":
+            raise ValueError(f"unknown logger {backend!r}: use logger=console, wandb or tensorboard")
+
+    def log(self, step: int, row: dict, kind: str = "train") -> None:
+        rec = {"step": int(step), "kind": kind, **{k: _clean(v) for k, v in row.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.console:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+            log.info("[%s %d] %s", kind, step, shown)
+        nums = {f"{kind}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
+        if self._wandb is not None:
+            self._wandb.log(nums, step=int(step))
+        if self._tb is not None:
+            for k, v in nums.items():
+                self._tb.add_scalar(k, v, int(step))
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,73 @@
+"""From a resolved config to the objects of a run: benchmark, roles, method. Shared by every CLI app."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..benchmarks.registry import build_benchmark
+from ..methods import method_class
+from ..roles import Roles
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .ema import make_ema
+
+
+@dataclass
+class Run:
+    cfg: DictConfig
+    benchmark: object
+    roles: Roles
+    method: object
+
+    def student(self):
+        """The generator used for sampling, evaluation and export: the EMA copy when there is one."""
+        return self.roles["generator_ema"] if "generator_ema" in self.roles else self.roles["generator"]
+
+
+def resolve_method_cfg(cfg: DictConfig, benchmark) -> None:
+    with open_dict(cfg):
+        if cfg.method.get("guidance") is None:
+            cfg.method.guidance = float(getattr(benchmark, "guidance", 1.0))
+        if cfg.method.get("guidance", 1.0) != 1.0 and not benchmark.conditional:
+            raise ValueError(f"method.guidance={cfg.method.guidance} but the {benchmark.name} teacher is "
+                             "unconditional: set method.guidance=1.0")
+        for k, v in benchmark.config_record().items():
+            cfg.benchmark[k] = v
+
+
+def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
+    torch.manual_seed(int(cfg.seed))
+    benchmark = build_benchmark(cfg.benchmark)
+    resolve_method_cfg(cfg, benchmark)
+    cls = method_class(cfg.method.name)
+    roles = benchmark.build_roles(cfg.method, cfg.generator)
+    if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
+        roles["generator_ema"] = make_ema(roles["generator"])
+    method = cls(roles, cfg.method) if with_method else None
+    return Run(cfg, benchmark, roles, method)
+
+
+def checkpoint_roles(roles: Roles) -> dict:
+    """Every role with trainable state: all but the frozen teacher."""
+    return {n: m for n, m in roles.items() if n not in Roles.FROZEN}
+
+
+def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint: str | None = None) -> Run:
+    """Rebuild a finished (or running) run from its config.yaml and its latest checkpoint."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: run_dir= must be a stepdistill-train run folder")
+    cfg = OmegaConf.load(cfg_file)
+    if overrides:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    run = build_run(cfg, with_method=False)
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (or pass checkpoint=PATH)")
+    load_checkpoint(ckpt, checkpoint_roles(run.roles))
+    for m in run.roles.values():
+        m.eval()
+    return run

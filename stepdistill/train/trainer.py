@@ -1,0 +1,172 @@
+"""The one training loop (DESIGN §4). It asks the method which phase a step is, computes that phase's loss and
+steps only that phase's optimizer; it never knows which method it runs.
+
+Per step: phase -> requires_grad on that phase's roles only -> loss (autocast) -> non-finite guard -> backward ->
+clip -> optimizer + LR schedule -> EMA (generator phases) -> log / eval / checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from .batches import BatchSource, make_regression_pairs
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .ema import update_ema
+from .evaluation import Evaluator
+from .loggers import MetricsLogger
+from .setup import Run, checkpoint_roles
+
+log = logging.getLogger("stepdistill")
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def lr_lambda(warmup: int, total: int, kind: str):
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if kind == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+        if kind != "constant":
+            raise ValueError(f"unknown optim.schedule {kind!r}: use constant or cosine")
+        return w
+    return f
+
+
+class Trainer:
+    def __init__(self, run: Run, run_dir: Path):
+        self.run, self.cfg, self.run_dir = run, run.cfg, Path(run_dir)
+        tc = self.cfg.trainer
+        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+        self.device = self.accelerator.device
+        run.roles.to(self.device)
+        self.method = run.method
+        self.optimizers, self.schedulers = {}, {}
+        for phase, names in self.method.phases.items():
+            oc = self.cfg.optim[phase]
+            params = run.roles.parameters_of(names)
+            opt = torch.optim.AdamW(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+            self.optimizers[phase] = opt
+            self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
+                opt, lr_lambda(int(oc.get("warmup_steps", 0)), int(tc.max_steps), self.cfg.optim.schedule))
+        self.step = 0
+        self.nonfinite_in_a_row = 0
+        self.evaluator = Evaluator(run, self.run_dir)
+        self.logger = MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
+                                    resume=bool(tc.resume))
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def save(self) -> Path:
+        path = save_checkpoint(self.run_dir / "checkpoints", self.step, checkpoint_roles(self.run.roles),
+                               self.state(), keep=int(self.cfg.trainer.keep_checkpoints))
+        return path
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir / "checkpoints")
+        if ckpt is None:
+            raise FileNotFoundError(f"trainer.resume=true but {self.run_dir / 'checkpoints'} holds no checkpoint: "
+                                    "drop trainer.resume or point hydra.run.dir at an earlier run")
+        st = load_checkpoint(ckpt, checkpoint_roles(self.run.roles))
+        for k, o in self.optimizers.items():
+            o.load_state_dict(st["optimizers"][k])
+        for k, s in self.schedulers.items():
+            s.load_state_dict(st["schedulers"][k])
+        self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
+        torch.set_rng_state(st["rng_cpu"])
+        if st["rng_cuda"]:
+            torch.cuda.set_rng_state_all(st["rng_cuda"])
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    # --- one step ------------------------------------------------------------------------------------------
+    def train_step(self, batch_source: BatchSource) -> tuple[str, dict | None]:
+        phase = self.method.phase(self.step)
+        roles = self.run.roles
+        roles.train_only(self.method.phases[phase])
+        opt = self.optimizers[phase]
+        opt.zero_grad(set_to_none=True)
+        with self.accelerator.autocast():
+            out = self.method.loss(phase, batch_source(), self.step)
+        finite = bool(torch.isfinite(out.loss))
+        grad_norm = float("nan")
+        if finite:
+            self.accelerator.backward(out.loss)
+            params = [p for p in roles.parameters_of(self.method.phases[phase]) if p.grad is not None]
+            clip = float(self.cfg.optim[phase].get("grad_clip", 0) or 0)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
+            finite = math.isfinite(grad_norm)
+        if not finite:  # skip the update, keep the weights, stop after several in a row
+            opt.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            limit = int(self.cfg.trainer.max_nonfinite_steps)
+            log.warning("non-finite %s loss/gradient at step %d: update skipped (%d in a row)", phase, self.step,
+                        self.nonfinite_in_a_row)
+            if self.nonfinite_in_a_row >= limit:
+                raise NonFiniteError(f"{limit} non-finite steps in a row (last at step {self.step}, phase {phase}): "
+                                     "lower optim.*.lr, set optim.*.grad_clip, or use trainer.mixed_precision=no")
+            return phase, None
+        self.nonfinite_in_a_row = 0
+        opt.step()
+        self.schedulers[phase].step()
+        if phase == "generator" and "generator_ema" in roles:
+            update_ema(roles["generator_ema"], roles["generator"], float(self.cfg.trainer.ema_decay))
+        return phase, {f"{phase}/{k}": v for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm,
+                                                       **out.logs}.items()}
+
+    # --- the loop ------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        tc, ec = self.cfg.trainer, self.cfg.eval
+        if tc.resume:
+            self.resume()
+        pairs = None
+        if "reg_noise" in self.method.batch_keys:
+            rc = self.cfg.method.regression
+            pairs = make_regression_pairs(self.run.benchmark, int(rc.num_pairs), int(self.cfg.seed) + 1,
+                                          self.run_dir / "regression_pairs.safetensors")
+        batches = BatchSource(self.run.benchmark, self.method.batch_keys, int(tc.batch_size), self.device, pairs)
+        for m in self.run.roles.values():
+            m.train()
+        self.run.roles["teacher"].eval()
+        last: dict = {}
+        t0 = time.time()
+        bar = tqdm(total=int(tc.max_steps), initial=self.step, desc=f"{self.cfg.method.name}", dynamic_ncols=True,
+                   disable=not tc.progress)
+        while self.step < int(tc.max_steps):
+            phase, logs = self.train_step(batches)
+            self.step += 1
+            bar.update(1)
+            if logs:
+                last.update(logs)
+                bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in last.items()
+                                 if k.endswith("/loss")}, refresh=False)
+            every = int(self.cfg.logger.every)
+            if (every > 0 and self.step % every == 0) or self.step == int(tc.max_steps):
+                self.logger.log(self.step, {**last, "lr_generator": self.schedulers["generator"].get_last_lr()[0],
+                                            "seconds": time.time() - t0}, kind="train")
+            if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
+                self.logger.log(self.step, self.evaluator.evaluate(self.step), kind="eval")
+            if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
+                self.save()
+        bar.close()
+        self.save()
+        result = {"train_seconds": time.time() - t0}
+        if ec.final:
+            metrics = self.evaluator.evaluate(self.step, teacher_reference=bool(ec.teacher_reference))
+            self.logger.log(self.step, metrics, kind="eval")
+            result.update(metrics)
+        self.logger.close()
+        return result

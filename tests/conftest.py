@@ -1,0 +1,31 @@
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+from stepdistill.cli import CONF_DIR  # noqa: E402
+
+
+def compose_cfg(*overrides, config_name="train"):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        return compose(config_name, overrides=list(overrides))
+
+
+# Small, fast gmm settings shared by end-to-end tests.
+GMM_FAST = ["benchmark=gmm", "benchmark.network.width=64", "benchmark.network.depth=2", "trainer.batch_size=64",
+            "method.critic_warmup_steps=4", "eval.every=0", "eval.final=false", "trainer.progress=false",
+            "trainer.num_threads=2", "logger.every=5"]
+
+
+@pytest.fixture
+def gmm_cfg():
+    def make(*overrides):
+        return compose_cfg(*GMM_FAST, *overrides)
+    return make
