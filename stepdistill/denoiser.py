@@ -32,9 +32,11 @@ class Denoiser(nn.Module):
 
     def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
         t = self._as_batch_t(t, x_t)
-        if guidance == 1.0 or cond is None:
-            if guidance != 1.0 and not self.conditional:
-                self.uncond(cond)  # raises the clear error
+        if guidance != 1.0 and not self.conditional:
+            self.uncond(cond)  # raises the clear error
+        if guidance != 1.0 and cond is None:
+            raise ValueError(f"guidance={guidance} needs a condition: pass cond (labels / prompt embeddings)")
+        if guidance == 1.0:
             return self._x0_single(x_t, t, cond)
         # CFG (Ho & Salimans 2022) on the x0-prediction, cond and uncond batched together.
         both = self._x0_single(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.uncond(cond)]))
@@ -94,8 +96,9 @@ class NetworkDenoiser(Denoiser):
 
     def _x0_single(self, x_t, t, cond):
         a, s = self.coeffs(t, x_t)
-        out = self.raw(x_t, t, cond).float()
-        return x0_from_output(out, x_t.float(), a, s, self.prediction_type, self.sigma_data)
+        dt = torch.promote_types(x_t.dtype, torch.float32)  # at least fp32 math, float64 stays float64
+        out = self.raw(x_t, t, cond).to(dt)
+        return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
 
     def denoising_loss(self, x0, t, cond=None, noise=None):
         """Per-sample MSE in the network's native space: the loss the teacher was trained with."""

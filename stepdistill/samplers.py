@@ -4,7 +4,7 @@
 exact first-order (exponential-integrator) solver of the probability-flow ODE:
     x_{t'} = a' x0_hat + s' eps_hat,   eps_hat = (x_t - a x0_hat) / s.
 ``heun_sample`` is Karras et al. (2022) Algorithm 1 (Heun's 2nd-order method) applied to y = x / a over
-tau = s / a; it needs a > 0 at the first step, so it starts from the schedule's largest finite tau.
+tau = s / a; where tau_max is huge or infinite (cosine VP, flow) the first step is a DDIM step.
 """
 from __future__ import annotations
 
@@ -62,8 +62,17 @@ def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, cond=None, 
         return (x - a * denoiser.x0(x, t, cond, guidance)) / s
 
     a0, s0 = coef(ts[0])
-    y = noise * (s0 / a0)  # x_T / a_T with x_T ~ N(0, s^2) approximately (ignores the data's a x0 term)
-    for i in range(steps):
+    start = 0
+    if bool((a0 <= 1e-3 * s0).any()):
+        # tau = s/a is infinite (flow at t = 1) or huge (cosine VP: ~2e4): Heun's trapezoid over that one
+        # giant interval is badly wrong, so the first step is the exact first-order DDIM update.
+        if steps == 1:
+            return denoiser.x0(noise * s0, ts[0], cond, guidance)
+        x, _ = ddim_step(denoiser, noise * s0, ts[0], ts[1], cond, guidance)
+        y, start = x / coef(ts[1])[0], 1
+    else:
+        y = noise * (s0 / a0)  # x_T / a_T with x_T ~ N(0, s^2) approximately (ignores the data's a x0 term)
+    for i in range(start, steps):
         t = ts[i]
         a, s = coef(t)
         tau = s / a

@@ -1,0 +1,95 @@
+"""End-to-end training on gmm through the Python API: both methods, resume exactness, atomic checkpoints."""
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.cli.train import train
+from stepdistill.train import checkpoint as ckpt_mod
+from stepdistill.train.checkpoint import latest_checkpoint, list_checkpoints
+
+
+def _weights(run_dir, step):
+    d = Path(run_dir) / "checkpoints" / f"step_{step:07d}"
+    return {f.stem: load_file(str(f)) for f in d.glob("*.safetensors")}
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dmd"])
+def test_gmm_end_to_end(gmm_cfg, tmp_path, method):
+    cfg = gmm_cfg(f"method={method}", "trainer.max_steps=30", "eval.final=true", "eval.num_samples=256",
+                  "eval.batch_size=256", "method.regression.num_pairs=64" if method == "dmd" else "seed=0")
+    result = train(cfg, tmp_path)
+    for f in ("config.yaml", "metrics.jsonl", "export/model_index.json", "checkpoints/step_0000030/generator.safetensors"):
+        assert (tmp_path / f).exists(), f
+    assert Path(result["figure"]).is_file()
+    assert result["student_num_samples"] == 256 and 0 <= result["student_high_quality_fraction"] <= 1
+    text = (tmp_path / "config.yaml").read_text()
+    assert "mixture:" in text and "means:" in text and "weights:" in text
+    import json
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == 30
+    assert any(r["kind"] == "train" and r["step"] == 30 for r in rows)
+
+
+def test_resume_is_exact(gmm_cfg, tmp_path):
+    common = ["method=dmd2", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=5", "eval.every=10",
+              "eval.num_samples=64", "eval.batch_size=64"]
+    straight = tmp_path / "straight"
+    train(gmm_cfg(*common, "trainer.max_steps=40"), straight)
+    resumed = tmp_path / "resumed"
+    train(gmm_cfg(*common, "trainer.max_steps=20"), resumed)
+    train(gmm_cfg(*common, "trainer.max_steps=40", "trainer.resume=true"), resumed)
+    a, b = _weights(straight, 40), _weights(resumed, 40)
+    assert a.keys() == b.keys() and "generator_ema" in a and "fake_score" in a
+    for role in a:
+        for k in a[role]:
+            torch.testing.assert_close(a[role][k], b[role][k], rtol=0, atol=0, msg=f"{role}.{k}")
+    st_a = torch.load(straight / "checkpoints/step_0000040/trainer_state.pt", weights_only=True)
+    st_b = torch.load(resumed / "checkpoints/step_0000040/trainer_state.pt", weights_only=True)
+    assert st_a["step"] == st_b["step"] == 40
+    assert torch.equal(st_a["rng_cpu"], st_b["rng_cpu"])
+
+
+def test_resume_without_checkpoint_is_a_clear_error(gmm_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="trainer.resume"):
+        train(gmm_cfg("trainer.max_steps=5", "trainer.resume=true"), tmp_path)
+
+
+def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch):
+    train(gmm_cfg("trainer.max_steps=10", "trainer.checkpoint_every=10", "trainer.export=false"), tmp_path)
+    root = tmp_path / "checkpoints"
+    before = latest_checkpoint(root)
+    calls = {"n": 0}
+    real_save = torch.save
+
+    def dying_save(*a, **k):  # the process "dies" while writing trainer_state.pt of the next checkpoint
+        calls["n"] += 1
+        raise KeyboardInterrupt("killed mid-save")
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(gmm_cfg("trainer.max_steps=20", "trainer.checkpoint_every=20", "trainer.resume=true",
+                      "trainer.export=false"), tmp_path)
+    monkeypatch.setattr(ckpt_mod.torch, "save", real_save)
+    assert calls["n"] == 1
+    assert list_checkpoints(root) == [before]  # the half-written one is not a checkpoint
+    st = torch.load(before / "trainer_state.pt", weights_only=True)
+    assert st["step"] == 10
+    # and training resumes from it
+    train(gmm_cfg("trainer.max_steps=20", "trainer.checkpoint_every=20", "trainer.resume=true",
+                  "trainer.export=false"), tmp_path)
+    assert latest_checkpoint(root).name == "step_0000020"
+    leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    for p in leftovers:  # a stale temp folder from the killed save may remain; it is never picked up
+        assert not ckpt_mod.STEP_DIR.match(p.name)
+
+
+def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):
+    from stepdistill.train.trainer import NonFiniteError
+    cfg = gmm_cfg("trainer.max_steps=20", "optim.critic.lr=1e30", "optim.critic.grad_clip=0",
+                  "trainer.max_nonfinite_steps=2", "trainer.export=false")
+    with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
+        train(cfg, tmp_path)
