@@ -1,0 +1,128 @@
+"""`stepdistill-bench [benchmark=gmm|digits] [methods=dmd,dmd2] [steps=N]`: the cost of one training iteration.
+
+Per method (each in a fresh process, so peak memory is its own): network evaluations per iteration (forward
+calls of any backbone, teacher included, counting a CFG call's doubled batch as one call), seconds per
+iteration, the share of iteration time spent outside network forward/backward (forward time from hooks around
+each backbone; the whole backward pass is counted as network time) and peak memory (CUDA peak allocated on a
+GPU, else the process's peak resident set).
+"""
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+
+def _count_and_time(nets):
+    stats = {"calls": 0, "seconds": 0.0}
+    depth = {"d": 0}
+
+    def pre(_m, _i):
+        if depth["d"] == 0:
+            stats["t0"] = time.perf_counter()
+        depth["d"] += 1
+
+    def post(_m, _i, _o):
+        depth["d"] -= 1
+        if depth["d"] == 0:
+            stats["calls"] += 1
+            stats["seconds"] += time.perf_counter() - stats["t0"]
+
+    handles = [h for n in nets for h in (n.register_forward_pre_hook(pre), n.register_forward_hook(post))]
+    return stats, handles
+
+
+def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    from hydra import compose, initialize_config_dir
+
+    from ..networks.gmm import GMMDenoiser
+    from ..train.batches import BatchSource, make_regression_pairs
+    from ..train.setup import build_run
+    from ..train.trainer import Trainer
+    from . import CONF_DIR
+
+    torch.set_num_threads(2)
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=[f"benchmark={benchmark}", f"method={method}", "eval.every=0",
+                                          "method.critic_warmup_steps=0", *overrides])
+    import tempfile
+    run = build_run(cfg)
+    trainer = Trainer(run, tempfile.mkdtemp(prefix="stepdistill-bench-"))
+    pairs = None
+    if "reg_noise" in run.method.batch_keys:
+        pairs = make_regression_pairs(run.benchmark, 256, 0)
+    batches = BatchSource(run.benchmark, run.method.batch_keys, int(cfg.trainer.batch_size), trainer.device, pairs)
+    nets = [m.net for m in run.roles.modules() if hasattr(m, "net") and isinstance(m.net, torch.nn.Module)]
+    teacher = run.roles["teacher"]
+    if isinstance(teacher, GMMDenoiser):  # the analytic teacher has no network: time its exact x0 as one
+        nets.append(teacher)
+    for _ in range(warmup):
+        trainer.train_step(batches)
+        trainer.step += 1
+    stats, handles = _count_and_time(nets)
+    backward = {"seconds": 0.0}
+    real_backward = trainer.accelerator.backward
+
+    def timed_backward(loss, **kw):
+        t0 = time.perf_counter()
+        real_backward(loss, **kw)
+        backward["seconds"] += time.perf_counter() - t0
+
+    trainer.accelerator.backward = timed_backward
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batches)
+        trainer.step += 1
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    for h in handles:
+        h.remove()
+    # one "iteration" = one generator update and its critic updates
+    period = int(cfg.method.get("critic_steps", 1)) + 1
+    net_time = stats["seconds"] + backward["seconds"]
+    peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
+            "network_evals_per_iteration": stats["calls"] / steps * period,
+            "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
+            "peak_memory_mb": peak / 2**20, "device": str(trainer.device), "batch_size": int(cfg.trainer.batch_size)}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB")
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in rows:
+        lines.append(" | ".join([r["benchmark"], r["method"], str(r["batch_size"]), str(r["updates_per_iteration"]),
+                                 f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
+                                 f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}"]))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." not in a.split("=")[0])
+    extra = [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." in a.split("=")[0]]
+    if "one" in args:  # child process: one method, JSON out
+        print(json.dumps(bench_one(args["benchmark"], args["one"], int(args["steps"]), int(args["warmup"]), extra)))
+        return
+    benchmarks = args.get("benchmark", "gmm,digits").split(",")
+    methods = args.get("methods", "dmd,dmd2").split(",")
+    rows = []
+    for bm in benchmarks:
+        for m in methods:
+            cmd = [sys.executable, "-m", "stepdistill.cli.bench", f"one={m}", f"benchmark={bm}",
+                   f"steps={args.get('steps', 30)}", f"warmup={args.get('warmup', 5)}", *extra]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+            rows.append(json.loads(out))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
