@@ -29,7 +29,9 @@ class GMMBenchmark(Benchmark):
             float((self.mixture.weights[:, None] * self.mixture.means**2).sum(0).mean()) + float(cfg.std) ** 2))
 
     def make_student_denoiser(self):
-        net = TimeMLP(self.mixture.dim, int(self.cfg.network.width), int(self.cfg.network.depth))
+        nc = self.cfg.network
+        net = TimeMLP(self.mixture.dim, int(nc.width), int(nc.depth), fourier_features=int(nc.get("fourier_features", 0)),
+                      fourier_scale=float(nc.get("fourier_scale", 1.0)))
         return NetworkDenoiser(net, self.schedule, "edm", sigma_data=self.sigma_data)
 
     def sample_real(self, n):

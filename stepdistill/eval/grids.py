@@ -1,4 +1,9 @@
-"""Pictures people would rather look at than read: image grids (PNG) and GMM scatter plots over the density."""
+"""Figures people would rather look at than read: image grids and GMM scatter plots over the mixture density.
+
+Both write PNGs, create the parent directories and return the path as a string. Matplotlib is used through
+``matplotlib.figure.Figure`` (rendered by the Agg canvas) rather than pyplot, so no global backend is switched and
+no figure is left open, also inside notebooks or training loops.
+"""
 from __future__ import annotations
 
 import math
@@ -7,48 +12,98 @@ from pathlib import Path
 import numpy as np
 import torch
 
+SEPARATOR = 0.5  # grey 1-px lines: visible against both black and white backgrounds
+
 
 def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 4) -> str:
-    """images: N x C x H x W in [0, 1]; nearest-neighbour upscaling keeps 8x8 digits crisp; 1-px separators."""
+    """Tile ``images`` (float N x C x H x W in [0, 1], C = 1 or 3) into one PNG at ``path``.
+
+    ``nrow`` images per row (default ceil(sqrt(N)), at most N). Each image is upscaled ``scale`` times with
+    nearest-neighbour (so 8 x 8 digits stay crisp pixels), and tiles are separated and framed by 1-px grey lines:
+    the PNG is ``nrow * (W*scale + 1) + 1`` pixels wide and ``rows * (H*scale + 1) + 1`` high. Values are clamped to
+    [0, 1]; nan shows as black. 1-channel images give a greyscale PNG, 3-channel an RGB one.
+    """
     from PIL import Image
 
-    x = images.detach().float().clamp(0, 1).cpu()
+    if images.dim() != 4 or images.shape[1] not in (1, 3) or images.shape[0] == 0:
+        raise ValueError(f"save_image_grid needs N x C x H x W images with N >= 1 and C in (1, 3), "
+                         f"got {tuple(images.shape)}")
+    scale = int(scale)
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    x = torch.nan_to_num(images.detach().to("cpu", torch.float32), nan=0.0).clamp(0, 1)
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # nearest-neighbour upscale
     n, c, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
+    nrow = max(1, min(int(nrow or math.ceil(math.sqrt(n))), n))
     rows = math.ceil(n / nrow)
-    canvas = torch.ones(c, rows * (h + 1) + 1, nrow * (w + 1) + 1)
+    canvas = torch.full((c, rows * (h + 1) + 1, nrow * (w + 1) + 1), SEPARATOR)
     for i in range(n):
         r, q = divmod(i, nrow)
-        canvas[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+        top, left = 1 + r * (h + 1), 1 + q * (w + 1)
+        canvas[:, top:top + h, left:left + w] = x[i]
     arr = (canvas.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    img = Image.fromarray(arr[..., 0] if c == 1 else arr)
-    img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img = Image.fromarray(arr[..., 0] if c == 1 else arr)  # uint8 H x W -> "L", H x W x 3 -> "RGB"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
+    img.save(path, format="PNG")
     return str(path)
 
 
-def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor | None = None, title=None) -> str:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _plot_extent(mixture, clouds: list[torch.Tensor]) -> tuple[float, float, float, float]:
+    """Box holding every mean +- 4 std and the central 99% of each sample cloud (outliers don't squash the plot)."""
+    lo = (mixture.means - 4 * mixture.stds[:, None]).min(0).values
+    hi = (mixture.means + 4 * mixture.stds[:, None]).max(0).values
+    for p in clouds:
+        if p.shape[0]:
+            lo = torch.minimum(lo, torch.quantile(p, 0.005, dim=0))
+            hi = torch.maximum(hi, torch.quantile(p, 0.995, dim=0))
+    pad = 0.05 * (hi - lo)
+    lo, hi = lo - pad, hi + pad
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
-    pts = [p for p in (teacher, student) if p is not None]
-    lim = float(max(mixture.means.abs().max() + 4 * mixture.stds.max(), *(p.abs().quantile(0.99) for p in pts)))
-    g = torch.linspace(-lim, lim, 160)
-    xx, yy = torch.meshgrid(g, g, indexing="xy")
-    logp = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(160, 160).clamp(min=-15)
+
+def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor | None = None,
+                     title: str | None = None, grid: int = 160) -> str:
+    """Scatter 2-D samples over the mixture's log-density (filled contours) and save a PNG at ``path``.
+
+    One panel (student), or teacher and student side by side on the same axes when ``teacher`` is given. The
+    density grid spans the data's extent (`_plot_extent`); the colour scale is floored 12 nats below the peak so
+    the tails don't wash out the modes. Non-finite samples are dropped from the plot (their count is shown in the
+    panel title). Figure: 4.5 x 4.5 inches per panel at 80 dpi.
+    """
+    from matplotlib.figure import Figure
+
+    if mixture.means.shape[1] != 2:
+        raise ValueError(f"save_gmm_scatter draws 2-D mixtures, this one is {mixture.means.shape[1]}-D")
     panels = [("teacher", teacher), ("student", student)] if teacher is not None else [("student", student)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.5), squeeze=False)
-    for ax, (name, p) in zip(axes[0], panels):
-        ax.contourf(xx.numpy(), yy.numpy(), logp.numpy(), levels=25, cmap="Blues")
-        p = p.detach().cpu()
-        ax.scatter(p[:, 0], p[:, 1], s=1.5, c="crimson", alpha=0.5)
-        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), aspect="equal", title=f"{title + ': ' if title else ''}{name}")
+    clean = []
+    for name, p in panels:
+        p = p.detach().to("cpu", torch.float64)
+        if p.dim() != 2 or p.shape[1] != 2:
+            raise ValueError(f"{name} samples must be (N, 2), got {tuple(p.shape)}")
+        ok = torch.isfinite(p).all(dim=1)
+        clean.append((name, p[ok], int((~ok).sum())))
+
+    x0, x1, y0, y1 = _plot_extent(mixture, [p for _, p, _ in clean])
+    gx = torch.linspace(x0, x1, grid, dtype=torch.float64)
+    gy = torch.linspace(y0, y1, grid, dtype=torch.float64)
+    xx, yy = torch.meshgrid(gx, gy, indexing="xy")
+    logp = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(grid, grid)
+    logp = logp.clamp(min=float(logp.max()) - 12.0)
+
+    fig = Figure(figsize=(4.5 * len(clean), 4.5), dpi=80, layout="constrained")
+    axes = fig.subplots(1, len(clean), squeeze=False)[0]
+    for ax, (name, p, n_bad) in zip(axes, clean):
+        ax.contourf(xx.numpy(), yy.numpy(), logp.numpy(), levels=24, cmap="Blues")
+        ax.scatter(p[:, 0].numpy(), p[:, 1].numpy(), s=2, c="crimson", alpha=0.5, linewidths=0)
+        label = f"{title}: {name}" if title else name
+        if n_bad:
+            label += f" ({n_bad} non-finite dropped)"
+        ax.set(xlim=(x0, x1), ylim=(y0, y1), aspect="equal", title=label)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    fig.savefig(path, format="png", dpi=80)
     return str(path)
+
+
+__all__ = ["save_image_grid", "save_gmm_scatter"]

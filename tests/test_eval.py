@@ -1,0 +1,286 @@
+"""Evaluation package: exact GMM metrics, Fréchet distances (custom net + Inception wiring), figures."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from stepdistill.eval import (build_fid_metric, frechet_distance, gmm_metrics, inception_fid, mmd_rbf,
+                              mode_histogram, save_gmm_scatter, save_image_grid, sliced_wasserstein)
+from stepdistill.eval.gmm_metrics import expected_high_quality_counts
+from stepdistill.networks.gmm import GaussianMixture, circle_means
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def mix():
+    return GaussianMixture(circle_means(8, 4.0), 0.25)  # the default `gmm` benchmark
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------- GMM metrics
+
+def test_exact_samples_score_well(mix):
+    x = mix.sample(2000, generator=gen(1))
+    m = gmm_metrics(x, mix, seed=0)
+    assert m["modes_covered"] == m["num_modes"] == 8
+    # in 2-D, P(within 3 std) = 1 - exp(-4.5) = 0.9889; binomial sd at N=2000 is 0.0023
+    assert m["high_quality_fraction"] > 0.98
+    assert m["sliced_w2"] < 0.4 and abs(m["mmd"]) < 0.01
+    # well-separated equal-weight mixture: E log p = -log K - (1 + log(2 pi s^2)) (2-D Gaussian entropy)
+    assert m["log_likelihood"] == pytest.approx(-math.log(8) - 1 - math.log(2 * math.pi * 0.25**2), abs=0.1)
+    assert (m["num_samples"], m["num_reference"], m["num_nonfinite"]) == (2000, 2000, 0)
+    assert gmm_metrics(x, mix, seed=0) == m  # deterministic given the seed
+
+
+def test_collapsed_samples(mix):
+    x = mix.sample(2000, generator=gen(1))
+    collapsed = mix.means[0].float() + 0.25 * torch.randn(2000, 2, generator=gen(2))
+    good, bad = gmm_metrics(x, mix), gmm_metrics(collapsed, mix)
+    assert bad["modes_covered"] == 1
+    assert bad["high_quality_fraction"] > 0.97  # sharp, just all in one place
+    assert bad["sliced_w2"] > 10 * good["sliced_w2"]
+    assert bad["mmd"] > 0.5 and bad["mmd"] > 100 * abs(good["mmd"])
+    hist = mode_histogram(collapsed, mix)
+    assert hist[0] == hist.sum() and hist.sum() > 0.97 * 2000
+
+
+def test_coverage_rule_and_high_quality_count(mix):
+    # 7 modes x 112 points exactly at the mean, 15 in mode 7, 9 far-off points at the origin (16 std from every
+    # mean). N = 808: mode 7 is due 0.2 * 808/8 * 0.9889 = 19.98 > 15 high-quality samples -> not covered.
+    means = mix.means.float()
+    x = torch.cat([means[:7].repeat_interleave(112, 0), means[7:].repeat(15, 1), torch.zeros(9, 2)])
+    assert x.shape[0] == 808
+    hist = mode_histogram(x, mix)
+    assert hist.tolist() == [112] * 7 + [15]
+    m = gmm_metrics(x, mix)
+    assert m["modes_covered"] == 7
+    assert m["high_quality_fraction"] == pytest.approx(799 / 808)
+    assert float(expected_high_quality_counts(mix, 808)[7]) == pytest.approx(101 * (1 - math.exp(-4.5)))
+    x2 = torch.cat([x, means[7:].repeat(6, 1)])  # 21 in mode 7, N = 814: due 0.2 * 814/8 * 0.9889 = 20.12
+    assert gmm_metrics(x2, mix)["modes_covered"] == 8
+
+
+def test_nonfinite_samples_do_not_crash(mix):
+    x = mix.sample(200, generator=gen(3))
+    x[:5] = float("nan")
+    m = gmm_metrics(x, mix)
+    assert m["num_nonfinite"] == 5
+    assert m["high_quality_fraction"] <= 195 / 200
+    assert math.isnan(m["sliced_w2"]) and math.isnan(m["mmd"]) and math.isnan(m["log_likelihood"])
+
+
+def test_sliced_w2_exact_in_1d():
+    # D = 1: the only unit directions are +-1, so SW2 is the 1-D W2: RMS difference of the sorted samples.
+    x = torch.randn(300, 1, generator=gen(4), dtype=torch.float64)
+    y = 0.5 * torch.randn(300, 1, generator=gen(5), dtype=torch.float64) + 2
+    expected = (x.flatten().sort().values - y.flatten().sort().values).square().mean().sqrt()
+    assert sliced_wasserstein(x, y, 16, gen(0)) == pytest.approx(float(expected), rel=1e-12)
+    # a translation by c moves every sorted sample by c: W2 = |c|
+    assert sliced_wasserstein(x, x - 1.7, 8, gen(0)) == pytest.approx(1.7, rel=1e-12)
+
+
+def test_sliced_w2_of_a_shift_matches_analytic():
+    # Projected on theta, x + d is x shifted by <d, theta>, so W2^2(theta) = <d, theta>^2 exactly and
+    # SW2^2 = E <d, theta>^2 = |d|^2 / D for theta uniform on the sphere. 4096 directions: ~0.6% Monte Carlo error.
+    x = torch.randn(200, 2, generator=gen(6), dtype=torch.float64)
+    d = torch.tensor([3.0, -4.0], dtype=torch.float64)
+    assert sliced_wasserstein(x, x + d, 4096, gen(0)) == pytest.approx(5 / math.sqrt(2), rel=0.03)
+
+
+def test_sliced_w2_unequal_sizes_subsamples():
+    x = torch.randn(300, 2, generator=gen(7))
+    y = torch.randn(500, 2, generator=gen(8)) + torch.tensor([6.0, 0.0])
+    a = sliced_wasserstein(x, y, 256, gen(0))
+    assert a == sliced_wasserstein(x, y, 256, gen(0))  # reproducible with the generator
+    assert a == pytest.approx(6 / math.sqrt(2), rel=0.1)  # dominated by the shift
+    with pytest.raises(ValueError):
+        sliced_wasserstein(x, torch.randn(10, 3))
+
+
+def test_mmd_matches_naive_formula():
+    x = torch.randn(40, 2, generator=gen(9), dtype=torch.float64)
+    y = torch.randn(30, 2, generator=gen(10), dtype=torch.float64) + 0.7
+    scales, h = (0.5, 1.0, 2.0, 4.0), 1.3
+
+    def k(a, b):
+        return sum(math.exp(-float((a - b).square().sum()) / (2 * (s * h) ** 2)) for s in scales)
+
+    n, m = len(x), len(y)
+    kxx = sum(k(x[i], x[j]) for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+    kyy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    kxy = sum(k(x[i], y[j]) for i in range(n) for j in range(m)) / (n * m)
+    assert mmd_rbf(x, y, bandwidth=h) == pytest.approx(kxx + kyy - 2 * kxy, rel=1e-9)
+    # median heuristic: same distribution ~ 0, shifted clearly positive
+    same = mmd_rbf(torch.randn(500, 2, generator=gen(11)), torch.randn(500, 2, generator=gen(12)))
+    far = mmd_rbf(torch.randn(500, 2, generator=gen(11)), torch.randn(500, 2, generator=gen(12)) + 2)
+    assert abs(same) < 0.01 and far > 0.3
+
+
+# ---------------------------------------------------------------- Fréchet distance
+
+class TinyConvFeatures(nn.Module):
+    """A random conv feature net standing in for the digits feature network."""
+
+    num_features = 12
+
+    def __init__(self, channels=1):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(channels, 6, 3, padding=1), nn.Tanh(), nn.Conv2d(6, 3, 3, stride=2),
+                                  nn.Tanh(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        return self.body(x)
+
+
+def sqrtm_psd(a):
+    w, v = torch.linalg.eigh(a)
+    return (v * w.clamp(min=0).sqrt()) @ v.T
+
+
+def closed_form_fd(f1, f2):
+    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}); Tr (S1 S2)^{1/2} = Tr (S1^{1/2} S2 S1^{1/2})^{1/2}."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = torch.cov(f1.T), torch.cov(f2.T)  # unbiased (N - 1), as torchmetrics
+    r = sqrtm_psd(s1)
+    cross = torch.linalg.eigvalsh(r @ s2 @ r).clamp(min=0).sqrt().sum()
+    return float((mu1 - mu2).square().sum() + s1.trace() + s2.trace() - 2 * cross)
+
+
+def digit_like(n, seed, shift=0.0):
+    return (torch.rand(n, 1, 8, 8, generator=gen(seed)) * (1 - shift) + shift).clamp(0, 1)
+
+
+def test_frechet_distance_matches_closed_form():
+    net = TinyConvFeatures()
+    real, fake = digit_like(64, 1), digit_like(48, 2, shift=0.3)
+    out = frechet_distance(real, fake, net, batch_size=20)  # several batches per side
+    with torch.no_grad():
+        expected = closed_form_fd(net.body(real).double(), net.body(fake).double())
+    assert out["num_real"] == 64 and out["num_fake"] == 48
+    assert expected > 1e-3
+    assert out["fd"] == pytest.approx(expected, rel=1e-6, abs=1e-10)
+    # the net saw the [0, 1] floats exactly as given, and was not converted or left in eval mode
+    seen = torch.cat(net.seen)
+    assert torch.equal(seen, torch.cat([real[:20], real[20:40], real[40:], fake[:20], fake[20:40], fake[40:]]))
+    assert net.training and all(p.dtype == torch.float32 for p in net.parameters())
+    same = frechet_distance(real, real.clone(), net)["fd"]
+    assert abs(same) < 1e-6
+
+
+def test_frechet_distance_input_checks():
+    net = TinyConvFeatures()
+    with pytest.raises(ValueError, match="at least 2"):
+        frechet_distance(digit_like(1, 1), digit_like(5, 2), net)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        frechet_distance(digit_like(4, 1) * 2 - 1, digit_like(4, 2), net)
+    with pytest.raises(ValueError, match="num_features"):
+        frechet_distance(digit_like(4, 1), digit_like(4, 2), nn.Conv2d(1, 2, 3))
+    fake = digit_like(4, 2)
+    fake[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning):
+        assert math.isnan(frechet_distance(digit_like(4, 1), fake, net)["fd"])
+
+
+class StandInInception(nn.Module):
+    """Replaces torchmetrics' NoTrainInceptionV3 (torch-fidelity's InceptionV3): same constructor, uint8 in."""
+
+    calls = []
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, antialias=True):
+        super().__init__()
+        StandInInception.calls.append(dict(name=name, features_list=features_list,
+                                           path=feature_extractor_weights_path))
+        self.proj = nn.Linear(3 * 4 * 4, int(features_list[0]))
+        with torch.no_grad():  # fixed weights without touching the global RNG
+            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=gen(0)) / 4)
+            self.proj.bias.zero_()
+        self.inputs = []
+
+    def forward(self, x):
+        assert x.dtype == torch.uint8 and x.shape[1] == 3  # what torch-fidelity's extractor insists on
+        self.inputs.append(x.clone())
+        dt = getattr(self, "_dtype", torch.float32)  # set by FrechetInceptionDistance.set_dtype
+        pooled = nn.functional.adaptive_avg_pool2d(x.to(dt), 4).flatten(1) / 255
+        return torch.tanh(self.proj.to(dt)(pooled))
+
+
+def test_inception_fid_wiring_with_stand_in(monkeypatch, tmp_path):
+    import torchmetrics.image.fid as tm_fid
+
+    monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", StandInInception)
+    StandInInception.calls.clear()
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"stand-in")
+    real, fake = digit_like(24, 3), digit_like(20, 4, shift=0.4)  # 1-channel 8x8: repeated to RGB
+
+    out = inception_fid(real, fake, str(weights), batch_size=10, inception_feature=64)
+    assert StandInInception.calls == [dict(name="inception-v3-compat", features_list=["64"], path=str(weights))]
+    metric_net = build_fid_metric(inception_weights=weights, inception_feature=64).inception
+    assert isinstance(metric_net, StandInInception) and metric_net._dtype == torch.float64
+
+    # independent recomputation: torchmetrics' normalize=True quantisation, 3 channels, the stand-in's features
+    def features(x):
+        u8 = (x.expand(-1, 3, -1, -1) * 255).byte()
+        return metric_net(u8).double()
+
+    with torch.no_grad():
+        expected = closed_form_fd(features(real), features(fake))
+    assert out["num_real"] == 24 and out["num_fake"] == 20
+    assert out["fd"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_inception_missing_weights_and_missing_fidelity(monkeypatch, tmp_path):
+    import torchmetrics.image.fid as tm_fid
+
+    missing = tmp_path / "nope" / "inception.pth"
+    with pytest.raises(FileNotFoundError) as err:
+        inception_fid(digit_like(4, 1), digit_like(4, 2), str(missing))
+    assert str(missing) in str(err.value) and "eval.fid.inception_weights" in str(err.value)
+    with pytest.raises(ValueError, match="eval.fid.inception_weights"):
+        build_fid_metric()
+
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"x")
+    monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", False)
+    with pytest.raises(ImportError, match="pip install torch-fidelity"):
+        build_fid_metric(inception_weights=str(weights))
+
+
+# ---------------------------------------------------------------- figures
+
+def test_image_grid_png(tmp_path):
+    from PIL import Image
+
+    gray = digit_like(10, 5)  # 10 images, 4 per row -> 3 rows
+    p = save_image_grid(gray, tmp_path / "a" / "b" / "grid.png", nrow=4, scale=3)
+    with Image.open(p) as img:
+        assert img.format == "PNG" and img.mode == "L"
+        assert img.size == (4 * (8 * 3 + 1) + 1, 3 * (8 * 3 + 1) + 1)
+        px = torch.from_numpy(np.asarray(img).copy())
+    # nearest-neighbour: each source pixel becomes a 3x3 block of equal values (first tile, top-left pixel)
+    assert torch.all(px[1:4, 1:4] == round(float(gray[0, 0, 0, 0]) * 255))
+    rgb = torch.rand(5, 3, 6, 6, generator=gen(6))
+    with Image.open(save_image_grid(rgb, tmp_path / "rgb.png")) as img:  # default nrow = ceil(sqrt(5)) = 3, scale 4
+        assert img.mode == "RGB" and img.size == (3 * 25 + 1, 2 * 25 + 1)
+
+
+def test_gmm_scatter_png(tmp_path, mix):
+    from PIL import Image
+
+    student = mix.sample(300, generator=gen(7))
+    student[0] = float("inf")
+    teacher = mix.sample(300, generator=gen(8))
+    p1 = save_gmm_scatter(tmp_path / "figs" / "one.png", student, mix, title="gmm")
+    p2 = save_gmm_scatter(tmp_path / "figs" / "two.png", student, mix, teacher=teacher)
+    with Image.open(p1) as a, Image.open(p2) as b:
+        assert a.format == b.format == "PNG"
+        assert a.size == (360, 360) and b.size == (720, 360)  # 4.5 in per panel at 80 dpi
