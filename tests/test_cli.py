@@ -46,15 +46,21 @@ def test_sample_student_and_teacher(tmp_path):
         assert f["samples"].shape == (30, 2) and f["samples"].dtype == np.float32
 
 
+DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.final=false", "trainer.progress=false"]
+
+
 @pytest.mark.parametrize("args, message", [
-    (["method=nope"], "method"),
+    (["method=nope", *FAST], "method"),
     (["benchmark=nope"], "benchmark"),
-    (["method.name=nope"], "use method= one of"),
-    (["trainer.resume=true"], "trainer.resume=true but"),
-    (["benchmark=gmm", "method.guidance=3"], "set method.guidance=1.0"),
+    (["method.name=nope", *FAST], "use method= one of"),
+    (["trainer.resume=true", *FAST], "trainer.resume=true but"),
+    (["method.guidance=3", *FAST], "set method.guidance=1.0"),
+    (["benchmark.teacher.path=/no/such/teacher", *DIGITS_FAST], "set benchmark.teacher.path"),
+    (["benchmark.teacher.prediction_type=epsilon", *DIGITS_FAST], "does not match the teacher's scheduler"),
+    (["benchmark.resolution=7", *DIGITS_FAST], "benchmark.resolution=8"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
-    proc = run_cli("-m", "stepdistill.train", *FAST, *args, f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_cli("-m", "stepdistill.train", *args, f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr

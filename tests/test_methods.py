@@ -123,3 +123,20 @@ def test_lcm_boundary_matches_diffusers():
         ours = gen.boundary_scalings(torch.tensor(float(t)))
         assert math.isclose(float(ours[0]), float(c_skip), rel_tol=1e-6)
         assert math.isclose(float(ours[1]), float(c_out), rel_tol=1e-6)
+
+
+def test_lpips_regression_distance_from_local_backbone(tmp_path):
+    import torchvision
+    from stepdistill.methods.lpips_distance import LPIPSDistance
+    with pytest.raises(ValueError, match="lpips_weights"):
+        LPIPSDistance(None)
+    with pytest.raises(FileNotFoundError, match="lpips_weights"):
+        LPIPSDistance(str(tmp_path / "missing.pth"))
+    torch.manual_seed(0)
+    alex = torchvision.models.alexnet(weights=None)  # stands in for the real local weights file
+    torch.save(alex.state_dict(), tmp_path / "alexnet.pth")
+    dist = LPIPSDistance(str(tmp_path / "alexnet.pth"))
+    torch.testing.assert_close(dist.lpips.net.slice1[0].weight, alex.features[0].weight)
+    x = torch.rand(3, 1, 8, 8) * 2 - 1
+    d_same, d_diff = dist(x, x), dist(x, -x)
+    assert d_same.shape == (3,) and torch.all(d_same.abs() < 1e-6) and torch.all(d_diff > 0)

@@ -93,3 +93,44 @@ def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):
                   "trainer.max_nonfinite_steps=2", "trainer.export=false")
     with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
         train(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["dmd2", "dmd"])
+def test_digits_end_to_end(tmp_path, method):
+    from conftest import compose_cfg
+    cfg = compose_cfg("benchmark=digits", f"method={method}", "trainer.max_steps=6", "trainer.batch_size=16",
+                      "eval.every=0", "eval.num_samples=40", "eval.batch_size=40", "trainer.progress=false",
+                      "method.regression.num_pairs=32" if method == "dmd" else "method.critic_steps=1")
+    result = train(cfg, tmp_path)
+    assert result["student_fd_num_samples"] == 40 and result["teacher_fd_num_samples"] == 40
+    assert 0 <= result["student_class_accuracy"] <= 1 and result["student_fd"] >= 0
+    assert (tmp_path / "export" / "model_index.json").is_file()
+    assert Path(result["figure"]).is_file()
+
+
+@pytest.mark.slow
+def test_default_run_meets_its_budget(tmp_path):
+    """The README's main job: `stepdistill-train` with no arguments (slow: several minutes)."""
+    import subprocess
+    import sys
+    import time
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "stepdistill.train", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert time.time() - t0 < 600
+    assert "student fd" in proc.stdout and (tmp_path / "export" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("extra, produced", [
+    (["logger=tensorboard"], "tensorboard"),
+    (["logger=wandb"], "wandb"),
+    (["trainer.mixed_precision=bf16"], None),
+])
+def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, produced):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    result = train(gmm_cfg("trainer.max_steps=6", "trainer.export=false", *extra), tmp_path)
+    assert (tmp_path / "metrics.jsonl").is_file() and result["train_seconds"] > 0
+    if produced:
+        assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))

@@ -26,7 +26,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
     if name != "digits":
         raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits")
-    from ..benchmarks.digits_teacher import train_digits_teacher
+    from ..benchmarks.digits_teacher import measure_teacher_quality, train_digits_teacher, update_teacher_info
     from ..networks.digits_features import save_feature_net, train_feature_net
 
     out = ASSETS if cfg.install else Path(cfg.out or HydraConfig.get().runtime.output_dir)
@@ -36,6 +36,9 @@ def main(cfg: DictConfig) -> None:
     save_feature_net(net, out / "digits_features.safetensors")
     report = train_digits_teacher(out / "digits_teacher", steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
                                   seed=cfg.seed, **OmegaConf.to_container(tc.extra))
+    # Record the teacher's quality next to its weights; its default guidance is the scale with the lowest FD.
+    quality = measure_teacher_quality(out / "digits_teacher", feature_net=net)
+    report = update_teacher_info(out / "digits_teacher", default_guidance=quality["best_guidance"], quality=quality)
     print(json.dumps({"features": feat_report, "teacher": report}, indent=2, default=str))
     print(f"teacher: {out / 'digits_teacher'}  (use benchmark.teacher.path={out / 'digits_teacher'} "
           f"benchmark.feature_net={out / 'digits_features.safetensors'})")

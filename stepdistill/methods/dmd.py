@@ -20,9 +20,15 @@ class DMD(Method):
     phases = {"generator": ("generator",), "critic": ("fake_score",)}
     batch_keys = ("noise", "cond", "reg_noise", "reg_cond", "reg_target")
 
-    def __init__(self, models, cfg, distance=None):
+    def __init__(self, models, cfg):
         super().__init__(models, cfg)
-        self.distance = distance  # callable(pred, target) -> per-sample distance; None = mean squared error
+        kind = cfg.regression.get("distance", "l2")
+        if kind not in ("l2", "lpips"):
+            raise ValueError(f"unknown method.regression.distance {kind!r}: use l2 or lpips")
+        self.distance = None  # None = mean squared error
+        if kind == "lpips":
+            from .lpips_distance import LPIPSDistance
+            self.distance = LPIPSDistance(cfg.regression.get("lpips_weights"))
 
     def regression_loss(self, pred, target):
         if self.distance is not None:

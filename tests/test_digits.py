@@ -1,0 +1,49 @@
+"""The digits benchmark: data, the shipped teacher and feature network, resolution and path errors."""
+import pytest
+import torch
+
+from stepdistill.data.digits import load_digits_tensor, to_unit
+from stepdistill.networks.digits_features import load_feature_net
+from stepdistill.networks.unet import build_digits_unet, check_resolution
+from stepdistill.samplers import ddim_sample
+from stepdistill.teachers import load_unet_teacher, teacher_info
+from stepdistill.benchmarks.digits import SHIPPED_TEACHER
+
+
+def test_data_shapes_and_range():
+    x, y = load_digits_tensor()
+    assert x.shape == (1797, 1, 8, 8) and x.dtype == torch.float32
+    assert x.min() == -1 and x.max() == 1 and set(y.tolist()) == set(range(10))
+
+
+def test_resolution_errors_say_what_to_change():
+    net = build_digits_unet()
+    check_resolution(net, 8, 8)
+    with pytest.raises(ValueError, match="benchmark.resolution=8"):
+        check_resolution(net, 7, 7)
+    with pytest.raises(ValueError, match="benchmark.resolution=8"):
+        check_resolution(net, 16, 16)
+
+
+def test_missing_or_wrong_teacher_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="benchmark.teacher.path"):
+        load_unet_teacher(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_unet_teacher(tmp_path / "empty")
+    with pytest.raises(ValueError, match="does not match the teacher's scheduler"):
+        load_unet_teacher(SHIPPED_TEACHER, prediction_type="epsilon")
+
+
+def test_shipped_teacher_samples_its_labels():
+    torch.manual_seed(0)
+    teacher = load_unet_teacher(SHIPPED_TEACHER)
+    info = teacher_info(SHIPPED_TEACHER)
+    assert teacher.prediction_type == "v_prediction" and teacher.null_class == 10
+    labels = torch.arange(64) % 10
+    x = ddim_sample(teacher, torch.randn(64, 1, 8, 8), 20, labels, float(info["default_guidance"]))
+    assert x.shape == (64, 1, 8, 8)
+    feats = load_feature_net()
+    assert feats.num_features == 64
+    acc = (feats.classify(to_unit(x)).argmax(-1) == labels).float().mean().item()
+    assert acc >= 0.7
