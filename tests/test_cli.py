@@ -64,3 +64,28 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
+    """`stepdistill-teacher benchmark=digits` at toy settings: both networks are written and the teacher's
+    settings and measured quality are recorded next to its weights."""
+    import json
+    run_cli("-m", "stepdistill.cli.teacher", "benchmark=digits", "features.steps=20", "teacher.steps=20",
+            "quality.guidances=[1.0,2.0]", "quality.steps=2", f"out={tmp_path}", f"hydra.run.dir={tmp_path}/h")
+    info = json.loads((tmp_path / "digits_teacher" / "stepdistill_teacher.json").read_text())
+    assert info["training"]["steps"] == 20 and set(info["quality"]["by_guidance"]) == {"1.0", "2.0"}
+    assert info["default_guidance"] in (1.0, 2.0) and info["quality"]["num_samples"] == 1797
+    assert (tmp_path / "digits_features.safetensors").is_file()
+    assert (tmp_path / "digits_teacher" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    proc = run_cli("-m", "stepdistill.cli.teacher", "benchmark=gmm", f"hydra.run.dir={tmp_path}/g", check=False)
+    assert proc.returncode != 0 and "analytic" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_prints_a_table(tmp_path):
+    proc = run_cli("-m", "stepdistill.cli.bench", "benchmark=gmm", "methods=dmd,dmd2", "steps=3", "warmup=1",
+                   "benchmark.network.width=32", "trainer.batch_size=32")
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("benchmark | method") and len(lines) == 4
+    for line in lines[2:]:
+        cells = [c.strip() for c in line.split("|")]
+        assert float(cells[4]) > 0 and float(cells[5]) > 0 and cells[6].endswith("%")

@@ -75,10 +75,16 @@ class DigitsBenchmark(Benchmark):
 
     def save_figure(self, samples, labels, path, teacher_samples=None):
         from ..eval.grids import save_image_grid
-        x = self.to_output(samples[:100])
-        if labels is not None:  # one row per class where possible, so conditioning is visible at a glance
-            order = torch.argsort(labels[:100], stable=True)
-            x = x[order]
+        def arrange(s):
+            x = self.to_output(s[:100])
+            if labels is not None:  # one row per class where possible, so conditioning is visible at a glance
+                x = x[torch.argsort(labels[:x.shape[0]], stable=True)]
+            return x
+
+        x = arrange(samples)
+        if teacher_samples is not None:  # teacher on top, a grey row, the student below (same noise and labels)
+            t = arrange(teacher_samples)
+            x = torch.cat([t, torch.full_like(t[:10], 0.5), x])
         return save_image_grid(x, path, nrow=10)
 
     def config_record(self):

@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> None:
     report = train_digits_teacher(out / "digits_teacher", steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
                                   seed=cfg.seed, **OmegaConf.to_container(tc.extra))
     # Record the teacher's quality next to its weights; its default guidance is the scale with the lowest FD.
-    quality = measure_teacher_quality(out / "digits_teacher", feature_net=net)
+    quality = measure_teacher_quality(out / "digits_teacher", guidances=tuple(cfg.quality.guidances),
+                                      steps=cfg.quality.steps, feature_net=net)
     report = update_teacher_info(out / "digits_teacher", default_guidance=quality["best_guidance"], quality=quality)
     print(json.dumps({"features": feat_report, "teacher": report}, indent=2, default=str))
     print(f"teacher: {out / 'digits_teacher'}  (use benchmark.teacher.path={out / 'digits_teacher'} "
