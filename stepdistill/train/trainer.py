@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
@@ -41,11 +42,21 @@ def lr_lambda(warmup: int, total: int, kind: str):
     return f
 
 
+def _accelerator(mixed_precision: str) -> Accelerator:
+    # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
+    # notebook or test that trains twice in one process (fp32, then bf16) must not need a restart. Outside
+    # a distributed launch nothing else holds that state, so start it afresh when the precision changes.
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and not PartialState().use_distributed:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 class Trainer:
     def __init__(self, run: Run, run_dir: Path):
         self.run, self.cfg, self.run_dir = run, run.cfg, Path(run_dir)
         tc = self.cfg.trainer
-        self.accelerator = Accelerator(mixed_precision=tc.mixed_precision, cpu=not torch.cuda.is_available())
+        self.accelerator = _accelerator(tc.mixed_precision)
         self.device = self.accelerator.device
         run.roles.to(self.device)
         self.method = run.method
