@@ -29,8 +29,9 @@ def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inferenc
 
 class FewStepGenerator(nn.Module):
     def __init__(self, denoiser: NetworkDenoiser, timesteps: list[float] | None = None, steps: int = 1,
-                 lcm_boundary: bool | None = None, timestep_scaling: float = 10.0):
+                 lcm_boundary: bool | None = None, timestep_scaling: float = 10.0, per_sample_step: bool = True):
         super().__init__()
+        self.per_sample_step = per_sample_step
         self.denoiser = denoiser
         sched = denoiser.schedule
         self.lcm_boundary = sched.discrete if lcm_boundary is None else lcm_boundary
@@ -95,12 +96,35 @@ class FewStepGenerator(nn.Module):
         return x0
 
     def forward(self, noise: torch.Tensor, cond=None, step: int | None = None) -> torch.Tensor:
-        """Training sample with backward simulation; `step` (1-based) fixes k, else k ~ U{1..K}."""
-        k = int(torch.randint(1, self.num_steps + 1, ()).item()) if step is None else step
-        x = self.start(noise)
-        if k > 1:
-            with torch.no_grad():
-                for i in range(k - 1):
-                    x0 = self.denoise(x, self.timesteps[i], cond)
-                    x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
-        return self.denoise(x, self.timesteps[k - 1], cond)
+        """Training sample with backward simulation: sample i is the output of step k_i, k_i ~ U{1..K}.
+
+        `step` (1-based) fixes k for the whole batch. With `per_sample_step` each sample draws its own k, so
+        every batch (and so every critic update) sees outputs of all K steps, as a large multi-GPU batch of
+        DMD2 does; otherwise one k is drawn per batch.
+        """
+        if step is not None:
+            ks = torch.full((noise.shape[0],), int(step), device=noise.device)
+        elif self.per_sample_step:
+            ks = torch.randint(1, self.num_steps + 1, (noise.shape[0],), device=noise.device)
+        else:
+            ks = torch.full((noise.shape[0],), int(torch.randint(1, self.num_steps + 1, ()).item()),
+                            device=noise.device)
+        x, idx = self.start(noise), torch.arange(noise.shape[0], device=noise.device)
+        outs, out_idx = [], []
+        for i, t in enumerate(self.timesteps):
+            here = ks[idx] == i + 1
+            if here.any():  # these samples stop at step i+1: the trained step, with gradient
+                outs.append(self.denoise(x[here], t, _take(cond, here)))
+                out_idx.append(idx[here])
+            idx, x, cond = idx[~here], x[~here], _take(cond, ~here)
+            if idx.numel() == 0:
+                break
+            with torch.no_grad():  # the rest run this step without gradient and are re-noised with fresh noise
+                x0 = self.denoise(x, t, cond)
+                x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
+        out, order = torch.cat(outs), torch.cat(out_idx)
+        return out[torch.argsort(order)]
+
+
+def _take(cond, mask):
+    return None if cond is None else cond[mask]

@@ -113,6 +113,33 @@ def test_backward_simulation_trains_only_the_last_step():
     assert set(ks) == {1, 2, 3, 4} and all(abs(ks.count(k) / 400 - 0.25) < 0.08 for k in range(1, 5))
 
 
+def test_backward_simulation_draws_a_step_per_sample():
+    """Per-sample k: every sample equals its own replay (k-1 no-grad steps, then step k), whatever k its
+    neighbours in the batch drew, and one batch holds outputs of every step."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.networks.mlp import TimeMLP
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2, num_classes=3), VPSchedule(), "edm", sigma_data=2.0),
+                           steps=4)
+    z, cond = torch.randn(64, 2), torch.randint(0, 3, (64,))
+    torch.manual_seed(3)
+    out = gen(z, cond)
+    torch.manual_seed(3)
+    ks = torch.randint(1, 5, (64,))
+    assert set(ks.tolist()) == {1, 2, 3, 4} and out.requires_grad
+    # replay: the samples still running at step i draw their re-noising noise together, in batch order
+    x, alive = z.clone(), torch.ones(64, dtype=torch.bool)
+    expected = torch.empty_like(z)
+    with torch.no_grad():
+        for i, t in enumerate(gen.timesteps):
+            x0 = gen.denoise(x, t, cond)
+            expected[alive & (ks == i + 1)] = x0[alive & (ks == i + 1)]
+            alive = alive & (ks > i + 1)
+            if i + 1 < len(gen.timesteps):
+                x[alive] = gen.renoise(x0[alive], gen.timesteps[i + 1], torch.randn_like(x0[alive]))
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_lcm_boundary_matches_diffusers():
     from diffusers import LCMScheduler
     sched = LCMScheduler()

@@ -63,7 +63,9 @@ class Evaluator:
             teacher = self.teacher_samples(noise, cond)
             metrics.update({f"teacher_{k}": v for k, v in bm.evaluate(teacher, cond).items()})
             metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
-        fig = self.run_dir / "samples" / f"{step_dir_name(step)}.png"
+        # a re-evaluation at another step count must not overwrite the grid training wrote for this step
+        suffix = "" if steps is None else f"_{int(steps)}steps"
+        fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}.png"
         bm.save_figure(samples, cond, fig, teacher_samples=teacher)
         metrics["figure"] = str(fig)
         return metrics
