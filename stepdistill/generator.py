@@ -29,7 +29,8 @@ def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inferenc
 
 class FewStepGenerator(nn.Module):
     def __init__(self, denoiser: NetworkDenoiser, timesteps: list[float] | None = None, steps: int = 1,
-                 lcm_boundary: bool | None = None, timestep_scaling: float = 10.0, per_sample_step: bool = True):
+                 lcm_boundary: bool | None = None, timestep_scaling: float = 10.0, per_sample_step: bool = True,
+                 train_steps: list[int] | None = None):
         super().__init__()
         self.per_sample_step = per_sample_step
         self.denoiser = denoiser
@@ -42,6 +43,10 @@ class FewStepGenerator(nn.Module):
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"generator.timesteps must be strictly decreasing, got {ts}")
         self.timesteps = ts
+        # the steps k backward simulation trains (1-based); DMD2 draws all of 1..K
+        self.train_steps = list(range(1, len(ts) + 1)) if not train_steps else [int(k) for k in train_steps]
+        if any(k < 1 or k > len(ts) for k in self.train_steps):
+            raise ValueError(f"generator.train_steps={self.train_steps}: each must be in 1..{len(ts)}")
 
     @property
     def schedule(self):
@@ -102,13 +107,13 @@ class FewStepGenerator(nn.Module):
         every batch (and so every critic update) sees outputs of all K steps, as a large multi-GPU batch of
         DMD2 does; otherwise one k is drawn per batch.
         """
+        n, allowed = noise.shape[0], torch.tensor(self.train_steps, device=noise.device)
         if step is not None:
-            ks = torch.full((noise.shape[0],), int(step), device=noise.device)
+            ks = torch.full((n,), int(step), device=noise.device)
         elif self.per_sample_step:
-            ks = torch.randint(1, self.num_steps + 1, (noise.shape[0],), device=noise.device)
+            ks = allowed[torch.randint(0, len(allowed), (n,), device=noise.device)]
         else:
-            ks = torch.full((noise.shape[0],), int(torch.randint(1, self.num_steps + 1, ()).item()),
-                            device=noise.device)
+            ks = allowed[torch.randint(0, len(allowed), (), device=noise.device)].expand(n)
         x, idx = self.start(noise), torch.arange(noise.shape[0], device=noise.device)
         outs, out_idx = [], []
         for i, t in enumerate(self.timesteps):

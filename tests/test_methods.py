@@ -167,3 +167,17 @@ def test_lpips_regression_distance_from_local_backbone(tmp_path):
     x = torch.rand(3, 1, 8, 8) * 2 - 1
     d_same, d_diff = dist(x, x), dist(x, -x)
     assert d_same.shape == (3,) and torch.all(d_same.abs() < 1e-6) and torch.all(d_diff > 0)
+
+
+def test_backward_simulation_can_train_chosen_steps_only():
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.networks.mlp import TimeMLP
+    den = NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0)
+    gen = FewStepGenerator(den, steps=4, train_steps=[4])
+    calls = []
+    hook = den.net.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    gen(torch.randn(16, 2))
+    hook.remove()
+    assert calls == [False, False, False, True]  # every sample runs three steps without gradient, trains step 4
+    with pytest.raises(ValueError, match="generator.train_steps"):
+        FewStepGenerator(den, steps=4, train_steps=[5])

@@ -39,7 +39,8 @@ class Benchmark:
         roles["fake_score"] = self.make_student_denoiser()
         roles["generator"] = FewStepGenerator(self.make_student_denoiser(), generator_cfg.get("timesteps"),
                                               int(generator_cfg.steps),
-                                              per_sample_step=bool(generator_cfg.get("per_sample_step", True)))
+                                              per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
+                                              train_steps=generator_cfg.get("train_steps"))
         gan = method_cfg.get("gan")
         if gan is not None and gan.get("enabled", False):
             x = torch.zeros(2, *self.data_shape)
