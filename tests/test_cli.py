@@ -89,3 +89,12 @@ def test_bench_prints_a_table(tmp_path):
     for line in lines[2:]:
         cells = [c.strip() for c in line.split("|")]
         assert float(cells[4]) > 0 and float(cells[5]) > 0 and cells[6].endswith("%")
+
+
+def test_experiment_presets_compose():
+    from hydra import compose, initialize_config_dir
+
+    from stepdistill.cli import CONF_DIR
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["experiment=digits_four_step"])
+    assert cfg.benchmark.name == "digits" and cfg.generator.steps == 4 and list(cfg.generator.train_steps) == [4]
