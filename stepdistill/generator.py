@@ -4,8 +4,9 @@ Sampling follows diffusers' ``LCMScheduler`` step exactly, so an exported studen
 gives the same images for the same noise:
   x0_k   = c_skip(t_k) x_k + c_out(t_k) x0_net(x_k, t_k)        (LCM boundary condition; VP teachers only)
   x_k+1  = alpha(t_k+1) x0_k + sigma(t_k+1) z_k,  z_k ~ N(0, I)   (fresh noise between steps)
-Training uses backward simulation (DMD2 §4.5): draw k uniformly in 1..K, run k-1 steps without gradient on the
-generator's own outputs, and train step k, so the student learns from the inputs it will actually see.
+Training uses backward simulation (DMD2 §4.5): each sample draws k uniformly in 1..K, runs k-1 steps without
+gradient on the generator's own outputs, and trains step k, so the student learns from the inputs it will
+actually see.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ class FewStepGenerator(nn.Module):
         return x0
 
     def forward(self, noise: torch.Tensor, cond=None, step: int | None = None) -> torch.Tensor:
-        """Training sample with backward simulation: sample i is the output of step k_i, k_i ~ U{1..K}.
+        """Training sample with backward simulation: sample i is the output of step k_i, drawn uniformly from
+        `train_steps` (1..K unless configured).
 
         `step` (1-based) fixes k for the whole batch. With `per_sample_step` each sample draws its own k, so
         every batch (and so every critic update) sees outputs of all K steps, as a large multi-GPU batch of

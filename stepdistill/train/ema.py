@@ -16,8 +16,8 @@ def make_ema(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    ema_params, params = list(ema.parameters()), [p.detach().to(e.dtype) for e, p in zip(ema.parameters(),
-                                                                                          model.parameters())]
+    ema_params = list(ema.parameters())
+    params = [p.detach().to(e.dtype) for e, p in zip(ema_params, model.parameters())]
     torch._foreach_lerp_(ema_params, params, 1.0 - decay)  # one fused call instead of one per tensor
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
