@@ -14,16 +14,18 @@ from stepdistill.train.setup import build_run
 from stepdistill.train.trainer import Trainer
 
 
+@pytest.mark.parametrize("normalizer", ["sample", "batch"])
 @pytest.mark.parametrize("schedule", [VPSchedule(), EDMSchedule()], ids=["vp", "edm"])
-def test_dmd_surrogate_gradient_is_normalised_score_difference(schedule):
-    """d loss / d x = (x0_fake - x0_real) / (mean|x - x0_real| * numel), and x0_fake - x0_real equals
-    s^2 / a * (score_fake - score_real) where the scores come from autograd of the exact noised log-densities."""
+def test_dmd_surrogate_gradient_is_normalised_score_difference(schedule, normalizer):
+    """d loss / d x = (x0_fake - x0_real) / (mean|x - x0_real| * numel), the mean per sample (DMD Eq. 8) or over
+    the batch, and x0_fake - x0_real equals s^2 / a * (score_fake - score_real) where the scores come from
+    autograd of the exact noised log-densities."""
     real = GaussianMixture(circle_means(8, 4.0), 0.25)
     fake = GaussianMixture([[0.0, 0.0], [1.0, 1.0]], [1.0, 0.5])
     teacher, critic = GMMDenoiser(real, schedule), GMMDenoiser(fake, schedule)
     x = (torch.randn(16, 2) * 2).requires_grad_(True)
     torch.manual_seed(0)
-    loss, _ = dmd_loss(x, teacher, critic)
+    loss, _ = dmd_loss(x, teacher, critic, normalizer=normalizer)
     loss.backward()
     # replay the same draws of t and noise
     torch.manual_seed(0)
@@ -33,7 +35,8 @@ def test_dmd_surrogate_gradient_is_normalised_score_difference(schedule):
     s_real = torch.autograd.grad(real.log_prob(x_t, a[:, 0], s[:, 0]).sum(), x_t)[0]
     s_fake = torch.autograd.grad(fake.log_prob(x_t, a[:, 0], s[:, 0]).sum(), x_t)[0]
     x0_real = (x_t + s**2 * s_real) / a
-    weight = (x.detach().double() - x0_real).abs().mean(1, keepdim=True)
+    resid = (x.detach().double() - x0_real).abs()
+    weight = resid.mean(1, keepdim=True) if normalizer == "sample" else resid.mean()
     expected = (s**2 / a) * (s_fake - s_real) / weight / x.numel()
     torch.testing.assert_close(x.grad.double(), expected.detach(), rtol=2e-3, atol=1e-6)
 
@@ -45,6 +48,16 @@ def test_dmd_gradient_vanishes_when_fake_equals_real():
     loss, _ = dmd_loss(x, GMMDenoiser(mix, sched), GMMDenoiser(mix, sched))
     loss.backward()
     assert x.grad.abs().max() < 1e-6
+
+
+def test_unknown_dmd_normalizer_is_a_clear_error(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from stepdistill.cli import CONF_DIR
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["benchmark=gmm", "method=dmd2", "method.normalizer=pixel"])
+    with pytest.raises(ValueError, match="method.normalizer"):
+        build_run(cfg)
 
 
 def test_ttur_schedule():

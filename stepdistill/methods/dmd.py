@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LossOut, Method
-from .distribution_matching import dmd_loss, fake_score_loss
+from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 
 
 class DMD(Method):
@@ -22,6 +22,7 @@ class DMD(Method):
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
+        check_normalizer(cfg.get("normalizer", "sample"))
         kind = cfg.regression.get("distance", "l2")
         if kind not in ("l2", "lpips"):
             raise ValueError(f"unknown method.regression.distance {kind!r}: use l2 or lpips")
@@ -39,7 +40,7 @@ class DMD(Method):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
         l_dm, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max))
+                              (c.t_min, c.t_max), c.get("normalizer", "sample"))
         pred = m["generator"](batch["reg_noise"], batch["reg_cond"], step=1)  # pairs start from pure noise
         l_reg = self.regression_loss(pred, batch["reg_target"])
         loss = l_dm + c.regression.weight * l_reg

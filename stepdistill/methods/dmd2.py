@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from .base import LossOut, Method
-from .distribution_matching import dmd_loss, fake_score_loss
+from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 from .gan import DiffusionGAN
 
 
@@ -27,6 +27,7 @@ class DMD2(Method):
                        "critic": ("fake_score",) + (("gan_head",) if self.use_gan else ())}
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
+        check_normalizer(cfg.get("normalizer", "sample"))
         self.gan = DiffusionGAN(models["fake_score"], models["gan_head"], cfg.gan.feature_module,
                                 (cfg.gan.t_min, cfg.gan.t_max)) if self.use_gan else None
 
@@ -34,7 +35,7 @@ class DMD2(Method):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
         loss, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max))
+                              (c.t_min, c.t_max), c.get("normalizer", "sample"))
         logs["loss_dm"] = loss.item()
         if self.use_gan:
             l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
