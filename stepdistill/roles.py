@@ -15,11 +15,17 @@ class Roles(nn.ModuleDict):
     def parameters_of(self, names) -> list[nn.Parameter]:
         return [p for n in names for p in self[n].parameters()]
 
-    def train_only(self, names) -> None:
+    def parameter_lists(self) -> dict[str, list[nn.Parameter]]:
+        """Each role's parameters, for callers that flip requires_grad every step: walking the module tree
+        each time was ~5% of a gmm iteration."""
+        return {n: list(mod.parameters()) for n, mod in self.items()}
+
+    def train_only(self, names, parameter_lists: dict[str, list[nn.Parameter]] | None = None) -> None:
         names = set(names)
-        for n, mod in self.items():
+        lists = parameter_lists if parameter_lists is not None else self.parameter_lists()
+        for n, params in lists.items():
             flag = n in names and n not in self.FROZEN
-            for p in mod.parameters():
+            for p in params:
                 p.requires_grad_(flag)
 
     def missing(self, names) -> list[str]:

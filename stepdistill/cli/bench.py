@@ -1,7 +1,7 @@
 """`stepdistill-bench [benchmark=gmm|digits] [methods=dmd,dmd2] [steps=N]`: the cost of one training iteration.
 
 Per method (each in a fresh process, so peak memory is its own): network evaluations per iteration (forward
-calls of any backbone, teacher included, counting a CFG call's doubled batch as one call), seconds per
+calls of any backbone or GAN head, teacher included, counting a CFG call's doubled batch as one call), seconds per
 iteration, the share of iteration time spent outside network forward/backward (forward time from hooks around
 each backbone; the whole backward pass is counted as network time) and peak memory (CUDA peak allocated on a
 GPU, else the process's peak resident set).
@@ -60,6 +60,7 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
         pairs = make_regression_pairs(run.benchmark, 256, 0)
     batches = BatchSource(run.benchmark, run.method.batch_keys, int(cfg.trainer.batch_size), trainer.device, pairs)
     nets = [m.net for m in run.roles.modules() if hasattr(m, "net") and isinstance(m.net, torch.nn.Module)]
+    nets += [m for name, m in run.roles.items() if name.endswith("_head")]  # DMD2's GAN classifier is a network too
     teacher = run.roles["teacher"]
     for _ in range(warmup):
         trainer.train_step(batches)

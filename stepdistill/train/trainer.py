@@ -69,10 +69,11 @@ class Trainer:
         self.device = self.accelerator.device
         run.roles.to(self.device)
         self.method = run.method
-        self.optimizers, self.schedulers = {}, {}
+        self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
+        self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
-            params = run.roles.parameters_of(names)
+            params = self.phase_params[phase] = run.roles.parameters_of(names)
             opt = make_adamw(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
@@ -116,7 +117,7 @@ class Trainer:
     def train_step(self, batch_source: BatchSource) -> tuple[str, dict | None]:
         phase = self.method.phase(self.step)
         roles = self.run.roles
-        roles.train_only(self.method.phases[phase])
+        roles.train_only(self.method.phases[phase], self.role_params)
         opt = self.optimizers[phase]
         opt.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
@@ -125,7 +126,7 @@ class Trainer:
         grad_norm = float("nan")
         if finite:
             self.accelerator.backward(out.loss)
-            params = [p for p in roles.parameters_of(self.method.phases[phase]) if p.grad is not None]
+            params = [p for p in self.phase_params[phase] if p.grad is not None]
             clip = float(self.cfg.optim[phase].get("grad_clip", 0) or 0)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
             finite = math.isfinite(grad_norm)
