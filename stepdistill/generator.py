@@ -101,9 +101,9 @@ class FewStepGenerator(nn.Module):
                 x = self.renoise(x0, ts[k + 1], z)
         return x0
 
-    def forward(self, noise: torch.Tensor, cond=None, step: int | None = None) -> torch.Tensor:
+    def forward(self, noise: torch.Tensor, cond=None, step: int | None = None, return_steps: bool = False):
         """Training sample with backward simulation: sample i is the output of step k_i, drawn uniformly from
-        `train_steps` (1..K unless configured).
+        `train_steps` (1..K unless configured). `return_steps` also returns k (1-based, shape (N,)).
 
         `step` (1-based) fixes k for the whole batch. With `per_sample_step` each sample draws its own k, so
         every batch (and so every critic update) sees outputs of all K steps, as a large multi-GPU batch of
@@ -130,7 +130,8 @@ class FewStepGenerator(nn.Module):
                 x0 = self.denoise(x, t, cond)
                 x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
         out, order = torch.cat(outs), torch.cat(out_idx)
-        return out[torch.argsort(order)]
+        out = out[torch.argsort(order)]
+        return (out, ks) if return_steps else out
 
 
 def _take(cond, mask):

@@ -41,6 +41,9 @@ class Benchmark:
                                               int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
                                               train_steps=generator_cfg.get("train_steps"))
+        if method_cfg.get("step_aware_critic", False):
+            from ..methods.step_critic import StepEmbedding
+            roles["critic_step_embedding"] = StepEmbedding(roles["fake_score"].net, roles["generator"].num_steps)
         gan = method_cfg.get("gan")
         if gan is not None and gan.get("enabled", False):
             x = torch.zeros(2, *self.data_shape)

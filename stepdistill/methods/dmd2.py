@@ -7,8 +7,12 @@ Changes from DMD, each a switch here:
     weights `gan.generator_weight` (~3e-3) in the generator loss and `gan.critic_weight` (~1e-2) in the critic's;
   * backward simulation for multi-step students (§4.5, in FewStepGenerator.forward);
   * CFG on the real score only (`guidance`); the fake score is evaluated at `fake_guidance` (1 = none).
+Not in DMD2, off by default: `step_aware_critic` conditions the fake score on the exit step of multi-step
+students (methods/step_critic.py explains why).
 """
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 
@@ -22,20 +26,26 @@ class DMD2(Method):
 
     def __init__(self, models, cfg):
         self.use_gan = bool(cfg.gan.enabled)
-        self.roles = ("teacher", "fake_score", "generator") + (("gan_head",) if self.use_gan else ())
-        self.phases = {"generator": ("generator",),
-                       "critic": ("fake_score",) + (("gan_head",) if self.use_gan else ())}
+        self.step_aware = bool(cfg.get("step_aware_critic", False))
+        extra = (("gan_head",) if self.use_gan else ()) + (("critic_step_embedding",) if self.step_aware else ())
+        self.roles = ("teacher", "fake_score", "generator") + extra
+        self.phases = {"generator": ("generator",), "critic": ("fake_score",) + extra}
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
         check_normalizer(cfg.get("normalizer", "sample"))
         self.gan = DiffusionGAN(models["fake_score"], models["gan_head"], cfg.gan.feature_module,
                                 (cfg.gan.t_min, cfg.gan.t_max)) if self.use_gan else None
 
+    def _fake_sees_steps(self, steps):
+        """The context in which the fake score sees each sample's exit step (a no-op unless step-aware)."""
+        return self.models["critic_step_embedding"].condition(steps) if self.step_aware else nullcontext()
+
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
-        x = m["generator"](batch["noise"], batch["cond"])
-        loss, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max), c.get("normalizer", "sample"))
+        x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
+        with self._fake_sees_steps(steps):
+            loss, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
+                                  (c.t_min, c.t_max), c.get("normalizer", "sample"))
         logs["loss_dm"] = loss.item()
         if self.use_gan:
             l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
@@ -46,8 +56,9 @@ class DMD2(Method):
     def critic_loss(self, batch, step):
         m, c = self.models, self.cfg
         with torch.no_grad():
-            x = m["generator"](batch["noise"], batch["cond"])
-        loss = fake_score_loss(m["fake_score"], x, batch["cond"])
+            x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
+        with self._fake_sees_steps(steps):
+            loss = fake_score_loss(m["fake_score"], x, batch["cond"])
         logs = {"loss_fake_score": loss.item()}
         if self.use_gan:
             l_d = DiffusionGAN.discriminator_loss(self.gan.logits(batch["real"], batch["real_cond"]),

@@ -1,0 +1,86 @@
+"""The step-aware fake score (method.step_aware_critic): a zero-initialised exit-step embedding on the critic's
+timestep embedding, trained by the critic phase only, present only where the method asks for it."""
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from stepdistill.denoiser import NetworkDenoiser
+from stepdistill.methods.distribution_matching import fake_score_loss
+from stepdistill.methods.step_critic import StepEmbedding
+from stepdistill.networks.mlp import TimeMLP
+from stepdistill.schedules import VPSchedule
+from stepdistill.train.setup import build_run
+from stepdistill.train.trainer import Trainer
+
+
+def _tiny_unet():
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, num_class_embeds=4)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "unet"])
+def test_step_embedding_starts_as_the_plain_critic_then_separates_steps(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        fake = NetworkDenoiser(TimeMLP(2, 32, 2, num_classes=3), VPSchedule(), "edm", sigma_data=2.0, null_class=3)
+        x = torch.randn(6, 2)
+    else:
+        fake = NetworkDenoiser(_tiny_unet(), VPSchedule(), "epsilon", null_class=3)
+        x = torch.randn(6, 1, 8, 8)
+    emb = StepEmbedding(fake.net, num_steps=4)
+    t, cond, steps = torch.full((6,), 500.0), torch.randint(0, 3, (6,)), torch.tensor([1, 2, 3, 4, 1, 2])
+    plain = fake.x0(x, t, cond)
+    with torch.no_grad(), emb.condition(steps):
+        torch.testing.assert_close(fake.x0(x, t, cond), plain)  # zero-initialised: the critic is unchanged
+    with torch.no_grad():
+        emb.table.weight.normal_()
+        with emb.condition(steps):
+            stepped = fake.x0(x, t, cond)
+            guided = fake.x0(x, t, cond, guidance=2.0)  # CFG doubles the batch: the steps repeat
+        with emb.condition(torch.tensor([1, 1, 1, 1, 1, 1])):
+            all_first = fake.x0(x, t, cond)
+    same = steps == 1
+    torch.testing.assert_close(stepped[same], all_first[same])
+    assert (stepped[~same] - all_first[~same]).abs().amax() > 1e-4
+    assert torch.isfinite(guided).all()
+    torch.testing.assert_close(fake.x0(x, t, cond), plain)  # outside the context the hook is gone
+
+
+def test_critic_loss_trains_the_rows_of_the_steps_it_saw():
+    torch.manual_seed(0)
+    fake = NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0)
+    emb = StepEmbedding(fake.net, num_steps=4)
+    assert not any(p is q for p in emb.parameters() for q in fake.parameters())  # the critic is not re-registered
+    with emb.condition(torch.tensor([2, 4, 2, 4])):
+        fake_score_loss(fake, torch.randn(4, 2)).backward()
+    row_norms = emb.table.weight.grad.norm(dim=1)
+    assert row_norms[0] == 0 and row_norms[2] == 0 and row_norms[1] > 0 and row_norms[3] > 0
+
+
+def test_step_aware_dmd2_trains_and_only_the_critic_phase_moves_the_embedding(gmm_cfg, tmp_path):
+    cfg = gmm_cfg("method=dmd2", "generator=four_step", "method.step_aware_critic=true", "method.critic_steps=1",
+                  "method.critic_warmup_steps=0", "trainer.max_steps=6")
+    run = build_run(cfg)
+    assert "critic_step_embedding" in run.method.phases["critic"]
+    trainer = Trainer(run, tmp_path)
+    from stepdistill.train.batches import BatchSource
+    batches = BatchSource(run.benchmark, run.method.batch_keys, 64, trainer.device)
+    table = run.roles["critic_step_embedding"].table.weight
+    for _ in range(6):
+        before = table.detach().clone()
+        phase, logs = trainer.train_step(batches)
+        trainer.step += 1
+        assert logs is not None and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+        moved = not torch.equal(before, table.detach())
+        assert moved == (phase == "critic"), phase
+    # checkpoints carry the embedding with the other trainable roles
+    assert (trainer.save() / "critic_step_embedding.safetensors").is_file()
+
+
+def test_step_aware_critic_needs_a_timestep_embedding():
+    class NoTime(torch.nn.Module):
+        def forward(self, x, t, cond=None):
+            return x
+    with pytest.raises(ValueError, match="step_aware_critic"):
+        StepEmbedding(NoTime(), 4)
