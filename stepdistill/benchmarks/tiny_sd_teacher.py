@@ -1,0 +1,71 @@
+"""Building the `tiny_sd` teacher: a tiny, randomly initialised Stable-Diffusion-style pipeline made locally.
+
+UNet2DConditionModel (cross-attention on CLIP text states) + AutoencoderKL + CLIPTextModel + a CLIP tokenizer
+whose byte-level BPE is trained here with the tokenizers library on a few prompts, all saved with
+`StableDiffusionPipeline.save_pretrained`, so stock diffusers loads the folder. Nothing is downloaded. It proves
+the latent / text / CFG / export path of the SD-style teachers, not image quality (DESIGN §6 `tiny_sd`).
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+# SD 1.x's noise schedule and scheduler settings, so recipes written for SD apply unchanged.
+SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+TOKENIZER_PROMPTS = ("a photo of a cat", "a red car on a road", "a painting of a dog in the snow",
+                     "a bowl of fruit on a wooden table", "a blue bird sitting on a branch",
+                     "an astronaut riding a horse", "a city street at night", "a mountain lake at sunrise")
+
+
+def build_tokenizer(max_length: int = 16, vocab_size: int = 600, prompts=TOKENIZER_PROMPTS):
+    """A CLIP tokenizer (CLIP's normaliser and pre-tokeniser) with a byte-level BPE trained on `prompts`.
+
+    Every byte is in the vocabulary both inside a word and as a word end, so any text tokenizes without an
+    unknown token; frequent words become single tokens."""
+    from tokenizers import pre_tokenizers, trainers
+    from transformers import CLIPTokenizer
+
+    backend = CLIPTokenizer().backend_tokenizer  # CLIP's pipeline around an empty BPE, trained below
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
+                                  end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False)
+    backend.train_from_iterator(list(prompts) * 4, trainer)
+    with tempfile.TemporaryDirectory() as tmp:
+        backend.model.save(tmp)
+        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
+        for ch in sorted(alphabet):
+            vocab.setdefault(ch + "</w>", len(vocab))
+        (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+def build_tiny_sd(out_dir, seed: int = 0, image_size: int = 16, text_dim: int = 32, max_length: int = 16) -> Path:
+    """Write a StableDiffusionPipeline folder to `out_dir`: images image_size², latents 4 × (image_size / 2)²."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(max_length)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=text_dim,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4,
+                                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=text_dim, attention_head_dim=8)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    return out
