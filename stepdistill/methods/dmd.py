@@ -22,7 +22,7 @@ class DMD(Method):
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
-        check_normalizer(cfg.get("normalizer", "sample"))
+        self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
         kind = cfg.regression.get("distance", "l2")
         if kind not in ("l2", "lpips"):
             raise ValueError(f"unknown method.regression.distance {kind!r}: use l2 or lpips")
@@ -40,7 +40,7 @@ class DMD(Method):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
         l_dm, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max), c.get("normalizer", "sample"))
+                              (c.t_min, c.t_max), self.normalizer)
         pred = m["generator"](batch["reg_noise"], batch["reg_cond"], step=1)  # pairs start from pure noise
         l_reg = self.regression_loss(pred, batch["reg_target"])
         loss = l_dm + c.regression.weight * l_reg

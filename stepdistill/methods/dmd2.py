@@ -32,7 +32,7 @@ class DMD2(Method):
         self.phases = {"generator": ("generator",), "critic": ("fake_score",) + extra}
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
-        check_normalizer(cfg.get("normalizer", "sample"))
+        self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
         self.gan = DiffusionGAN(models["fake_score"], models["gan_head"], cfg.gan.feature_module,
                                 (cfg.gan.t_min, cfg.gan.t_max)) if self.use_gan else None
 
@@ -45,7 +45,7 @@ class DMD2(Method):
         x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
         with self._fake_sees_steps(steps):
             loss, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                                  (c.t_min, c.t_max), c.get("normalizer", "sample"))
+                                  (c.t_min, c.t_max), self.normalizer)
         logs["loss_dm"] = loss.item()
         if self.use_gan:
             l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
