@@ -2,6 +2,14 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# The Triton kernels run on CPU tensors in Triton's interpreter; it must be on before triton is imported.
+try:
+    import torch as _torch
+    _cuda = _torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _cuda = False
+if not _cuda:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

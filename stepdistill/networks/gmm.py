@@ -42,14 +42,26 @@ class GaussianMixture:
         x = self.means[k] + self.stds[k, None] * torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
         return (x.float(), k) if return_labels else x.float()
 
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(means, stds, weights) on `device`, copied once per device: the teacher may train on a GPU while the
+        benchmark samples and evaluates on the CPU with the same mixture."""
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.means, self.stds, self.weights
+        cache = self.__dict__.setdefault("_device_copies", {})
+        if device not in cache:
+            cache[device] = (self.means.to(device), self.stds.to(device), self.weights.to(device))
+        return cache[device]
+
     def component_log_probs(self, x: torch.Tensor, a=1.0, s=0.0) -> torch.Tensor:
         """log w_k + log N(x; a mu_k, (a^2 s_k^2 + s^2) I), shape (N, K), float64."""
         x = x.double()
-        a = torch.as_tensor(a, dtype=torch.float64).reshape(-1, 1)
-        s = torch.as_tensor(s, dtype=torch.float64).reshape(-1, 1)
-        var = a**2 * self.stds[None] ** 2 + s**2  # (N or 1, K)
-        d2 = ((x[:, None, :] - a[..., None] * self.means[None]) ** 2).sum(-1)  # (N, K)
-        return self.weights.log()[None] - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
+        means, stds, weights = self.on(x.device)
+        a = torch.as_tensor(a, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        s = torch.as_tensor(s, dtype=torch.float64, device=x.device).reshape(-1, 1)
+        var = a**2 * stds[None] ** 2 + s**2  # (N or 1, K)
+        d2 = ((x[:, None, :] - a[..., None] * means[None]) ** 2).sum(-1)  # (N, K)
+        return weights.log()[None] - 0.5 * d2 / var - 0.5 * self.dim * torch.log(2 * math.pi * var)
 
     def log_prob(self, x: torch.Tensor, a=1.0, s=0.0) -> torch.Tensor:
         return torch.logsumexp(self.component_log_probs(x, a, s), dim=1)
@@ -58,11 +70,12 @@ class GaussianMixture:
         """Exact E[x0 | x_t] for per-sample a, s of shape (N,)."""
         x = x_t.double()
         a64, s64 = a.double().reshape(-1, 1), s.double().reshape(-1, 1)
+        means, stds, _ = self.on(x.device)
         r = torch.softmax(self.component_log_probs(x, a64, s64), dim=1)  # (N, K)
-        var = a64**2 * self.stds[None] ** 2 + s64**2  # (N, K)
-        gain = a64 * self.stds[None] ** 2 / var  # (N, K)
-        resid = x[:, None, :] - a64[..., None] * self.means[None]  # (N, K, D)
-        x0_k = self.means[None] + gain[..., None] * resid
+        var = a64**2 * stds[None] ** 2 + s64**2  # (N, K)
+        gain = a64 * stds[None] ** 2 / var  # (N, K)
+        resid = x[:, None, :] - a64[..., None] * means[None]  # (N, K, D)
+        x0_k = means[None] + gain[..., None] * resid
         return (r[..., None] * x0_k).sum(1).to(x_t.dtype)
 
     def to_config(self) -> dict:
@@ -78,6 +91,6 @@ class GMMDenoiser(Denoiser):
         self.schedule = schedule
         self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
 
-    def _x0_single(self, x_t, t, cond):
-        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
+        a, s = alpha_sigma if alpha_sigma is not None else (self.schedule.alpha(t), self.schedule.sigma(t))
         return self.mixture.posterior_mean(x_t, a, s)

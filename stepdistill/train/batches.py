@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
+
+from .evaluation import teacher_sample_batched
 
 
 def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256) -> dict:
@@ -18,11 +19,8 @@ def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = No
     gen = torch.Generator().manual_seed(seed)
     noise = benchmark.noise(num, gen)
     cond = benchmark.sample_cond(num, gen)
-    targets = []
-    for i in tqdm(range(0, num, chunk), desc="teacher regression pairs", leave=False):
-        c = None if cond is None else cond[i:i + chunk]
-        targets.append(benchmark.teacher_sample(noise[i:i + chunk], c))
-    pairs = {"noise": noise, "target": torch.cat(targets)}
+    target = teacher_sample_batched(benchmark, noise, cond, batch_size=chunk, progress="teacher regression pairs")
+    pairs = {"noise": noise, "target": target}
     if cond is not None:
         pairs["cond"] = cond
     if path is not None:

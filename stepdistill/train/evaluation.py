@@ -23,11 +23,19 @@ def student_sample(generator, noise, cond=None, timesteps=None, rng: torch.Gener
     return torch.cat(out)
 
 
-def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: int = 1000) -> torch.Tensor:
+def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: int = 1000,
+                           progress: str | None = None) -> torch.Tensor:
+    """The teacher's ODE samples in chunks, computed where the teacher lives (a GPU when training runs on one);
+    `progress` names a tqdm bar over the chunks. Returns CPU tensors."""
+    device = next(benchmark.teacher.parameters()).device
     out = []
-    for i in range(0, noise.shape[0], batch_size):
-        c = None if cond is None else cond[i:i + batch_size]
-        out.append(benchmark.teacher_sample(noise[i:i + batch_size], c, steps).cpu())
+    chunks = range(0, noise.shape[0], batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+        chunks = tqdm(chunks, desc=progress, leave=False)
+    for i in chunks:
+        c = None if cond is None else cond[i:i + batch_size].to(device)
+        out.append(benchmark.teacher_sample(noise[i:i + batch_size].to(device), c, steps).cpu())
     return torch.cat(out)
 
 

@@ -37,6 +37,14 @@ def resolve_method_cfg(cfg: DictConfig, benchmark) -> None:
             cfg.benchmark[k] = v
 
 
+def apply_attention_backend(roles: Roles, cfg: DictConfig) -> None:
+    """`attention.backend`: route every diffusers attention of every role through stepdistill.kernels."""
+    backend = str(cfg.get("attention", {}).get("backend", "diffusers"))
+    from ..kernels import set_attention_backend
+    for module in roles.values():
+        set_attention_backend(module, backend)
+
+
 def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     torch.manual_seed(int(cfg.seed))
     benchmark = build_benchmark(cfg.benchmark)
@@ -45,6 +53,7 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     roles = benchmark.build_roles(cfg.method, cfg.generator)
     if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
         roles["generator_ema"] = make_ema(roles["generator"])
+    apply_attention_backend(roles, cfg)
     method = cls(roles, cfg.method) if with_method else None
     return Run(cfg, benchmark, roles, method)
 

@@ -1,0 +1,15 @@
+"""Which head_dims the Triton kernels take, answerable without importing triton."""
+from __future__ import annotations
+
+import math
+
+MAX_HEAD_DIM = 256
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The power of two (at least 16: tl.dot's minimum) the kernels run at; the rest is zero padding."""
+    return max(16, 1 << math.ceil(math.log2(max(head_dim, 1))))
+
+
+def head_dim_supported(head_dim: int) -> bool:
+    return 1 <= head_dim and padded_head_dim(head_dim) <= MAX_HEAD_DIM

@@ -1,0 +1,37 @@
+"""The package list in pyproject.toml is written out (the kernels live outside stepdistill/): check that it
+names every package folder, and that a built wheel holds the kernels, the shipped assets and every module."""
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def listed():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return set(cfg["packages"]), cfg["package-dir"]
+
+
+def test_every_package_folder_is_listed():
+    packages, package_dir = listed()
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stepdistill").rglob("*.py")}
+    assert found - packages == set(), "add these to [tool.setuptools] packages in pyproject.toml"
+    assert package_dir == {"stepdistill.kernels": "kernels"}
+    for pkg in packages:
+        folder = ROOT / package_dir.get(pkg, pkg.replace(".", "/"))
+        assert (folder / "__init__.py").is_file(), f"{folder} needs an __init__.py"
+
+
+def test_wheel_contents(tmp_path):
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(ROOT)], check=True, timeout=300)
+    wheel = next(tmp_path.glob("stepdistill-*.whl"))
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in ("stepdistill/kernels/triton_attention.py", "stepdistill/kernels/bench.py",
+                   "stepdistill/benchmarks/gmm.py", "stepdistill/assets/digits_features.safetensors",
+                   "stepdistill/assets/digits_teacher/unet/diffusion_pytorch_model.safetensors"):
+        assert module in names, module
+    sources = {str(p.relative_to(ROOT)) for p in (ROOT / "stepdistill").rglob("*.py")}
+    assert sources <= names
