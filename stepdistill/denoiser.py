@@ -19,10 +19,12 @@ class Denoiser(nn.Module):
     schedule: NoiseSchedule
     conditional: bool = False
 
-    def coeffs(self, t: torch.Tensor, like: torch.Tensor):
-        return _bcast(self.schedule.alpha(t), like), _bcast(self.schedule.sigma(t), like)
+    def coeffs(self, t: torch.Tensor, like: torch.Tensor, alpha_sigma=None):
+        """(alpha, sigma) at t broadcast against `like`; `alpha_sigma` (two (N,) tensors) replaces the schedule's."""
+        a, s = alpha_sigma if alpha_sigma is not None else (self.schedule.alpha(t), self.schedule.sigma(t))
+        return _bcast(a, like), _bcast(s, like)
 
-    def _x0_single(self, x_t, t, cond):
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
         raise NotImplementedError
 
     def uncond(self, cond):
@@ -30,16 +32,24 @@ class Denoiser(nn.Module):
         raise ValueError("this teacher is unconditional: set guidance to 1.0 (classifier-free guidance needs a "
                          "conditional teacher)")
 
-    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, guidance: float = 1.0) -> torch.Tensor:
+    def x0(self, x_t: torch.Tensor, t: torch.Tensor, cond=None, guidance: float = 1.0,
+           alpha_sigma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`alpha_sigma`: per-sample (alpha, sigma), shape (N,), used instead of the schedule's values at t, for
+        continuous-time methods (sCM) that evaluate between a discrete schedule's grid points; t is then only
+        the backbone's time input."""
         t = self._as_batch_t(t, x_t)
         if guidance != 1.0 and not self.conditional:
             self.uncond(cond)  # raises the clear error
         if guidance != 1.0 and cond is None:
             raise ValueError(f"guidance={guidance} needs a condition: pass cond (labels / prompt embeddings)")
+        extra = {} if alpha_sigma is None else {"alpha_sigma": alpha_sigma}
         if guidance == 1.0:
-            return self._x0_single(x_t, t, cond)
+            return self._x0_single(x_t, t, cond, **extra)
         # CFG (Ho & Salimans 2022) on the x0-prediction, cond and uncond batched together.
-        both = self._x0_single(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.uncond(cond)]))
+        if alpha_sigma is not None:
+            extra = {"alpha_sigma": tuple(torch.cat([v, v]) for v in alpha_sigma)}
+        both = self._x0_single(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.uncond(cond)]),
+                               **extra)
         x0_c, x0_u = both.chunk(2)
         return x0_u + guidance * (x0_c - x0_u)
 
@@ -82,22 +92,22 @@ class NetworkDenoiser(Denoiser):
             return super().uncond(cond)
         return torch.full_like(cond, self.null_class)
 
-    def raw(self, x_t, t, cond=None):
+    def raw(self, x_t, t, cond=None, alpha_sigma=None):
         """The backbone's native output (eps / v / x0 / velocity / EDM's F)."""
         t = self._as_batch_t(t, x_t)
         x_in = x_t
         if self.prediction_type == "edm":
-            a, s = self.coeffs(t, x_t)
+            a, s = self.coeffs(t, x_t, alpha_sigma)
             x_in = edm_coefficients(a, s, self.sigma_data)[0] * x_t
         t_net = self.schedule.net_time(t)
         if _is_diffusers_unet(self.net):
             return self.net(x_in, t_net, class_labels=cond).sample
         return self.net(x_in, t_net, cond)
 
-    def _x0_single(self, x_t, t, cond):
-        a, s = self.coeffs(t, x_t)
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
+        a, s = self.coeffs(t, x_t, alpha_sigma)
         dt = torch.promote_types(x_t.dtype, torch.float32)  # at least fp32 math, float64 stays float64
-        out = self.raw(x_t, t, cond).to(dt)
+        out = self.raw(x_t, t, cond, alpha_sigma).to(dt)
         return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
 
     def denoising_loss(self, x0, t, cond=None, noise=None):

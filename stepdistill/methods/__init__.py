@@ -2,8 +2,9 @@
 from .base import LossOut, Method
 from .dmd import DMD
 from .dmd2 import DMD2
+from .scm import SCM
 
-METHODS = {"dmd": DMD, "dmd2": DMD2}
+METHODS = {"dmd": DMD, "dmd2": DMD2, "scm": SCM}
 
 
 def method_class(name: str):

@@ -1,0 +1,189 @@
+"""sCM / sCD: TrigFlow <-> teacher conversion against the exact GMM score, the JVP tangent against finite
+differences, gradient isolation, the generator evaluating the consistency function, short real trainings."""
+import json
+import math
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from stepdistill.denoiser import NetworkDenoiser
+from stepdistill.generator import FewStepGenerator
+from stepdistill.methods.scm import SCM
+from stepdistill.methods.trigflow import TrigFlow
+from stepdistill.networks.gmm import GaussianMixture, GMMDenoiser, circle_means
+from stepdistill.networks.mlp import TimeMLP
+from stepdistill.roles import Roles
+from stepdistill.schedules import EDMSchedule, FlowSchedule, VPSchedule
+from stepdistill.train.setup import build_run
+from stepdistill.train.trainer import Trainer
+
+SCHEDULES = [VPSchedule(), EDMSchedule(), FlowSchedule()]
+IDS = ["vp", "edm", "flow"]
+THREADS = f"trainer.num_threads={torch.get_num_threads()}"
+SCM_CFG = dict(name="scm", guidance=1.0, sigma_data=None, p_mean=-1.0, p_std=1.4, warmup_steps=10,
+               tangent_norm_c=0.1, weighting="adaptive", weighting_width=16)
+
+
+def _method(schedule, prediction_type="edm", steps=1, **cfg):
+    torch.manual_seed(0)
+    mix = GaussianMixture(circle_means(8, 4.0), 0.25)
+    roles = Roles()
+    roles["teacher"] = GMMDenoiser(mix, schedule)
+    student = NetworkDenoiser(TimeMLP(2, 32, 2, fourier_features=8), schedule, prediction_type, sigma_data=2.8)
+    roles["generator"] = FewStepGenerator(student, steps=steps)
+    return SCM(roles, OmegaConf.create({**SCM_CFG, **cfg})), mix
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
+def test_teacher_tangent_is_the_exact_pf_ode_velocity(schedule):
+    """sigma_d F_teacher, taken through the teacher's native time and input scaling, equals the TrigFlow PF-ODE
+    velocity -tan(t) (x + sigma_d^2 grad log p_t(x)) with the score from autograd of the exact noised mixture
+    density of x_t = cos(t) x0 + sin(t) z, z ~ N(0, sigma_d^2)."""
+    method, mix = _method(schedule)
+    tf, sd = method.trig, method.trig.sigma_data
+    assert sd == 2.8
+    t = torch.linspace(tf.t_min + 1e-3, min(tf.t_max, 1.55), 64, dtype=torch.float64)
+    x = tf.add_noise(mix.sample(64).double(), sd * torch.randn(64, 2, dtype=torch.float64), t).float()
+    v = tf.velocity(method.models["teacher"], x, t)
+    xd = x.double().requires_grad_(True)
+    score = torch.autograd.grad(mix.log_prob(xd, torch.cos(t), sd * torch.sin(t)).sum(), xd)[0]
+    exact = -torch.tan(t)[:, None] * (x.double() + sd**2 * score)
+    torch.testing.assert_close(v.double(), exact, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=IDS)
+def test_native_time_matches_sigma_data_tan_t(schedule):
+    """s / a = sigma_d tan t at every TrigFlow time (EDM: sigma = sigma_d tan t), x = k x_t keeps the signal and
+    noise parts apart, and the schedule's own grid points map back to themselves."""
+    tf = TrigFlow(schedule, 0.5)
+    t = torch.linspace(tf.t_min, tf.t_max, 50, dtype=torch.float64)
+    t_native, a, s, k = tf.native(t)
+    torch.testing.assert_close(s / a, 0.5 * torch.tan(t))
+    torch.testing.assert_close(a, k * torch.cos(t))
+    grid = schedule.ode_timesteps(8).double()
+    back = tf.native(tf.from_native(grid))
+    torch.testing.assert_close(back[0], grid, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(back[1].float(), schedule.alpha(grid.float()), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(back[2].float(), schedule.sigma(grid.float()), rtol=1e-5, atol=1e-6)
+    if schedule.kind == "edm":
+        torch.testing.assert_close(t_native, 0.5 * torch.tan(t))
+
+
+# The VP student's time input is the DDPM index, ~250-1100 index units per radian of TrigFlow time, and its
+# sinusoidal embedding has a period of 2 pi index units: a central difference needs a step well below one index.
+@pytest.mark.parametrize("schedule, h", [(VPSchedule(), 1e-4), (EDMSchedule(), 1e-3)], ids=["vp", "edm"])
+def test_jvp_tangent_matches_finite_difference(schedule, h):
+    """d f_theta / dt along (dx_t/dt, 1) from torch.func.jvp equals a central difference of f_theta."""
+    method, mix = _method(schedule)
+    tf = method.trig
+    n = 32
+    t = torch.linspace(0.3, 1.3, n, dtype=torch.float64)
+    x = tf.add_noise(mix.sample(n), tf.sigma_data * torch.randn(n, 2), t)
+    v = tf.velocity(method.models["teacher"], x, t)
+    f, df = method.tangent(method.consistency, x, t, v)
+    with torch.no_grad():
+        fd = (method.consistency(x + h * v, t + h) - method.consistency(x - h * v, t - h)) / (2 * h)
+        torch.testing.assert_close(f, method.consistency(x, t))
+    torch.testing.assert_close(df, fd, rtol=2e-2, atol=2e-2 * float(df.abs().mean()))
+    # F and f are tied: f = cos t x - sin t sigma_d F, so their tangents are too
+    F, dF = method.tangent(method.F_student, x, t, v)
+    c, s = torch.cos(t)[:, None].float(), torch.sin(t)[:, None].float()
+    sd = tf.sigma_data
+    torch.testing.assert_close(df, -s * x + c * v - c * sd * F - s * sd * dF, rtol=1e-3, atol=1e-3)
+
+
+def test_tangent_has_no_gradient_and_only_the_student_learns():
+    method, mix = _method(VPSchedule())
+    m = method.models
+    m.train_only(method.phases["generator"])
+    batch = {"noise": torch.randn(16, 2), "real": mix.sample(16), "real_cond": None}
+    x, t = batch["real"], torch.full((16,), 0.7, dtype=torch.float64)
+    F, dF = method.tangent(method.F_student, x, t, torch.randn(16, 2))
+    assert not F.requires_grad and not dF.requires_grad and dF.grad_fn is None
+    assert all(p.grad is None for p in m.parameters())
+    out = method.loss(method.phase(5), batch, step=5)
+    assert method.phase(5) == "generator" and torch.isfinite(out.loss)
+    out.loss.backward()
+    got = {name for name, mod in m.items() if any(p.grad is not None for p in mod.parameters())}
+    assert got == {"generator", "weighting"}
+    assert all(p.grad is not None for p in m["generator"].parameters())
+    assert set(method.roles) == {"teacher", "generator", "weighting"} and set(method.phases) == {"generator"}
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_generator_samples_with_the_consistency_function(steps):
+    """At each of the generator's (LCM) timesteps, its x0 is f_theta at the matching TrigFlow time and x_t = x / k;
+    and f_theta(x, t -> 0) = x (the TrigFlow boundary condition)."""
+    method, _ = _method(VPSchedule(), steps=steps)
+    gen, tf = method.models["generator"], method.trig
+    x = torch.randn(8, 2) * 3
+    torch.set_grad_enabled(False)
+    for t_k in gen.timesteps:
+        s = tf.from_native(torch.full((8,), t_k))
+        k = tf.native(s)[3].float()[:, None]
+        torch.testing.assert_close(gen.denoise(x, t_k), method.consistency(x / k, s), rtol=1e-4, atol=1e-4)
+    tiny = torch.full((8,), 1e-6, dtype=torch.float64)
+    torch.testing.assert_close(method.consistency(x, tiny), x, rtol=1e-4, atol=1e-4)
+    torch.set_grad_enabled(True)
+
+
+def test_cfg_applies_to_the_teacher_tangent():
+    """Guidance acts on the teacher's x0, hence linearly on dx_t/dt."""
+    from torch import nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(3, 2)
+
+        def forward(self, x, t, cond):
+            return torch.tanh(x) * (1 + self.emb(cond)) + 1e-3 * t[:, None]
+
+    teacher = NetworkDenoiser(Net(), VPSchedule(), "v_prediction", null_class=2)
+    tf = TrigFlow(teacher.schedule, 1.0)
+    x, t, cond = torch.randn(6, 2), torch.linspace(0.2, 1.4, 6, dtype=torch.float64), torch.tensor([0, 1] * 3)
+    v_c, v_u = tf.velocity(teacher, x, t, cond), tf.velocity(teacher, x, t, torch.full_like(cond, 2))
+    torch.testing.assert_close(tf.velocity(teacher, x, t, cond, 3.0), v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
+    # with sigma_d = 1 a v-prediction VP teacher is TrigFlow already: F is the network's own output
+    torch.testing.assert_close(tf.F(teacher, x, t, cond), teacher.raw(x, tf.native(t)[0].float(), cond),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_scm_trains_on_gmm_through_the_trainer(gmm_cfg, tmp_path):
+    from stepdistill.cli.train import train
+    cfg = gmm_cfg("method=scm", THREADS, "trainer.max_steps=12", "method.warmup_steps=6", "eval.final=true",
+                  "eval.num_samples=128", "eval.batch_size=128", "eval.teacher_reference=false")
+    result = train(cfg, tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert train_rows[-1]["step"] == 12 and train_rows[-1]["generator/tangent_warmup"] == 1.0
+    assert all(math.isfinite(r["generator/loss"]) for r in train_rows)
+    assert result["student_num_nonfinite"] == 0 and (tmp_path / "checkpoints/step_0000012/weighting.safetensors").is_file()
+
+
+def test_each_scm_step_updates_generator_and_weighting_only(gmm_cfg, tmp_path):
+    run = build_run(gmm_cfg("method=scm", THREADS, "method.weighting=adaptive"))
+    trainer = Trainer(run, tmp_path)
+    from stepdistill.train.batches import BatchSource
+    batches = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")
+    names = [n for n in run.roles if n != "teacher"]
+    snaps = {n: [p.detach().clone() for p in run.roles[n].parameters()] for n in names}
+    phase, logs = trainer.train_step(batches)
+    assert phase == "generator" and logs is not None and math.isfinite(logs["generator/loss"])
+    changed = {n for n in names if any(not torch.equal(p, q) for p, q in zip(run.roles[n].parameters(), snaps[n]))}
+    assert changed == {"generator", "generator_ema", "weighting"}
+    assert list(trainer.optimizers) == ["generator"]
+
+
+@pytest.mark.parametrize("override, match", [("method.weighting=softmax", "method.weighting"),
+                                             ("method.p_std=-1", "method.p_std")])
+def test_bad_scm_config_is_a_clear_error(gmm_cfg, override, match):
+    with pytest.raises(ValueError, match=match) as e:
+        build_run(gmm_cfg("method=scm", override))
+    assert "\n" not in str(e.value)
+
+
+def test_sample_prediction_student_is_refused():
+    with pytest.raises(ValueError, match="f\\(x, 0\\) = x"):
+        _method(VPSchedule(), prediction_type="sample")
