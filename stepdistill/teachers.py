@@ -18,13 +18,22 @@ from .schedules import VPSchedule
 SUPPORTED_BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
-def _scheduler_config(root: Path) -> dict:
+def scheduler_config(root: Path) -> dict:
     for cand in (root / "scheduler" / "scheduler_config.json", root / "scheduler_config.json",
                  root.parent / "scheduler" / "scheduler_config.json"):
         if cand.is_file():
             return json.loads(cand.read_text())
     raise FileNotFoundError(f"no scheduler config under {root}: expected {root}/scheduler/scheduler_config.json "
                             "(save the teacher's DDPMScheduler with save_pretrained)")
+
+
+def vp_schedule(sched_cfg: dict) -> VPSchedule:
+    """The VP schedule a diffusers scheduler config describes (DDPM/DDIM-style betas)."""
+    beta = sched_cfg.get("beta_schedule", "linear")
+    if beta not in SUPPORTED_BETAS:
+        raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS}")
+    return VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta, sched_cfg.get("beta_start", 0.0001),
+                      sched_cfg.get("beta_end", 0.02))
 
 
 def teacher_info(path: str | Path) -> dict:
@@ -44,16 +53,12 @@ def load_unet_teacher(path: str | Path, prediction_type: str | None = None, null
     if not (unet_dir / "config.json").is_file():
         raise FileNotFoundError(f"teacher path {root} has no unet/config.json or config.json: point "
                                 "benchmark.teacher.path at a folder written by UNet2DModel.save_pretrained")
-    sched_cfg = _scheduler_config(root)
-    beta = sched_cfg.get("beta_schedule", "linear")
-    if beta not in SUPPORTED_BETAS:
-        raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS}")
+    sched_cfg = scheduler_config(root)
+    schedule = vp_schedule(sched_cfg)
     native = sched_cfg.get("prediction_type", "epsilon")
     if prediction_type is not None and check_prediction_type(prediction_type) != native:
         raise ValueError(f"teacher.prediction_type={prediction_type!r} does not match the teacher's scheduler, "
                          f"which says {native!r}: remove the override or set it to {native!r}")
-    schedule = VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta,
-                          sched_cfg.get("beta_start", 0.0001), sched_cfg.get("beta_end", 0.02))
     unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
     info = teacher_info(root)
     if null_class is None:

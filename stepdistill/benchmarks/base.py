@@ -58,6 +58,16 @@ class Benchmark:
             return None
         return torch.randint(0, self.num_classes, (n,), generator=generator)
 
+    def eval_cond(self, n: int):
+        """Conditions for evaluation and `stepdistill-sample`: balanced labels (every class equally often)."""
+        if not self.conditional:
+            return None
+        return torch.arange(n) % self.num_classes
+
+    def eval_labels(self, n: int):
+        """What `stepdistill-sample` writes beside the samples: the class labels of eval_cond(n), if any."""
+        return self.eval_cond(n)
+
     def sample_real(self, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 def build_benchmark(cfg):
     from .digits import DigitsBenchmark
     from .gmm import GMMBenchmark
+    from .text_to_image import TextToImageBenchmark
 
-    table = {"gmm": GMMBenchmark, "gmm_unbalanced": GMMBenchmark, "digits": DigitsBenchmark}
+    table = {"gmm": GMMBenchmark, "gmm_unbalanced": GMMBenchmark, "digits": DigitsBenchmark,
+             "tiny_sd": TextToImageBenchmark, "text_to_image": TextToImageBenchmark}
     if cfg.name not in table:
         raise ValueError(f"unknown benchmark {cfg.name!r}: use benchmark= one of {', '.join(sorted(table))}")
     return table[cfg.name](cfg)

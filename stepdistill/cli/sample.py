@@ -2,7 +2,8 @@
 
   stepdistill-sample run_dir=D num_samples=N out=F.npz [steps=K] [seed=S]
   stepdistill-sample benchmark=digits|gmm [teacher_steps=K] num_samples=N out=F.npz
-Writes `samples` (float32; images in [0, 1] as N x C x H x W, points in data space) and `labels` when conditional.
+Writes `samples` (float32; images in [0, 1] as N x C x H x W, points in data space), and `labels` for
+class-conditional or `prompts` for text-conditional benchmarks.
 """
 from __future__ import annotations
 
@@ -16,10 +17,13 @@ from . import CONF_DIR, set_threads, user_errors
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
+    """`labels`: class labels (an integer tensor, written as `labels`) or prompts (a list, written as `prompts`)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"samples": samples.float().numpy().astype(np.float32)}
-    if labels is not None:
+    if isinstance(labels, (list, tuple)):
+        arrays["prompts"] = np.array(labels)
+    elif labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
     tmp = out.with_name(out.name + ".tmp.npz")
     np.savez(tmp, **arrays)
@@ -36,7 +40,7 @@ def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_s
     noise, cond, gen = eval_inputs(run.benchmark, num_samples, seed)
     ts = None if steps is None else student.default_timesteps(int(steps))
     x = student_sample(student, noise, cond, ts, gen, batch_size)
-    return run.benchmark.to_output(x), cond
+    return run.benchmark.to_output(x), run.benchmark.eval_labels(num_samples)
 
 
 def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000):
@@ -46,7 +50,7 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
     bm = build_benchmark(cfg.benchmark)
     noise, cond, _ = eval_inputs(bm, num_samples, seed)
     x = teacher_sample_batched(bm, noise, cond, steps, batch_size)
-    return bm.to_output(x), cond
+    return bm.to_output(x), bm.eval_labels(num_samples)
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")

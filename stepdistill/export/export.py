@@ -1,6 +1,8 @@
 """Write the student as a diffusers folder (DESIGN §5): stock `DDPMPipeline` + `LCMScheduler` for an
-unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one, and
-`PointsFewStepPipeline` for MLP students. The folder is written beside its target and renamed into place.
+unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one,
+`PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` (the teacher's VAE, text
+encoder and tokenizer, the student's UNet, an LCMScheduler) for text-to-image students. The folder is written
+beside its target and renamed into place.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from pathlib import Path
 from diffusers import DDPMPipeline, LCMScheduler
 
 from ..networks.mlp import TimeMLP
+from ..networks.text_unet import TextConditionedUNet
 from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline
 
 
@@ -21,13 +24,22 @@ def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
         raise ValueError(f"export to an LCMScheduler needs a discrete VP schedule, not {sched.kind!r}")
     return LCMScheduler(num_train_timesteps=sched.num_train_timesteps, beta_schedule=sched.beta_schedule,
                         beta_start=sched.beta_start, beta_end=sched.beta_end, prediction_type=prediction_type,
-                        timestep_scaling=student.timestep_scaling, clip_sample=False, set_alpha_to_one=True)
+                        timestep_scaling=student.timestep_scaling, clip_sample=False, set_alpha_to_one=True,
+                        steps_offset=1)  # LCM ignores it; stock SD pipelines warn unless it is 1
 
 
-def build_pipeline(student):
+def build_pipeline(student, benchmark=None):
     den = student.denoiser
     net = den.net
     ts = [int(t) for t in student.timesteps]
+    if isinstance(net, TextConditionedUNet):
+        from diffusers import StableDiffusionPipeline
+        if benchmark is None or not hasattr(benchmark, "vae"):
+            raise ValueError("a text-to-image export needs the run's benchmark (its VAE, text encoder, tokenizer)")
+        return StableDiffusionPipeline(vae=benchmark.vae, text_encoder=benchmark.text_encoder,
+                                       tokenizer=benchmark.tokenizer, unet=net.unet,
+                                       scheduler=lcm_scheduler_for(student, den.prediction_type), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
     if isinstance(net, TimeMLP):
         return PointsFewStepPipeline(net, lcm_scheduler_for(student, "sample"), ts, den.prediction_type,
                                      den.sigma_data)
@@ -42,14 +54,17 @@ def build_pipeline(student):
 def export_run(run, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     student = run.student()
-    pipe = build_pipeline(student)
+    pipe = build_pipeline(student, getattr(run, "benchmark", None))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
     info = {"pipeline": type(pipe).__name__, "trained_timesteps": [int(t) for t in student.timesteps],
             "benchmark": run.cfg.benchmark.name, "method": run.cfg.method.name,
-            "load": ("from diffusers import DDPMPipeline" if isinstance(pipe, DDPMPipeline)
+            "load": (f"from diffusers import {type(pipe).__name__}" if type(pipe).__module__.startswith("diffusers")
                      else f"from stepdistill.pipelines import {type(pipe).__name__}")}
+    if isinstance(student.denoiser.net, TextConditionedUNet):
+        info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "
+                          "# the trained timesteps; the student needs no CFG")
     (tmp / "stepdistill_student.json").write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)

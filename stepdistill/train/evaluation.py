@@ -42,9 +42,7 @@ def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: 
 def eval_inputs(benchmark, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     noise = benchmark.noise(n, gen)
-    cond = None
-    if benchmark.conditional:  # balanced labels: every class equally represented
-        cond = torch.arange(n) % benchmark.num_classes
+    cond = benchmark.eval_cond(n)
     return noise, cond, gen
 
 

@@ -1,0 +1,196 @@
+"""Latent text-to-image teachers (SD1.x-style pipeline folders), distilled data-free from a prompt list.
+
+`tiny_sd` is the tiny random pipeline `stepdistill-teacher benchmark=tiny_sd` builds (built on first use into
+the cache when `teacher.path` is unset); `text_to_image` takes any local StableDiffusionPipeline folder
+(`teacher.path=DIR`: unet/, vae/, text_encoder/, tokenizer/, scheduler/). The student works in the VAE's latent
+space; images appear only for figures and image metrics (decoded by the teacher's VAE).
+
+Conditioning is the text encoder's hidden states; their embeddings are cached on disk per model and prompt.
+The "real" samples some methods need (DMD2's GAN) are teacher ODE samples, generated once and cached too.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..data.prompts import EmbeddingCache, cache_dir, load_prompts, model_key
+from ..networks.text_unet import TextDenoiser
+from ..samplers import ddim_sample
+from ..teachers import scheduler_config, vp_schedule
+from .base import Benchmark
+from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd
+
+
+def tiny_sd_path() -> Path:
+    """The tiny_sd teacher in the cache, built once (deterministic: seed 0)."""
+    path = cache_dir() / "tiny_sd"
+    if not (path / "model_index.json").is_file():
+        tmp = path.with_name(f".tiny_sd.tmp{os.getpid()}")
+        build_tiny_sd(tmp)
+        if not (path / "model_index.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, path)
+    return path
+
+
+def check_pipeline_folder(path: Path) -> None:
+    if not path.exists():
+        raise FileNotFoundError(f"teacher path {path} does not exist: set benchmark.teacher.path to a local "
+                                "StableDiffusionPipeline folder (or run stepdistill-teacher benchmark=tiny_sd out=DIR)")
+    missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (path / d).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"teacher path {path} lacks {missing}: it must be a StableDiffusionPipeline folder "
+                                "written by save_pretrained (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+
+
+class TextToImageBenchmark(Benchmark):
+    name = "text_to_image"
+    kind = "image"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        self.name = cfg.name
+        given = cfg.teacher.get("path")
+        if not given and cfg.name != "tiny_sd":
+            raise FileNotFoundError(f"benchmark={cfg.name} needs benchmark.teacher.path=DIR (a local "
+                                    "StableDiffusionPipeline folder)")
+        self.path = Path(given).expanduser() if given else tiny_sd_path()
+        check_pipeline_folder(self.path)
+        sched_cfg = scheduler_config(self.path)
+        self.schedule = vp_schedule(sched_cfg)
+        self.prediction_type = sched_cfg.get("prediction_type", "epsilon")
+        want = cfg.teacher.get("prediction_type")
+        if want and want != self.prediction_type:
+            raise ValueError(f"teacher.prediction_type={want!r} does not match the teacher's scheduler, which says "
+                             f"{self.prediction_type!r}: remove the override or set it to {self.prediction_type!r}")
+        unet = UNet2DConditionModel.from_pretrained(self.path / "unet", use_safetensors=True).eval()
+        if getattr(unet.config, "addition_embed_type", None):
+            raise ValueError(f"{self.path} holds an SDXL-style UNet (added conditioning): it is not supported yet; "
+                             "use an SD1.x/2.x-style pipeline folder")
+        for p in unet.parameters():
+            p.requires_grad_(False)
+        self.vae = AutoencoderKL.from_pretrained(self.path / "vae", use_safetensors=True).eval()
+        self.vae.requires_grad_(False)
+        self.text_encoder = CLIPTextModel.from_pretrained(self.path / "text_encoder", use_safetensors=True).eval()
+        self.text_encoder.requires_grad_(False)
+        self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+        data = cfg.get("data") or {}
+        self.prompts = (load_prompts(data["prompts"], data.get("prompt_column")) if data.get("prompts")
+                        else list(TOKENIZER_PROMPTS))
+        self.embedding_cache = EmbeddingCache(model_key(self.path / "text_encoder"))
+        self.prompt_embeddings = self.embedding_cache.get(self.prompts, self.encode_prompts)
+        null = self.embedding_cache.get([str(cfg.get("negative_prompt") or "")], self.encode_prompts)[0]
+        self.teacher = TextDenoiser(unet, self.schedule, self.prediction_type, null)
+
+        res = int(cfg.get("resolution") or unet.config.sample_size * self.vae_scale)
+        if res % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
+            raise ValueError(f"benchmark.resolution={res} cannot go through this VAE and UNet: use a multiple of "
+                             f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)}")
+        self.data_shape = (unet.config.in_channels, res // self.vae_scale, res // self.vae_scale)
+        self.guidance = float(cfg.get("guidance") or 1.0)
+        self.teacher_steps = int(cfg.get("teacher_steps") or 25)
+
+    @property
+    def conditional(self) -> bool:
+        return True
+
+    # --- roles -------------------------------------------------------------------------------------------
+    def make_student_denoiser(self):
+        t = self.teacher
+        unet = copy.deepcopy(t.net.unet).train()
+        unet.requires_grad_(True)
+        return TextDenoiser(unet, t.schedule, t.prediction_type, t.null_embedding)
+
+    # --- data --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            ids = self.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+                                 max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+            out.append(self.text_encoder(ids)[0])
+        return torch.cat(out)
+
+    def sample_cond(self, n: int, generator: torch.Generator | None = None):
+        idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
+        return self.prompt_embeddings[idx]
+
+    def eval_cond(self, n: int):
+        """Prompts in file order, cycled: every prompt equally represented (the text analogue of balanced
+        labels); `eval_labels(n)` names them."""
+        return self.prompt_embeddings[torch.arange(n) % len(self.prompts)]
+
+    def eval_labels(self, n: int) -> list[str]:
+        return [self.prompts[i % len(self.prompts)] for i in range(n)]
+
+    def teacher_sample(self, noise, cond=None, steps=None):
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond, self.guidance)
+
+    @cached_property
+    def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher ODE samples standing in for real data, with their prompt embeddings; cached on disk."""
+        n = int(self.cfg.get("num_real") or 256)
+        key = hashlib.sha1(f"{model_key(self.path)}|{self.guidance}|{self.teacher_steps}|{n}|{self.data_shape}|"
+                           f"{'|'.join(self.prompts)}".encode()).hexdigest()[:16]
+        file = cache_dir() / "teacher_samples" / f"{key}.safetensors"
+        if file.is_file():
+            d = load_file(str(file))
+            return d["latents"], d["cond"]
+        from ..train.evaluation import teacher_sample_batched
+        gen = torch.Generator().manual_seed(0)
+        noise = self.noise(n, gen)
+        cond = self.sample_cond(n, gen)
+        latents = teacher_sample_batched(self, noise, cond, batch_size=64, progress="teacher samples (cached)")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_suffix(f".tmp{os.getpid()}")
+        save_file({"latents": latents.contiguous(), "cond": cond.contiguous()}, str(tmp))
+        os.replace(tmp, file)
+        return latents, cond
+
+    def sample_real(self, n):
+        latents, cond = self.real_samples
+        idx = torch.randint(0, latents.shape[0], (n,))
+        return latents[idx], cond[idx]
+
+    # --- output ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def to_output(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+        """Latents -> images in [0, 1] through the teacher's VAE."""
+        scale = float(self.vae.config.scaling_factor)
+        out = [self.vae.decode(x[i:i + batch_size].float() / scale).sample for i in range(0, x.shape[0], batch_size)]
+        return ((torch.cat(out) + 1) / 2).clamp(0, 1)
+
+    def evaluate(self, samples, labels=None):
+        """latent_fd: Fréchet distance between the samples' latents and the cached teacher samples' latents
+        (flattened; no feature network). Meaningful between runs on the same teacher, not across teachers."""
+        from ..eval.frechet import gaussian_frechet_distance
+        reference, _ = self.real_samples
+        samples = samples.float()
+        metrics = {"latent_fd": gaussian_frechet_distance(reference, samples),
+                   "latent_fd_num_reference": int(reference.shape[0]), "latent_fd_num_samples": int(samples.shape[0]),
+                   "num_nonfinite": int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())}
+        return metrics
+
+    def save_figure(self, samples, labels, path, teacher_samples=None):
+        from ..eval.grids import save_image_grid
+        nrow = min(8, samples.shape[0])
+        x = self.to_output(samples[:nrow * 4])
+        if teacher_samples is not None:  # teacher rows on top, a grey row, the student rows (same noise/prompts)
+            t = self.to_output(teacher_samples[:nrow * 4])
+            x = torch.cat([t, torch.full_like(t[:nrow], 0.5), x])
+        return save_image_grid(x, path, nrow=nrow, scale=2)
+
+    def config_record(self):
+        return {"teacher_resolved": {"path": str(self.path), "guidance": self.guidance,
+                                     "teacher_steps": self.teacher_steps, "num_prompts": len(self.prompts)}}

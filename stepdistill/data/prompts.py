@@ -1,0 +1,95 @@
+"""Prompt lists for data-free text-to-image distillation, and an on-disk cache of their text embeddings.
+
+`load_prompts(path, column)`: a .txt file (one prompt per line, blank lines skipped), a .csv file or a .parquet
+file (the `column` column; default "prompt", or the only column).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"data.prompts={path} does not exist: give a .txt (one prompt per line), .csv or "
+                                ".parquet file")
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+        table = pq.read_table(path)
+        names = table.column_names
+        col = _pick_column(column, names, path)
+        prompts = [str(p) for p in table.column(col).to_pylist() if p is not None]
+    elif suffix == ".csv":
+        with path.open(newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            col = _pick_column(column, reader.fieldnames or [], path)
+            prompts = [row[col] for row in reader if row.get(col)]
+    else:
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p.strip()]
+    if not prompts:
+        raise ValueError(f"data.prompts={path} holds no prompts")
+    return prompts
+
+
+def _pick_column(column: str | None, names: list[str], path: Path) -> str:
+    if column:
+        if column not in names:
+            raise ValueError(f"data.prompt_column={column!r} is not a column of {path}: it has {names}")
+        return column
+    if "prompt" in names:
+        return "prompt"
+    if len(names) == 1:
+        return names[0]
+    raise ValueError(f"{path} has columns {names}: set data.prompt_column to the one holding the prompts")
+
+
+def cache_dir() -> Path:
+    """Where embeddings and teacher samples are cached: $STEPDISTILL_CACHE, else ~/.cache/stepdistill."""
+    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill")).expanduser()
+
+
+def model_key(path: str | Path) -> str:
+    """Identifies a text encoder folder's weights: its resolved path and the files' sizes and mtimes."""
+    root = Path(path).resolve()
+    parts = [str(root)]
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".txt"):
+            st = f.stat()
+            parts.append(f"{f.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
+
+
+class EmbeddingCache:
+    """Text embeddings keyed by (model, prompt), one safetensors file per model; a second run re-encodes
+    nothing it has seen. Writes go through a temporary file and a rename."""
+
+    def __init__(self, model: str, directory: Path | None = None):
+        self.file = (directory or cache_dir()) / "text_embeddings" / f"{model}.safetensors"
+        self.table: dict[str, torch.Tensor] = load_file(str(self.file)) if self.file.is_file() else {}
+        self.encoded = 0        # how many prompts this process had to encode (tests check cache hits)
+
+    @staticmethod
+    def key(prompt: str) -> str:
+        return hashlib.sha1(prompt.encode()).hexdigest()
+
+    def get(self, prompts: list[str], encode) -> torch.Tensor:
+        """(N, tokens, dim) embeddings for `prompts`; `encode(list[str])` runs only on the missing ones."""
+        missing = sorted({p for p in prompts if self.key(p) not in self.table})
+        if missing:
+            out = encode(missing)
+            for p, e in zip(missing, out):
+                self.table[self.key(p)] = e.detach().cpu().contiguous()
+            self.encoded += len(missing)
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.file.with_suffix(f".tmp{os.getpid()}")
+            save_file(self.table, str(tmp))
+            os.replace(tmp, self.file)
+        return torch.stack([self.table[self.key(p)] for p in prompts])

@@ -1,0 +1,207 @@
+"""Latent text-to-image distillation on the tiny_sd teacher: prompts, the embedding cache, CFG on text
+embeddings, end-to-end DMD2, and the export loaded by stock StableDiffusionPipeline in a process that never
+imports stepdistill."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_cfg
+
+TINY = ["benchmark=tiny_sd", "trainer.progress=false", "trainer.num_threads=2", "benchmark.num_real=16",
+        "benchmark.teacher_steps=4", "eval.num_samples=16", "eval.batch_size=16", "logger.every=5"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """One cache per module: the tiny_sd pipeline is built once, embeddings and teacher samples cached there."""
+    mp = pytest.MonkeyPatch()
+    path = tmp_path_factory.mktemp("stepdistill-cache")
+    mp.setenv("STEPDISTILL_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+def test_prompt_files(tmp_path):
+    from stepdistill.data.prompts import load_prompts
+    (tmp_path / "p.txt").write_text("a cat\n\n  a dog  \n")
+    assert load_prompts(tmp_path / "p.txt") == ["a cat", "a dog"]
+    (tmp_path / "p.csv").write_text("id,prompt\n1,a cat\n2,\"a dog, running\"\n")
+    assert load_prompts(tmp_path / "p.csv") == ["a cat", "a dog, running"]
+    (tmp_path / "q.csv").write_text("id,caption\n1,a bird\n")
+    assert load_prompts(tmp_path / "q.csv", "caption") == ["a bird"]
+    with pytest.raises(ValueError, match="set data.prompt_column"):
+        load_prompts(tmp_path / "q.csv")
+    with pytest.raises(ValueError, match="data.prompt_column='text' is not a column"):
+        load_prompts(tmp_path / "q.csv", "text")
+    with pytest.raises(FileNotFoundError, match="data.prompts="):
+        load_prompts(tmp_path / "missing.txt")
+
+
+def test_parquet_prompts(tmp_path):
+    from stepdistill.data.prompts import load_prompts
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"prompt": ["a fox", "a hen"]}), tmp_path / "p.parquet")
+    assert load_prompts(tmp_path / "p.parquet") == ["a fox", "a hen"]
+
+
+def test_embedding_cache_encodes_each_prompt_once(tmp_path):
+    from stepdistill.data.prompts import EmbeddingCache
+    calls = []
+
+    def encode(prompts):
+        calls.append(list(prompts))
+        return torch.stack([torch.full((3, 2), float(len(p))) for p in prompts])
+
+    first = EmbeddingCache("model-a", tmp_path)
+    out = first.get(["ab", "abc", "ab"], encode)
+    assert calls == [["ab", "abc"]] and out[:, 0, 0].tolist() == [2, 3, 2]
+    second = EmbeddingCache("model-a", tmp_path)      # a second run: nothing re-encoded
+    assert torch.equal(second.get(["abc", "ab"], encode), out[[1, 0]]) and second.encoded == 0
+    other = EmbeddingCache("model-b", tmp_path)       # another model does not see model-a's embeddings
+    other.get(["ab"], encode)
+    assert other.encoded == 1
+
+
+def test_gaussian_frechet_distance_against_scipy():
+    from scipy import linalg
+
+    from stepdistill.eval.frechet import gaussian_frechet_distance
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 6, generator=g, dtype=torch.float64) @ torch.randn(6, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(300, 6, generator=g, dtype=torch.float64) * 2 + 1
+    mu1, mu2 = a.mean(0).numpy(), b.mean(0).numpy()
+    s1, s2 = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert gaussian_frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
+    assert gaussian_frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+
+
+def test_text_teacher_cfg_is_one_batched_call_on_the_negative_prompt():
+    from stepdistill.train.setup import build_run
+    run = build_run(compose_cfg(*TINY, "benchmark.negative_prompt=blurry"))
+    bm, teacher = run.benchmark, run.roles["teacher"]
+    assert bm.data_shape == (4, 8, 8) and bm.prompt_embeddings.shape[0] == 8
+    x, t = torch.randn(3, *bm.data_shape), torch.tensor([100, 500, 900])
+    cond = bm.sample_cond(3)
+    null = bm.encode_prompts(["blurry"]).expand(3, -1, -1)
+    calls = []
+    hook = teacher.net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    with torch.no_grad():
+        guided = teacher.x0(x, t, cond, guidance=3.0)
+        hook.remove()
+        c, u = teacher.x0(x, t, cond), teacher.x0(x, t, null)
+    assert calls == [6]       # cond and uncond in one batched call
+    torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_text_to_image_inputs(tmp_path):
+    from stepdistill.benchmarks.registry import build_benchmark
+    cfg = compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={tmp_path / 'nope'}").benchmark
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_benchmark(cfg)
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "unet").mkdir()
+    cfg = compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={tmp_path / 'half'}").benchmark
+    with pytest.raises(FileNotFoundError, match=r"lacks \['vae'"):
+        build_benchmark(cfg)
+    with pytest.raises(ValueError, match="benchmark.resolution=18"):
+        build_benchmark(compose_cfg(*TINY, "benchmark.resolution=18").benchmark)
+    with pytest.raises(ValueError, match="teacher.prediction_type='v_prediction' does not match"):
+        build_benchmark(compose_cfg(*TINY, "benchmark.teacher.prediction_type=v_prediction").benchmark)
+
+
+EXPORT_CHECK = r"""
+import json, sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+assert type(pipe.scheduler).__name__ == "LCMScheduler"
+prompts, out = json.loads(sys.argv[2]), {}
+for name, kw in json.loads(sys.argv[3]).items():
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(len(prompts), 4, 8, 8, generator=g)
+    res = pipe(prompts, latents=latents, generator=g, guidance_scale=1.0, output_type="latent", **kw).images
+    img = pipe(prompts, latents=latents, generator=torch.Generator().manual_seed(8), guidance_scale=1.0,
+               output_type="np", **kw).images
+    out[name] = {"latents": res.flatten().tolist(), "image_shape": list(img.shape),
+                 "image_finite": bool(torch.isfinite(torch.from_numpy(img)).all())}
+out["stepdistill_imported"] = any(m.startswith("stepdistill") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def run_stock_pipeline(export_dir, prompts, calls: dict) -> dict:
+    res = subprocess.run([sys.executable, "-c", EXPORT_CHECK, str(export_dir), json.dumps(prompts), json.dumps(calls)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def our_latents(run, prompts, timesteps=None):
+    from stepdistill.train.evaluation import student_sample
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(len(prompts), 4, 8, 8, generator=g)
+    cond = run.benchmark.encode_prompts(prompts)
+    return student_sample(run.student(), noise, cond, timesteps, g)
+
+
+def test_tiny_sd_dmd2_trains_and_exports_a_stock_stable_diffusion_pipeline(tmp_path):
+    """A few DMD2 steps end to end (GAN on teacher samples, CFG on the teacher), then the export: stock
+    StableDiffusionPipeline samples the student in 1 and 4 steps with the student's own latents."""
+    from stepdistill.export import export_run
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    cfg = compose_cfg(*TINY, "trainer.max_steps=6", "eval.every=3", "trainer.checkpoint_every=6")
+    trained = build_run(cfg)
+    Trainer(trained, tmp_path).fit()
+    export_run(trained, tmp_path / "export")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "student_latent_fd" in r]
+    assert evals and all(np.isfinite(r["student_latent_fd"]) for r in evals)
+    assert evals[-1]["student_latent_fd_num_samples"] == 16
+    assert (tmp_path / "samples" / "step_0000006.png").is_file()
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert info["pipeline"] == "StableDiffusionPipeline" and info["trained_timesteps"] == [999]
+
+    run = trained
+    prompts = ["a photo of a cat", "a zebra on the moon!"]
+    out = run_stock_pipeline(tmp_path / "export", prompts, {"one": {"num_inference_steps": 1},
+                                                            "four": {"num_inference_steps": 4}})
+    assert out["stepdistill_imported"] is False
+    for name, steps in (("one", 1), ("four", 4)):
+        ours = our_latents(run, prompts, run.student().default_timesteps(steps))
+        np.testing.assert_allclose(np.array(out[name]["latents"]), ours.flatten().numpy(), rtol=1e-4, atol=1e-4)
+        assert out[name]["image_shape"] == [2, 16, 16, 3] and out[name]["image_finite"]
+
+
+def test_custom_timesteps_round_trip(tmp_path):
+    """A student trained at [999, 749, 499, 249] is sampled at exactly those by the stock pipeline."""
+    from stepdistill.export import export_run
+    from stepdistill.train.setup import build_run
+    ts = [999, 749, 499, 249]
+    run = build_run(compose_cfg(*TINY, "generator=four_step", f"generator.timesteps=[{','.join(map(str, ts))}]"))
+    export_run(run, tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert info["trained_timesteps"] == ts and f"timesteps={ts}" in info["sample"]
+    out = run_stock_pipeline(tmp_path / "export", ["a red car on a road"], {"custom": {"timesteps": ts}})
+    np.testing.assert_allclose(np.array(out["custom"]["latents"]),
+                               our_latents(run, ["a red car on a road"]).flatten().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):
+    env_cmd = [sys.executable, "-m", "stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path / 'tiny'}",
+               f"hydra.run.dir={tmp_path / 'h'}"]
+    subprocess.run(env_cmd, check=True, capture_output=True, timeout=300)
+    assert (tmp_path / "tiny" / "model_index.json").is_file()
+    subprocess.run([sys.executable, "-m", "stepdistill.cli.sample", "benchmark=tiny_sd",
+                    f"benchmark.teacher.path={tmp_path / 'tiny'}", "teacher_steps=2", "num_samples=3",
+                    f"out={tmp_path / 's.npz'}", f"hydra.run.dir={tmp_path / 'h2'}"], check=True, capture_output=True,
+                   timeout=300)
+    data = np.load(tmp_path / "s.npz")
+    assert data["samples"].shape == (3, 3, 16, 16) and data["samples"].dtype == np.float32
+    assert 0 <= data["samples"].min() and data["samples"].max() <= 1
+    assert list(data["prompts"]) == ["a photo of a cat", "a red car on a road", "a painting of a dog in the snow"]
