@@ -12,13 +12,18 @@ from torch import nn
 class Roles(nn.ModuleDict):
     FROZEN = ("teacher",)  # never trained, whatever a method asks
 
+    @staticmethod
+    def _trainable(module: nn.Module) -> list[nn.Parameter]:
+        # a LoRA student's frozen base weights (networks/lora.py) are never trained
+        return [p for p in module.parameters() if not getattr(p, "frozen_base", False)]
+
     def parameters_of(self, names) -> list[nn.Parameter]:
-        return [p for n in names for p in self[n].parameters()]
+        return [p for n in names for p in self._trainable(self[n])]
 
     def parameter_lists(self) -> dict[str, list[nn.Parameter]]:
-        """Each role's parameters, for callers that flip requires_grad every step: walking the module tree
-        each time was ~5% of a gmm iteration."""
-        return {n: list(mod.parameters()) for n, mod in self.items()}
+        """Each role's trainable parameters, for callers that flip requires_grad every step: walking the module
+        tree each time was ~5% of a gmm iteration."""
+        return {n: self._trainable(mod) for n, mod in self.items()}
 
     def train_only(self, names, parameter_lists: dict[str, list[nn.Parameter]] | None = None) -> None:
         names = set(names)

@@ -205,3 +205,71 @@ def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):
     assert data["samples"].shape == (3, 3, 16, 16) and data["samples"].dtype == np.float32
     assert 0 <= data["samples"].min() and data["samples"].max() <= 1
     assert list(data["prompts"]) == ["a photo of a cat", "a red car on a road", "a painting of a dog in the snow"]
+
+
+LORA_CHECK = r"""
+import json, sys, torch
+from diffusers import StableDiffusionPipeline
+teacher_dir, export_dir, prompt = sys.argv[1:4]
+out = {}
+def latents_of(pipe):
+    g = torch.Generator().manual_seed(7)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    return pipe([prompt], latents=latents, generator=g, guidance_scale=1.0, num_inference_steps=1,
+                output_type="latent").images.flatten().tolist()
+out["export"] = latents_of(StableDiffusionPipeline.from_pretrained(export_dir))
+pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+from diffusers import LCMScheduler
+pipe.scheduler = LCMScheduler.from_pretrained(export_dir, subfolder="scheduler")
+out["teacher"] = latents_of(pipe)
+pipe.load_lora_weights(export_dir)
+out["lora"] = latents_of(pipe)
+pipe.fuse_lora()
+out["fused"] = latents_of(pipe)
+out["stepdistill_imported"] = any(m.startswith("stepdistill") for m in sys.modules)
+print(json.dumps(out))
+"""
+
+
+def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path):
+    from stepdistill.export import export_run
+    from stepdistill.networks.lora import diffusers_unet
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    run = build_run(compose_cfg(*TINY, "generator.lora_rank=4", "trainer.max_steps=3", "eval.every=0",
+                                "eval.final=false", "method.critic_steps=1"))
+    unet = diffusers_unet(run.roles["generator"].denoiser)
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    Trainer(run, tmp_path).fit()
+    changed = {n for n, p in unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= trainable           # the base weights never move, the adapter does
+    assert all(not p.requires_grad for n, p in unet.named_parameters() if n not in trainable)
+
+    # a few steps barely move a zero-initialised adapter: give the exported one weights that matter
+    with torch.no_grad():
+        for n, p in diffusers_unet(run.student().denoiser).named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    export_run(run, tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert info["lora"]["rank"] == 4 and (tmp_path / "export" / info["lora"]["weights"]).is_file()
+    prompt = "a blue bird sitting on a branch"
+    res = subprocess.run([sys.executable, "-c", LORA_CHECK, str(run.benchmark.path), str(tmp_path / "export"), prompt],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["stepdistill_imported"] is False
+    ours = our_latents(run, [prompt]).flatten().numpy()
+    for name in ("export", "lora", "fused"):
+        np.testing.assert_allclose(np.array(out[name]), ours, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert np.abs(np.array(out["teacher"]) - ours).max() > 1e-2     # the adapter is what made the difference
+
+
+def test_bad_lora_settings():
+    from stepdistill.train.setup import build_run
+    with pytest.raises(ValueError, match="lora_targets"):
+        build_run(compose_cfg(*TINY, "generator.lora_rank=4", "generator.lora_targets=[nonexistent]"))
+    with pytest.raises(ValueError, match="lora_rank=-1"):
+        build_run(compose_cfg(*TINY, "generator.lora_rank=-1"))

@@ -41,6 +41,10 @@ class Benchmark:
                                               int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
                                               train_steps=generator_cfg.get("train_steps"))
+        if generator_cfg.get("lora_rank"):
+            from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
+            add_lora(diffusers_unet(roles["generator"].denoiser), int(generator_cfg.lora_rank),
+                     generator_cfg.get("lora_alpha"), tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
         if method_cfg.get("step_aware_critic", False):
             from ..methods.step_critic import StepEmbedding
             roles["critic_step_embedding"] = StepEmbedding(roles["fake_score"].net, roles["generator"].num_steps)

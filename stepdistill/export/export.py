@@ -13,6 +13,7 @@ from pathlib import Path
 
 from diffusers import DDPMPipeline, LCMScheduler
 
+from ..networks.lora import diffusers_unet, has_lora, lora_state_dict, merged_copy
 from ..networks.mlp import TimeMLP
 from ..networks.text_unet import TextConditionedUNet
 from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline
@@ -28,6 +29,11 @@ def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
                         steps_offset=1)  # LCM ignores it; stock SD pipelines warn unless it is 1
 
 
+def plain_unet(unet):
+    """A LoRA student's UNet with its adapter merged (stock pipelines load it as a plain UNet)."""
+    return merged_copy(unet) if has_lora(unet) else unet
+
+
 def build_pipeline(student, benchmark=None):
     den = student.denoiser
     net = den.net
@@ -37,7 +43,7 @@ def build_pipeline(student, benchmark=None):
         if benchmark is None or not hasattr(benchmark, "vae"):
             raise ValueError("a text-to-image export needs the run's benchmark (its VAE, text encoder, tokenizer)")
         return StableDiffusionPipeline(vae=benchmark.vae, text_encoder=benchmark.text_encoder,
-                                       tokenizer=benchmark.tokenizer, unet=net.unet,
+                                       tokenizer=benchmark.tokenizer, unet=plain_unet(net.unet),
                                        scheduler=lcm_scheduler_for(student, den.prediction_type), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if isinstance(net, TimeMLP):
@@ -45,6 +51,7 @@ def build_pipeline(student, benchmark=None):
                                      den.sigma_data)
     if type(net).__name__ != "UNet2DModel":
         raise ValueError(f"no diffusers export for a {type(net).__name__} student yet")
+    net = plain_unet(net)
     scheduler = lcm_scheduler_for(student, den.prediction_type)
     if net.config.num_class_embeds:
         return ClassConditionalFewStepPipeline(net, scheduler, ts)
@@ -58,10 +65,17 @@ def export_run(run, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
+    unet = diffusers_unet(student.denoiser)
+    lora = has_lora(unet) and hasattr(pipe, "save_lora_weights")
+    if lora:  # also the adapter alone: teacher_pipe.load_lora_weights(export_dir) makes the student
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
     info = {"pipeline": type(pipe).__name__, "trained_timesteps": [int(t) for t in student.timesteps],
             "benchmark": run.cfg.benchmark.name, "method": run.cfg.method.name,
             "load": (f"from diffusers import {type(pipe).__name__}" if type(pipe).__module__.startswith("diffusers")
                      else f"from stepdistill.pipelines import {type(pipe).__name__}")}
+    if lora:
+        info["lora"] = {"weights": "pytorch_lora_weights.safetensors", "rank": int(unet.peft_config["default"].r),
+                        "apply": "teacher_pipe.load_lora_weights(export_dir) (optionally teacher_pipe.fuse_lora())"}
     if isinstance(student.denoiser.net, TextConditionedUNet):
         info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "
                           "# the trained timesteps; the student needs no CFG")
