@@ -273,3 +273,56 @@ def test_bad_lora_settings():
         build_run(compose_cfg(*TINY, "generator.lora_rank=4", "generator.lora_targets=[nonexistent]"))
     with pytest.raises(ValueError, match="lora_rank=-1"):
         build_run(compose_cfg(*TINY, "generator.lora_rank=-1"))
+
+
+def tiny_clip(path):
+    """A random CLIPModel + CLIPProcessor (16×16 images, the tiny_sd tokenizer) saved locally."""
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTextConfig,
+                              CLIPVisionConfig)
+
+    from stepdistill.benchmarks.tiny_sd_teacher import build_tokenizer
+    torch.manual_seed(0)
+    tok = build_tokenizer(max_length=16)
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=16, patch_size=4)
+    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
+    images = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    model.save_pretrained(path)
+    CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(path)
+    return path
+
+
+def test_clip_score_from_a_local_model_matches_its_definition(tmp_path):
+    from transformers import CLIPModel, CLIPProcessor
+
+    from stepdistill.eval.clip import clip_score
+    path = tiny_clip(tmp_path / "clip")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 3, 16, 16, generator=g)
+    prompts = ["a photo of a cat", "a red car", "a dog", "a bowl of fruit", "an astronaut riding a horse"]
+    got = clip_score(images, prompts, path, batch_size=2)
+    model, proc = CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    with torch.no_grad():   # independent: the model's own forward gives logit_scale · cos on its diagonal
+        pix = proc(images=list((images * 255).round().to(torch.uint8)), return_tensors="pt")["pixel_values"]
+        ids = proc(text=prompts, return_tensors="pt", padding=True)
+        out = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"], pixel_values=pix)
+        cos = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    assert got["clip_score_num_samples"] == 5
+    assert got["clip_score"] == pytest.approx((100 * cos.clamp_min(0)).mean().item(), rel=1e-4, abs=1e-4)
+    with pytest.raises(FileNotFoundError, match="eval.clip.model="):
+        clip_score(images, prompts, tmp_path / "nothing")
+
+
+def test_eval_clip_hook_in_training(tmp_path):
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    path = tiny_clip(tmp_path / "clip")
+    run = build_run(compose_cfg(*TINY, "trainer.max_steps=2", "eval.every=0", f"eval.clip.model={path}"))
+    Trainer(run, tmp_path / "run").fit()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in rows if "student_clip_score" in r][-1]
+    assert 0 <= final["student_clip_score"] <= 100 and final["student_clip_score_num_samples"] == 16
+    assert "teacher_clip_score" in final

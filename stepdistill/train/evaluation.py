@@ -63,17 +63,31 @@ class Evaluator:
             ts = None if steps is None else student.default_timesteps(steps)
             samples = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size))
         student.train(was_training)
-        metrics = {f"student_{k}": v for k, v in bm.evaluate(samples, cond).items()}
+        metrics = {f"student_{k}": v for k, v in self.benchmark_metrics(samples, cond).items()}
         teacher = None
         if teacher_reference:
             teacher = self.teacher_samples(noise, cond)
-            metrics.update({f"teacher_{k}": v for k, v in bm.evaluate(teacher, cond).items()})
+            metrics.update({f"teacher_{k}": v for k, v in self.benchmark_metrics(teacher, cond).items()})
             metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step
         suffix = "" if steps is None else f"_{int(steps)}steps"
         fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}.png"
         bm.save_figure(samples, cond, fig, teacher_samples=teacher)
         metrics["figure"] = str(fig)
+        return metrics
+
+    def benchmark_metrics(self, samples, cond) -> dict:
+        """The benchmark's own metrics, plus the CLIP score of the decoded images where `eval.clip.model` names a
+        local CLIP model (text-conditioned benchmarks: each image against its prompt)."""
+        bm = self.run.benchmark
+        metrics = bm.evaluate(samples, cond)
+        clip_model = (self.cfg.get("clip") or {}).get("model")
+        if clip_model:
+            prompts = bm.eval_labels(samples.shape[0])
+            if not isinstance(prompts, list):
+                raise ValueError(f"eval.clip.model needs a text-conditioned benchmark, not {bm.name}")
+            from ..eval.clip import clip_score
+            metrics.update(clip_score(bm.to_output(samples), prompts, clip_model))
         return metrics
 
     def teacher_samples(self, noise, cond):
