@@ -22,8 +22,9 @@ class Roles(nn.ModuleDict):
 
     def parameter_lists(self) -> dict[str, list[nn.Parameter]]:
         """Each role's trainable parameters, for callers that flip requires_grad every step: walking the module
-        tree each time was ~5% of a gmm iteration."""
-        return {n: self._trainable(mod) for n, mod in self.items()}
+        tree each time was ~5% of a gmm iteration. Frozen roles list none: in shared-base mode the teacher's
+        network also carries the other roles' adapters, whose flags belong to those roles."""
+        return {n: [] if n in self.FROZEN else self._trainable(mod) for n, mod in self.items()}
 
     def train_only(self, names, parameter_lists: dict[str, list[nn.Parameter]] | None = None) -> None:
         names = set(names)

@@ -326,3 +326,66 @@ def test_eval_clip_hook_in_training(tmp_path):
     final = [r for r in rows if "student_clip_score" in r][-1]
     assert 0 <= final["student_clip_score"] <= 100 and final["student_clip_score_num_samples"] == 16
     assert "teacher_clip_score" in final
+
+
+def _train_rows(overrides, run_dir):
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    run = build_run(compose_cfg(*TINY, "trainer.max_steps=3", "eval.every=0", "eval.final=false", "logger.every=1",
+                                "method.critic_steps=1", *overrides))
+    trainer = Trainer(run, run_dir)
+    trainer.fit()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return run, trainer, [r for r in rows if "critic/loss" in r or "generator/loss" in r]
+
+
+def test_shared_base_mode_memory_losses_and_export(tmp_path):
+    """One frozen UNet for teacher, fake score, generator and EMA: the step-0 losses equal the full-copy mode's,
+    parameter + optimizer memory is a fraction of it, training moves only the adapters (the teacher, which runs
+    with adapters off, is unchanged), and the export is a stock pipeline + loadable LoRA weights."""
+    from stepdistill.export import export_run
+    from stepdistill.networks.shared_base import AdapterView, parameter_bytes
+    full_run, full_tr, full_rows = _train_rows([], tmp_path / "full")
+    shared_run, shared_tr, shared_rows = _train_rows(["model.shared_base=true"], tmp_path / "shared")
+    for key in ("critic/loss", "critic/loss_fake_score", "critic/loss_gan_d"):
+        assert shared_rows[0][key] == pytest.approx(full_rows[0][key], rel=1e-6), key
+
+    teacher_bytes = sum(p.numel() * p.element_size() for p in full_run.roles["teacher"].parameters())
+    full = parameter_bytes(full_run.roles, full_tr.optimizers.values())
+    shared = parameter_bytes(shared_run.roles, shared_tr.optimizers.values())
+    assert full["parameters"] >= 4 * teacher_bytes                 # teacher, fake score, generator, EMA
+    assert shared["parameters"] < 1.3 * teacher_bytes              # one base + rank-16 adapters on a tiny UNet
+    assert shared["total"] < full["total"] / 4
+
+    view = next(m for m in shared_run.roles["generator"].modules() if isinstance(m, AdapterView))
+    unet = view.shared.unet
+    assert all(getattr(p, "frozen_base", False) for n, p in unet.named_parameters() if "lora_" not in n)
+    assert not any(p.requires_grad for n, p in unet.named_parameters() if "lora_" not in n)
+    # the teacher (adapters off) still equals a freshly loaded teacher
+    from stepdistill.benchmarks.registry import build_benchmark
+    fresh = build_benchmark(compose_cfg(*TINY).benchmark)
+    x, cond = torch.randn(2, 4, 8, 8), fresh.sample_cond(2)
+    with torch.no_grad():
+        torch.testing.assert_close(shared_run.roles["teacher"].x0(x, torch.tensor([300, 800]), cond),
+                                   fresh.teacher.x0(x, torch.tensor([300, 800]), cond))
+    assert any(p.abs().sum() > 0 for n, p in unet.named_parameters() if "lora_B.generator." in n)  # moved off 0
+    ema = view.shared.params("generator_ema")
+    assert not all(torch.equal(a, b) for a, b in zip(ema, view.shared.params("generator")))   # an average
+
+    export_run(shared_run, tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert info["lora"]["rank"] == 16
+    prompt = "a city street at night"
+    res = subprocess.run([sys.executable, "-c", LORA_CHECK, str(shared_run.benchmark.path), str(tmp_path / "export"),
+                          prompt], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    ours = our_latents(shared_run, [prompt]).flatten().numpy()
+    for name in ("export", "lora", "fused"):
+        np.testing.assert_allclose(np.array(out[name]), ours, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_shared_base_needs_a_diffusers_teacher():
+    from stepdistill.train.setup import build_run
+    with pytest.raises(ValueError, match="model.shared_base needs a diffusers UNet teacher"):
+        build_run(compose_cfg("benchmark=gmm", "model.shared_base=true"))

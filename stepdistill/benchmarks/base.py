@@ -33,15 +33,22 @@ class Benchmark:
         """A fresh trainable denoiser for the generator or the fake score."""
         raise NotImplementedError
 
-    def build_roles(self, method_cfg, generator_cfg) -> Roles:
+    def student_denoiser(self, backbone):
+        """A denoiser like the teacher's around another backbone (shared-base mode's adapter views)."""
+        raise ValueError(f"model.shared_base needs a diffusers UNet teacher; the {self.name} teacher is not one")
+
+    def build_roles(self, method_cfg, generator_cfg, model_cfg=None) -> Roles:
         roles = Roles()
         roles["teacher"] = self.teacher
-        roles["fake_score"] = self.make_student_denoiser()
-        roles["generator"] = FewStepGenerator(self.make_student_denoiser(), generator_cfg.get("timesteps"),
-                                              int(generator_cfg.steps),
+        if model_cfg is not None and model_cfg.get("shared_base"):
+            fake, gen = self.shared_base_students(model_cfg, generator_cfg)
+        else:
+            fake, gen = self.make_student_denoiser(), self.make_student_denoiser()
+        roles["fake_score"] = fake
+        roles["generator"] = FewStepGenerator(gen, generator_cfg.get("timesteps"), int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
                                               train_steps=generator_cfg.get("train_steps"))
-        if generator_cfg.get("lora_rank"):
+        if generator_cfg.get("lora_rank") and not (model_cfg is not None and model_cfg.get("shared_base")):
             from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
             add_lora(diffusers_unet(roles["generator"].denoiser), int(generator_cfg.lora_rank),
                      generator_cfg.get("lora_alpha"), tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
@@ -55,6 +62,22 @@ class Benchmark:
             shape = probe_feature_shape(roles["fake_score"], x, cond, gan.get("feature_module"))
             roles["gan_head"] = ClassifierHead(shape, int(gan.get("head_width", 128)))
         return roles
+
+    def shared_base_students(self, model_cfg, generator_cfg):
+        """Shared-base mode: the fake score and the generator are LoRA adapters on the teacher's own network."""
+        from ..networks.lora import DEFAULT_TARGETS, diffusers_unet, set_backbone
+        from ..networks.shared_base import AdapterView, SharedBase
+        if type(self).student_denoiser is Benchmark.student_denoiser:
+            self.student_denoiser(None)   # raises the clear error
+        shared = SharedBase(diffusers_unet(self.teacher))
+        targets = tuple(model_cfg.get("lora_targets") or generator_cfg.get("lora_targets") or DEFAULT_TARGETS)
+        rank = int(model_cfg.get("lora_rank") or 16)
+        shared.add("fake_score", rank, model_cfg.get("lora_alpha"), targets)
+        shared.add("generator", int(generator_cfg.get("lora_rank") or rank),
+                   generator_cfg.get("lora_alpha") or model_cfg.get("lora_alpha"), targets)
+        set_backbone(self.teacher, AdapterView(shared, None))
+        return (self.student_denoiser(AdapterView(shared, "fake_score")),
+                self.student_denoiser(AdapterView(shared, "generator")))
 
     # --- data --------------------------------------------------------------------------------------------
     def sample_cond(self, n: int, generator: torch.Generator | None = None):

@@ -36,11 +36,14 @@ class DigitsBenchmark(Benchmark):
         self.teacher_steps = int(cfg.get("teacher_steps") or self.info.get("default_sampler_steps", 20))
 
     def make_student_denoiser(self):
-        t = self.teacher
-        net = copy.deepcopy(t.net).train()
+        net = copy.deepcopy(self.teacher.net).train()
         for p in net.parameters():
             p.requires_grad_(True)
-        return NetworkDenoiser(net, t.schedule, t.prediction_type, t.sigma_data, t.null_class)
+        return self.student_denoiser(net)
+
+    def student_denoiser(self, backbone):
+        t = self.teacher
+        return NetworkDenoiser(backbone, t.schedule, t.prediction_type, t.sigma_data, t.null_class)
 
     def sample_real(self, n):
         idx = torch.randint(0, self.images.shape[0], (n,))

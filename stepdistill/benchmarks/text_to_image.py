@@ -107,10 +107,13 @@ class TextToImageBenchmark(Benchmark):
 
     # --- roles -------------------------------------------------------------------------------------------
     def make_student_denoiser(self):
-        t = self.teacher
-        unet = copy.deepcopy(t.net.unet).train()
+        unet = copy.deepcopy(self.teacher.net.unet).train()
         unet.requires_grad_(True)
-        return TextDenoiser(unet, t.schedule, t.prediction_type, t.null_embedding)
+        return self.student_denoiser(unet)
+
+    def student_denoiser(self, backbone):
+        t = self.teacher
+        return TextDenoiser(backbone, t.schedule, t.prediction_type, t.null_embedding)
 
     # --- data --------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -44,7 +44,13 @@ def build_tokenizer(max_length: int = 16, vocab_size: int = 600, prompts=TOKENIZ
 
 
 def build_tiny_sd(out_dir, seed: int = 0, image_size: int = 16, text_dim: int = 32, max_length: int = 16) -> Path:
-    """Write a StableDiffusionPipeline folder to `out_dir`: images image_size², latents 4 × (image_size / 2)²."""
+    """Write a StableDiffusionPipeline folder to `out_dir`: images image_size², latents 4 × (image_size / 2)².
+    Seeded, and without touching the caller's random stream (a run must not depend on whether it built this)."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_tiny_sd(out_dir, seed, image_size, text_dim, max_length)
+
+
+def _build_tiny_sd(out_dir, seed: int, image_size: int, text_dim: int, max_length: int) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

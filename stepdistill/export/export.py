@@ -15,6 +15,7 @@ from diffusers import DDPMPipeline, LCMScheduler
 
 from ..networks.lora import diffusers_unet, has_lora, lora_state_dict, merged_copy
 from ..networks.mlp import TimeMLP
+from ..networks.shared_base import AdapterView
 from ..networks.text_unet import TextConditionedUNet
 from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline
 
@@ -31,7 +32,19 @@ def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
 
 def plain_unet(unet):
     """A LoRA student's UNet with its adapter merged (stock pipelines load it as a plain UNet)."""
+    if isinstance(unet, AdapterView):          # shared-base mode: the role's adapter on the shared network
+        return unet.shared.merged_unet(unet.adapter)
     return merged_copy(unet) if has_lora(unet) else unet
+
+
+def student_lora(unet) -> tuple[dict, int] | None:
+    """The student's adapter weights (diffusers keys) and rank, or None for a full-weight student."""
+    if isinstance(unet, AdapterView):
+        base = unet.shared.unet
+        return lora_state_dict(base, unet.adapter), int(base.peft_config[unet.adapter].r)
+    if has_lora(unet):
+        return lora_state_dict(unet), int(unet.peft_config["default"].r)
+    return None
 
 
 def build_pipeline(student, benchmark=None):
@@ -65,16 +78,15 @@ def export_run(run, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp, safe_serialization=True)
-    unet = diffusers_unet(student.denoiser)
-    lora = has_lora(unet) and hasattr(pipe, "save_lora_weights")
+    lora = student_lora(diffusers_unet(student.denoiser)) if hasattr(pipe, "save_lora_weights") else None
     if lora:  # also the adapter alone: teacher_pipe.load_lora_weights(export_dir) makes the student
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora[0], safe_serialization=True)
     info = {"pipeline": type(pipe).__name__, "trained_timesteps": [int(t) for t in student.timesteps],
             "benchmark": run.cfg.benchmark.name, "method": run.cfg.method.name,
             "load": (f"from diffusers import {type(pipe).__name__}" if type(pipe).__module__.startswith("diffusers")
                      else f"from stepdistill.pipelines import {type(pipe).__name__}")}
     if lora:
-        info["lora"] = {"weights": "pytorch_lora_weights.safetensors", "rank": int(unet.peft_config["default"].r),
+        info["lora"] = {"weights": "pytorch_lora_weights.safetensors", "rank": lora[1],
                         "apply": "teacher_pipe.load_lora_weights(export_dir) (optionally teacher_pipe.fuse_lora())"}
     if isinstance(student.denoiser.net, TextConditionedUNet):
         info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "

@@ -32,6 +32,14 @@ def diffusers_unet(denoiser) -> nn.Module:
     return getattr(net, "unet", net)
 
 
+def set_backbone(denoiser, backbone: nn.Module) -> None:
+    """Put `backbone` where diffusers_unet(denoiser) finds the diffusers model."""
+    if hasattr(denoiser.net, "unet"):
+        denoiser.net.unet = backbone
+    else:
+        denoiser.net = backbone
+
+
 def add_lora(unet: nn.Module, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS,
              dropout: float = 0.0) -> int:
     """Freeze `unet` and add a LoRA adapter of rank `rank` on `targets`; returns the number of trainable
@@ -57,11 +65,11 @@ def has_lora(unet: nn.Module) -> bool:
     return bool(getattr(unet, "peft_config", None))
 
 
-def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights in diffusers' key format (what `save_lora_weights` writes)."""
+def lora_state_dict(unet: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """An adapter's weights in diffusers' key format (what `save_lora_weights` writes)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
 
 
 def merged_copy(unet: nn.Module) -> nn.Module:

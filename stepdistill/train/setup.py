@@ -50,9 +50,14 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     benchmark = build_benchmark(cfg.benchmark)
     resolve_method_cfg(cfg, benchmark)
     cls = method_class(cfg.method.name)
-    roles = benchmark.build_roles(cfg.method, cfg.generator)
+    model_cfg = cfg.get("model")
+    roles = benchmark.build_roles(cfg.method, cfg.generator, model_cfg)
     if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
-        roles["generator_ema"] = make_ema(roles["generator"])
+        if model_cfg is not None and model_cfg.get("shared_base"):
+            from ..networks.shared_base import shared_ema
+            roles["generator_ema"] = shared_ema(roles["generator"])
+        else:
+            roles["generator_ema"] = make_ema(roles["generator"])
     apply_attention_backend(roles, cfg)
     method = cls(roles, cfg.method) if with_method else None
     return Run(cfg, benchmark, roles, method)

@@ -1,0 +1,130 @@
+"""Shared-base memory mode (`model.shared_base=true`): teacher, fake score and generator are one frozen network.
+
+The trainable roles are LoRA adapters on that network (peft multi-adapter), switched per call: the teacher runs
+with adapters off, the fake score with its adapter, the generator (and its EMA) with theirs. Parameter memory
+is the base once plus the adapters, instead of three (four with EMA) full copies.
+
+Each role holds an `AdapterView`: it activates its adapter and calls the shared network. Only the teacher's
+view registers the network as a submodule (so `.to(device)` moves it once and checkpoints never see it); the
+others register just their own adapter's parameters, which is what their optimizers and checkpoints get.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+
+from .lora import DEFAULT_TARGETS, mark_frozen
+
+
+class SharedBase:
+    def __init__(self, unet: nn.Module):
+        if not hasattr(unet, "add_adapter"):
+            raise ValueError(f"model.shared_base needs a diffusers network teacher, not {type(unet).__name__}")
+        self.unet = unet
+        mark_frozen(unet)
+        self.adapters: list[str] = []
+
+    def add(self, name: str, rank: int, alpha: float | None = None, targets=DEFAULT_TARGETS) -> None:
+        """A new trainable adapter; its B matrices start at zero, so the role starts as the teacher."""
+        from peft import LoraConfig
+        if rank < 1:
+            raise ValueError(f"model.lora_rank={rank}: shared-base mode needs a positive adapter rank")
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():   # init must not shift the run's RNG
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")   # several adapters: intended
+            self.unet.add_adapter(LoraConfig(r=int(rank), lora_alpha=float(alpha or rank), init_lora_weights="gaussian",
+                                             target_modules=list(targets)), adapter_name=name)
+        self.adapters.append(name)
+        for p in self.params(name):
+            p.requires_grad_(True)
+
+    def add_like(self, name: str, like: str) -> None:
+        """A new adapter with `like`'s configuration and a copy of its weights (the generator's EMA)."""
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            self.unet.add_adapter(copy.deepcopy(self.unet.peft_config[like]), adapter_name=name)
+        self.adapters.append(name)
+        with torch.no_grad():
+            for dst, src in zip(self.params(name), self.params(like)):
+                dst.copy_(src)
+
+    def params(self, name: str) -> list[nn.Parameter]:
+        """Adapter `name`'s parameters, in module order (the same order for every adapter)."""
+        return [p for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n]
+
+    def _lora_params(self) -> list[nn.Parameter]:
+        return [p for n, p in self.unet.named_parameters() if "lora_" in n]
+
+    def activate(self, name: str | None) -> None:
+        """Route calls through adapter `name` (None: the bare base). peft's switches also flip requires_grad;
+        the trainer owns those flags, so they are put back before any forward runs."""
+        params = self._lora_params()
+        flags = [p.requires_grad for p in params]
+        if name is None:
+            self.unet.disable_adapters()
+        else:
+            self.unet.enable_adapters()
+            self.unet.set_adapter(name)
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+    def merged_unet(self, name: str) -> nn.Module:
+        """A plain copy of the network with adapter `name` folded in (for a stock export)."""
+        out = copy.deepcopy(self.unet)
+        out.set_adapter(name)
+        out.fuse_lora(lora_scale=1.0, adapter_names=[name])
+        out.unload_lora()
+        return out
+
+
+class AdapterView(nn.Module):
+    """A role's handle on the shared network: `forward` runs it with this role's adapter (None = teacher)."""
+
+    def __init__(self, shared: SharedBase, adapter: str | None):
+        super().__init__()
+        object.__setattr__(self, "shared", shared)      # not a submodule: one owner (the teacher's view)
+        self.adapter = adapter
+        if adapter is None:
+            self.base = shared.unet
+        else:
+            self.adapter_params = nn.ParameterList(shared.params(adapter))
+
+    @property
+    def config(self):          # so the Denoiser calls it like the diffusers model it stands for
+        return self.shared.unet.config
+
+    @property
+    def mid_block(self):       # the GAN head's bottleneck
+        return self.shared.unet.mid_block
+
+    def forward(self, *args, **kwargs):
+        self.shared.activate(self.adapter)
+        return self.shared.unet(*args, **kwargs)
+
+
+def shared_ema(generator: nn.Module) -> nn.Module:
+    """The generator's EMA as one more adapter on the shared base (a full copy would undo the saving)."""
+    view = next(m for m in generator.modules() if isinstance(m, AdapterView))
+    shared = view.shared
+    shared.add_like("generator_ema", view.adapter)
+    ema = copy.deepcopy(generator, {id(shared): shared})
+    ema_view = next(m for m in ema.modules() if isinstance(m, AdapterView))
+    ema_view.adapter = "generator_ema"
+    ema_view.adapter_params = nn.ParameterList(shared.params("generator_ema"))
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return ema
+
+
+def parameter_bytes(roles, optimizers=()) -> dict:
+    """Bytes of distinct parameters across `roles` plus the optimizers' state tensors."""
+    seen, params = set(), 0
+    for p in roles.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            params += p.numel() * p.element_size()
+    state = sum(t.numel() * t.element_size() for opt in optimizers for st in opt.state.values()
+                for t in st.values() if torch.is_tensor(t))
+    return {"parameters": params, "optimizer_state": state, "total": params + state}
