@@ -389,3 +389,19 @@ def test_shared_base_needs_a_diffusers_teacher():
     from stepdistill.train.setup import build_run
     with pytest.raises(ValueError, match="model.shared_base needs a diffusers UNet teacher"):
         build_run(compose_cfg("benchmark=gmm", "model.shared_base=true"))
+
+
+def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    run = build_run(compose_cfg(*TINY, "model.gradient_checkpointing=true", "trainer.max_steps=2", "eval.every=0",
+                                "eval.final=false"))
+    for name in ("fake_score", "generator"):
+        unet = (run.roles[name].denoiser if name == "generator" else run.roles[name]).net.unet
+        assert unet.is_gradient_checkpointing, name
+    Trainer(run, tmp_path).fit()
+    with pytest.raises(ValueError, match="model.gradient_checkpointing needs diffusers UNets"):
+        build_run(compose_cfg("benchmark=gmm", "model.gradient_checkpointing=true"))
+    cfg = compose_cfg("experiment=sd15_dmd2", "benchmark.teacher.path=/models/sd15")
+    assert (cfg.benchmark.name, cfg.benchmark.guidance, cfg.method.critic_steps) == ("text_to_image", 1.75, 10)
+    assert cfg.optim.generator.lr == cfg.optim.critic.lr == 1e-5 and cfg.model.gradient_checkpointing

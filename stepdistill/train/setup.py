@@ -45,6 +45,22 @@ def apply_attention_backend(roles: Roles, cfg: DictConfig) -> None:
         set_attention_backend(module, backend)
 
 
+def enable_gradient_checkpointing(roles: Roles) -> None:
+    """`model.gradient_checkpointing`: diffusers' activation recomputation on every trainable network."""
+    from ..networks.lora import diffusers_unet
+    from ..networks.shared_base import AdapterView
+    found = False
+    for name in ("fake_score", "generator"):
+        net = diffusers_unet(roles[name].denoiser if name == "generator" else roles[name])
+        net = net.shared.unet if isinstance(net, AdapterView) else net
+        if getattr(net, "_supports_gradient_checkpointing", False):
+            net.enable_gradient_checkpointing()
+            found = True
+    if not found:
+        raise ValueError("model.gradient_checkpointing needs diffusers UNets that support it (digits, text-to-image); "
+                         "set it to false")
+
+
 def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     torch.manual_seed(int(cfg.seed))
     benchmark = build_benchmark(cfg.benchmark)
@@ -59,6 +75,8 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
         else:
             roles["generator_ema"] = make_ema(roles["generator"])
     apply_attention_backend(roles, cfg)
+    if model_cfg is not None and model_cfg.get("gradient_checkpointing"):
+        enable_gradient_checkpointing(roles)
     method = cls(roles, cfg.method) if with_method else None
     return Run(cfg, benchmark, roles, method)
 
