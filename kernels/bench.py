@@ -145,23 +145,7 @@ def check(cases=CHECKS) -> bool:
     torch.backends.cuda.matmul.allow_tf32 = False      # fp32 inputs: exact fp32 products
     for dtype, d in cases:
         for lq, lk in ((1000, 1000), (1024, 77)):
-            _poison_allocator()
-            q, k, v = (torch.randn(2, 4, n, d, device="cuda", dtype=dtype).requires_grad_()
-                       for n in (lq, lk, lk))
-            tq, tk, tv = (torch.randn_like(t) for t in (q, k, v))
-            do = torch.randn(2, 4, lq, d, device="cuda", dtype=dtype)
-            o = flash_attention(q, k, v, backend="triton")
-            o.backward(do)
-            q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-            ref = math_attention(q64, k64, v64, d ** -0.5)
-            ref.backward(do.double())
-            _, t_ours = torch.func.jvp(lambda a, b, c: flash_attention(a, b, c, backend="triton"),
-                                       (q.detach(), k.detach(), v.detach()), (tq, tk, tv))
-            _, t_ref = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, d ** -0.5),
-                                      (q64.detach(), k64.detach(), v64.detach()),
-                                      (tq.double(), tk.double(), tv.double()))
-            errs = [_rel(o, ref), _rel(q.grad, q64.grad), _rel(k.grad, k64.grad), _rel(v.grad, v64.grad),
-                    _rel(t_ours, t_ref)]
+            errs = list(_errors(d, dtype, lq, lk, batch=2).values())
             good = all(math.isfinite(e) and e < tol[dtype] for e in errs)
             ok &= good
             print(f"| {str(dtype)[6:]} | {d} | {lq} | {lk} | " + " | ".join(f"{e:.1e}" for e in errs)
@@ -179,9 +163,11 @@ TUNE = {
 OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",), "jvp": ("jvp tangent",)}
 
 
-def _errors(d: int, dtype=torch.bfloat16) -> dict[str, float]:
-    """Relative errors of every output against float64 on a fresh small self-attention problem."""
-    q, k, v = (torch.randn(1, 4, 1000, d, device="cuda", dtype=dtype).requires_grad_() for _ in range(3))
+def _errors(d: int, dtype=torch.bfloat16, lq: int = 1000, lk: int = 1000, batch: int = 1, heads: int = 4
+            ) -> dict[str, float]:
+    """Relative errors of every output against float64 on fresh random inputs (allocator poisoned first)."""
+    _poison_allocator()
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype).requires_grad_() for n in (lq, lk, lk))
     tq, tk, tv = (torch.randn_like(t) for t in (q, k, v))
     do = torch.randn_like(q)
     o = flash_attention(q, k, v, backend="triton")
