@@ -88,7 +88,7 @@ def test_text_teacher_cfg_is_one_batched_call_on_the_negative_prompt():
     assert bm.data_shape == (4, 8, 8) and bm.prompt_embeddings.shape[0] == 8
     x, t = torch.randn(3, *bm.data_shape), torch.tensor([100, 500, 900])
     cond = bm.sample_cond(3)
-    null = bm.encode_prompts(["blurry"]).expand(3, -1, -1)
+    null = bm.prompt_cond(["blurry"]).expand(3, -1, -1)
     calls = []
     hook = teacher.net.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     with torch.no_grad():
@@ -117,8 +117,8 @@ def test_bad_text_to_image_inputs(tmp_path):
 
 EXPORT_CHECK = r"""
 import json, sys, torch
-from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1])
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
 assert type(pipe.scheduler).__name__ == "LCMScheduler"
 prompts, out = json.loads(sys.argv[2]), {}
 for name, kw in json.loads(sys.argv[3]).items():
@@ -129,6 +129,7 @@ for name, kw in json.loads(sys.argv[3]).items():
                output_type="np", **kw).images
     out[name] = {"latents": res.flatten().tolist(), "image_shape": list(img.shape),
                  "image_finite": bool(torch.isfinite(torch.from_numpy(img)).all())}
+out["pipeline"] = type(pipe).__name__
 out["stepdistill_imported"] = any(m.startswith("stepdistill") for m in sys.modules)
 print(json.dumps(out))
 """
@@ -145,17 +146,20 @@ def our_latents(run, prompts, timesteps=None):
     from stepdistill.train.evaluation import student_sample
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(len(prompts), 4, 8, 8, generator=g)
-    cond = run.benchmark.encode_prompts(prompts)
+    cond = run.benchmark.prompt_cond(prompts)
     return student_sample(run.student(), noise, cond, timesteps, g)
 
 
-def test_tiny_sd_dmd2_trains_and_exports_a_stock_stable_diffusion_pipeline(tmp_path):
-    """A few DMD2 steps end to end (GAN on teacher samples, CFG on the teacher), then the export: stock
-    StableDiffusionPipeline samples the student in 1 and 4 steps with the student's own latents."""
+@pytest.mark.parametrize("name,pipeline", [("tiny_sd", "StableDiffusionPipeline"),
+                                           ("tiny_sdxl", "StableDiffusionXLPipeline")])
+def test_tiny_sd_dmd2_trains_and_exports_a_stock_stable_diffusion_pipeline(tmp_path, name, pipeline):
+    """A few DMD2 steps end to end (GAN on teacher samples, CFG on the teacher), then the export: the stock
+    pipeline samples the student in 1 and 4 steps with the student's own latents (SDXL: with its pooled text
+    embedding and size/crop ids)."""
     from stepdistill.export import export_run
     from stepdistill.train.setup import build_run
     from stepdistill.train.trainer import Trainer
-    cfg = compose_cfg(*TINY, "trainer.max_steps=6", "eval.every=3", "trainer.checkpoint_every=6")
+    cfg = compose_cfg(*TINY, f"benchmark={name}", "trainer.max_steps=6", "eval.every=3", "trainer.checkpoint_every=6")
     trained = build_run(cfg)
     Trainer(trained, tmp_path).fit()
     export_run(trained, tmp_path / "export")
@@ -165,17 +169,17 @@ def test_tiny_sd_dmd2_trains_and_exports_a_stock_stable_diffusion_pipeline(tmp_p
     assert evals[-1]["student_latent_fd_num_samples"] == 16
     assert (tmp_path / "samples" / "step_0000006.png").is_file()
     info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
-    assert info["pipeline"] == "StableDiffusionPipeline" and info["trained_timesteps"] == [999]
+    assert info["pipeline"] == pipeline and info["trained_timesteps"] == [999]
 
     run = trained
     prompts = ["a photo of a cat", "a zebra on the moon!"]
     out = run_stock_pipeline(tmp_path / "export", prompts, {"one": {"num_inference_steps": 1},
                                                             "four": {"num_inference_steps": 4}})
-    assert out["stepdistill_imported"] is False
-    for name, steps in (("one", 1), ("four", 4)):
+    assert out["stepdistill_imported"] is False and out["pipeline"] == pipeline
+    for key, steps in (("one", 1), ("four", 4)):
         ours = our_latents(run, prompts, run.student().default_timesteps(steps))
-        np.testing.assert_allclose(np.array(out[name]["latents"]), ours.flatten().numpy(), rtol=1e-4, atol=1e-4)
-        assert out[name]["image_shape"] == [2, 16, 16, 3] and out[name]["image_finite"]
+        np.testing.assert_allclose(np.array(out[key]["latents"]), ours.flatten().numpy(), rtol=1e-4, atol=1e-4)
+        assert out[key]["image_shape"] == [2, 16, 16, 3] and out[key]["image_finite"]
 
 
 def test_custom_timesteps_round_trip(tmp_path):
@@ -209,7 +213,7 @@ def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):
 
 LORA_CHECK = r"""
 import json, sys, torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 teacher_dir, export_dir, prompt = sys.argv[1:4]
 out = {}
 def latents_of(pipe):
@@ -217,8 +221,8 @@ def latents_of(pipe):
     latents = torch.randn(1, 4, 8, 8, generator=g)
     return pipe([prompt], latents=latents, generator=g, guidance_scale=1.0, num_inference_steps=1,
                 output_type="latent").images.flatten().tolist()
-out["export"] = latents_of(StableDiffusionPipeline.from_pretrained(export_dir))
-pipe = StableDiffusionPipeline.from_pretrained(teacher_dir)
+out["export"] = latents_of(DiffusionPipeline.from_pretrained(export_dir))
+pipe = DiffusionPipeline.from_pretrained(teacher_dir)
 from diffusers import LCMScheduler
 pipe.scheduler = LCMScheduler.from_pretrained(export_dir, subfolder="scheduler")
 out["teacher"] = latents_of(pipe)
@@ -231,12 +235,13 @@ print(json.dumps(out))
 """
 
 
-def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path):
+@pytest.mark.parametrize("name", ["tiny_sd", "tiny_sdxl"])
+def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path, name):
     from stepdistill.export import export_run
     from stepdistill.networks.lora import diffusers_unet
     from stepdistill.train.setup import build_run
     from stepdistill.train.trainer import Trainer
-    run = build_run(compose_cfg(*TINY, "generator.lora_rank=4", "trainer.max_steps=3", "eval.every=0",
+    run = build_run(compose_cfg(*TINY, f"benchmark={name}", "generator.lora_rank=4", "trainer.max_steps=3", "eval.every=0",
                                 "eval.final=false", "method.critic_steps=1"))
     unet = diffusers_unet(run.roles["generator"].denoiser)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
@@ -262,8 +267,8 @@ def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["stepdistill_imported"] is False
     ours = our_latents(run, [prompt]).flatten().numpy()
-    for name in ("export", "lora", "fused"):
-        np.testing.assert_allclose(np.array(out[name]), ours, rtol=1e-4, atol=1e-4, err_msg=name)
+    for key in ("export", "lora", "fused"):
+        np.testing.assert_allclose(np.array(out[key]), ours, rtol=1e-4, atol=1e-4, err_msg=key)
     assert np.abs(np.array(out["teacher"]) - ours).max() > 1e-2     # the adapter is what made the difference
 
 
@@ -405,3 +410,17 @@ def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
     cfg = compose_cfg("experiment=sd15_dmd2", "benchmark.teacher.path=/models/sd15")
     assert (cfg.benchmark.name, cfg.benchmark.guidance, cfg.method.critic_steps) == ("text_to_image", 1.75, 10)
     assert cfg.optim.generator.lr == cfg.optim.critic.lr == 1e-5 and cfg.model.gradient_checkpointing
+
+
+def test_sdxl_unconditional_branch_and_recipe():
+    """SDXL's CFG branch, as its pipeline builds it for an empty negative prompt: zero states and pooled
+    embedding, the same size/crop ids."""
+    from stepdistill.benchmarks.registry import build_benchmark
+    bm = build_benchmark(compose_cfg(*TINY, "benchmark=tiny_sdxl").benchmark)
+    assert bm.sdxl and bm.force_zeros_for_empty_prompt
+    null, cond = bm.teacher.null_embedding[0], bm.prompt_embeddings[0]
+    p = bm.text_encoder_2.config.projection_dim
+    assert null.shape == cond.shape and not null[:-1].any() and not null[-1, :p].any()
+    assert null[-1, p:p + 6].tolist() == cond[-1, p:p + 6].tolist() == [16, 16, 0, 0, 16, 16]
+    cfg = compose_cfg("experiment=sdxl_dmd2_4step", "benchmark.teacher.path=/models/sdxl")
+    assert list(cfg.generator.timesteps) == [999, 749, 499, 249] and cfg.benchmark.guidance == 8.0

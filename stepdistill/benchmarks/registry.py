@@ -8,7 +8,7 @@ def build_benchmark(cfg):
     from .text_to_image import TextToImageBenchmark
 
     table = {"gmm": GMMBenchmark, "gmm_unbalanced": GMMBenchmark, "digits": DigitsBenchmark,
-             "tiny_sd": TextToImageBenchmark, "text_to_image": TextToImageBenchmark}
+             "tiny_sd": TextToImageBenchmark, "tiny_sdxl": TextToImageBenchmark, "text_to_image": TextToImageBenchmark}
     if cfg.name not in table:
         raise ValueError(f"unknown benchmark {cfg.name!r}: use benchmark= one of {', '.join(sorted(table))}")
     return table[cfg.name](cfg)

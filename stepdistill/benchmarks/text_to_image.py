@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -20,19 +21,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..data.prompts import EmbeddingCache, cache_dir, load_prompts, model_key
-from ..networks.text_unet import TextDenoiser
+from ..networks.text_unet import SDXLConditionedUNet, TextConditionedUNet, TextDenoiser, pack_sdxl_cond
 from ..samplers import ddim_sample
 from ..teachers import scheduler_config, vp_schedule
 from .base import Benchmark
-from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd
+from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd, build_tiny_sdxl
 
 
-def tiny_sd_path() -> Path:
-    """The tiny_sd teacher in the cache, built once (deterministic: seed 0)."""
-    path = cache_dir() / "tiny_sd"
+def tiny_path(name: str = "tiny_sd") -> Path:
+    """The tiny_sd / tiny_sdxl teacher in the cache, built once (deterministic: seed 0)."""
+    path = cache_dir() / name
     if not (path / "model_index.json").is_file():
-        tmp = path.with_name(f".tiny_sd.tmp{os.getpid()}")
-        build_tiny_sd(tmp)
+        tmp = path.with_name(f".{name}.tmp{os.getpid()}")
+        (build_tiny_sdxl if name == "tiny_sdxl" else build_tiny_sd)(tmp)
         if not (path / "model_index.json").is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp, path)
@@ -60,10 +61,10 @@ class TextToImageBenchmark(Benchmark):
 
         self.name = cfg.name
         given = cfg.teacher.get("path")
-        if not given and cfg.name != "tiny_sd":
+        if not given and cfg.name not in ("tiny_sd", "tiny_sdxl"):
             raise FileNotFoundError(f"benchmark={cfg.name} needs benchmark.teacher.path=DIR (a local "
                                     "StableDiffusionPipeline folder)")
-        self.path = Path(given).expanduser() if given else tiny_sd_path()
+        self.path = Path(given).expanduser() if given else tiny_path(cfg.name)
         check_pipeline_folder(self.path)
         sched_cfg = scheduler_config(self.path)
         self.schedule = vp_schedule(sched_cfg)
@@ -73,9 +74,14 @@ class TextToImageBenchmark(Benchmark):
             raise ValueError(f"teacher.prediction_type={want!r} does not match the teacher's scheduler, which says "
                              f"{self.prediction_type!r}: remove the override or set it to {self.prediction_type!r}")
         unet = UNet2DConditionModel.from_pretrained(self.path / "unet", use_safetensors=True).eval()
-        if getattr(unet.config, "addition_embed_type", None):
-            raise ValueError(f"{self.path} holds an SDXL-style UNet (added conditioning): it is not supported yet; "
-                             "use an SD1.x/2.x-style pipeline folder")
+        added = getattr(unet.config, "addition_embed_type", None)
+        self.sdxl = added == "text_time"
+        if added and not self.sdxl:
+            raise ValueError(f"{self.path} holds a UNet with {added!r} added conditioning: only SD1.x/2.x and SDXL "
+                             "('text_time') pipelines are supported")
+        if self.sdxl and not (self.path / "text_encoder_2").is_dir():
+            raise FileNotFoundError(f"{self.path} has an SDXL UNet but no text_encoder_2/: it must be a "
+                                    "StableDiffusionXLPipeline folder")
         for p in unet.parameters():
             p.requires_grad_(False)
         self.vae = AutoencoderKL.from_pretrained(self.path / "vae", use_safetensors=True).eval()
@@ -84,16 +90,33 @@ class TextToImageBenchmark(Benchmark):
         self.text_encoder.requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.text_encoder_2 = self.tokenizer_2 = None
+        if self.sdxl:
+            from transformers import CLIPTextModelWithProjection
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(self.path / "text_encoder_2",
+                                                                              use_safetensors=True).eval()
+            self.text_encoder_2.requires_grad_(False)
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.path / "tokenizer_2")
+            index = json.loads((self.path / "model_index.json").read_text())
+            self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
+        res = self.resolution = int(cfg.get("resolution") or unet.config.sample_size * self.vae_scale)
 
         data = cfg.get("data") or {}
         self.prompts = (load_prompts(data["prompts"], data.get("prompt_column")) if data.get("prompts")
                         else list(TOKENIZER_PROMPTS))
-        self.embedding_cache = EmbeddingCache(model_key(self.path / "text_encoder"))
+        encoders = [model_key(self.path / "text_encoder")] + ([model_key(self.path / "text_encoder_2")]
+                                                              if self.sdxl else [])
+        self.embedding_cache = EmbeddingCache("-".join(encoders))
         self.prompt_embeddings = self.embedding_cache.get(self.prompts, self.encode_prompts)
-        null = self.embedding_cache.get([str(cfg.get("negative_prompt") or "")], self.encode_prompts)[0]
-        self.teacher = TextDenoiser(unet, self.schedule, self.prediction_type, null)
+        negative = str(cfg.get("negative_prompt") or "")
+        if self.sdxl and not negative and self.force_zeros_for_empty_prompt:   # as SDXL's own pipeline does
+            null = torch.zeros_like(self.prompt_embeddings[:1])
+        else:
+            null = self.embedding_cache.get([negative], self.encode_prompts)
+        null = self.pack(null)[0]
+        self.prompt_embeddings = self.pack(self.prompt_embeddings)
+        self.teacher = TextDenoiser(self.wrap(unet), self.schedule, self.prediction_type, null)
 
-        res = int(cfg.get("resolution") or unet.config.sample_size * self.vae_scale)
         if res % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
             raise ValueError(f"benchmark.resolution={res} cannot go through this VAE and UNet: use a multiple of "
                              f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)}")
@@ -105,6 +128,23 @@ class TextToImageBenchmark(Benchmark):
     def conditional(self) -> bool:
         return True
 
+    def wrap(self, unet) -> TextConditionedUNet:
+        if self.sdxl:
+            return SDXLConditionedUNet(unet, self.text_encoder_2.config.projection_dim)
+        return TextConditionedUNet(unet)
+
+    def pack(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Cached text embeddings -> the UNet's cond. SDXL: the cache holds states + a pooled row; the six
+        size/crop numbers (original = target = this resolution, no crop, as its pipeline's defaults) are added
+        here, since they depend on the run's resolution, not on the text."""
+        if not self.sdxl:
+            return embeddings
+        n = embeddings.shape[0]
+        p = self.text_encoder_2.config.projection_dim
+        time_ids = torch.tensor([self.resolution, self.resolution, 0, 0, self.resolution, self.resolution],
+                                dtype=embeddings.dtype).expand(n, 6)
+        return pack_sdxl_cond(embeddings[:, :-1], embeddings[:, -1, :p], time_ids)
+
     # --- roles -------------------------------------------------------------------------------------------
     def make_student_denoiser(self):
         unet = copy.deepcopy(self.teacher.net.unet).train()
@@ -113,17 +153,35 @@ class TextToImageBenchmark(Benchmark):
 
     def student_denoiser(self, backbone):
         t = self.teacher
-        return TextDenoiser(backbone, t.schedule, t.prediction_type, t.null_embedding)
+        return TextDenoiser(self.wrap(backbone), t.schedule, t.prediction_type, t.null_embedding)
 
     # --- data --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], batch_size: int = 64) -> torch.Tensor:
+        """SD1.x: the encoder's last hidden states. SDXL (as its pipeline): both encoders' penultimate states,
+        concatenated, plus one row holding the second encoder's pooled projection (then zeros)."""
         out = []
         for i in range(0, len(prompts), batch_size):
-            ids = self.tokenizer(prompts[i:i + batch_size], padding="max_length", truncation=True,
+            chunk = prompts[i:i + batch_size]
+            ids = self.tokenizer(chunk, padding="max_length", truncation=True,
                                  max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
-            out.append(self.text_encoder(ids)[0])
+            if not self.sdxl:
+                out.append(self.text_encoder(ids)[0])
+                continue
+            ids_2 = self.tokenizer_2(chunk, padding="max_length", truncation=True,
+                                     max_length=self.tokenizer_2.model_max_length, return_tensors="pt").input_ids
+            first = self.text_encoder(ids, output_hidden_states=True)
+            second = self.text_encoder_2(ids_2, output_hidden_states=True)
+            hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], -1)
+            pooled = second.text_embeds
+            row = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[-1])
+            row[:, 0, :pooled.shape[-1]] = pooled
+            out.append(torch.cat([hidden, row], 1))
         return torch.cat(out)
+
+    def prompt_cond(self, prompts: list[str]) -> torch.Tensor:
+        """The UNet's cond for any prompts (through the embedding cache)."""
+        return self.pack(self.embedding_cache.get(list(prompts), self.encode_prompts))
 
     def sample_cond(self, n: int, generator: torch.Generator | None = None):
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)

@@ -75,3 +75,48 @@ def _build_tiny_sd(out_dir, seed: int, image_size: int, text_dim: int, max_lengt
     out = Path(out_dir)
     pipe.save_pretrained(out)
     return out
+
+
+def build_tiny_sdxl(out_dir, seed: int = 0, image_size: int = 16, text_dim: int = 32, max_length: int = 16) -> Path:
+    """Write a tiny StableDiffusionXLPipeline folder: two CLIP text encoders (the second with a projection, whose
+    pooled output and the six size/crop numbers feed the UNet's added "text_time" conditioning), the
+    encoders' penultimate states concatenated for cross-attention. Random weights; no download."""
+    with torch.random.fork_rng(devices=[]):
+        return _build_tiny_sdxl(out_dir, seed, image_size, text_dim, max_length)
+
+
+def _build_tiny_sdxl(out_dir, seed: int, image_size: int, text_dim: int, max_length: int) -> Path:
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    tokenizer = build_tokenizer(max_length)
+    tokenizer_2 = build_tokenizer(max_length)
+
+    def text_config(projection: int):
+        return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=max_length,
+                              projection_dim=projection, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+
+    text_encoder = CLIPTextModel(text_config(text_dim))
+    projection = text_dim
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(projection))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=8, sample_size=image_size)
+    time_dim = 8
+    unet = UNet2DConditionModel(sample_size=image_size // 2, in_channels=4, out_channels=4,
+                                block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=2 * text_dim, attention_head_dim=(2, 4),
+                                addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+                                projection_class_embeddings_input_dim=projection + 6 * time_dim,
+                                transformer_layers_per_block=(1, 1), use_linear_projection=True)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=DDIMScheduler(**SD_SCHEDULER), force_zeros_for_empty_prompt=True)
+    out = Path(out_dir)
+    pipe.save_pretrained(out)
+    return out

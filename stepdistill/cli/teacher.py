@@ -1,5 +1,5 @@
 """`stepdistill-teacher benchmark=digits [out=DIR]`: re-train the digits teacher and feature network from scratch.
-`stepdistill-teacher benchmark=tiny_sd out=DIR`: build the tiny random SD-style pipeline (no training).
+`stepdistill-teacher benchmark=tiny_sd|tiny_sdxl out=DIR`: build a tiny random SD/SDXL-style pipeline (no training).
 
 The shipped assets (stepdistill/assets/) were made by this command with the settings in conf/teacher.yaml;
 `install=true` writes straight into the package's assets folder.
@@ -25,15 +25,15 @@ def main(cfg: DictConfig) -> None:
     name = cfg.benchmark.name
     if name in ("gmm", "gmm_unbalanced"):
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
-    if name == "tiny_sd":
-        from ..benchmarks.tiny_sd_teacher import build_tiny_sd
+    if name in ("tiny_sd", "tiny_sdxl"):
+        from ..benchmarks.tiny_sd_teacher import build_tiny_sd, build_tiny_sdxl
         out = Path(cfg.out or HydraConfig.get().runtime.output_dir)
-        build_tiny_sd(out, seed=int(cfg.seed))
-        print(f"tiny_sd teacher (random weights, a StableDiffusionPipeline folder): {out}  "
-              f"(use benchmark=tiny_sd benchmark.teacher.path={out})")
+        (build_tiny_sdxl if name == "tiny_sdxl" else build_tiny_sd)(out, seed=int(cfg.seed))
+        print(f"{name} teacher (random weights, a diffusers pipeline folder): {out}  "
+              f"(use benchmark={name} benchmark.teacher.path={out})")
         return
     if name != "digits":
-        raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits or tiny_sd")
+        raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits, tiny_sd or tiny_sdxl")
     from ..benchmarks.digits_teacher import measure_teacher_quality, train_digits_teacher, update_teacher_info
     from ..networks.digits_features import save_feature_net, train_feature_net
 

@@ -1,7 +1,8 @@
 """Write the student as a diffusers folder (DESIGN §5): stock `DDPMPipeline` + `LCMScheduler` for an
 unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one,
-`PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` (the teacher's VAE, text
-encoder and tokenizer, the student's UNet, an LCMScheduler) for text-to-image students. The folder is written
+`PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
+(the teacher's VAE, text encoders and tokenizers, the student's UNet, an LCMScheduler) for text-to-image
+students. The folder is written
 beside its target and renamed into place.
 """
 from __future__ import annotations
@@ -52,9 +53,15 @@ def build_pipeline(student, benchmark=None):
     net = den.net
     ts = [int(t) for t in student.timesteps]
     if isinstance(net, TextConditionedUNet):
-        from diffusers import StableDiffusionPipeline
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         if benchmark is None or not hasattr(benchmark, "vae"):
             raise ValueError("a text-to-image export needs the run's benchmark (its VAE, text encoder, tokenizer)")
+        if benchmark.sdxl:
+            return StableDiffusionXLPipeline(
+                vae=benchmark.vae, text_encoder=benchmark.text_encoder, text_encoder_2=benchmark.text_encoder_2,
+                tokenizer=benchmark.tokenizer, tokenizer_2=benchmark.tokenizer_2, unet=plain_unet(net.unet),
+                scheduler=lcm_scheduler_for(student, den.prediction_type),
+                force_zeros_for_empty_prompt=benchmark.force_zeros_for_empty_prompt)
         return StableDiffusionPipeline(vae=benchmark.vae, text_encoder=benchmark.text_encoder,
                                        tokenizer=benchmark.tokenizer, unet=plain_unet(net.unet),
                                        scheduler=lcm_scheduler_for(student, den.prediction_type), safety_checker=None,
