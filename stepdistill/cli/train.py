@@ -30,11 +30,14 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if "hydra" in cfg:
         del cfg["hydra"]
     run = build_run(cfg)
-    write_config(run.cfg, run_dir)
-    result = Trainer(run, run_dir).fit()
-    if cfg.trainer.export:
+    trainer = Trainer(run, run_dir)
+    if trainer.main:
+        write_config(run.cfg, run_dir)
+    result = trainer.fit()
+    if cfg.trainer.export and trainer.main:
         result["export"] = str(export_run(run, run_dir / "export"))
     result["run_dir"] = str(run_dir)
+    result["main_process"] = trainer.main
     return result
 
 
@@ -51,6 +54,9 @@ def summary(result: dict) -> str:
             extra = f"   teacher ({result.get('teacher_steps')} steps): {t:.4g}" if t is not None else ""
             ratio = f"   ratio {s / t:.3g}" if key in ("fd", "sliced_w2") and t else ""
             lines.append(f"student {key}: {s:.4g}{extra}{ratio}")
+    if "processes" in result:
+        lines.append(f"processes:    {result['processes']} (weight spread across them "
+                     f"{result['weight_spread_across_processes']:.3g})")
     lines.append(f"train time:   {result['train_seconds']:.1f} s")
     return "\n".join(lines)
 
@@ -60,7 +66,8 @@ def summary(result: dict) -> str:
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)
-    print(summary(result), flush=True)
+    if result["main_process"]:
+        print(summary(result), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .distributed import all_finite, average_gradients, mean_over_processes, weight_spread
 from .ema import update_ema
 from .evaluation import Evaluator
 from .loggers import MetricsLogger
@@ -67,6 +68,15 @@ class Trainer:
         tc = self.cfg.trainer
         self.accelerator = _accelerator(tc.mixed_precision)
         self.device = self.accelerator.device
+        # multi-process (accelerate launch): trainer.batch_size is the global batch, split over the processes;
+        # rank 0 alone logs, evaluates, checkpoints and exports
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.main = self.rank == 0
+        if int(tc.batch_size) % self.world:
+            raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes: use a "
+                             f"multiple of {self.world}")
+        if self.world > 1:   # the roles were built from the same seed on every rank; now their draws differ
+            torch.manual_seed(int(self.cfg.seed) * 1000 + 1 + self.rank)
         run.roles.to(self.device)
         self.method = run.method
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
@@ -81,8 +91,8 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.evaluator = Evaluator(run, self.run_dir)
-        self.logger = MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
-                                    resume=bool(tc.resume))
+        self.logger = (MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
+                                     resume=bool(tc.resume)) if self.main else None)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state(self) -> dict:
@@ -92,7 +102,9 @@ class Trainer:
                 "rng_cpu": torch.get_rng_state(),
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        if not self.main:
+            return None
         path = save_checkpoint(self.run_dir / "checkpoints", self.step, checkpoint_roles(self.run.roles),
                                self.state(), keep=int(self.cfg.trainer.keep_checkpoints))
         return path
@@ -111,6 +123,8 @@ class Trainer:
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
+        if self.world > 1:   # rank 0's stream was saved: give every rank its own again
+            torch.manual_seed(int(self.cfg.seed) * 1000 + 1 + self.rank + 7919 * self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # --- one step ------------------------------------------------------------------------------------------
@@ -122,10 +136,11 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         with self.accelerator.autocast():
             out = self.method.loss(phase, batch_source(), self.step)
-        finite = bool(torch.isfinite(out.loss))
+        finite = all_finite(bool(torch.isfinite(out.loss)), self.device)
         grad_norm = float("nan")
         if finite:
             self.accelerator.backward(out.loss)
+            average_gradients(self.phase_params[phase])
             params = [p for p in self.phase_params[phase] if p.grad is not None]
             clip = float(self.cfg.optim[phase].get("grad_clip", 0) or 0)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf")))
@@ -145,8 +160,8 @@ class Trainer:
         self.schedulers[phase].step()
         if phase == "generator" and "generator_ema" in roles:
             update_ema(roles["generator_ema"], roles["generator"], float(self.cfg.trainer.ema_decay))
-        return phase, {f"{phase}/{k}": v for k, v in {"loss": out.loss.item(), "grad_norm": grad_norm,
-                                                       **out.logs}.items()}
+        values = mean_over_processes({"loss": out.loss.item(), **out.logs}, self.device)
+        return phase, {f"{phase}/{k}": v for k, v in {**values, "grad_norm": grad_norm}.items()}
 
     # --- the loop ------------------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -156,16 +171,18 @@ class Trainer:
         pairs = None
         if "reg_noise" in self.method.batch_keys:
             rc = self.cfg.method.regression
+            # every rank makes the same pairs (seeded); rank 0 alone caches them on disk
             pairs = make_regression_pairs(self.run.benchmark, int(rc.num_pairs), int(self.cfg.seed) + 1,
-                                          self.run_dir / "regression_pairs.safetensors")
-        batches = BatchSource(self.run.benchmark, self.method.batch_keys, int(tc.batch_size), self.device, pairs)
+                                          self.run_dir / "regression_pairs.safetensors" if self.main else None)
+        batches = BatchSource(self.run.benchmark, self.method.batch_keys, int(tc.batch_size) // self.world,
+                              self.device, pairs)
         for m in self.run.roles.values():
             m.train()
         self.run.roles["teacher"].eval()
         last: dict = {}
         t0 = time.time()
         bar = tqdm(total=int(tc.max_steps), initial=self.step, desc=f"{self.cfg.method.name}", dynamic_ncols=True,
-                   disable=not tc.progress)
+                   disable=not (tc.progress and self.main))
         while self.step < int(tc.max_steps):
             phase, logs = self.train_step(batches)
             self.step += 1
@@ -175,16 +192,24 @@ class Trainer:
                 bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in last.items()
                                  if k.endswith("/loss")}, refresh=False)
             every = int(self.cfg.logger.every)
-            if (every > 0 and self.step % every == 0) or self.step == int(tc.max_steps):
+            if self.main and ((every > 0 and self.step % every == 0) or self.step == int(tc.max_steps)):
                 self.logger.log(self.step, {**last, "lr_generator": self.schedulers["generator"].get_last_lr()[0],
                                             "seconds": time.time() - t0}, kind="train")
-            if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
+            if self.main and int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
                 self.logger.log(self.step, self.evaluator.evaluate(self.step), kind="eval")
             if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
                 self.save()
         bar.close()
+        spread = weight_spread([p for ps in self.phase_params.values() for p in ps])   # every rank takes part
         self.save()
         result = {"train_seconds": time.time() - t0}
+        if self.world > 1:
+            result["processes"], result["weight_spread_across_processes"] = self.world, spread
+            if self.main:
+                self.logger.log(self.step, {"processes": self.world, "weight_spread_across_processes": spread},
+                                kind="train")
+        if not self.main:
+            return result
         if ec.final:
             metrics = self.evaluator.evaluate(self.step, teacher_reference=bool(ec.teacher_reference))
             self.logger.log(self.step, metrics, kind="eval")

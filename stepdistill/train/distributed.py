@@ -1,0 +1,62 @@
+"""Data parallelism without wrapping modules: every process holds all roles, draws its share of the global
+batch, and gradients are averaged across processes before each update (one all-reduce of a flat buffer).
+
+Wrapping roles in DDP would not fit the trainer: roles are called in different phases, the GAN cuts the
+critic's forward short on purpose, and the teacher is shared. With identical initial weights (every rank seeds
+the same before building roles) and identical averaged gradients, the ranks' weights stay identical.
+`accelerate launch --num_processes N [--cpu] -m stepdistill.train ...` starts it (gloo on CPU, NCCL on GPUs).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Mean of each parameter's gradient over the processes (a missing gradient counts as zero)."""
+    if not is_distributed() or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        offset += n
+
+
+def all_finite(flag: bool, device) -> bool:
+    """True only if every process saw a finite loss (all skip the update together otherwise)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item() > 0)
+
+
+def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
+    """The global-batch value of per-process means (equal shard sizes): what a single process would log."""
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def weight_spread(params: list[torch.nn.Parameter]) -> float:
+    """max over elements of (max - min across processes): 0 when the ranks hold identical weights."""
+    if not is_distributed() or not params:
+        return 0.0
+    flat = torch.cat([p.detach().reshape(-1).float() for p in params])
+    hi, lo = flat.clone(), flat.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return float((hi - lo).max())
