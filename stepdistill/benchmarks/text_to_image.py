@@ -14,6 +14,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 from functools import cached_property
 from pathlib import Path
 
@@ -34,9 +35,11 @@ def tiny_path(name: str = "tiny_sd") -> Path:
     if not (path / "model_index.json").is_file():
         tmp = path.with_name(f".{name}.tmp{os.getpid()}")
         (build_tiny_sdxl if name == "tiny_sdxl" else build_tiny_sd)(tmp)
-        if not (path / "model_index.json").is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
             os.replace(tmp, path)
+        except OSError:   # another process (a second rank) got there first: theirs is the same build
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
