@@ -424,3 +424,38 @@ def test_sdxl_unconditional_branch_and_recipe():
     assert null[-1, p:p + 6].tolist() == cond[-1, p:p + 6].tolist() == [16, 16, 0, 0, 16, 16]
     cfg = compose_cfg("experiment=sdxl_dmd2_4step", "benchmark.teacher.path=/models/sdxl")
     assert list(cfg.generator.timesteps) == [999, 749, 499, 249] and cfg.benchmark.guidance == 8.0
+
+
+def test_real_image_folder_latents_are_cached_and_used(tmp_path):
+    """benchmark.data.images: captions from metadata.csv, resize + centre crop, VAE latents cached (a second
+    benchmark encodes nothing), then a DMD2 step trains on them (the GAN's real data)."""
+    from PIL import Image
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.data.images import load_image
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    g = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i, size in enumerate([(16, 16), (24, 16), (16, 32), (20, 20)]):
+        name = f"sub/{i}.png" if i == 3 else f"{i}.png"
+        Image.fromarray(g.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(folder / name)
+    (folder / "metadata.csv").write_text("file_name,text\n0.png,a photo of a cat\nsub/3.png,a red car\n")
+    overrides = (*TINY, f"benchmark.data.images={folder}")
+    bm = build_benchmark(compose_cfg(*overrides).benchmark)
+    latents, cond = bm.real_samples
+    assert latents.shape == (4, 4, 8, 8) and cond.shape[0] == 4 and bm.images_encoded == 4
+    torch.testing.assert_close(cond[0], bm.prompt_cond(["a photo of a cat"])[0])
+    torch.testing.assert_close(cond[1], bm.prompt_cond([""])[0])        # no caption: the empty prompt
+    with torch.no_grad():
+        direct = bm.vae.encode(load_image(folder / "1.png", 16)[None]).latent_dist.mean * bm.vae.config.scaling_factor
+    torch.testing.assert_close(latents[1:2], direct)
+    assert load_image(folder / "2.png", 16).shape == (3, 16, 16)       # 16×32: resized, centre cropped
+    again = build_benchmark(compose_cfg(*overrides).benchmark)
+    torch.testing.assert_close(again.real_samples[0], latents)
+    assert again.images_encoded == 0                                    # from the cache
+    run = build_run(compose_cfg(*overrides, "trainer.max_steps=2", "eval.every=0", "eval.final=false"))
+    Trainer(run, tmp_path / "run").fit()
+    with pytest.raises(FileNotFoundError, match="benchmark.data.images="):
+        build_benchmark(compose_cfg(*TINY, f"benchmark.data.images={tmp_path / 'none'}").benchmark).real_samples

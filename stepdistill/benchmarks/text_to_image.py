@@ -119,6 +119,7 @@ class TextToImageBenchmark(Benchmark):
         null = self.pack(null)[0]
         self.prompt_embeddings = self.pack(self.prompt_embeddings)
         self.teacher = TextDenoiser(self.wrap(unet), self.schedule, self.prediction_type, null)
+        self.images_encoded = 0   # images this process had to put through the VAE (the rest came from the cache)
 
         if res % (self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)):
             raise ValueError(f"benchmark.resolution={res} cannot go through this VAE and UNet: use a multiple of "
@@ -203,7 +204,11 @@ class TextToImageBenchmark(Benchmark):
 
     @cached_property
     def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher ODE samples standing in for real data, with their prompt embeddings; cached on disk."""
+        """Real latents with their conds: the VAE latents of `benchmark.data.images` if set, else teacher ODE
+        samples standing in for real data. Both are cached on disk."""
+        images = (self.cfg.get("data") or {}).get("images")
+        if images:
+            return self.image_latents(images)
         n = int(self.cfg.get("num_real") or 256)
         key = hashlib.sha1(f"{model_key(self.path)}|{self.guidance}|{self.teacher_steps}|{n}|{self.data_shape}|"
                            f"{'|'.join(self.prompts)}".encode()).hexdigest()[:16]
@@ -221,6 +226,31 @@ class TextToImageBenchmark(Benchmark):
         save_file({"latents": latents.contiguous(), "cond": cond.contiguous()}, str(tmp))
         os.replace(tmp, file)
         return latents, cond
+
+    @torch.no_grad()
+    def image_latents(self, folder) -> tuple[torch.Tensor, torch.Tensor]:
+        """VAE latents (the distribution's mean, times the VAE's scaling factor) of an image folder, cached per
+        VAE, resolution and file list (paths, sizes, mtimes); their captions' conds."""
+        from ..data.images import load_image, load_image_folder
+        items = load_image_folder(folder)
+        stamp = "|".join(f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p, _ in items)
+        key = hashlib.sha1(f"{model_key(self.path / 'vae')}|{self.resolution}|{stamp}".encode()).hexdigest()[:16]
+        file = cache_dir() / "vae_latents" / f"{key}.safetensors"
+        if file.is_file():
+            latents = load_file(str(file))["latents"]
+        else:
+            from tqdm.auto import tqdm
+            scale, out = float(self.vae.config.scaling_factor), []
+            for i in tqdm(range(0, len(items), 16), desc="VAE latents (cached)", leave=False):
+                x = torch.stack([load_image(p, self.resolution) for p, _ in items[i:i + 16]])
+                out.append(self.vae.encode(x).latent_dist.mean * scale)
+            latents = torch.cat(out)
+            self.images_encoded = len(items)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".tmp{os.getpid()}")
+            save_file({"latents": latents.contiguous()}, str(tmp))
+            os.replace(tmp, file)
+        return latents, self.prompt_cond([caption for _, caption in items])
 
     def sample_real(self, n):
         latents, cond = self.real_samples
