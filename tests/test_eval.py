@@ -284,3 +284,34 @@ def test_gmm_scatter_png(tmp_path, mix):
     with Image.open(p1) as a, Image.open(p2) as b:
         assert a.format == b.format == "PNG"
         assert a.size == (360, 360) and b.size == (720, 360)  # 4.5 in per panel at 80 dpi
+
+
+def test_eval_fid_hook_uses_local_inception_weights(monkeypatch, tmp_path):
+    """eval.fid.inception_weights adds `fid` (student and teacher) against the benchmark's real images."""
+    import json
+
+    import torchmetrics.image.fid as tm_fid
+
+    from conftest import compose_cfg
+    from stepdistill.eval.fid import inception_fid
+    from stepdistill.train.evaluation import Evaluator, eval_inputs, student_sample
+    from stepdistill.train.setup import build_run
+
+    monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", StandInInception)
+    weights = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    weights.write_bytes(b"stand-in")
+    run = build_run(compose_cfg("benchmark=digits", "eval.num_samples=40", "eval.batch_size=40",
+                                f"eval.fid.inception_weights={weights}"))
+    metrics = Evaluator(run, tmp_path).evaluate(0, teacher_reference=True)
+    assert metrics["student_fid_num_real"] == 1797 and metrics["student_fid_num_samples"] == 40
+    assert metrics["teacher_fid_num_samples"] == 40 and metrics["teacher_fid"] > 0
+    noise, cond, gen = eval_inputs(run.benchmark, 40, int(run.cfg.eval.seed))
+    with torch.no_grad():
+        samples = student_sample(run.student(), noise, cond, None, gen, 40)
+    expected = inception_fid(run.benchmark.fid_reference_images(), run.benchmark.to_output(samples), weights)
+    assert metrics["student_fid"] == pytest.approx(expected["fd"], rel=1e-9)
+    json.dumps(metrics)
+    with pytest.raises(ValueError, match="needs an image benchmark"):
+        Evaluator(build_run(compose_cfg("benchmark=gmm", "eval.num_samples=20",
+                                        f"eval.fid.inception_weights={weights}")), tmp_path).evaluate(0)

@@ -109,6 +109,10 @@ class Benchmark:
         """Model space -> what `stepdistill-sample` writes (images in [0, 1])."""
         return x
 
+    def fid_reference_images(self) -> torch.Tensor:
+        """The real images (N×C×H×W in [0, 1]) that Inception FID compares samples with."""
+        raise ValueError(f"eval.fid.inception_weights needs an image benchmark; {self.name} has no images")
+
     def evaluate(self, samples: torch.Tensor, labels=None) -> dict:
         raise NotImplementedError
 

@@ -64,6 +64,9 @@ class DigitsBenchmark(Benchmark):
         from ..networks.digits_features import load_feature_net
         return load_feature_net(self.cfg.get("feature_net"))
 
+    def fid_reference_images(self):
+        return self.to_output(self.images)
+
     def evaluate(self, samples, labels=None):
         from ..eval.fid import frechet_distance
         fake01 = self.to_output(samples)

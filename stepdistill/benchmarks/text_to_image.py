@@ -265,6 +265,10 @@ class TextToImageBenchmark(Benchmark):
         out = [self.vae.decode(x[i:i + batch_size].float() / scale).sample for i in range(0, x.shape[0], batch_size)]
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
+    def fid_reference_images(self):
+        """The decoded real latents: the image folder's, or the cached teacher samples."""
+        return self.to_output(self.real_samples[0])
+
     def evaluate(self, samples, labels=None):
         """latent_fd: Fréchet distance between the samples' latents and the cached teacher samples' latents
         (flattened; no feature network). Meaningful between runs on the same teacher, not across teachers."""

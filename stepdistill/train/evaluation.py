@@ -77,10 +77,16 @@ class Evaluator:
         return metrics
 
     def benchmark_metrics(self, samples, cond) -> dict:
-        """The benchmark's own metrics, plus the CLIP score of the decoded images where `eval.clip.model` names a
-        local CLIP model (text-conditioned benchmarks: each image against its prompt)."""
+        """The benchmark's own metrics, plus Inception FID against the benchmark's reference images where
+        `eval.fid.inception_weights` names local weights, and the CLIP score of the decoded images where
+        `eval.clip.model` names a local CLIP model (text-conditioned benchmarks: each image against its prompt)."""
         bm = self.run.benchmark
         metrics = bm.evaluate(samples, cond)
+        weights = (self.cfg.get("fid") or {}).get("inception_weights")
+        if weights:
+            from ..eval.fid import inception_fid
+            out = inception_fid(bm.fid_reference_images(), bm.to_output(samples), weights)
+            metrics.update({"fid": out["fd"], "fid_num_real": out["num_real"], "fid_num_samples": out["num_fake"]})
         clip_model = (self.cfg.get("clip") or {}).get("model")
         if clip_model:
             prompts = bm.eval_labels(samples.shape[0])
