@@ -3,8 +3,9 @@ from .base import LossOut, Method
 from .dmd import DMD
 from .dmd2 import DMD2
 from .scm import SCM
+from .sid import SiD
 
-METHODS = {"dmd": DMD, "dmd2": DMD2, "scm": SCM}
+METHODS = {"dmd": DMD, "dmd2": DMD2, "scm": SCM, "sid": SiD}
 
 
 def method_class(name: str):
