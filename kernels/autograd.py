@@ -18,15 +18,14 @@ def _unit_stride(t: torch.Tensor | None) -> torch.Tensor | None:
 
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, scale):
-        return triton_attention.forward(_unit_stride(q), _unit_stride(k), _unit_stride(v), scale)
+    def forward(q, k, v, scale):   # q, k, v have a unit stride on head_dim (triton_flash_attention sees to it)
+        return triton_attention.forward(q, k, v, scale)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v, scale = inputs
         o, lse = output
         ctx.mark_non_differentiable(lse)
-        q, k, v = (_unit_stride(t) for t in (q, k, v))
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.save_for_forward(q, k, v, o, lse)
         ctx.scale = scale
@@ -48,8 +47,10 @@ def triton_flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
     """(B, H, L, D) attention through the Triton kernels, D padded with zeros to a supported power of two."""
     d = q.shape[-1]
     padded = padded_head_dim(d)
-    if padded != d:
+    if padded != d:   # the padded copies have a unit stride already
         pad = (0, padded - d)
         q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
+    else:
+        q, k, v = (_unit_stride(t) for t in (q, k, v))
     o, _ = FlashAttentionFunction.apply(q, k, v, scale)
     return o[..., :d] if padded != d else o

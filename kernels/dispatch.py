@@ -8,22 +8,17 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-from .triton_attention_dims import head_dim_supported
+from .triton_attention_dims import head_dim_supported, triton_interpreted
 
 BACKENDS = ("auto", "triton", "sdpa", "xformers", "math")
 
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def xformers_available() -> bool:

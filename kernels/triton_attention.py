@@ -10,14 +10,15 @@ computes bf16 arithmetic wrongly, so there every loaded tile is cast to fp32 fir
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .triton_attention_dims import triton_interpreted
+
 LOG2E = 1.4426950408889634
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+INTERPRET = triton_interpreted()   # read once: the kernels below were decorated under this setting
 
 
 # ---------------------------------------------------------------------------------------------------------

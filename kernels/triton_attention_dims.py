@@ -1,7 +1,8 @@
-"""Which head_dims the Triton kernels take, answerable without importing triton."""
+"""What the Triton kernels take and how they run, answerable without importing triton."""
 from __future__ import annotations
 
 import math
+import os
 
 MAX_HEAD_DIM = 256
 
@@ -13,3 +14,9 @@ def padded_head_dim(head_dim: int) -> int:
 
 def head_dim_supported(head_dim: int) -> bool:
     return 1 <= head_dim and padded_head_dim(head_dim) <= MAX_HEAD_DIM
+
+
+def triton_interpreted() -> bool:
+    """TRITON_INTERPRET is on: the kernels run in Triton's interpreter on CPU tensors (it must be set before
+    triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
