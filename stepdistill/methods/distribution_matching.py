@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..denoiser import Denoiser, NetworkDenoiser
+from .base import LossOut
 
 
 NORMALIZERS = ("sample", "batch")
@@ -56,3 +57,11 @@ def fake_score_loss(fake: NetworkDenoiser, x_fake: torch.Tensor, cond=None) -> t
     """Denoising loss of the critic on detached generator samples, t over the whole range."""
     t = fake.schedule.sample_t(x_fake.shape[0], 0.0, 1.0, device=x_fake.device)
     return fake.denoising_loss(x_fake.detach(), t, cond).mean()
+
+
+def fake_score_phase(models, batch) -> LossOut:
+    """The critic phase of DMD and SiD: fresh generator samples (no gradient), then fake_score_loss."""
+    with torch.no_grad():
+        x = models["generator"](batch["noise"], batch["cond"])
+    loss = fake_score_loss(models["fake_score"], x, batch["cond"])
+    return LossOut(loss, {"loss_fake_score": loss.item()})

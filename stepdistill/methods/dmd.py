@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .base import LossOut, Method
-from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
+from .distribution_matching import check_normalizer, dmd_loss, fake_score_phase
 
 
 class DMD(Method):
@@ -47,8 +47,4 @@ class DMD(Method):
         return LossOut(loss, {"loss_dm": l_dm.item(), "loss_reg": l_reg.item(), **logs})
 
     def critic_loss(self, batch, step):
-        m = self.models
-        with torch.no_grad():
-            x = m["generator"](batch["noise"], batch["cond"])
-        loss = fake_score_loss(m["fake_score"], x, batch["cond"])
-        return LossOut(loss, {"loss_fake_score": loss.item()})
+        return fake_score_phase(self.models, batch)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .base import LossOut, Method
-from .distribution_matching import check_normalizer, fake_score_loss
+from .distribution_matching import check_normalizer, fake_score_phase
 
 
 def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
@@ -63,8 +63,4 @@ class SiD(Method):
         return LossOut(loss, logs)
 
     def critic_loss(self, batch, step):
-        m = self.models
-        with torch.no_grad():
-            x = m["generator"](batch["noise"], batch["cond"])
-        loss = fake_score_loss(m["fake_score"], x, batch["cond"])
-        return LossOut(loss, {"loss_fake_score": loss.item()})
+        return fake_score_phase(self.models, batch)
