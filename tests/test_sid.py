@@ -22,7 +22,7 @@ def setup():
     fake = GMMDenoiser(circle_mixture(0.6, shift=0.2), sched)     # a wrong, but exact, "fake" score
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(6, 2, generator=g, dtype=torch.float64) * 3)
-    t = sched.sample_t(6, 0.05, 0.8)
+    t = sched.t_from_fraction(0.05 + 0.75 * torch.rand(6, generator=g, dtype=torch.float64))
     noise = torch.randn(6, 2, generator=g, dtype=torch.float64)
     return sched, teacher, fake, x, t, noise
 

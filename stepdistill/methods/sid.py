@@ -29,9 +29,10 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
         t = sched.sample_t(x.shape[0], *t_range, device=x.device)
     noise = torch.randn_like(x) if noise is None else noise
     x_t = sched.add_noise(x, noise, t)              # no detach: the gradient reaches x through both networks
-    f_real = teacher.x0(x_t, t, cond, guidance).float()
-    f_fake = fake.x0(x_t, t, cond, fake_guidance).float()
-    xf = x.float()
+    dt = torch.promote_types(x.dtype, torch.float32)   # at least fp32; float64 stays float64
+    f_real = teacher.x0(x_t, t, cond, guidance).to(dt)
+    f_fake = fake.x0(x_t, t, cond, fake_guidance).to(dt)
+    xf = x.to(dt)
     dims = tuple(range(1, x.ndim))
     weight_dims = dims if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
     with torch.no_grad():
