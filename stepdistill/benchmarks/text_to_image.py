@@ -11,7 +11,6 @@ The "real" samples some methods need (DMD2's GAN) are teacher ODE samples, gener
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -19,9 +18,9 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..data.prompts import EmbeddingCache, cache_dir, load_prompts, model_key
+from ..data.cache import cache_dir, cached_tensors, digest, files_stamp, model_key
+from ..data.prompts import EmbeddingCache, load_prompts
 from ..networks.text_unet import SDXLConditionedUNet, TextConditionedUNet, TextDenoiser, pack_sdxl_cond
 from ..samplers import ddim_sample
 from ..teachers import scheduler_config, vp_schedule
@@ -210,22 +209,17 @@ class TextToImageBenchmark(Benchmark):
         if images:
             return self.image_latents(images)
         n = int(self.cfg.get("num_real") or 256)
-        key = hashlib.sha1(f"{model_key(self.path)}|{self.guidance}|{self.teacher_steps}|{n}|{self.data_shape}|"
-                           f"{'|'.join(self.prompts)}".encode()).hexdigest()[:16]
-        file = cache_dir() / "teacher_samples" / f"{key}.safetensors"
-        if file.is_file():
-            d = load_file(str(file))
-            return d["latents"], d["cond"]
-        from ..train.evaluation import teacher_sample_batched
-        gen = torch.Generator().manual_seed(0)
-        noise = self.noise(n, gen)
-        cond = self.sample_cond(n, gen)
-        latents = teacher_sample_batched(self, noise, cond, batch_size=64, progress="teacher samples (cached)")
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(f".tmp{os.getpid()}")
-        save_file({"latents": latents.contiguous(), "cond": cond.contiguous()}, str(tmp))
-        os.replace(tmp, file)
-        return latents, cond
+        key = digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape, *self.prompts)
+
+        def sample() -> dict:
+            from ..train.evaluation import teacher_sample_batched
+            gen = torch.Generator().manual_seed(0)
+            noise, cond = self.noise(n, gen), self.sample_cond(n, gen)
+            return {"latents": teacher_sample_batched(self, noise, cond, batch_size=64,
+                                                      progress="teacher samples (cached)"), "cond": cond}
+
+        d = cached_tensors(cache_dir() / "teacher_samples" / f"{key}.safetensors", sample)
+        return d["latents"], d["cond"]
 
     @torch.no_grad()
     def image_latents(self, folder) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,23 +227,18 @@ class TextToImageBenchmark(Benchmark):
         VAE, resolution and file list (paths, sizes, mtimes); their captions' conds."""
         from ..data.images import load_image, load_image_folder
         items = load_image_folder(folder)
-        stamp = "|".join(f"{p}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p, _ in items)
-        key = hashlib.sha1(f"{model_key(self.path / 'vae')}|{self.resolution}|{stamp}".encode()).hexdigest()[:16]
-        file = cache_dir() / "vae_latents" / f"{key}.safetensors"
-        if file.is_file():
-            latents = load_file(str(file))["latents"]
-        else:
+        key = digest(model_key(self.path / "vae"), self.resolution, files_stamp([p for p, _ in items]))
+
+        def encode() -> dict:
             from tqdm.auto import tqdm
             scale, out = float(self.vae.config.scaling_factor), []
             for i in tqdm(range(0, len(items), 16), desc="VAE latents (cached)", leave=False):
                 x = torch.stack([load_image(p, self.resolution) for p, _ in items[i:i + 16]])
                 out.append(self.vae.encode(x).latent_dist.mean * scale)
-            latents = torch.cat(out)
             self.images_encoded = len(items)
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".tmp{os.getpid()}")
-            save_file({"latents": latents.contiguous()}, str(tmp))
-            os.replace(tmp, file)
+            return {"latents": torch.cat(out)}
+
+        latents = cached_tensors(cache_dir() / "vae_latents" / f"{key}.safetensors", encode)["latents"]
         return latents, self.prompt_cond([caption for _, caption in items])
 
     def sample_real(self, n):

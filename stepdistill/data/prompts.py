@@ -1,4 +1,4 @@
-"""Prompt lists for data-free text-to-image distillation, and an on-disk cache of their text embeddings.
+"""Prompt lists for data-free text-to-image distillation, and the on-disk cache of their text embeddings.
 
 `load_prompts(path, column)`: a .txt file (one prompt per line, blank lines skipped), a .csv file or a .parquet
 file (the `column` column; default "prompt", or the only column).
@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from .cache import cache_dir, save_tensors
 
 
 def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
@@ -51,22 +52,6 @@ def _pick_column(column: str | None, names: list[str], path: Path) -> str:
     raise ValueError(f"{path} has columns {names}: set data.prompt_column to the one holding the prompts")
 
 
-def cache_dir() -> Path:
-    """Where embeddings and teacher samples are cached: $STEPDISTILL_CACHE, else ~/.cache/stepdistill."""
-    return Path(os.environ.get("STEPDISTILL_CACHE", Path.home() / ".cache" / "stepdistill")).expanduser()
-
-
-def model_key(path: str | Path) -> str:
-    """Identifies a text encoder folder's weights: its resolved path and the files' sizes and mtimes."""
-    root = Path(path).resolve()
-    parts = [str(root)]
-    for f in sorted(root.rglob("*")):
-        if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".txt"):
-            st = f.stat()
-            parts.append(f"{f.relative_to(root)}:{st.st_size}:{int(st.st_mtime)}")
-    return hashlib.sha1("\n".join(parts).encode()).hexdigest()[:16]
-
-
 class EmbeddingCache:
     """Text embeddings keyed by (model, prompt), one safetensors file per model; a second run re-encodes
     nothing it has seen. Writes go through a temporary file and a rename."""
@@ -88,8 +73,5 @@ class EmbeddingCache:
             for p, e in zip(missing, out):
                 self.table[self.key(p)] = e.detach().cpu().contiguous()
             self.encoded += len(missing)
-            self.file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.file.with_suffix(f".tmp{os.getpid()}")
-            save_file(self.table, str(tmp))
-            os.replace(tmp, self.file)
+            save_tensors(self.table, self.file)
         return torch.stack([self.table[self.key(p)] for p in prompts])

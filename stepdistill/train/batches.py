@@ -8,27 +8,20 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
+from ..data.cache import cached_tensors
 from .evaluation import teacher_sample_batched
 
 
 def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256) -> dict:
-    if path is not None and path.is_file():
-        return load_file(str(path))
-    gen = torch.Generator().manual_seed(seed)
-    noise = benchmark.noise(num, gen)
-    cond = benchmark.sample_cond(num, gen)
-    target = teacher_sample_batched(benchmark, noise, cond, batch_size=chunk, progress="teacher regression pairs")
-    pairs = {"noise": noise, "target": target}
-    if cond is not None:
-        pairs["cond"] = cond
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(pairs, str(tmp))
-        tmp.replace(path)
-    return pairs
+    def make() -> dict:
+        gen = torch.Generator().manual_seed(seed)
+        noise = benchmark.noise(num, gen)
+        cond = benchmark.sample_cond(num, gen)
+        target = teacher_sample_batched(benchmark, noise, cond, batch_size=chunk, progress="teacher regression pairs")
+        return {"noise": noise, "target": target, **({} if cond is None else {"cond": cond})}
+
+    return make() if path is None else cached_tensors(path, make)
 
 
 class BatchSource:
