@@ -14,6 +14,11 @@ from ..networks.heads import ClassifierHead
 from ..roles import Roles
 
 
+def shared_base(model_cfg) -> bool:
+    """`model.shared_base`: one frozen network for every role (networks/shared_base.py)."""
+    return model_cfg is not None and bool(model_cfg.get("shared_base"))
+
+
 class Benchmark:
     name = "base"
     kind = "points"  # "points" (data space) or "image" (written in [0, 1])
@@ -40,7 +45,8 @@ class Benchmark:
     def build_roles(self, method_cfg, generator_cfg, model_cfg=None) -> Roles:
         roles = Roles()
         roles["teacher"] = self.teacher
-        if model_cfg is not None and model_cfg.get("shared_base"):
+        shared = shared_base(model_cfg)
+        if shared:
             fake, gen = self.shared_base_students(model_cfg, generator_cfg)
         else:
             fake, gen = self.make_student_denoiser(), self.make_student_denoiser()
@@ -48,7 +54,7 @@ class Benchmark:
         roles["generator"] = FewStepGenerator(gen, generator_cfg.get("timesteps"), int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
                                               train_steps=generator_cfg.get("train_steps"))
-        if generator_cfg.get("lora_rank") and not (model_cfg is not None and model_cfg.get("shared_base")):
+        if generator_cfg.get("lora_rank") and not shared:   # shared-base students are adapters already
             from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
             add_lora(diffusers_unet(roles["generator"].denoiser), int(generator_cfg.lora_rank),
                      generator_cfg.get("lora_alpha"), tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))

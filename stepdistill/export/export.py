@@ -2,8 +2,7 @@
 unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one,
 `PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
 (the teacher's VAE, text encoders and tokenizers, the student's UNet, an LCMScheduler) for text-to-image
-students. The folder is written
-beside its target and renamed into place.
+students. The folder is written beside its target and renamed into place.
 """
 from __future__ import annotations
 

@@ -16,14 +16,11 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def mark_frozen(module: nn.Module) -> None:
-    """Freeze every parameter of `module` for good (the trainer's Roles skip parameters marked this way)."""
+    """Freeze every parameter of `module` for good: Roles (roles.py) leaves parameters marked `frozen_base`
+    out of optimizers and requires_grad flips."""
     for p in module.parameters():
         p.requires_grad_(False)
         p.frozen_base = True
-
-
-def is_frozen(p: nn.Parameter) -> bool:
-    return bool(getattr(p, "frozen_base", False))
 
 
 def diffusers_unet(denoiser) -> nn.Module:

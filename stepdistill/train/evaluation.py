@@ -83,17 +83,20 @@ class Evaluator:
         bm = self.run.benchmark
         metrics = bm.evaluate(samples, cond)
         weights = (self.cfg.get("fid") or {}).get("inception_weights")
+        clip_model = (self.cfg.get("clip") or {}).get("model")
+        if not (weights or clip_model):
+            return metrics
+        images = bm.to_output(samples)   # decoded once for both (a VAE pass on text-to-image benchmarks)
         if weights:
             from ..eval.fid import inception_fid
-            out = inception_fid(bm.fid_reference_images(), bm.to_output(samples), weights)
+            out = inception_fid(bm.fid_reference_images(), images, weights)
             metrics.update({"fid": out["fd"], "fid_num_real": out["num_real"], "fid_num_samples": out["num_fake"]})
-        clip_model = (self.cfg.get("clip") or {}).get("model")
         if clip_model:
             prompts = bm.eval_labels(samples.shape[0])
             if not isinstance(prompts, list):
                 raise ValueError(f"eval.clip.model needs a text-conditioned benchmark, not {bm.name}")
             from ..eval.clip import clip_score
-            metrics.update(clip_score(bm.to_output(samples), prompts, clip_model))
+            metrics.update(clip_score(images, prompts, clip_model))
         return metrics
 
     def teacher_samples(self, noise, cond):

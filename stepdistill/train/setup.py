@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ..benchmarks.base import shared_base
 from ..benchmarks.registry import build_benchmark
 from ..methods import method_class
 from ..roles import Roles
@@ -69,7 +70,7 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     model_cfg = cfg.get("model")
     roles = benchmark.build_roles(cfg.method, cfg.generator, model_cfg)
     if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
-        if model_cfg is not None and model_cfg.get("shared_base"):
+        if shared_base(model_cfg):
             from ..networks.shared_base import shared_ema
             roles["generator_ema"] = shared_ema(roles["generator"])
         else:
