@@ -3,9 +3,13 @@ from .base import LossOut, Method
 from .dmd import DMD
 from .dmd2 import DMD2
 from .scm import SCM
-from .sid import SiD
+from .fdistill import FDistill
+from .sid import SiD, SiDFewStep
+from .sida import SiDA
+from .sim import SIM
 
-METHODS = {"dmd": DMD, "dmd2": DMD2, "scm": SCM, "sid": SiD}
+METHODS = {"dmd": DMD, "dmd2": DMD2, "fdistill": FDistill, "scm": SCM, "sid": SiD, "sid_fewstep": SiDFewStep,
+           "sida": SiDA, "sim": SIM}
 
 
 def method_class(name: str):

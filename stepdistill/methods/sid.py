@@ -65,3 +65,7 @@ class SiD(Method):
 
     def critic_loss(self, batch, step):
         return fake_score_phase(self.models, batch)
+
+
+class SiDFewStep(SiD):
+    name = "sid_fewstep"
