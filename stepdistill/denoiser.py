@@ -110,15 +110,26 @@ class NetworkDenoiser(Denoiser):
         out = self.raw(x_t, t, cond, alpha_sigma).to(dt)
         return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
 
-    def denoising_loss(self, x0, t, cond=None, noise=None):
-        """Per-sample MSE in the network's native space: the loss the teacher was trained with."""
+    def denoising_loss(self, x0, t, cond=None, noise=None, guidance: float = 1.0):
+        """Per-sample MSE in the network's native space: the loss the teacher was trained with.
+
+        `guidance` != 1 regresses the network's *guided* output, uncond + w (cond - uncond) from one batched call,
+        onto the target (SiD-LSG trains its fake score this way). Every prediction type is affine in the raw
+        output at fixed x_t, so CFG on the raw output is CFG on the x0-prediction."""
         t = self._as_batch_t(t, x0)
         noise = torch.randn_like(x0) if noise is None else noise
         a, s = self.coeffs(t, x0)
         x_t = a * x0 + s * noise
         target = target_for(x0, noise, x_t, a, s, self.prediction_type, self.sigma_data)
-        err = (self.raw(x_t, t, cond).float() - target) ** 2
-        return err.flatten(1).mean(1)
+        if guidance == 1.0:
+            out = self.raw(x_t, t, cond).float()
+        else:
+            if cond is None:
+                raise ValueError(f"guidance={guidance} needs a condition: pass cond (labels / prompt embeddings)")
+            both = self.raw(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, self.uncond(cond)])).float()
+            out_c, out_u = both.chunk(2)
+            out = out_u + guidance * (out_c - out_u)
+        return ((out - target) ** 2).flatten(1).mean(1)
 
 
 def _is_diffusers_unet(net) -> bool:

@@ -54,6 +54,16 @@ class NoiseSchedule:
         """Descending times for a `steps`-step ODE sampler, from the noisiest level towards clean data."""
         return self.t_from_fraction(torch.linspace(1.0, 0.0, steps + 1)[:-1])
 
+    def t_at_noise_ratio(self, ratio: float) -> float:
+        """The time whose noise-to-signal ratio sigma/alpha is closest to `ratio`: the same noise level across
+        parameterisations. SiD starts its generator at EDM sigma 2.5: t 0.714 for flow, 755 for cosine VP and
+        625 for SD's scaled-linear VP (SiD-LSG's t_init). Discrete schedules return one of their integer timesteps."""
+        if ratio <= 0:
+            raise ValueError(f"noise ratio {ratio} must be > 0")
+        t = self.t_from_fraction(torch.linspace(0.0, 1.0, 20001, dtype=torch.float64)).unique()
+        log_r = (self.sigma(t).double() / self.alpha(t).double()).log()
+        return float(t[(log_r - torch.tensor(float(ratio)).log()).abs().argmin()])
+
     def final_t(self) -> torch.Tensor:
         """Where a sampler ends: x at this time is treated as clean data."""
         return self.t_from_fraction(torch.zeros(1))[0]

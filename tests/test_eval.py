@@ -8,7 +8,7 @@ from torch import nn
 
 from stepdistill.eval import (build_fid_metric, frechet_distance, gmm_metrics, inception_fid, mmd_rbf,
                               mode_histogram, save_gmm_scatter, save_image_grid, sliced_wasserstein)
-from stepdistill.eval.gmm_metrics import expected_high_quality_counts
+from stepdistill.eval.gmm_metrics import expected_high_quality_counts, mode_masses
 from stepdistill.networks.gmm import GaussianMixture, circle_means
 
 torch.set_num_threads(1)
@@ -64,6 +64,25 @@ def test_coverage_rule_and_high_quality_count(mix):
     assert float(expected_high_quality_counts(mix, 808)[7]) == pytest.approx(101 * (1 - math.exp(-4.5)))
     x2 = torch.cat([x, means[7:].repeat(6, 1)])  # 21 in mode 7, N = 814: due 0.2 * 814/8 * 0.9889 = 20.12
     assert gmm_metrics(x2, mix)["modes_covered"] == 8
+
+
+def test_mode_mass_error(mix):
+    # collapsed onto mode 0: masses (1, 0, ..., 0) vs 1/8 each -> |1 - 1/8| + 7/8 = 1.75
+    collapsed = mix.means[0].float() + 0.25 * torch.randn(500, 2, generator=gen(2))
+    assert gmm_metrics(collapsed, mix)["mode_mass_error"] == pytest.approx(1.75)
+    # the coverage example: 7 x 112 + 15 at the means, and 9 at the origin, which is equidistant from every mean
+    # (ties go to the first component): masses (121, 112 x 6, 15) / 808
+    means = mix.means.float()
+    x = torch.cat([means[:7].repeat_interleave(112, 0), means[7:].repeat(15, 1), torch.zeros(9, 2)])
+    masses = torch.tensor([121] + [112] * 6 + [15], dtype=torch.float64) / 808
+    assert mode_masses(x, mix).tolist() == pytest.approx(masses.tolist())
+    assert gmm_metrics(x, mix)["mode_mass_error"] == pytest.approx(float((masses - 1 / 8).abs().sum()))
+    # unbalanced weights: exact samples of the unbalanced mixture score near 0, equal-weight samples do not
+    unbalanced = GaussianMixture(mix.means, mix.stds, weights=list(range(1, 9)))
+    exact = gmm_metrics(unbalanced.sample(4000, generator=gen(4)), unbalanced)["mode_mass_error"]
+    equal = gmm_metrics(mix.sample(4000, generator=gen(4)), unbalanced)["mode_mass_error"]
+    # equal masses vs w_k = k/36: sum |1/8 - k/36| = 4/9; binomial noise at N=4000 is ~0.04
+    assert exact < 0.06 and equal == pytest.approx(4 / 9, abs=0.06)
 
 
 def test_nonfinite_samples_do_not_crash(mix):

@@ -91,3 +91,200 @@ def test_generator_phase_trains_only_the_generator_and_runs_on_both_benchmarks(g
         assert all(torch.isfinite(p).all() for p in out.roles["generator"].parameters())
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max <= 1"):
         build_run(gmm_cfg("method=sid", "method.t_max=1.5"))
+
+
+# ------------------------------------------------------------------ noise level of the one-step generator
+
+def test_init_sigma_picks_the_same_noise_level_on_every_schedule(gmm_cfg):
+    from stepdistill.train.setup import build_run
+    sd = make_schedule(kind="vp", num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                       beta_end=0.012)
+    assert sd.t_at_noise_ratio(2.5) == 625                     # SiD-LSG's t_init on Stable Diffusion
+    assert make_schedule(kind="edm").t_at_noise_ratio(2.5) == pytest.approx(2.5, rel=1e-3)
+    assert make_schedule(kind="flow").t_at_noise_ratio(2.5) == pytest.approx(2.5 / 3.5, rel=1e-4)
+    cos = make_schedule(kind="vp", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+    t = torch.tensor([cos.t_at_noise_ratio(2.5)])
+    assert (cos.sigma(t) / cos.alpha(t)).item() == pytest.approx(2.5, rel=0.01)
+    assert build_run(gmm_cfg("method=sid")).roles["generator"].timesteps == [float(t)]
+    assert build_run(gmm_cfg("method=sid", "generator.timesteps=[999]")).roles["generator"].timesteps == [999.0]
+    assert build_run(gmm_cfg("method=dmd2")).roles["generator"].timesteps == [999.0]   # only methods that ask
+    assert build_run(gmm_cfg("method=sid_fewstep")).roles["generator"].num_steps == 4   # four_step by default
+    with pytest.raises(ValueError, match="needs a multi-step generator: add generator=four_step"):
+        build_run(gmm_cfg("method=sid_fewstep", "generator=one_step"))
+
+
+# ------------------------------------------------------------------ guidance strategies (LSG, Zero-CFG, Anti-CFG)
+
+class ConditionalMixture(GMMDenoiser):
+    """Exact class-conditional teacher: label k is mixture component k alone, label K (null) the whole mixture."""
+    conditional = True
+
+    def uncond(self, cond):
+        return torch.full_like(cond, self.mixture.means.shape[0])
+
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
+        a, s = self.schedule.alpha(t).double()[:, None], self.schedule.sigma(t).double()[:, None]
+        out = self.mixture.posterior_mean(x_t, a[:, 0], s[:, 0]).double()
+        k = cond < self.mixture.means.shape[0]
+        mu, var = self.mixture.means[cond[k]], self.mixture.stds[cond[k]][:, None] ** 2
+        out[k] = mu + a[k] * var / (a[k] ** 2 * var + s[k] ** 2) * (x_t[k].double() - a[k] * mu)
+        return out
+
+
+def guided(den, x_t, t, cond, w):
+    null = torch.full_like(cond, 8)
+    c, u = ConditionalMixture._x0_single(den, x_t, t, cond), ConditionalMixture._x0_single(den, x_t, t, null)
+    return u + w * (c - u)
+
+
+@pytest.mark.parametrize("strategy,scales", [("lsg", (2.0, 1.5)), ("zero", (1.0, None)), ("anti", (1.0, 0.5))])
+def test_guidance_strategies_use_the_papers_scales_and_conditions(setup, strategy, scales):
+    from omegaconf import OmegaConf
+    from stepdistill.methods.sid import SiD
+    from stepdistill.roles import Roles
+    sched, _, _, x, t, noise = setup
+    teacher = ConditionalMixture(circle_mixture(0.25), sched)
+    fake = ConditionalMixture(circle_mixture(0.6, shift=0.2), sched)
+    roles = Roles({"teacher": teacher, "fake_score": fake, "generator": torch.nn.Identity()})
+    cfg = OmegaConf.create(dict(alpha=1.2, t_min=0.0, t_max=0.8, guidance=2.0, fake_guidance=scales[1] or 1.0,
+                                fake_train_guidance=1.0, cfg_strategy=strategy))
+    method = SiD(roles, cfg)
+    cond = torch.tensor([0, 1, 2, 3, 4, 5])
+    loss, _ = method.sid_term(x, cond, t=t, noise=noise)
+    a, s = sched.alpha(t).double()[:, None], sched.sigma(t).double()[:, None]
+    x_t = a * x + s * noise
+    f_real = guided(teacher, x_t, t, cond, scales[0])
+    f_fake = guided(fake, x_t, t, torch.full_like(cond, 8), 1.0) if strategy == "zero" else guided(fake, x_t, t, cond, scales[1])
+    w = 1 / (x - f_real).abs().mean(1, keepdim=True)
+    ref = (w * (f_real - f_fake) * ((f_real - x) - 1.2 * (f_real - f_fake))).mean(1).mean()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-9)
+
+
+def test_guidance_strategy_errors(gmm_cfg):
+    from stepdistill.train.setup import build_run
+    with pytest.raises(ValueError, match="unknown method.cfg_strategy 'lsgg'"):
+        build_run(gmm_cfg("method=sid", "method.cfg_strategy=lsgg"))
+    with pytest.raises(ValueError, match="needs a conditional teacher"):
+        build_run(gmm_cfg("method=sid", "method.cfg_strategy=zero"))
+    with pytest.raises(ValueError, match="needs a conditional teacher"):
+        build_run(gmm_cfg("method=sid", "method.fake_train_guidance=2.0"))
+    with pytest.raises(ValueError, match="anti needs method.fake_guidance < 1"):
+        build_run(compose_cfg_digits("method=sid", "method.cfg_strategy=anti"))
+
+
+def compose_cfg_digits(*overrides):
+    from conftest import compose_cfg
+    return compose_cfg("benchmark=digits", "trainer.batch_size=8", "eval.every=0", "eval.final=false",
+                       "trainer.progress=false", *overrides)
+
+
+def test_guided_denoising_loss_regresses_the_guided_output():
+    """LSG's fake-score training scale: the denoising loss of uncond + w (cond - uncond), on the digits UNet."""
+    from stepdistill.train.setup import build_run
+    fake = build_run(compose_cfg_digits("method=sid"), with_method=False).roles["fake_score"]
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, cond = torch.tensor([10.0, 300.0, 600.0, 900.0]), torch.tensor([1, 3, 5, 7])
+    with torch.no_grad():
+        got = fake.denoising_loss(x0, t, cond, noise, guidance=1.7)
+        a, s = fake.schedule.alpha(t)[:, None, None, None], fake.schedule.sigma(t)[:, None, None, None]
+        x_t = a * x0 + s * noise
+        out = fake.raw(x_t, t, fake.uncond(cond)) + 1.7 * (fake.raw(x_t, t, cond) - fake.raw(x_t, t, fake.uncond(cond)))
+        target = a * noise - s * x0 if fake.prediction_type == "v_prediction" else noise
+        ref = ((out - target) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    assert fake.prediction_type == "v_prediction"   # the target above is the shipped teacher's
+
+
+@pytest.mark.parametrize("overrides,cond_is_null,scale", [((), False, 1.0), (("method.cfg_strategy=zero",), True, 1.0),
+                                                          (("method.fake_train_guidance=1.5",), False, 1.5)])
+def test_critic_phase_conditions(overrides, cond_is_null, scale):
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    run = build_run(compose_cfg_digits("method=sid", *overrides))
+    fake, calls = run.roles["fake_score"], []
+    original = fake.denoising_loss
+
+    def record(x0, t, cond=None, noise=None, guidance=1.0):
+        calls.append((cond, guidance))
+        return original(x0, t, cond, noise, guidance)
+
+    fake.denoising_loss = record
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 8, "cpu")()
+    run.method.loss("critic", batch, 0)
+    (cond, guidance), = calls
+    assert bool((cond == fake.null_class).all()) == cond_is_null and guidance == scale
+
+
+# ------------------------------------------------------------------ SiDA
+
+def test_sida_discriminator_is_the_critics_encoder_on_equally_noised_real_and_fake(gmm_cfg):
+    from stepdistill.methods.sida import encoder_logit
+    from stepdistill.networks.heads import find_feature_module, tap_features
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    run = build_run(gmm_cfg("method=sida", "method.adv.critic_weight=0.5"))
+    assert set(run.roles) == {"teacher", "fake_score", "generator", "generator_ema"}   # no extra network
+    fake = run.roles["fake_score"]
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
+    calls, original = [], fake.raw
+
+    def record(x_t, t, cond=None, alpha_sigma=None):
+        calls.append((x_t.detach().clone(), t.clone()))
+        return original(x_t, t, cond, alpha_sigma)
+
+    fake.raw = record
+    torch.manual_seed(3)
+    out = run.method.loss("critic", batch, 0)
+    fake.raw = original
+    (xf_t, tf), (xr_t, tr) = calls            # the denoising loss's call on the fakes, then the real batch's
+    with torch.no_grad():
+        x_fake = run.roles["generator"](batch["noise"])
+    a, s = fake.schedule.alpha(tf)[:, None], fake.schedule.sigma(tf)[:, None]
+    assert torch.equal(tf, tr)
+    torch.testing.assert_close((xf_t - a * x_fake) / s, (xr_t - a * batch["real"]) / s, rtol=1e-4, atol=1e-4)
+    # the adversarial term: softplus of the mean encoder features, independently recomputed
+    enc = find_feature_module(fake.net)
+    logits = []
+    for x_t in (xf_t, xr_t):
+        with tap_features(enc) as tap:
+            logits.append(encoder_logit(tap["run"](fake.raw, x_t, tf, None), x_t.shape[0]))
+    l_d = torch.nn.functional.softplus(logits[0]).mean() + torch.nn.functional.softplus(-logits[1]).mean()
+    assert out.logs["loss_adv_d"] == pytest.approx(l_d.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.logs["loss_fake_score"] + 0.5 * l_d.item(), rel=1e-5)
+
+
+def test_sida_gradient_paths(gmm_cfg):
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    run = build_run(gmm_cfg("method=sida"))
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
+    for phase, trained in (("generator", "generator"), ("critic", "fake_score")):
+        for p in run.roles.parameters():
+            p.grad = None
+        run.roles.train_only(run.method.phases[phase])
+        out = run.method.loss(phase, batch, 0)
+        out.loss.backward()
+        assert all(p.grad is not None for p in run.roles[trained].parameters())
+        others = [n for n in ("generator", "fake_score") if n != trained]
+        assert all(p.grad is None for n in others for p in run.roles[n].parameters())
+    # the GAN term reaches the generator through the (frozen) critic's encoder
+    run.roles.train_only(("generator",))
+    x = run.roles["generator"](batch["noise"])
+    from stepdistill.methods.sida import encoder_logit
+    from stepdistill.networks.heads import find_feature_module, tap_features
+    with tap_features(find_feature_module(run.roles["fake_score"].net)) as tap:
+        logit = encoder_logit(tap["run"](run.roles["fake_score"].raw, x, torch.full((16,), 500.0), None), 16)
+    (g,) = torch.autograd.grad(logit.sum(), x)
+    assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("method", ["sid_fewstep", "sida"])
+def test_sid_variants_train_on_both_benchmarks(gmm_cfg, tmp_path, method):
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    for cfg in (gmm_cfg(f"method={method}", "trainer.max_steps=8"),
+                compose_cfg_digits(f"method={method}", "trainer.max_steps=4", "method.cfg_strategy=zero")):
+        out = build_run(cfg)
+        Trainer(out, tmp_path / cfg.benchmark.name).fit()
+        assert all(torch.isfinite(p).all() for p in out.roles["generator"].parameters())

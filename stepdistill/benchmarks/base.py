@@ -19,6 +19,17 @@ def shared_base(model_cfg) -> bool:
     return model_cfg is not None and bool(model_cfg.get("shared_base"))
 
 
+def generator_timesteps(schedule, method_cfg, generator_cfg):
+    """`generator.timesteps` if set; else, for a one-step student of a method with `init_sigma` (SiD's 2.5), the
+    schedule's time at that noise-to-signal ratio; else None (the generator's default)."""
+    if generator_cfg.get("timesteps") is not None:
+        return list(generator_cfg.timesteps)
+    init_sigma = method_cfg.get("init_sigma")
+    if init_sigma is not None and int(generator_cfg.steps) == 1:
+        return [schedule.t_at_noise_ratio(float(init_sigma))]
+    return None
+
+
 class Benchmark:
     name = "base"
     kind = "points"  # "points" (data space) or "image" (written in [0, 1])
@@ -51,7 +62,8 @@ class Benchmark:
         else:
             fake, gen = self.make_student_denoiser(), self.make_student_denoiser()
         roles["fake_score"] = fake
-        roles["generator"] = FewStepGenerator(gen, generator_cfg.get("timesteps"), int(generator_cfg.steps),
+        roles["generator"] = FewStepGenerator(gen, generator_timesteps(gen.schedule, method_cfg, generator_cfg),
+                                              int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
                                               train_steps=generator_cfg.get("train_steps"))
         if generator_cfg.get("lora_rank") and not shared:   # shared-base students are adapters already

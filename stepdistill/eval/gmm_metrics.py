@@ -7,6 +7,7 @@ The teacher's data distribution is known in closed form, so a student's samples 
   sliced_w2              sliced Wasserstein-2 distance to exact mixture samples (Bonneel et al. 2015)
   mmd                    unbiased MMD^2 with a sum of RBF kernels (Gretton et al. 2012, eq. 3)
   log_likelihood         mean log-density of the samples under the clean mixture
+  mode_mass_error        L1 distance between the student's mode masses and the mixture weights
 
 Every function works in float64 on the CPU (the sample counts here are small) and accepts samples on any device.
 """
@@ -38,6 +39,16 @@ def mode_histogram(samples: torch.Tensor, mixture, radius: float = HQ_RADIUS) ->
     """
     dist, idx = _nearest(samples, mixture)
     return torch.bincount(idx[dist <= radius], minlength=mixture.means.shape[0])
+
+
+def mode_masses(samples: torch.Tensor, mixture) -> torch.Tensor:
+    """Share of the finite samples nearest (in std units) to each component, float64 (K,), summing to 1."""
+    samples = _as64(samples)
+    samples = samples[torch.isfinite(samples).all(dim=1)]
+    if samples.shape[0] == 0:
+        return torch.full((mixture.means.shape[0],), float("nan"), dtype=torch.float64)
+    _, idx = _nearest(samples, mixture)
+    return torch.bincount(idx, minlength=mixture.means.shape[0]).double() / samples.shape[0]
 
 
 def expected_high_quality_counts(mixture, n: int, radius: float = HQ_RADIUS) -> torch.Tensor:
@@ -135,6 +146,9 @@ def gmm_metrics(samples: torch.Tensor, mixture, reference: torch.Tensor | None =
       points per side.
     - ``mmd``: `mmd_rbf` (unbiased MMD^2, RBF kernels at {0.5, 1, 2, 4} x median pooled distance) to the reference.
     - ``log_likelihood``: mean of ``mixture.log_prob`` over the samples (nats).
+    - ``mode_mass_error``: sum_k |m_k - w_k| (in [0, 2]), m_k the share of samples nearest (in std units) to
+      component k (`mode_masses`; every finite sample counts, on a mode or between modes), w_k its weight.
+      It is what separates a student that drops the light modes of an unbalanced mixture from one that does not.
     - ``num_samples`` (N), ``num_reference``, ``num_nonfinite`` (samples with a nan/inf coordinate: they count as
       not high-quality and make sliced_w2, mmd and log_likelihood nan).
     """
@@ -158,10 +172,11 @@ def gmm_metrics(samples: torch.Tensor, mixture, reference: torch.Tensor | None =
         "sliced_w2": sliced_wasserstein(samples, reference, num_projections, gen),
         "mmd": mmd_rbf(samples, reference),
         "log_likelihood": float(mixture.log_prob(samples).mean()) if bool(finite.all()) else float("nan"),
+        "mode_mass_error": float((mode_masses(samples, mixture) - mixture.weights).abs().sum()),
         "num_samples": int(n),
         "num_reference": int(reference.shape[0]),
         "num_nonfinite": int((~finite).sum()),
     }
 
 
-__all__ = ["gmm_metrics", "mode_histogram", "expected_high_quality_counts", "sliced_wasserstein", "mmd_rbf"]
+__all__ = ["gmm_metrics", "mode_histogram", "mode_masses", "expected_high_quality_counts", "sliced_wasserstein", "mmd_rbf"]

@@ -1,4 +1,4 @@
-"""SiD: Score identity Distillation (Zhou et al., ICML 2024, arXiv 2404.04057), one-step.
+"""SiD: Score identity Distillation (Zhou et al., ICML 2024, arXiv 2404.04057), one-step, and few-step SiD.
 
 For a generated sample x_g = G(z), noise level t and x_t = a x_g + s eps, with f_real / f_fake the teacher's and
 the fake score's x0-predictions at x_t, the generator minimises (per sample, elements averaged)
@@ -6,24 +6,42 @@ the fake score's x0-predictions at x_t, the generator minimises (per sample, ele
     w = 1 / mean|x_g - f_real|   (per sample, no gradient through it).
 Unlike DMD's surrogate, the gradient flows through x_t into the teacher's and the critic's *inputs* (their
 parameters stay frozen in this phase): that is SiD's score-identity estimator. Noise levels: t uniform over
-[t_min, t_max] of the schedule's range (SiD: [0, 0.8]); the generator starts from its own timesteps (set
-generator.timesteps to SiD's t_init, e.g. [625] for SD-style VP teachers). The critic is trained as in DMD, with
-the teacher's denoising loss on detached samples, alternating 1:1 by default.
+[t_min, t_max] of the schedule's range (SiD: [0, 0.8]); a one-step generator starts at `init_sigma` (SiD: EDM
+sigma 2.5; the time with the same sigma/alpha on VP and flow schedules, e.g. t = 625 on SD's schedule, see
+Benchmark.build_roles). The critic is trained as in DMD, with the teacher's denoising loss on detached samples,
+alternating 1:1 by default.
+
+Guidance for conditional teachers (`cfg_strategy`):
+  lsg   SiD-LSG (Zhou et al., ICLR 2025): separate CFG scales for the teacher (`guidance`), for evaluating the fake
+        score in the generator loss (`fake_guidance`) and for training it (`fake_train_guidance`: its denoising
+        loss regresses the guided output).
+  zero  Zero-CFG (few-step SiD, Zhou et al. 2025, arXiv 2505.12674): no CFG on the teacher, and the fake score sees
+        no condition at all (the null label / empty prompt), both when evaluated and when trained.
+  anti  Anti-CFG (ibid.): no CFG on the teacher, negative CFG on the fake score when evaluated
+        (`fake_guidance` < 1, extrapolating away from the condition). With a fake score equal to the teacher,
+        scale 2 - k gives the same generator gradient as LSG's teacher scale k.
+
+`sid_fewstep` (few-step SiD): the generator's K-step outputs are matched as a uniform mixture. Each sample draws
+k in 1..K, runs k-1 steps without gradient and trains step k (FewStepGenerator's backward simulation), one network
+for all steps; the fake score is trained on the same mixture.
 """
 from __future__ import annotations
 
 import torch
 
 from .base import LossOut, Method
-from .distribution_matching import check_normalizer, fake_score_phase
+from .distribution_matching import check_normalizer
+
+CFG_STRATEGIES = ("lsg", "zero", "anti")
 
 
 def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
              alpha: float = 1.2, t_range=(0.0, 0.8), t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, normalizer: str = "sample") -> tuple[torch.Tensor, dict]:
+             noise: torch.Tensor | None = None, normalizer: str = "sample", fake_cond=None) -> tuple[torch.Tensor, dict]:
     """SiD's generator loss on samples `x` (requiring grad); `t` and `noise` may be given (tests).
     `normalizer="batch"` takes the weight's mean|x_g - f_real| over the whole batch (one scalar), as
-    `method.normalizer` does for DMD on low-dimensional data."""
+    `method.normalizer` does for DMD on low-dimensional data. `fake_cond`: the fake score's condition, if not
+    `cond` (Zero-CFG passes the null condition)."""
     sched = teacher.schedule
     if t is None:
         t = sched.sample_t(x.shape[0], *t_range, device=x.device)
@@ -31,7 +49,7 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     x_t = sched.add_noise(x, noise, t)              # no detach: the gradient reaches x through both networks
     dt = torch.promote_types(x.dtype, torch.float32)   # at least fp32; float64 stays float64
     f_real = teacher.x0(x_t, t, cond, guidance).to(dt)
-    f_fake = fake.x0(x_t, t, cond, fake_guidance).to(dt)
+    f_fake = fake.x0(x_t, t, cond if fake_cond is None else fake_cond, fake_guidance).to(dt)
     xf = x.to(dt)
     dims = tuple(range(1, x.ndim))
     weight_dims = dims if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
@@ -53,19 +71,61 @@ class SiD(Method):
         if not float(cfg.t_min) >= 0 or not float(cfg.t_max) <= 1 or float(cfg.t_min) >= float(cfg.t_max):
             raise ValueError(f"method.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
                              "(fractions of the noise range)")
+        self.strategy = str(cfg.get("cfg_strategy", "lsg"))
+        if self.strategy not in CFG_STRATEGIES:
+            raise ValueError(f"unknown method.cfg_strategy {self.strategy!r}: use one of {', '.join(CFG_STRATEGIES)}")
+        # (teacher scale, fake scale in the generator loss, fake scale when trained)
+        if self.strategy == "lsg":
+            self.scales = (float(cfg.guidance), float(cfg.fake_guidance), float(cfg.get("fake_train_guidance", 1.0)))
+        elif self.strategy == "zero":
+            self.scales = (1.0, 1.0, 1.0)
+        else:
+            if not float(cfg.fake_guidance) < 1.0:
+                raise ValueError(f"method.cfg_strategy=anti needs method.fake_guidance < 1 (negative guidance on the "
+                                 f"fake score, e.g. 0.5 or -1), got {cfg.fake_guidance}")
+            self.scales = (1.0, float(cfg.fake_guidance), 1.0)
+        if not getattr(models["teacher"], "conditional", False) and (self.strategy != "lsg" or self.scales != (1, 1, 1)):
+            raise ValueError(f"method.cfg_strategy={self.strategy} with scales (teacher, fake, fake training) "
+                             f"{self.scales} needs a conditional teacher; this one is unconditional: set "
+                             "method.cfg_strategy=lsg and method.guidance, fake_guidance, fake_train_guidance to 1.0")
+
+    def fake_cond(self, cond):
+        """The fake score's condition: the null one under Zero-CFG."""
+        return self.models["fake_score"].uncond(cond) if self.strategy == "zero" and cond is not None else cond
 
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
-        loss, logs = sid_loss(x, m["teacher"], m["fake_score"], batch["cond"], float(c.guidance),
-                              float(c.fake_guidance), float(c.alpha), (float(c.t_min), float(c.t_max)),
-                              normalizer=self.normalizer)
+        loss, logs = self.sid_term(x, batch["cond"])
         logs["loss_sid"] = loss.item()
         return LossOut(loss, logs)
 
+    def sid_term(self, x, cond, **kw):
+        c = self.cfg
+        return sid_loss(x, self.models["teacher"], self.models["fake_score"], cond, self.scales[0], self.scales[1],
+                        float(c.alpha), (float(c.t_min), float(c.t_max)), normalizer=self.normalizer,
+                        fake_cond=self.fake_cond(cond), **kw)
+
+    def fake_score_loss(self, x_fake, cond, t=None, noise=None) -> torch.Tensor:
+        """The critic's denoising loss on detached samples (t over the whole range), at LSG's training scale and
+        with Zero-CFG's null condition."""
+        fake = self.models["fake_score"]
+        if t is None:
+            t = fake.schedule.sample_t(x_fake.shape[0], 0.0, 1.0, device=x_fake.device)
+        return fake.denoising_loss(x_fake.detach(), t, self.fake_cond(cond), noise, guidance=self.scales[2]).mean()
+
     def critic_loss(self, batch, step):
-        return fake_score_phase(self.models, batch)
+        with torch.no_grad():
+            x = self.models["generator"](batch["noise"], batch["cond"])
+        loss = self.fake_score_loss(x, batch["cond"])
+        return LossOut(loss, {"loss_fake_score": loss.item()})
 
 
 class SiDFewStep(SiD):
     name = "sid_fewstep"
+
+    def __init__(self, models, cfg):
+        super().__init__(models, cfg)
+        if models["generator"].num_steps < 2:
+            raise ValueError("method=sid_fewstep needs a multi-step generator: add generator=four_step "
+                             "(or generator.steps=K with K >= 2); for one step use method=sid")
