@@ -1,10 +1,13 @@
 """The console scripts as a user runs them: a two-job multirun sweep, sampling, and one-line bad-input errors."""
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FAST = ["benchmark=gmm", "benchmark.network.width=32", "benchmark.network.depth=2", "trainer.batch_size=32",
         "method.critic_warmup_steps=2", "eval.every=0", "eval.final=false", "trainer.progress=false",
@@ -31,6 +34,24 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
         methods.add([line for line in (job / "config.yaml").read_text().splitlines()
                      if line.startswith("  name: dmd")][0].split()[-1])
     assert methods == {"dmd", "dmd2"}
+    # the sweep folder compared: one row per job, metrics of the re-drawn samples, a scatter figure
+    out = tmp_path / "cmp"
+    proc = run_cli("-m", "stepdistill.cli.compare", f"runs=[{tmp_path}]", f"out={out}", "num_samples=300")
+    assert "| gmm | dmd |" in proc.stdout and "| gmm | dmd2 |" in proc.stdout
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in rows] == ["dmd", "dmd2"] and all(r["steps"] == 6 for r in rows)
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    from stepdistill.benchmarks.gmm import GMMBenchmark  # noqa: F401  (the mixture is rebuilt from config.yaml)
+    from stepdistill.cli.compare import _mixture
+    from stepdistill.eval.gmm_metrics import gmm_metrics
+    from omegaconf import OmegaConf
+    for row in rows:
+        npz = tmp_path / "s.npz"
+        run_cli("-m", "stepdistill.cli.sample", f"run_dir='{row['run_dir']}'", "num_samples=300", f"out={npz}")
+        with np.load(npz) as f:
+            ref = gmm_metrics(torch.from_numpy(f["samples"]), _mixture(OmegaConf.load(Path(row["run_dir"]) / "config.yaml")))
+        assert row["mode_mass_error"] == pytest.approx(ref["mode_mass_error"], rel=1e-5)
+        assert row["sliced_w2"] == pytest.approx(ref["sliced_w2"], rel=1e-4)
 
 
 def test_sample_student_and_teacher(tmp_path):

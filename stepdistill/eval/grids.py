@@ -62,6 +62,39 @@ def _plot_extent(mixture, clouds: list[torch.Tensor]) -> tuple[float, float, flo
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 
+def _density_grid(mixture, extent, grid: int):
+    x0, x1, y0, y1 = extent
+    gx = torch.linspace(x0, x1, grid, dtype=torch.float64)
+    gy = torch.linspace(y0, y1, grid, dtype=torch.float64)
+    xx, yy = torch.meshgrid(gx, gy, indexing="xy")
+    logp = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(grid, grid)
+    return xx, yy, logp.clamp(min=float(logp.max()) - 12.0)
+
+
+def _finite_points(name: str, p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    p = p.detach().to("cpu", torch.float64)
+    if p.dim() != 2 or p.shape[1] != 2:
+        raise ValueError(f"{name} samples must be (N, 2), got {tuple(p.shape)}")
+    ok = torch.isfinite(p).all(dim=1)
+    return p[ok], int((~ok).sum())
+
+
+def _draw_panel(ax, mixture, points: torch.Tensor, n_bad: int, extent, title: str, grid: int) -> None:
+    xx, yy, logp = _density_grid(mixture, extent, grid)
+    ax.contourf(xx.numpy(), yy.numpy(), logp.numpy(), levels=24, cmap="Blues")
+    ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, c="crimson", alpha=0.5, linewidths=0)
+    if n_bad:
+        title += f" ({n_bad} non-finite dropped)"
+    ax.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=title)
+
+
+def _save(fig, path) -> str:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=80)
+    return str(path)
+
+
 def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor | None = None,
                      title: str | None = None, grid: int = 160) -> str:
     """Scatter 2-D samples over the mixture's log-density (filled contours) and save a PNG at ``path``.
@@ -76,34 +109,35 @@ def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor
     if mixture.means.shape[1] != 2:
         raise ValueError(f"save_gmm_scatter draws 2-D mixtures, this one is {mixture.means.shape[1]}-D")
     panels = [("teacher", teacher), ("student", student)] if teacher is not None else [("student", student)]
-    clean = []
-    for name, p in panels:
-        p = p.detach().to("cpu", torch.float64)
-        if p.dim() != 2 or p.shape[1] != 2:
-            raise ValueError(f"{name} samples must be (N, 2), got {tuple(p.shape)}")
-        ok = torch.isfinite(p).all(dim=1)
-        clean.append((name, p[ok], int((~ok).sum())))
-
-    x0, x1, y0, y1 = _plot_extent(mixture, [p for _, p, _ in clean])
-    gx = torch.linspace(x0, x1, grid, dtype=torch.float64)
-    gy = torch.linspace(y0, y1, grid, dtype=torch.float64)
-    xx, yy = torch.meshgrid(gx, gy, indexing="xy")
-    logp = mixture.log_prob(torch.stack([xx.flatten(), yy.flatten()], 1)).reshape(grid, grid)
-    logp = logp.clamp(min=float(logp.max()) - 12.0)
-
+    clean = [(name, *_finite_points(name, p)) for name, p in panels]
+    extent = _plot_extent(mixture, [p for _, p, _ in clean])
     fig = Figure(figsize=(4.5 * len(clean), 4.5), dpi=80, layout="constrained")
     axes = fig.subplots(1, len(clean), squeeze=False)[0]
     for ax, (name, p, n_bad) in zip(axes, clean):
-        ax.contourf(xx.numpy(), yy.numpy(), logp.numpy(), levels=24, cmap="Blues")
-        ax.scatter(p[:, 0].numpy(), p[:, 1].numpy(), s=2, c="crimson", alpha=0.5, linewidths=0)
-        label = f"{title}: {name}" if title else name
-        if n_bad:
-            label += f" ({n_bad} non-finite dropped)"
-        ax.set(xlim=(x0, x1), ylim=(y0, y1), aspect="equal", title=label)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=80)
-    return str(path)
+        _draw_panel(ax, mixture, p, n_bad, extent, f"{title}: {name}" if title else name, grid)
+    return _save(fig, path)
 
 
-__all__ = ["save_image_grid", "save_gmm_scatter"]
+def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixtures: list, grid: int = 120,
+                          size: float = 3.2) -> str:
+    """A figure of scatter panels: row r holds (title, samples) pairs drawn over ``mixtures[r]``'s density, all
+    panels of a row on the same axes (a comparison of methods per benchmark). Rows may differ in length."""
+    from matplotlib.figure import Figure
+
+    if len(rows) != len(mixtures) or not rows:
+        raise ValueError(f"give one mixture per row: {len(rows)} rows, {len(mixtures)} mixtures")
+    ncols = max(len(r) for r in rows)
+    fig = Figure(figsize=(size * ncols, size * len(rows)), dpi=80, layout="constrained")
+    axes = fig.subplots(len(rows), ncols, squeeze=False)
+    for r, (row, mixture) in enumerate(zip(rows, mixtures)):
+        clean = [(title, *_finite_points(title, p)) for title, p in row]
+        extent = _plot_extent(mixture, [p for _, p, _ in clean])
+        for c in range(ncols):
+            if c < len(clean):
+                _draw_panel(axes[r][c], mixture, clean[c][1], clean[c][2], extent, clean[c][0], grid)
+            else:
+                axes[r][c].set_axis_off()
+    return _save(fig, path)
+
+
+__all__ = ["save_image_grid", "save_gmm_scatter", "save_gmm_scatter_grid"]

@@ -1,0 +1,142 @@
+"""`stepdistill-compare runs=[D1,D2,...] out=DIR [num_samples=N]`: one table (and figure) over finished runs.
+
+Each entry of `runs` is a run folder or a folder of run folders (a Hydra multirun sweep). Per run:
+  * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples, fixed seed) and scored
+    against the exact mixture: modes covered, per-mode mass error, HQ fraction, sliced W2 (eval/gmm_metrics.py);
+    the figure shows every student's samples over its mixture's density contours, one row per benchmark.
+  * image benchmarks: the final evaluation the run logged (student FD and the teacher's, same samples).
+Every row also gives the run's training time (seconds of the last logged train step) and its step count.
+Writes DIR/comparison.md, DIR/comparison.json and (points benchmarks) DIR/comparison.png, and prints the table.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from . import CONF_DIR, set_threads, user_errors
+
+POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "sliced_w2")
+
+
+def find_runs(entries) -> list[Path]:
+    runs = []
+    for entry in entries:
+        path = Path(entry)
+        if (path / "config.yaml").is_file():
+            runs.append(path)
+            continue
+        found = sorted(p.parent for p in path.glob("*/config.yaml"))
+        if not found:
+            raise FileNotFoundError(f"{path} is neither a run folder (config.yaml) nor a folder of run folders")
+        runs.extend(found)
+    return runs
+
+
+def run_label(cfg) -> str:
+    """What distinguishes runs in a comparison: the method, fdistill's divergence, a multi-step student."""
+    label = str(cfg.method.name)
+    if cfg.method.get("divergence"):
+        label += f"({cfg.method.divergence})"
+    steps = int(cfg.generator.get("steps", 1))
+    return label + (f" {steps}-step" if steps > 1 else "")
+
+
+def logged(run_dir: Path) -> tuple[dict, dict]:
+    """The last train record and the last evaluation record of metrics.jsonl."""
+    train, evaluation = {}, {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec.get("kind") == "train" and "seconds" in rec:
+                train = rec
+            elif rec.get("kind") == "eval":
+                evaluation = rec
+    return train, evaluation
+
+
+def compare_run(run_dir: Path, num_samples: int | None, seed: int) -> tuple[dict, object]:
+    """One table row, plus the re-drawn student samples for points benchmarks (else None)."""
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    train, evaluation = logged(run_dir)
+    row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run_dir": str(run_dir),
+           "steps": int(train.get("step", cfg.trainer.max_steps)), "train_seconds": train.get("seconds")}
+    if cfg.benchmark.name.startswith("gmm"):
+        from ..eval.gmm_metrics import gmm_metrics
+        from .sample import sample_student
+        n = int(num_samples or cfg.eval.num_samples)
+        samples, _ = sample_student(run_dir, n, seed=seed)
+        mixture = _mixture(cfg)
+        metrics = gmm_metrics(samples, mixture, seed=seed)
+        row.update({k: metrics[k] for k in POINT_COLUMNS}, num_samples=n)
+        return row, (samples, mixture)
+    for key in ("fd", "teacher_fd"):
+        name = key if key.startswith("teacher") else f"student_{key}"
+        row[key] = evaluation.get(name)
+    if row.get("fd") is not None and row.get("teacher_fd"):
+        row["fd_ratio"] = row["fd"] / row["teacher_fd"]
+    row["num_samples"] = evaluation.get("student_fd_num_samples")
+    return row, None
+
+
+def _mixture(cfg):
+    from ..networks.gmm import GaussianMixture
+    m = cfg.benchmark.mixture
+    return GaussianMixture(m.means, m.stds, m.weights)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    cols = ["benchmark", "method", "steps", "train_seconds", "num_samples"]
+    extra = [c for c in (*POINT_COLUMNS, "fd", "teacher_fd", "fd_ratio") if any(c in r for r in rows)]
+    cols += extra
+
+    def fmt(v):
+        if v is None:
+            return "–"
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
+    from ..eval.grids import save_gmm_scatter_grid
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, panels = [], {}
+    for run_dir in find_runs(entries):
+        row, drawn = compare_run(run_dir, num_samples, seed)
+        rows.append(row)
+        if drawn is not None:
+            samples, mixture = drawn
+            title = f"{row['method']}: {row['modes_covered']}/{mixture.means.shape[0]}, HQ {row['high_quality_fraction']:.2f}"
+            panels.setdefault(row["benchmark"], (mixture, []))[1].append((title, samples))
+    rows.sort(key=lambda r: (r["benchmark"], r["method"]))
+    table = markdown_table(rows)
+    (out / "comparison.md").write_text(table + "\n")
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md")}
+    if panels:
+        names = sorted(panels)
+        result["figure"] = save_gmm_scatter_grid(out / "comparison.png", [panels[n][1] for n in names],
+                                                 [panels[n][0] for n in names])
+    return result
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="compare")
+@user_errors("stepdistill-compare")
+def main(cfg: DictConfig) -> None:
+    set_threads(cfg.get("num_threads"))
+    if not cfg.get("runs"):
+        raise ValueError("give runs=[DIR,...] (run folders or sweep folders) and out=DIR")
+    runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    result = compare(runs, cfg.out, cfg.get("num_samples"), int(cfg.seed))
+    print(result["table"])
+    print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else ""))
+
+
+if __name__ == "__main__":
+    main()
