@@ -9,6 +9,10 @@ Since x0 = (x_t + s^2 score) / a, grad is proportional to s_fake - s_real: the K
 the raw x0 differences (= sigma^2/alpha times the score difference). The per-sample L1 mean is a stable function of
 the noise level when it runs over C x H x W elements; with the 2 elements of a 2-D benchmark it is a noisy
 per-sample quantity that hands samples already on a mode gradients as large as those between modes.
+``weight_fn`` (optional, default None = the plain DMD gradient): a per-sample weight w(x_t, t) of shape (N,),
+computed without gradient at the very x_t and t the scores are evaluated at, multiplies each sample's gradient
+(f-distill's h(r) / mean h, methods/fdistill.py). It must draw no random numbers, so the draws of t and noise are
+those of the unweighted loss.
 ``fake_score_loss``: the critic tracks the generator's distribution with the teacher's own denoising loss on
 detached generator samples over the full noise range (DMD §3.2, Eq. 6).
 """
@@ -41,7 +45,8 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
 
 
 def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guidance: float = 1.0,
-             fake_guidance: float = 1.0, t_range=(0.02, 0.98), normalizer: str = "sample") -> tuple[torch.Tensor, dict]:
+             fake_guidance: float = 1.0, t_range=(0.02, 0.98), normalizer: str = "sample",
+             weight_fn=None) -> tuple[torch.Tensor, dict]:
     sched = teacher.schedule
     t = sched.sample_t(x.shape[0], *t_range, device=x.device)
     with torch.no_grad():
@@ -49,6 +54,9 @@ def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guid
         x0_real = teacher.x0(x_t, t, cond, guidance)  # CFG on the real score only (DMD2 §4.4)
         x0_fake = fake.x0(x_t, t, cond, fake_guidance)
         grad = dmd_gradient(x.detach().float(), x0_real.float(), x0_fake.float(), normalizer)
+        if weight_fn is not None:
+            w = weight_fn(x_t, t)
+            grad = grad * w.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
     loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad), reduction="mean")
     return loss, {"dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
 
@@ -60,7 +68,7 @@ def fake_score_loss(fake: NetworkDenoiser, x_fake: torch.Tensor, cond=None) -> t
 
 
 def fake_score_phase(models, batch) -> LossOut:
-    """The critic phase of DMD and SiD: fresh generator samples (no gradient), then fake_score_loss."""
+    """The critic phase of DMD and SIM: fresh generator samples (no gradient), then fake_score_loss."""
     with torch.no_grad():
         x = models["generator"](batch["noise"], batch["cond"])
     loss = fake_score_loss(models["fake_score"], x, batch["cond"])

@@ -21,6 +21,19 @@ from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 from .gan import DiffusionGAN
 
 
+class _InContext:
+    """A denoiser whose x0 calls run inside `context()` (the step-aware critic's exit-step embedding): only the
+    fake score's own calls see it, not other calls on the same network inside the DM loss (f-distill's
+    discriminator), which stay as they are when the discriminator is trained."""
+
+    def __init__(self, denoiser, context):
+        self.denoiser, self.context = denoiser, context
+
+    def x0(self, *args, **kwargs):
+        with self.context():
+            return self.denoiser.x0(*args, **kwargs)
+
+
 class DMD2(Method):
     name = "dmd2"
 
@@ -40,12 +53,18 @@ class DMD2(Method):
         """The context in which the fake score sees each sample's exit step (a no-op unless step-aware)."""
         return self.models["critic_step_embedding"].condition(steps) if self.step_aware else nullcontext()
 
+    def dm_weight_fn(self, batch, logs: dict):
+        """Per-sample weights of the DM gradient, w(x_t, t) (None: DMD2's unweighted gradient; f-distill's h(r))."""
+        return None
+
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
         x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
-        with self._fake_sees_steps(steps):
-            loss, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                                  (c.t_min, c.t_max), self.normalizer)
+        fake = _InContext(m["fake_score"], lambda: self._fake_sees_steps(steps)) if self.step_aware else m["fake_score"]
+        stats: dict = {}
+        loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
+                              (c.t_min, c.t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats))
+        logs.update(stats)
         logs["loss_dm"] = loss.item()
         if self.use_gan:
             l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))

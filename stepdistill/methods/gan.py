@@ -26,7 +26,11 @@ class DiffusionGAN:
         sched = self.fake.schedule
         if t is None:
             t = sched.sample_t(x.shape[0], *self.t_range, device=x.device)
-        x_t = sched.add_noise(x, torch.randn_like(x), t)
+        return self.logits_noised(sched.add_noise(x, torch.randn_like(x), t), t, cond)
+
+    def logits_noised(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        """The logit of an already-noised x_t at time t (no noise drawn). Near the optimum of L_D it estimates
+        log p_t(x_t) / q_t(x_t), real over generated, for t in the range the discriminator was trained on."""
         with tap_features(self.module) as tap:
             feats = tap["run"](self.fake.raw, x_t, t, cond)
         return self.head(feats)

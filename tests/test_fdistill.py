@@ -1,0 +1,139 @@
+"""f-distill: reverse KL is DMD2 bit for bit; the per-sample weights are h(r) / mean h with r = exp(clipped logit)
+(checked on hand-picked logits and, with the exact GMM density ratio, as a scaling of DMD's per-sample gradient);
+each phase reaches only its roles; every divergence trains; clear errors."""
+import pytest
+import torch
+
+from stepdistill.methods.distribution_matching import dmd_loss
+from stepdistill.methods.fdistill import DIVERGENCES, f_weights
+from stepdistill.networks.gmm import GaussianMixture, GMMDenoiser, circle_means
+from stepdistill.schedules import VPSchedule
+from stepdistill.train.batches import BatchSource
+from stepdistill.train.setup import build_run
+from stepdistill.train.trainer import Trainer
+
+# h(r) = r^2 f''(r), written independently of the implementation (in r, float64)
+H = {"rkl": lambda r: torch.ones_like(r), "kl": lambda r: r, "js": lambda r: r / (1 + r),
+     "sh": lambda r: r.sqrt(), "jf": lambda r: 1 + r}
+
+
+def _generator_grads(run, batch, seed):
+    run.roles.train_only(run.method.phases["generator"])
+    torch.manual_seed(seed)
+    out = run.method.loss("generator", batch, 0)
+    out.loss.backward()
+    return out, [p.grad.clone() for p in run.roles["generator"].parameters()]
+
+
+@pytest.mark.parametrize("extra", [[], ["generator=four_step", "method.step_aware_critic=true"]],
+                         ids=["one_step", "four_step_step_aware"])
+def test_rkl_is_exactly_dmd2(gmm_cfg, extra):
+    dmd2 = build_run(gmm_cfg("method=dmd2", *extra))
+    fd = build_run(gmm_cfg("method=fdistill", "method.divergence=rkl", *extra))
+    if "critic_step_embedding" in dmd2.roles:   # zero-initialised: make the exit step matter
+        torch.nn.init.normal_(dmd2.roles["critic_step_embedding"].table.weight)
+    for name in ("generator", "fake_score", "gan_head") + (("critic_step_embedding",) if extra else ()):
+        fd.roles[name].load_state_dict(dmd2.roles[name].state_dict())
+    batch = BatchSource(dmd2.benchmark, dmd2.method.batch_keys, 32, "cpu")()
+    out_d, g_d = _generator_grads(dmd2, batch, 3)
+    out_f, g_f = _generator_grads(fd, batch, 3)
+    assert torch.equal(out_d.loss, out_f.loss)
+    assert all(torch.equal(a, b) for a, b in zip(g_d, g_f))
+    assert out_f.logs["fd_weight_max"] == 1.0 and "fd_log_ratio" in out_f.logs
+    # the critic phase is DMD2's own
+    for run in (dmd2, fd):
+        run.roles.train_only(run.method.phases["critic"])
+    torch.manual_seed(4)
+    c_d = dmd2.method.loss("critic", batch, 0).loss
+    torch.manual_seed(4)
+    c_f = fd.method.loss("critic", batch, 0).loss
+    assert torch.equal(c_d, c_f)
+
+
+@pytest.mark.parametrize("clip", [(-3.0, 3.0), (-1.0, 2.0)])
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
+def test_weights_on_hand_picked_logits(divergence, clip):
+    logits = torch.tensor([-10.0, -3.0, -1.5, -0.5, 0.0, 0.7, 1.9, 3.0, 8.0])
+    w = f_weights(logits, divergence, clip)
+    r = logits.double().clamp(*clip).exp()
+    h = H[divergence](r)
+    torch.testing.assert_close(w.double(), h / h.mean(), rtol=1e-6, atol=1e-7)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    inside = (logits > clip[0]) & (logits < clip[1])
+    if divergence == "rkl":
+        assert torch.equal(w, torch.ones_like(w))
+    else:   # larger r, larger relative weight (rkl's are all equal); clipped samples share the bound's weight
+        assert torch.all(w[inside][1:] > w[inside][:-1])
+        assert torch.all(w[1:] >= w[:-1])
+        assert w[logits <= clip[0]].unique().numel() == 1 and w[logits >= clip[1]].unique().numel() == 1
+
+
+@pytest.mark.parametrize("divergence", list(DIVERGENCES))
+def test_gradient_is_dmd_gradient_scaled_by_exact_ratio_weights(divergence):
+    """With the exact log p_t / q_t of two mixtures as the 'discriminator', each sample's generator gradient is
+    h_i / mean h times DMD's, and kl/js/sh/jf weigh the samples where the teacher is denser more."""
+    sched = VPSchedule()
+    real = GaussianMixture(circle_means(8, 4.0), 0.25)
+    fake = GaussianMixture([[3.0, 0.5], [-1.0, 2.0], [0.0, -3.0]], [0.8, 0.5, 1.0])
+    teacher, critic = GMMDenoiser(real, sched), GMMDenoiser(fake, sched)
+    x0 = torch.randn(16, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 3
+    seen = {}
+
+    def exact_weights(x_t, t):
+        a, s = sched.alpha(t).double(), sched.sigma(t).double()
+        log_r = real.log_prob(x_t.double(), a, s) - fake.log_prob(x_t.double(), a, s)
+        seen["log_r"], seen["w"] = log_r, f_weights(log_r, divergence, (-3.0, 3.0))
+        return seen["w"]
+
+    grads = []
+    for fn in (None, exact_weights):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        loss, _ = dmd_loss(x, teacher, critic, normalizer="batch", weight_fn=fn)
+        loss.backward()
+        grads.append(x.grad)
+    plain, weighted = grads
+    w, log_r = seen["w"], seen["log_r"]
+    h = H[divergence](log_r.clamp(-3.0, 3.0).exp())
+    torch.testing.assert_close(w, h / h.mean())
+    torch.testing.assert_close(weighted, w[:, None] * plain, rtol=1e-5, atol=1e-6 * plain.abs().max().item())
+    assert log_r.min() < -3 and log_r.max() > 3   # the draw reaches both sides of the clip
+    if divergence != "rkl":
+        hi, lo = log_r.argmax(), log_r.argmin()
+        assert w[hi] > 1 > w[lo]   # relative to rkl's weight of 1: more where p_t / q_t is larger
+        order = torch.argsort(log_r.clamp(-3.0, 3.0))
+        assert torch.all(w[order][1:] >= w[order][:-1])
+
+
+def test_each_phase_reaches_only_its_roles(gmm_cfg):
+    run = build_run(gmm_cfg("method=fdistill", "method.divergence=kl"))
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
+    expect = {"generator": {"generator"}, "critic": {"fake_score", "gan_head"}}
+    for phase in ("generator", "critic"):
+        for name in ("teacher", "fake_score", "generator", "gan_head"):
+            for p in run.roles[name].parameters():
+                p.grad = None
+        run.roles.train_only(run.method.phases[phase])
+        run.method.loss(phase, batch, 0).loss.backward()
+        for name in ("generator", "fake_score", "gan_head"):
+            got = [p.grad is not None for p in run.roles[name].parameters()]
+            assert all(got) if name in expect[phase] else not any(got), (phase, name)
+        assert all(p.grad is None for p in run.roles["teacher"].parameters())
+
+
+def test_every_divergence_trains_and_clear_errors(gmm_cfg, tmp_path):
+    from conftest import compose_cfg
+    for div in DIVERGENCES:
+        run = build_run(gmm_cfg("method=fdistill", f"method.divergence={div}", "trainer.max_steps=8"))
+        Trainer(run, tmp_path / div).fit()
+        assert all(torch.isfinite(p).all() for p in run.roles["generator"].parameters()), div
+    digits = compose_cfg("benchmark=digits", "method=fdistill", "method.divergence=js", "method.critic_steps=1",
+                         "trainer.max_steps=4", "trainer.batch_size=8", "eval.every=0", "eval.final=false",
+                         "trainer.progress=false")
+    run = build_run(digits)
+    Trainer(run, tmp_path / "digits").fit()
+    assert all(torch.isfinite(p).all() for p in run.roles["generator"].parameters())
+    with pytest.raises(ValueError, match="method.divergence 'tv'.*rkl, kl, js, sh, jf"):
+        build_run(gmm_cfg("method=fdistill", "method.divergence=tv"))
+    with pytest.raises(ValueError, match="gan.enabled=true"):
+        build_run(gmm_cfg("method=fdistill", "method.gan.enabled=false"))
