@@ -37,3 +37,36 @@ def gmm_cfg():
     def make(*overrides):
         return compose_cfg(*GMM_FAST, *overrides)
     return make
+
+
+DIGITS_FAST = ["benchmark=digits", "trainer.batch_size=8", "eval.every=0", "eval.final=false",
+               "trainer.progress=false"]
+
+
+def digits_cfg(*overrides):
+    return compose_cfg(*DIGITS_FAST, *overrides)
+
+
+def assert_phase_reaches_only(run, phase: str, trained: tuple[str, ...], batch_size: int = 16):
+    """One `phase` loss + backward: every parameter of the `trained` roles gets a gradient, no other role's does."""
+    from stepdistill.train.batches import BatchSource
+    for p in run.roles.parameters():
+        p.grad = None
+    run.roles.train_only(run.method.phases[phase])
+    batch = BatchSource(run.benchmark, run.method.batch_keys, batch_size, "cpu")()
+    out = run.method.loss(phase, batch, 0)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert all(p.grad is not None for n in trained for p in run.roles[n].parameters())
+    assert all(p.grad is None for n in run.roles if n not in trained for p in run.roles[n].parameters())
+    return out
+
+
+def train_briefly(cfgs, tmp_path):
+    """Each config trains to its trainer.max_steps; the generator ends finite."""
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    for i, cfg in enumerate(cfgs):
+        run = build_run(cfg)
+        Trainer(run, tmp_path / f"{i}_{cfg.benchmark.name}").fit()
+        assert all(torch.isfinite(p).all() for p in run.roles["generator"].parameters())

@@ -73,22 +73,13 @@ def test_gradient_flows_through_the_networks_inputs(setup):
 
 
 def test_generator_phase_trains_only_the_generator_and_runs_on_both_benchmarks(gmm_cfg, tmp_path):
-    from conftest import compose_cfg
-    from stepdistill.train.batches import BatchSource
+    from conftest import assert_phase_reaches_only, digits_cfg, train_briefly
     from stepdistill.train.setup import build_run
-    from stepdistill.train.trainer import Trainer
     run = build_run(gmm_cfg("method=sid"))
-    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
-    run.roles.train_only(run.method.phases["generator"])
-    run.method.loss("generator", batch, 0).loss.backward()
-    assert all(p.grad is not None for p in run.roles["generator"].parameters())
-    assert all(p.grad is None for n in ("fake_score", "teacher") for p in run.roles[n].parameters())
-    for cfg in (gmm_cfg("method=sid", "trainer.max_steps=8"),
-                compose_cfg("benchmark=digits", "method=sid", "trainer.max_steps=4", "trainer.batch_size=8",
-                            "eval.every=0", "eval.final=false", "trainer.progress=false")):
-        out = build_run(cfg)
-        Trainer(out, tmp_path / cfg.benchmark.name).fit()
-        assert all(torch.isfinite(p).all() for p in out.roles["generator"].parameters())
+    assert_phase_reaches_only(run, "generator", ("generator",))
+    assert_phase_reaches_only(run, "critic", ("fake_score",))
+    train_briefly([gmm_cfg("method=sid", "trainer.max_steps=8"), digits_cfg("method=sid", "trainer.max_steps=4")],
+                  tmp_path)
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max <= 1"):
         build_run(gmm_cfg("method=sid", "method.t_max=1.5"))
 
@@ -161,6 +152,7 @@ def test_guidance_strategies_use_the_papers_scales_and_conditions(setup, strateg
 
 
 def test_guidance_strategy_errors(gmm_cfg):
+    from conftest import digits_cfg
     from stepdistill.train.setup import build_run
     with pytest.raises(ValueError, match="unknown method.cfg_strategy 'lsgg'"):
         build_run(gmm_cfg("method=sid", "method.cfg_strategy=lsgg"))
@@ -169,19 +161,14 @@ def test_guidance_strategy_errors(gmm_cfg):
     with pytest.raises(ValueError, match="needs a conditional teacher"):
         build_run(gmm_cfg("method=sid", "method.fake_train_guidance=2.0"))
     with pytest.raises(ValueError, match="anti needs method.fake_guidance < 1"):
-        build_run(compose_cfg_digits("method=sid", "method.cfg_strategy=anti"))
-
-
-def compose_cfg_digits(*overrides):
-    from conftest import compose_cfg
-    return compose_cfg("benchmark=digits", "trainer.batch_size=8", "eval.every=0", "eval.final=false",
-                       "trainer.progress=false", *overrides)
+        build_run(digits_cfg("method=sid", "method.cfg_strategy=anti"))
 
 
 def test_guided_denoising_loss_regresses_the_guided_output():
     """LSG's fake-score training scale: the denoising loss of uncond + w (cond - uncond), on the digits UNet."""
+    from conftest import digits_cfg
     from stepdistill.train.setup import build_run
-    fake = build_run(compose_cfg_digits("method=sid"), with_method=False).roles["fake_score"]
+    fake = build_run(digits_cfg("method=sid"), with_method=False).roles["fake_score"]
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
     t, cond = torch.tensor([10.0, 300.0, 600.0, 900.0]), torch.tensor([1, 3, 5, 7])
@@ -199,9 +186,10 @@ def test_guided_denoising_loss_regresses_the_guided_output():
 @pytest.mark.parametrize("overrides,cond_is_null,scale", [((), False, 1.0), (("method.cfg_strategy=zero",), True, 1.0),
                                                           (("method.fake_train_guidance=1.5",), False, 1.5)])
 def test_critic_phase_conditions(overrides, cond_is_null, scale):
+    from conftest import digits_cfg
     from stepdistill.train.batches import BatchSource
     from stepdistill.train.setup import build_run
-    run = build_run(compose_cfg_digits("method=sid", *overrides))
+    run = build_run(digits_cfg("method=sid", *overrides))
     fake, calls = run.roles["fake_score"], []
     original = fake.denoising_loss
 
@@ -255,19 +243,13 @@ def test_sida_discriminator_is_the_critics_encoder_on_equally_noised_real_and_fa
 
 
 def test_sida_gradient_paths(gmm_cfg):
+    from conftest import assert_phase_reaches_only
     from stepdistill.train.batches import BatchSource
     from stepdistill.train.setup import build_run
     run = build_run(gmm_cfg("method=sida"))
     batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
-    for phase, trained in (("generator", "generator"), ("critic", "fake_score")):
-        for p in run.roles.parameters():
-            p.grad = None
-        run.roles.train_only(run.method.phases[phase])
-        out = run.method.loss(phase, batch, 0)
-        out.loss.backward()
-        assert all(p.grad is not None for p in run.roles[trained].parameters())
-        others = [n for n in ("generator", "fake_score") if n != trained]
-        assert all(p.grad is None for n in others for p in run.roles[n].parameters())
+    assert_phase_reaches_only(run, "generator", ("generator",))
+    assert_phase_reaches_only(run, "critic", ("fake_score",))
     # the GAN term reaches the generator through the (frozen) critic's encoder
     run.roles.train_only(("generator",))
     x = run.roles["generator"](batch["noise"])
@@ -281,10 +263,6 @@ def test_sida_gradient_paths(gmm_cfg):
 
 @pytest.mark.parametrize("method", ["sid_fewstep", "sida"])
 def test_sid_variants_train_on_both_benchmarks(gmm_cfg, tmp_path, method):
-    from stepdistill.train.setup import build_run
-    from stepdistill.train.trainer import Trainer
-    for cfg in (gmm_cfg(f"method={method}", "trainer.max_steps=8"),
-                compose_cfg_digits(f"method={method}", "trainer.max_steps=4", "method.cfg_strategy=zero")):
-        out = build_run(cfg)
-        Trainer(out, tmp_path / cfg.benchmark.name).fit()
-        assert all(torch.isfinite(p).all() for p in out.roles["generator"].parameters())
+    from conftest import digits_cfg, train_briefly
+    train_briefly([gmm_cfg(f"method={method}", "trainer.max_steps=8"),
+                   digits_cfg(f"method={method}", "trainer.max_steps=4", "method.cfg_strategy=zero")], tmp_path)

@@ -165,24 +165,12 @@ def test_gradient_flows_through_the_networks_inputs(sched, teacher, setup):
 
 
 def test_generator_phase_trains_only_the_generator_and_runs_on_both_benchmarks(gmm_cfg, tmp_path):
-    from conftest import compose_cfg
-    from stepdistill.train.batches import BatchSource
+    from conftest import assert_phase_reaches_only, digits_cfg, train_briefly
     from stepdistill.train.setup import build_run
-    from stepdistill.train.trainer import Trainer
-    run = build_run(gmm_cfg("method=sim"))
-    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
-    run.roles.train_only(run.method.phases["generator"])
-    out = run.method.loss("generator", batch, 0)
-    out.loss.backward()
-    assert torch.isfinite(out.loss) and "loss_sim" in out.logs
-    assert all(p.grad is not None for p in run.roles["generator"].parameters())
-    assert all(p.grad is None for n in ("fake_score", "teacher") for p in run.roles[n].parameters())
-    for cfg in (gmm_cfg("method=sim", "trainer.max_steps=8"),
-                compose_cfg("benchmark=digits", "method=sim", "trainer.max_steps=4", "trainer.batch_size=8",
-                            "eval.every=0", "eval.final=false", "trainer.progress=false")):
-        out = build_run(cfg)
-        Trainer(out, tmp_path / cfg.benchmark.name).fit()
-        assert all(torch.isfinite(p).all() for p in out.roles["generator"].parameters())
+    out = assert_phase_reaches_only(build_run(gmm_cfg("method=sim")), "generator", ("generator",))
+    assert "loss_sim" in out.logs
+    train_briefly([gmm_cfg("method=sim", "trainer.max_steps=8"), digits_cfg("method=sim", "trainer.max_steps=4")],
+                  tmp_path)
     with pytest.raises(ValueError, match="pseudo-Huber constant must be > 0"):
         build_run(gmm_cfg("method=sim", "method.c=0"))
     with pytest.raises(ValueError, match="need 0 <= t_min < t_max <= 1"):

@@ -12,6 +12,15 @@ import torch
 from ..roles import Roles
 
 
+def check_t_range(cfg) -> tuple[float, float]:
+    """`method.t_min`, `t_max` as fractions of the noise range, with a clear error when they are not one."""
+    lo, hi = float(cfg.t_min), float(cfg.t_max)
+    if not (0 <= lo < hi <= 1):
+        raise ValueError(f"method.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
+                         "(fractions of the noise range)")
+    return lo, hi
+
+
 @dataclass
 class LossOut:
     loss: torch.Tensor

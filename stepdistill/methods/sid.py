@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import LossOut, Method
+from .base import LossOut, Method, check_t_range
 from .distribution_matching import check_normalizer
 
 CFG_STRATEGIES = ("lsg", "zero", "anti")
@@ -68,9 +68,7 @@ class SiD(Method):
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
-        if not float(cfg.t_min) >= 0 or not float(cfg.t_max) <= 1 or float(cfg.t_min) >= float(cfg.t_max):
-            raise ValueError(f"method.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
-                             "(fractions of the noise range)")
+        self.t_range = check_t_range(cfg)
         self.strategy = str(cfg.get("cfg_strategy", "lsg"))
         if self.strategy not in CFG_STRATEGIES:
             raise ValueError(f"unknown method.cfg_strategy {self.strategy!r}: use one of {', '.join(CFG_STRATEGIES)}")
@@ -103,7 +101,7 @@ class SiD(Method):
     def sid_term(self, x, cond, **kw):
         c = self.cfg
         return sid_loss(x, self.models["teacher"], self.models["fake_score"], cond, self.scales[0], self.scales[1],
-                        float(c.alpha), (float(c.t_min), float(c.t_max)), normalizer=self.normalizer,
+                        float(c.alpha), self.t_range, normalizer=self.normalizer,
                         fake_cond=self.fake_cond(cond), **kw)
 
     def fake_score_loss(self, x_fake, cond, t=None, noise=None) -> torch.Tensor:

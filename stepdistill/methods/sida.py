@@ -41,8 +41,7 @@ class SiDA(SiD):
 
     def _noised(self, x):
         sched = self.models["teacher"].schedule
-        c = self.cfg
-        return sched.sample_t(x.shape[0], float(c.t_min), float(c.t_max), device=x.device), torch.randn_like(x)
+        return sched.sample_t(x.shape[0], *self.t_range, device=x.device), torch.randn_like(x)
 
     def generator_loss(self, batch, step):
         x = self.models["generator"](batch["noise"], batch["cond"])

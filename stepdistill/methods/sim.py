@@ -34,10 +34,16 @@ from __future__ import annotations
 
 import torch
 
-from .base import LossOut, Method
+from .base import LossOut, Method, check_t_range
 from .distribution_matching import fake_score_phase
 
 NORMALIZERS = ("none", "sample", "batch")
+
+
+def check_sim_normalizer(normalizer: str) -> str:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"unknown method.normalizer {normalizer!r} for sim: use one of {', '.join(NORMALIZERS)}")
+    return normalizer
 
 
 def pseudo_huber(delta: torch.Tensor, c: float) -> torch.Tensor:
@@ -50,8 +56,7 @@ def sim_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
              noise: torch.Tensor | None = None, normalizer: str = "none") -> tuple[torch.Tensor, dict]:
     """SIM's generator loss on samples `x` (requiring grad); `teacher` and `fake` are anything with `.schedule` and
     `.x0(x_t, t, cond, guidance)`; `t` and `noise` may be given (tests)."""
-    if normalizer not in NORMALIZERS:
-        raise ValueError(f"unknown method.normalizer {normalizer!r} for sim: use one of {', '.join(NORMALIZERS)}")
+    check_sim_normalizer(normalizer)
     sched = teacher.schedule
     if t is None:
         t = sched.sample_t(x.shape[0], *t_range, device=x.device)
@@ -85,23 +90,18 @@ class SIM(Method):
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
-        self.normalizer = str(cfg.get("normalizer", "none"))
-        if self.normalizer not in NORMALIZERS:
-            raise ValueError(f"unknown method.normalizer {self.normalizer!r} for sim: use one of "
-                             f"{', '.join(NORMALIZERS)}")
+        self.normalizer = check_sim_normalizer(str(cfg.get("normalizer", "none")))
         self.c = float(cfg.c)
         if not self.c > 0:
             raise ValueError(f"method.c={cfg.c}: the pseudo-Huber constant must be > 0 (per-element scale of the "
                              "x0 difference, e.g. 0.1)")
-        if not float(cfg.t_min) >= 0 or not float(cfg.t_max) <= 1 or float(cfg.t_min) >= float(cfg.t_max):
-            raise ValueError(f"method.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
-                             "(fractions of the noise range)")
+        self.t_range = check_t_range(cfg)
 
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
         loss, logs = sim_loss(x, m["teacher"], m["fake_score"], batch["cond"], float(c.guidance),
-                              float(c.fake_guidance), self.c, (float(c.t_min), float(c.t_max)),
+                              float(c.fake_guidance), self.c, self.t_range,
                               normalizer=self.normalizer)
         logs["loss_sim"] = loss.item()
         return LossOut(loss, logs)
