@@ -1,5 +1,4 @@
 """The quickstart notebook runs top to bottom (at tiny settings)."""
-import os
 from pathlib import Path
 
 import nbformat

@@ -1,6 +1,4 @@
 """End-to-end training on gmm through the Python API: both methods, resume exactness, atomic checkpoints."""
-import os
-import shutil
 from pathlib import Path
 
 import pytest

@@ -7,7 +7,6 @@ Critic: the fake score's denoising loss on detached generator samples (Eq. 6); a
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .base import LossOut, Method

@@ -92,8 +92,7 @@ class SiD(Method):
         return self.models["fake_score"].uncond(cond) if self.strategy == "zero" and cond is not None else cond
 
     def generator_loss(self, batch, step):
-        m, c = self.models, self.cfg
-        x = m["generator"](batch["noise"], batch["cond"])
+        x = self.models["generator"](batch["noise"], batch["cond"])
         loss, logs = self.sid_term(x, batch["cond"])
         logs["loss_sid"] = loss.item()
         return LossOut(loss, logs)
