@@ -122,7 +122,7 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     if panels:
         names = sorted(panels)
         result["figure"] = save_gmm_scatter_grid(out / "comparison.png", [panels[n][1] for n in names],
-                                                 [panels[n][0] for n in names])
+                                                 [panels[n][0] for n in names], row_labels=names)
     return result
 
 

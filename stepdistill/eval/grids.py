@@ -119,9 +119,10 @@ def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor
 
 
 def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixtures: list, grid: int = 120,
-                          size: float = 3.2) -> str:
+                          size: float = 3.2, row_labels: list[str] | None = None) -> str:
     """A figure of scatter panels: row r holds (title, samples) pairs drawn over ``mixtures[r]``'s density, all
-    panels of a row on the same axes (a comparison of methods per benchmark). Rows may differ in length."""
+    panels of a row on the same axes (a comparison of methods per benchmark), labelled ``row_labels[r]`` on the
+    left. Rows may differ in length."""
     from matplotlib.figure import Figure
 
     if len(rows) != len(mixtures) or not rows:
@@ -137,6 +138,8 @@ def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixt
                 _draw_panel(axes[r][c], mixture, clean[c][1], clean[c][2], extent, clean[c][0], grid)
             else:
                 axes[r][c].set_axis_off()
+        if row_labels:
+            axes[r][0].set_ylabel(row_labels[r], fontsize="large")
     return _save(fig, path)
 
 
