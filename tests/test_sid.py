@@ -266,3 +266,20 @@ def test_sid_variants_train_on_both_benchmarks(gmm_cfg, tmp_path, method):
     from conftest import digits_cfg, train_briefly
     train_briefly([gmm_cfg(f"method={method}", "trainer.max_steps=8"),
                    digits_cfg(f"method={method}", "trainer.max_steps=4", "method.cfg_strategy=zero")], tmp_path)
+
+
+def test_sid_fewstep_is_sid_on_the_uniform_mixture_of_the_k_step_outputs(gmm_cfg):
+    """Its generator loss is sid_loss on backward-simulated outputs (k uniform per sample, k - 1 steps without
+    gradient): recomputed by hand from the same random draws, and every exit step occurs in a batch."""
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    run = build_run(gmm_cfg("method=sid_fewstep"))
+    gen, batch = run.roles["generator"], BatchSource(run.benchmark, run.method.batch_keys, 64, "cpu")()
+    torch.manual_seed(5)
+    got = run.method.loss("generator", batch, 0).loss
+    torch.manual_seed(5)
+    x, ks = gen(batch["noise"], return_steps=True)
+    ref, _ = sid_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, 1.2, (0.0, 0.8),
+                      normalizer="batch")
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert set(ks.tolist()) == {1, 2, 3, 4} and gen.num_steps == 4
