@@ -19,7 +19,8 @@ Guidance for conditional teachers (`cfg_strategy`):
         no condition at all (the null label / empty prompt), both when evaluated and when trained.
   anti  Anti-CFG (ibid.): no CFG on the teacher, negative CFG on the fake score when evaluated
         (`fake_guidance` < 1, extrapolating away from the condition). With a fake score equal to the teacher,
-        scale 2 - k gives the same generator gradient as LSG's teacher scale k.
+        scale 2 - k gives the same score difference f_real - f_fake as LSG's teacher scale k (not the same SiD
+        loss: its (f_real - x_g) factor then uses the unguided teacher).
 
 `sid_fewstep` (few-step SiD): the generator's K-step outputs are matched as a uniform mixture. Each sample draws
 k in 1..K, runs k-1 steps without gradient and trains step k (FewStepGenerator's backward simulation), one network
