@@ -283,3 +283,17 @@ def test_sid_fewstep_is_sid_on_the_uniform_mixture_of_the_k_step_outputs(gmm_cfg
                       normalizer="batch")
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
     assert set(ks.tolist()) == {1, 2, 3, 4} and gen.num_steps == 4
+
+
+def test_backpropagating_through_the_teacher_keeps_more_activations(gmm_cfg):
+    """stepdistill-bench's activation measure: SiD's generator phase saves the teacher's and the critic's
+    activations for backward on top of the generator's (here the analytic teacher has none: the critic's), DMD2's
+    (without its GAN) only the generator's."""
+    from stepdistill.cli.bench import saved_activation_bytes
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    saved = {}
+    for method, extra in (("dmd2", ["method.gan.enabled=false"]), ("sid", [])):
+        run = build_run(gmm_cfg(f"method={method}", *extra))
+        saved[method] = saved_activation_bytes(run, BatchSource(run.benchmark, run.method.batch_keys, 64, "cpu"))
+    assert 0 < saved["dmd2"] < saved["sid"]

@@ -3,8 +3,9 @@
 Per method (each in a fresh process, so peak memory is its own): network evaluations per iteration (forward
 calls of any backbone or GAN head, teacher included, counting a CFG call's doubled batch as one call), seconds per
 iteration, the share of iteration time spent outside network forward/backward (forward time from hooks around
-each backbone; the whole backward pass is counted as network time) and peak memory (CUDA peak allocated on a
-GPU, else the process's peak resident set).
+each backbone; the whole backward pass is counted as network time), peak memory (CUDA peak allocated on a
+GPU, else the process's peak resident set) and the activations one generator-phase loss keeps for backward
+(`saved_activation_bytes`: what backpropagating through the teacher costs SiD and SIM, device-independent).
 """
 from __future__ import annotations
 
@@ -39,6 +40,28 @@ def _count_and_time(nets):
     return stats, handles
 
 
+def saved_activation_bytes(run, batches) -> int:
+    """Bytes autograd keeps for backward in one generator-phase loss (each storage once, parameters excluded):
+    the activation memory a method pays, which is what backpropagating through the teacher and the critic (SiD,
+    SIM) adds, measured the same way on any device."""
+    params = {p.untyped_storage().data_ptr() for p in run.roles.parameters()}
+    seen: set = set()
+
+    def pack(t):
+        st = t.untyped_storage()
+        if st.data_ptr() not in params and st.data_ptr() not in seen:
+            seen.add(st.data_ptr())
+            pack.total += st.nbytes()
+        return t
+
+    pack.total = 0
+    run.roles.train_only(run.method.phases["generator"])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = run.method.loss("generator", batches(), 0)
+    del out
+    return pack.total
+
+
 def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
@@ -65,6 +88,7 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     for _ in range(warmup):
         trainer.train_step(batches)
         trainer.step += 1
+    saved = saved_activation_bytes(run, batches)
     stats, handles = _count_and_time(nets)
     if isinstance(teacher, GMMDenoiser):  # the analytic teacher has no network: count and time its exact x0
         exact = teacher._x0_single
@@ -106,16 +130,18 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
             "network_evals_per_iteration": stats["calls"] / steps * period,
             "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
-            "peak_memory_mb": peak / 2**20, "device": str(trainer.device), "batch_size": int(cfg.trainer.batch_size)}
+            "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device), "batch_size": int(cfg.trainer.batch_size)}
 
 
 def table(rows: list[dict]) -> str:
-    head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB")
+    head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB",
+            "gen. saved MB")
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in rows:
         lines.append(" | ".join([r["benchmark"], r["method"], str(r["batch_size"]), str(r["updates_per_iteration"]),
                                  f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
-                                 f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}"]))
+                                 f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}",
+                                 f"{r['generator_saved_mb']:.1f}"]))
     return "\n".join(lines)
 
 
