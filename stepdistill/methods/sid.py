@@ -36,6 +36,22 @@ from .distribution_matching import check_normalizer
 CFG_STRATEGIES = ("lsg", "zero", "anti")
 
 
+def predictions_through_inputs(x, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
+                               t_range=(0.0, 0.8), t=None, noise=None, fake_cond=None):
+    """Noise x at t (drawn in t_range unless given) and return the teacher's and the fake score's x0-predictions
+    and x, in at least fp32 (float64 stays float64). Nothing is detached: the gradient reaches x through both
+    networks' inputs, the estimator of the score-identity family (SiD, SIM)."""
+    sched = teacher.schedule
+    if t is None:
+        t = sched.sample_t(x.shape[0], *t_range, device=x.device)
+    noise = torch.randn_like(x) if noise is None else noise
+    x_t = sched.add_noise(x, noise, t)
+    dt = torch.promote_types(x.dtype, torch.float32)
+    f_real = teacher.x0(x_t, t, cond, guidance).to(dt)
+    f_fake = fake.x0(x_t, t, cond if fake_cond is None else fake_cond, fake_guidance).to(dt)
+    return f_real, f_fake, x.to(dt)
+
+
 def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
              alpha: float = 1.2, t_range=(0.0, 0.8), t: torch.Tensor | None = None,
              noise: torch.Tensor | None = None, normalizer: str = "sample", fake_cond=None) -> tuple[torch.Tensor, dict]:
@@ -43,15 +59,8 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     `normalizer="batch"` takes the weight's mean|x_g - f_real| over the whole batch (one scalar), as
     `method.normalizer` does for DMD on low-dimensional data. `fake_cond`: the fake score's condition, if not
     `cond` (Zero-CFG passes the null condition)."""
-    sched = teacher.schedule
-    if t is None:
-        t = sched.sample_t(x.shape[0], *t_range, device=x.device)
-    noise = torch.randn_like(x) if noise is None else noise
-    x_t = sched.add_noise(x, noise, t)              # no detach: the gradient reaches x through both networks
-    dt = torch.promote_types(x.dtype, torch.float32)   # at least fp32; float64 stays float64
-    f_real = teacher.x0(x_t, t, cond, guidance).to(dt)
-    f_fake = fake.x0(x_t, t, cond if fake_cond is None else fake_cond, fake_guidance).to(dt)
-    xf = x.to(dt)
+    f_real, f_fake, xf = predictions_through_inputs(x, teacher, fake, cond, guidance, fake_guidance, t_range, t,
+                                                    noise, fake_cond)
     dims = tuple(range(1, x.ndim))
     weight_dims = dims if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
     with torch.no_grad():

@@ -36,6 +36,7 @@ import torch
 
 from .base import LossOut, Method, check_t_range
 from .distribution_matching import fake_score_phase
+from .sid import predictions_through_inputs
 
 NORMALIZERS = ("none", "sample", "batch")
 
@@ -57,15 +58,7 @@ def sim_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     """SIM's generator loss on samples `x` (requiring grad); `teacher` and `fake` are anything with `.schedule` and
     `.x0(x_t, t, cond, guidance)`; `t` and `noise` may be given (tests)."""
     check_sim_normalizer(normalizer)
-    sched = teacher.schedule
-    if t is None:
-        t = sched.sample_t(x.shape[0], *t_range, device=x.device)
-    noise = torch.randn_like(x) if noise is None else noise
-    x_t = sched.add_noise(x, noise, t)              # no detach: the gradient reaches x through both networks
-    dt = torch.promote_types(x.dtype, torch.float32)   # at least fp32; float64 stays float64
-    f_real = teacher.x0(x_t, t, cond, guidance).to(dt)
-    f_fake = fake.x0(x_t, t, cond, fake_guidance).to(dt)
-    xf = x.to(dt)
+    f_real, f_fake, xf = predictions_through_inputs(x, teacher, fake, cond, guidance, fake_guidance, t_range, t, noise)
     n = x[0].numel()
     delta = f_real - f_fake
     # u = d'(Δ) · numel, differentiable in x_t (SIM's y carries the input gradient; only θ-in-the-score is frozen)
