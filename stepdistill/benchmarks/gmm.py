@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import math
 
-
 from ..denoiser import NetworkDenoiser
 from ..networks.gmm import GaussianMixture, GMMDenoiser, circle_means
 from ..networks.mlp import TimeMLP

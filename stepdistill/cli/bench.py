@@ -130,7 +130,8 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
             "network_evals_per_iteration": stats["calls"] / steps * period,
             "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
-            "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device), "batch_size": int(cfg.trainer.batch_size)}
+            "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device),
+            "batch_size": int(cfg.trainer.batch_size)}
 
 
 def table(rows: list[dict]) -> str:

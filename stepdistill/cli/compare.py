@@ -73,9 +73,7 @@ def compare_run(run_dir: Path, num_samples: int | None, seed: int) -> tuple[dict
         metrics = gmm_metrics(samples, mixture, seed=seed)
         row.update({k: metrics[k] for k in POINT_COLUMNS}, num_samples=n)
         return row, (samples, mixture)
-    for key in ("fd", "teacher_fd"):
-        name = key if key.startswith("teacher") else f"student_{key}"
-        row[key] = evaluation.get(name)
+    row["fd"], row["teacher_fd"] = evaluation.get("student_fd"), evaluation.get("teacher_fd")
     if row.get("fd") is not None and row.get("teacher_fd"):
         row["fd_ratio"] = row["fd"] / row["teacher_fd"]
     row["num_samples"] = evaluation.get("student_fd_num_samples")

@@ -34,14 +34,18 @@ def check_normalizer(normalizer: str) -> str:
     return normalizer
 
 
+def denoising_error(x: torch.Tensor, x0_real: torch.Tensor, normalizer: str = "sample") -> torch.Tensor:
+    """mean|x - x0_real|, per sample ("sample", shape (N, 1, ...)) or over the whole batch ("batch", one value):
+    the scale DMD, SiD and SIM divide their generator gradients by."""
+    dims = tuple(range(1, x.ndim)) if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
+    return (x - x0_real).abs().mean(dim=dims, keepdim=True)
+
+
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
                  normalizer: str = "sample") -> torch.Tensor:
     """The normalised score difference, (x0_fake - x0_real) / mean|x - x0_real|, the mean taken per sample
     (DMD Eq. 8) or over the whole batch."""
-    check_normalizer(normalizer)
-    dims = tuple(range(1, x.ndim)) if normalizer == "sample" else tuple(range(x.ndim))
-    weight = (x - x0_real).abs().mean(dim=dims, keepdim=True)
-    return torch.nan_to_num((x0_fake - x0_real) / weight)
+    return torch.nan_to_num((x0_fake - x0_real) / denoising_error(x, x0_real, normalizer))
 
 
 def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guidance: float = 1.0,

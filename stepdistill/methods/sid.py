@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from .base import LossOut, Method, check_t_range
-from .distribution_matching import check_normalizer
+from .distribution_matching import check_normalizer, denoising_error
 
 CFG_STRATEGIES = ("lsg", "zero", "anti")
 
@@ -62,18 +62,15 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     f_real, f_fake, xf = predictions_through_inputs(x, teacher, fake, cond, guidance, fake_guidance, t_range, t,
                                                     noise, fake_cond)
     dims = tuple(range(1, x.ndim))
-    weight_dims = dims if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
     with torch.no_grad():
-        weight = torch.nan_to_num(1.0 / (xf - f_real).abs().mean(dim=weight_dims, keepdim=True))
+        weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer))
     diff = f_real - f_fake
     per_sample = (weight * diff * ((f_real - xf) - alpha * diff)).mean(dim=dims)
     return per_sample.mean(), {"score_gap": diff.flatten(1).norm(dim=1).mean().item()}
 
 
-class SiD(Method):
+class SiD(Method):   # the base class's roles and phases: teacher, fake score, generator; 1:1 alternation
     name = "sid"
-    roles = ("teacher", "fake_score", "generator")
-    phases = {"generator": ("generator",), "critic": ("fake_score",)}
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from .base import LossOut, Method, check_t_range
-from .distribution_matching import fake_score_phase
+from .distribution_matching import denoising_error, fake_score_phase
 from .sid import predictions_through_inputs
 
 NORMALIZERS = ("none", "sample", "batch")
@@ -66,9 +66,7 @@ def sim_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     per_sample = (u * ((f_real - xf) - delta.detach())).flatten(1).sum(1) / n
     if normalizer != "none":
         with torch.no_grad():
-            err = (xf - f_real).abs().flatten(1).mean(1)
-            weight = err if normalizer == "sample" else err.mean().expand_as(err)
-            weight = torch.nan_to_num(1.0 / weight)
+            weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer).flatten())
         per_sample = per_sample * weight
     with torch.no_grad():
         logs = {"score_gap": delta.flatten(1).pow(2).mean(1).sqrt().mean().item(),
@@ -76,10 +74,8 @@ def sim_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     return per_sample.mean(), logs
 
 
-class SIM(Method):
+class SIM(Method):   # the base class's roles and phases: teacher, fake score, generator
     name = "sim"
-    roles = ("teacher", "fake_score", "generator")
-    phases = {"generator": ("generator",), "critic": ("fake_score",)}
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
