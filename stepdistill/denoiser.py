@@ -92,13 +92,15 @@ class NetworkDenoiser(Denoiser):
             return super().uncond(cond)
         return torch.full_like(cond, self.null_class)
 
-    def raw(self, x_t, t, cond=None, alpha_sigma=None):
-        """The backbone's native output (eps / v / x0 / velocity / EDM's F)."""
+    def raw(self, x_t, t, cond=None, alpha_sigma=None, c_in=None):
+        """The backbone's native output (eps / v / x0 / velocity / EDM's F). `c_in`: EDM's input scaling, where
+        the caller has it already."""
         t = self._as_batch_t(t, x_t)
         x_in = x_t
         if self.prediction_type == "edm":
-            a, s = self.coeffs(t, x_t, alpha_sigma)
-            x_in = edm_coefficients(a, s, self.sigma_data)[0] * x_t
+            if c_in is None:
+                c_in = edm_coefficients(*self.coeffs(t, x_t, alpha_sigma), self.sigma_data)[0]
+            x_in = c_in * x_t
         t_net = self.schedule.net_time(t)
         if _is_diffusers_unet(self.net):
             return self.net(x_in, t_net, class_labels=cond).sample
@@ -107,6 +109,12 @@ class NetworkDenoiser(Denoiser):
     def _x0_single(self, x_t, t, cond, alpha_sigma=None):
         a, s = self.coeffs(t, x_t, alpha_sigma)
         dt = torch.promote_types(x_t.dtype, torch.float32)  # at least fp32 math, float64 stays float64
+        if self.prediction_type == "edm":  # the EDM coefficients once for the input and the output scaling
+            c_in, c_skip, c_out = edm_coefficients(a.to(dt), s.to(dt), self.sigma_data)
+            if a.dtype != dt:  # the input scaling in x_t's own precision, as raw() computes it
+                c_in = edm_coefficients(a, s, self.sigma_data)[0]
+            out = self.raw(x_t, t, cond, c_in=c_in).to(dt)
+            return c_skip * x_t.to(dt) + c_out * out
         out = self.raw(x_t, t, cond, alpha_sigma).to(dt)
         return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
 

@@ -116,6 +116,8 @@ class FewStepGenerator(nn.Module):
             ks = allowed[torch.randint(0, len(allowed), (n,), device=noise.device)]
         else:
             ks = allowed[torch.randint(0, len(allowed), (), device=noise.device)].expand(n)
+        if step is not None or not self.per_sample_step or len(allowed) == 1:
+            return self._run_to_step(noise, cond, ks, return_steps)
         x, idx = self.start(noise), torch.arange(noise.shape[0], device=noise.device)
         outs, out_idx = [], []
         for i, t in enumerate(self.timesteps):
@@ -131,6 +133,18 @@ class FewStepGenerator(nn.Module):
                 x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
         out, order = torch.cat(outs), torch.cat(out_idx)
         out = out[torch.argsort(order)]
+        return (out, ks) if return_steps else out
+
+    def _run_to_step(self, noise, cond, ks, return_steps: bool):
+        """The whole batch exits at the same step k: the same computation and random draws as the masked loop
+        above, without its gathers and scatters (the one-step student's only path)."""
+        k = int(ks[0]) if ks.numel() else 1
+        x = self.start(noise)
+        with torch.no_grad():
+            for i in range(k - 1):
+                x0 = self.denoise(x, self.timesteps[i], cond)
+                x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
+        out = self.denoise(x, self.timesteps[k - 1], cond)
         return (out, ks) if return_steps else out
 
 

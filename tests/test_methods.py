@@ -154,6 +154,28 @@ def test_backward_simulation_draws_a_step_per_sample():
     torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_batch_wide_exit_step_matches_the_masked_loop():
+    """When every sample exits at the same step the generator skips the per-sample gathers: same draws, same
+    output, same gradient as the masked loop that serves mixed exit steps."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.networks.mlp import TimeMLP
+    torch.manual_seed(0)
+    den = NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0)
+    masked = FewStepGenerator(den, steps=4, train_steps=[3, 3])   # two choices: the masked loop, all k = 3
+    direct = FewStepGenerator(den, steps=4, train_steps=[3])
+    z = torch.randn(8, 2)
+    outs = []
+    for gen in (masked, direct):
+        den.zero_grad()
+        torch.manual_seed(5)
+        out, ks = gen(z, return_steps=True)
+        out.square().sum().backward()
+        outs.append((out.detach(), ks, den.net.inp.weight.grad.clone()))
+    assert outs[0][1].tolist() == outs[1][1].tolist() == [3] * 8
+    for a, b in zip(outs[0], outs[1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_lcm_boundary_matches_diffusers():
     from diffusers import LCMScheduler
     sched = LCMScheduler()

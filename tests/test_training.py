@@ -132,3 +132,19 @@ def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, p
     assert (tmp_path / "metrics.jsonl").is_file() and result["train_seconds"] > 0
     if produced:
         assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
+def test_clip_gradients_equals_torch(max_norm):
+    """Same norm and same gradients as torch's clip_grad_norm_, whether it clips or not."""
+    from stepdistill.train.optim import clip_gradients
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(s)) for s in ((7, 5), (5,), (3, 3))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for pa, pb in zip(a, b):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(b, max_norm)
+    assert clip_gradients(a, max_norm) == pytest.approx(float(expected), rel=1e-6)
+    for pa, pb in zip(a, b):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=0)

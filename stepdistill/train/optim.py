@@ -1,0 +1,41 @@
+"""Optimizer pieces of the trainer: AdamW, the learning-rate schedule and gradient clipping."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def lr_lambda(warmup: int, total: int, kind: str):
+    def f(step: int) -> float:
+        w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if kind == "cosine":
+            return w * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+        if kind != "constant":
+            raise ValueError(f"unknown optim.schedule {kind!r}: use constant or cosine")
+        return w
+    return f
+
+
+def make_adamw(params, **kw) -> torch.optim.AdamW:
+    # the fused kernel (CPU and CUDA) updates every tensor in one call; the default per-tensor Python loop
+    # was ~5% of a digits iteration on CPU. Fall back where a dtype/device has no fused kernel.
+    try:
+        return torch.optim.AdamW(params, fused=True, **kw)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, **kw)
+
+
+@torch.no_grad()
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
+    """`torch.nn.utils.clip_grad_norm_` (same norm, same scaling), returning the norm as a float. It scales only
+    when the norm exceeds `max_norm`: torch's version always multiplies, by exactly 1 when not clipping, which is
+    a full pass over the gradients for nothing (~1 ms of a 30 ms gmm step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+    coef = max_norm / (total + 1e-6)
+    if math.isfinite(max_norm) and float(coef) < 1.0:
+        torch._foreach_mul_(grads, coef.to(grads[0].dtype))
+    return float(total)
