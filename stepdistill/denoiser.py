@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import batch_split
 from .prediction import (check_prediction_type, edm_coefficients, eps_from_x0, score_from_x0, target_for,
                          velocity_from_x0, x0_from_output)
 from .schedules import NoiseSchedule, _bcast
@@ -125,7 +126,7 @@ class NetworkDenoiser(Denoiser):
         onto the target (SiD-LSG trains its fake score this way). Every prediction type is affine in the raw
         output at fixed x_t, so CFG on the raw output is CFG on the x0-prediction."""
         t = self._as_batch_t(t, x0)
-        noise = torch.randn_like(x0) if noise is None else noise
+        noise = batch_split.randn_like(x0) if noise is None else noise
         a, s = self.coeffs(t, x0)
         x_t = a * x0 + s * noise
         target = target_for(x0, noise, x_t, a, s, self.prediction_type, self.sigma_data)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import batch_split
 from .denoiser import NetworkDenoiser, _bcast
 
 LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
@@ -113,7 +114,7 @@ class FewStepGenerator(nn.Module):
         if step is not None:
             ks = torch.full((n,), int(step), device=noise.device)
         elif self.per_sample_step:
-            ks = allowed[torch.randint(0, len(allowed), (n,), device=noise.device)]
+            ks = allowed[batch_split.randint(0, len(allowed), n, device=noise.device)]
         else:
             ks = allowed[torch.randint(0, len(allowed), (), device=noise.device)].expand(n)
         if step is not None or not self.per_sample_step or len(allowed) == 1:
@@ -128,9 +129,11 @@ class FewStepGenerator(nn.Module):
             idx, x, cond = idx[~here], x[~here], _take(cond, ~here)
             if idx.numel() == 0:
                 break
-            with torch.no_grad():  # the rest run this step without gradient and are re-noised with fresh noise
+            with torch.no_grad():  # the rest run this step without gradient and are re-noised with fresh noise,
+                # drawn for the whole batch and taken at their rows: a sample's noise does not depend on which
+                # of its neighbours stopped earlier, or on how the batch is split over processes
                 x0 = self.denoise(x, t, cond)
-                x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
+                x = self.renoise(x0, self.timesteps[i + 1], batch_split.randn_like(noise)[idx])
         out, order = torch.cat(outs), torch.cat(out_idx)
         out = out[torch.argsort(order)]
         return (out, ks) if return_steps else out
@@ -143,7 +146,7 @@ class FewStepGenerator(nn.Module):
         with torch.no_grad():
             for i in range(k - 1):
                 x0 = self.denoise(x, self.timesteps[i], cond)
-                x = self.renoise(x0, self.timesteps[i + 1], torch.randn_like(x0))
+                x = self.renoise(x0, self.timesteps[i + 1], batch_split.randn_like(noise))
         out = self.denoise(x, self.timesteps[k - 1], cond)
         return (out, ks) if return_steps else out
 

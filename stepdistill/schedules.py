@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from . import batch_split
+
 
 def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-sample vector (N,) to broadcast against a batch (N, ...)."""
@@ -44,7 +46,7 @@ class NoiseSchedule:
 
     def sample_t(self, n: int, lo: float = 0.0, hi: float = 1.0, device=None) -> torch.Tensor:
         """Noise levels drawn uniformly in fraction-of-range [lo, hi] (DMD uses [0.02, 0.98])."""
-        u = lo + (hi - lo) * torch.rand(n, device=device)
+        u = lo + (hi - lo) * batch_split.rand(n, device=device)
         return self.t_from_fraction(u)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -141,7 +141,7 @@ def test_backward_simulation_draws_a_step_per_sample():
     torch.manual_seed(3)
     ks = torch.randint(1, 5, (64,))
     assert set(ks.tolist()) == {1, 2, 3, 4} and out.requires_grad
-    # replay: the samples still running at step i draw their re-noising noise together, in batch order
+    # replay: at each step the whole batch's re-noising noise is drawn; the samples still running take their rows
     x, alive = z.clone(), torch.ones(64, dtype=torch.bool)
     expected = torch.empty_like(z)
     with torch.no_grad():
@@ -150,7 +150,7 @@ def test_backward_simulation_draws_a_step_per_sample():
             expected[alive & (ks == i + 1)] = x0[alive & (ks == i + 1)]
             alive = alive & (ks > i + 1)
             if i + 1 < len(gen.timesteps):
-                x[alive] = gen.renoise(x0[alive], gen.timesteps[i + 1], torch.randn_like(x0[alive]))
+                x[alive] = gen.renoise(x0[alive], gen.timesteps[i + 1], torch.randn_like(x0)[alive])
     torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
 
 

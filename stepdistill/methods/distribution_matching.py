@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import batch_split
 from ..denoiser import Denoiser, NetworkDenoiser
 from .base import LossOut
 
@@ -38,7 +39,7 @@ def denoising_error(x: torch.Tensor, x0_real: torch.Tensor, normalizer: str = "s
     """mean|x - x0_real|, per sample ("sample", shape (N, 1, ...)) or over the whole batch ("batch", one value):
     the scale DMD, SiD and SIM divide their generator gradients by."""
     dims = tuple(range(1, x.ndim)) if check_normalizer(normalizer) == "sample" else tuple(range(x.ndim))
-    return (x - x0_real).abs().mean(dim=dims, keepdim=True)
+    return batch_split.batch_mean((x - x0_real).abs(), dims, keepdim=True)  # the global batch's, if split
 
 
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
@@ -54,7 +55,7 @@ def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guid
     sched = teacher.schedule
     t = sched.sample_t(x.shape[0], *t_range, device=x.device)
     with torch.no_grad():
-        x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
+        x_t = sched.add_noise(x.detach(), batch_split.randn_like(x), t)
         x0_real = teacher.x0(x_t, t, cond, guidance)  # CFG on the real score only (DMD2 §4.4)
         x0_fake = fake.x0(x_t, t, cond, fake_guidance)
         grad = dmd_gradient(x.detach().float(), x0_real.float(), x0_fake.float(), normalizer)

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from .. import batch_split
 from .dmd2 import DMD2
 
 # h(r) = r^2 f''(r), written in the log-ratio l = log r (stable for large |l|)
@@ -47,7 +48,7 @@ def f_weights(log_ratio: torch.Tensor, divergence: str, clip=(-3.0, 3.0)) -> tor
     lo, hi = clip
     l = log_ratio.detach().to(torch.promote_types(log_ratio.dtype, torch.float32)).clamp(lo, hi)
     h = DIVERGENCES[check_divergence(divergence)](l)
-    return h / h.mean()
+    return h / batch_split.batch_mean(h)  # over the global batch, if split over processes
 
 
 class FDistill(DMD2):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import batch_split
 from ..denoiser import NetworkDenoiser
 from ..networks.heads import ClassifierHead, find_feature_module, tap_features
 
@@ -26,7 +27,7 @@ class DiffusionGAN:
         sched = self.fake.schedule
         if t is None:
             t = sched.sample_t(x.shape[0], *self.t_range, device=x.device)
-        return self.logits_noised(sched.add_noise(x, torch.randn_like(x), t), t, cond)
+        return self.logits_noised(sched.add_noise(x, batch_split.randn_like(x), t), t, cond)
 
     def logits_noised(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """The logit of an already-noised x_t at time t (no noise drawn). Near the optimum of L_D it estimates

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import batch_split
 from .base import LossOut, Method, check_t_range
 from .distribution_matching import check_normalizer, denoising_error
 
@@ -44,7 +45,7 @@ def predictions_through_inputs(x, teacher, fake, cond=None, guidance: float = 1.
     sched = teacher.schedule
     if t is None:
         t = sched.sample_t(x.shape[0], *t_range, device=x.device)
-    noise = torch.randn_like(x) if noise is None else noise
+    noise = batch_split.randn_like(x) if noise is None else noise
     x_t = sched.add_noise(x, noise, t)
     dt = torch.promote_types(x.dtype, torch.float32)
     f_real = teacher.x0(x_t, t, cond, guidance).to(dt)

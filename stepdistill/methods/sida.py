@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import batch_split
 from ..networks.heads import find_feature_module, tap_features
 from .base import LossOut
 from .sid import SiD
@@ -41,7 +42,7 @@ class SiDA(SiD):
 
     def _noised(self, x):
         sched = self.models["teacher"].schedule
-        return sched.sample_t(x.shape[0], *self.t_range, device=x.device), torch.randn_like(x)
+        return sched.sample_t(x.shape[0], *self.t_range, device=x.device), batch_split.randn_like(x)
 
     def generator_loss(self, batch, step):
         x = self.models["generator"](batch["noise"], batch["cond"])

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .. import batch_split
 from ..denoiser import Denoiser
 from ..schedules import NoiseSchedule
 
@@ -87,7 +88,7 @@ class TrigFlow:
     def sample_t(self, n: int, p_mean: float, p_std: float, device=None) -> torch.Tensor:
         """The proposal of sCM §4 (EDM's log-normal): tan(t) = e^tau / sigma_d, tau ~ N(p_mean, p_std^2),
         clamped to the teacher's range of noise levels. Float64: near pi/2, cos(t) needs the digits."""
-        tau = p_mean + p_std * torch.randn(n, device=device, dtype=torch.float64)
+        tau = p_mean + p_std * batch_split.randn(n, device=device, dtype=torch.float64)
         return torch.atan(tau.exp() / self.sigma_data).clamp(self.t_min, self.t_max)
 
     # --- predictions in TrigFlow space ------------------------------------------------------------------------

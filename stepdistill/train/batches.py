@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import batch_split
 from ..data.cache import cached_tensors
 from .evaluation import teacher_sample_batched
 
@@ -32,16 +33,20 @@ class BatchSource:
             raise ValueError("this method needs regression pairs but none were made")
 
     def __call__(self) -> dict:
+        """This process's rows of a global batch (batch_split): every process draws the whole global batch, so
+        the rows do not depend on the number of processes."""
         n, bm, dev = self.batch_size, self.benchmark, self.device
-        batch: dict = {}
-        batch["noise"] = bm.noise(n).to(dev)
-        cond = bm.sample_cond(n)
-        batch["cond"] = None if cond is None else cond.to(dev)
+        total = batch_split.global_rows(n)
+
+        def mine(t):
+            return None if t is None else batch_split.local_rows(t, n).to(dev)
+
+        batch: dict = {"noise": mine(bm.noise(total)), "cond": mine(bm.sample_cond(total))}
         if "real" in self.keys:
-            x, c = bm.sample_real(n)
-            batch["real"], batch["real_cond"] = x.to(dev), None if c is None else c.to(dev)
+            x, c = bm.sample_real(total)
+            batch["real"], batch["real_cond"] = mine(x), mine(c)
         if "reg_noise" in self.keys:
-            idx = torch.randint(0, self.pairs["noise"].shape[0], (n,))
+            idx = batch_split.randint(0, self.pairs["noise"].shape[0], n)
             batch["reg_noise"] = self.pairs["noise"][idx].to(dev)
             batch["reg_target"] = self.pairs["target"][idx].to(dev)
             batch["reg_cond"] = self.pairs["cond"][idx].to(dev) if "cond" in self.pairs else None

@@ -41,13 +41,17 @@ def all_finite(flag: bool, device) -> bool:
 
 
 def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
-    """The global-batch value of per-process means (equal shard sizes): what a single process would log."""
+    """The global-batch value of per-process logs (equal shard sizes): what a single process would log. Means
+    average; a log named `*_max` is a maximum over samples, so its maximum over processes is taken."""
     if not is_distributed() or not values:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    is_max = torch.tensor([k.endswith("_max") for k in keys], device=device)
+    highest = t.clone()
     dist.all_reduce(t)
-    t /= dist.get_world_size()
+    dist.all_reduce(highest, op=dist.ReduceOp.MAX)
+    t = torch.where(is_max, highest, t / dist.get_world_size())
     return dict(zip(keys, t.tolist()))
 
 

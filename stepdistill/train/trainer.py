@@ -17,6 +17,7 @@ from accelerate.state import AcceleratorState, PartialState
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
+from .. import batch_split
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .distributed import all_finite, average_gradients, mean_over_processes, weight_spread
@@ -56,8 +57,9 @@ class Trainer:
         if int(tc.batch_size) % self.world:
             raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes: use a "
                              f"multiple of {self.world}")
-        if self.world > 1:   # the roles were built from the same seed on every rank; now their draws differ
-            torch.manual_seed(int(self.cfg.seed) * 1000 + 1 + self.rank)
+        # every rank keeps the same RNG state and takes its rows of each global-batch draw (batch_split), so N
+        # processes compute what one process does with the same global batch
+        batch_split.set_split(self.rank, self.world)
         run.roles.to(self.device)
         self.method = run.method
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
@@ -110,8 +112,6 @@ class Trainer:
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
-        if self.world > 1:   # rank 0's stream was saved: give every rank its own again
-            torch.manual_seed(int(self.cfg.seed) * 1000 + 1 + self.rank + 7919 * self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # --- one step ------------------------------------------------------------------------------------------
