@@ -6,6 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
+
+from stepdistill.train.checkpoint import latest_checkpoint
 
 FAST = ["benchmark=gmm", "benchmark.network.width=64", "benchmark.network.depth=2", "trainer.batch_size=64",
         "method.critic_warmup_steps=4", "eval.every=0", "eval.final=false", "trainer.progress=false",
@@ -26,11 +30,13 @@ TINY_SD = ["benchmark=tiny_sd", "benchmark.num_real=16", "benchmark.teacher_step
            "trainer.max_steps=10", "trainer.export=false"]
 
 
-@pytest.mark.parametrize("overrides", [FAST, FAST + ["method=fdistill", "generator=four_step"], TINY_SD],
-                         ids=["gmm-dmd2", "gmm-fdistill-4step", "tiny_sd-dmd2"])
+@pytest.mark.parametrize("overrides", [FAST, FAST + ["method=fdistill", "generator=four_step"], TINY_SD,
+                                       FAST + ["trainer=fsdp", "trainer.export=true"]],
+                         ids=["gmm-dmd2", "gmm-fdistill-4step", "tiny_sd-dmd2", "gmm-dmd2-fsdp"])
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
     """The 4-step fdistill run adds per-sample exit steps, re-noising between steps and a batch-normalised
-    weight; tiny_sd is the latent text-to-image path (prompt embeddings, cached teacher samples as real data)."""
+    weight; tiny_sd is the latent text-to-image path (prompt embeddings, cached teacher samples as real data);
+    trainer=fsdp shards every network over the two processes (FSDP2 on gloo) and gathers it for checkpoints."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(tmp_path / "cache")}
     # one process first: it builds the tiny teacher and fills the cache that both ranks then read
     single = subprocess.run([sys.executable, "-m", "stepdistill.train", *overrides, f"hydra.run.dir={tmp_path / 'one'}"],
@@ -52,6 +58,16 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
     # two-process run computes the one-process run: equal up to float summation order, after 10 updates
     for key, value in step10.items():
         assert value == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+    # the final checkpoints hold the same weights (gathered whole from the shards under trainer=fsdp)
+    for name in ("generator", "generator_ema", "fake_score"):
+        w_ddp, w_one = (load_file(str(latest_checkpoint(d / "checkpoints") / f"{name}.safetensors"))
+                        for d in (tmp_path / "ddp", tmp_path / "one"))
+        assert w_ddp.keys() == w_one.keys()
+        for k in w_one:
+            # Adam turns float-order differences of near-zero gradients into up to ~lr per step
+            torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-3, atol=1e-4)
+    if "trainer.export=true" in overrides:   # rank 0 exports plain weights from the final checkpoint
+        assert (tmp_path / "ddp" / "export" / "model_index.json").is_file()
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path):
@@ -62,7 +78,8 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
     assert "trainer.batch_size=63 does not split over 2 processes: use a multiple of 2" in res.stderr
 
 
-def test_two_process_resume_continues_the_one_process_run(tmp_path):
+@pytest.mark.parametrize("trainer", ["default", "fsdp"])
+def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer):
     """5 two-process steps, then a two-process resume to 10: the step-10 logs equal 10 straight steps of one
     process (a checkpoint's single RNG state is every rank's)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -70,8 +87,8 @@ def test_two_process_resume_continues_the_one_process_run(tmp_path):
                               capture_output=True, text=True, env=env, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
     for extra in (["trainer.max_steps=5", "logger.every=5"], ["trainer.resume=true"]):
-        res = subprocess.run(LAUNCH + FAST + extra + [f"hydra.run.dir={tmp_path / 'ddp'}"], capture_output=True,
-                             text=True, env=env, timeout=600)
+        res = subprocess.run(LAUNCH + FAST + extra + [f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'ddp'}"],
+                             capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     resumed = next(r for r in rows(tmp_path / "ddp") if r["step"] == 10 and r["kind"] == "train" and "critic/loss" in r)
     one = next(r for r in rows(tmp_path / "one") if r["step"] == 10)

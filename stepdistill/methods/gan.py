@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from .. import batch_split
 from ..denoiser import NetworkDenoiser
-from ..networks.heads import ClassifierHead, find_feature_module, tap_features
+from ..networks.heads import ClassifierHead, features_of, find_feature_module, tap_features
 
 
 class DiffusionGAN:
@@ -32,9 +32,7 @@ class DiffusionGAN:
     def logits_noised(self, x_t: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         """The logit of an already-noised x_t at time t (no noise drawn). Near the optimum of L_D it estimates
         log p_t(x_t) / q_t(x_t), real over generated, for t in the range the discriminator was trained on."""
-        with tap_features(self.module) as tap:
-            feats = tap["run"](self.fake.raw, x_t, t, cond)
-        return self.head(feats)
+        return self.head(features_of(self.module, self.fake.net, self.fake.raw, x_t, t, cond))
 
     @staticmethod
     def generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import batch_split
-from ..networks.heads import find_feature_module, tap_features
+from ..networks.heads import features_of, find_feature_module, tap_features
 from .base import LossOut
 from .sid import SiD
 
@@ -66,8 +66,9 @@ class SiDA(SiD):
         logit_fake = encoder_logit(tap["features"], x.shape[0])
         fake = m["fake_score"]
         x_t_real = fake.schedule.add_noise(real, noise, t)
-        with tap_features(self.encoder) as tap:   # the encoder alone: the decoder half is never run
-            logit_real = encoder_logit(tap["run"](fake.raw, x_t_real, t, self.fake_cond(batch["real_cond"])), real.shape[0])
+        # the encoder alone: the decoder half is never run
+        feats = features_of(self.encoder, fake.net, fake.raw, x_t_real, t, self.fake_cond(batch["real_cond"]))
+        logit_real = encoder_logit(feats, real.shape[0])
         loss_adv = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
         logs = {"loss_fake_score": loss_score.item(), "loss_adv_d": loss_adv.item(),
                 "d_real": logit_real.mean().item(), "d_fake": logit_fake.mean().item()}

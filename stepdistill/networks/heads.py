@@ -28,6 +28,28 @@ class _StopForward(Exception):
     pass
 
 
+def _sharded(net: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(net, FSDPModule)   # trainer=fsdp shards every backbone as a whole
+
+
+def features_of(module: nn.Module, net: nn.Module, fn, *args, **kwargs) -> torch.Tensor:
+    """The output of `module` (inside `net`) when `fn(*args)` runs `net`: the forward is cut right after it.
+
+    A network sharded with FSDP (trainer=fsdp) runs in full instead, and its output stays in the graph with
+    weight 0: FSDP gathers the weights for backward from hooks on the network's output, so features that
+    bypass it would reach weights already freed, and a cut forward would skip FSDP's post-forward resharding."""
+    if not _sharded(net):
+        with tap_features(module) as tap:
+            return tap["run"](fn, *args, **kwargs)
+    with tap_features(module, stop=False) as tap:
+        out = fn(*args, **kwargs)
+    return tap["features"] + 0.0 * out.sum()
+
+
 @contextmanager
 def tap_features(module: nn.Module, stop: bool = True):
     """Records the module's forward output in ``store['features']`` while the context is open.

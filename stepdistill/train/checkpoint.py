@@ -21,8 +21,10 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def save_module(module: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+def save_module(module: torch.nn.Module | dict, path: Path) -> None:
+    """A module's weights, or an already gathered state dict (trainer=fsdp), as one safetensors file."""
+    state = module if isinstance(module, dict) else module.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     # tied / shared tensors: safetensors refuses aliases, so store clones
     save_file({k: v.clone() for k, v in state.items()}, str(path))
 
@@ -34,7 +36,8 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
                            f"unexpected {unexpected[:5]} (was it written with a different config?)")
 
 
-def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module], state: dict, keep: int = 2) -> Path:
+def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | dict], state: dict,
+                    keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_dir_name(step)
     tmp = root / f".tmp_{step_dir_name(step)}_{os.getpid()}"
@@ -65,6 +68,19 @@ def list_checkpoints(root: Path) -> list[Path]:
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None
+
+
+def load_sharded_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict:
+    """load_checkpoint for sharded roles (trainer=fsdp): each process reads the whole weights, keeps its shards."""
+    from .fsdp import load_full_state_dicts
+    states = {}
+    for name in modules:
+        f = path / f"{name}.safetensors"
+        if not f.is_file():
+            raise FileNotFoundError(f"checkpoint {path} has no weights for role {name!r} ({f.name})")
+        states[name] = load_file(str(f))
+    load_full_state_dicts(modules, states)
+    return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict:

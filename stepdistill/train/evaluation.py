@@ -53,7 +53,10 @@ class Evaluator:
         self._teacher_cache: dict = {}
 
     @torch.no_grad()
-    def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None) -> dict:
+    def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None,
+                 score: bool = True) -> dict:
+        """`score=False` samples (student, and teacher if asked) and stops there: the other processes of a
+        sharded run, whose forwards rank 0's sampling needs."""
         bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
         student = self.run.student()
         was_training = student.training
@@ -63,10 +66,11 @@ class Evaluator:
             ts = None if steps is None else student.default_timesteps(steps)
             samples = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size))
         student.train(was_training)
+        teacher = self.teacher_samples(noise, cond) if teacher_reference else None
+        if not score:
+            return {}
         metrics = {f"student_{k}": v for k, v in self.benchmark_metrics(samples, cond).items()}
-        teacher = None
         if teacher_reference:
-            teacher = self.teacher_samples(noise, cond)
             metrics.update({f"teacher_{k}": v for k, v in self.benchmark_metrics(teacher, cond).items()})
             metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step

@@ -34,6 +34,19 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
+    sharded = [g for g in grads if type(g).__name__ == "DTensor"]
+    if sharded:   # trainer=fsdp: one reduction for the sharded norms, replicated gradients counted once
+        plain = [g for g in grads if type(g).__name__ != "DTensor"]
+        sq = float(torch.nn.utils.get_total_norm(sharded).full_tensor()) ** 2
+        if plain:
+            sq += float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(plain)]))) ** 2
+        total = math.sqrt(sq)
+        coef = max_norm / (total + 1e-6)
+        if coef < 1.0:
+            for group in (sharded, plain):
+                if group:
+                    torch._foreach_mul_(group, coef)
+        return total
     total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
     coef = max_norm / (total + 1e-6)
     if math.isfinite(max_norm) and float(coef) < 1.0:

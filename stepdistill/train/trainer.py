@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 
 from .. import batch_split
 from .batches import BatchSource, make_regression_pairs
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, average_gradients, mean_over_processes, weight_spread
 from .ema import EMA
 from .evaluation import Evaluator
+from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, full_state_dicts,
+                   load_full_optimizer_state, shard_roles)
 from .loggers import MetricsLogger
 from .optim import clip_gradients, lr_lambda, make_adamw
 from .setup import Run, checkpoint_roles
@@ -61,6 +63,12 @@ class Trainer:
         # processes compute what one process does with the same global batch
         batch_split.set_split(self.rank, self.world)
         run.roles.to(self.device)
+        fc = tc.get("fsdp") or {}
+        self.fsdp = bool(fc.get("enabled", False)) and self.world > 1
+        if self.fsdp:   # before the optimizers and the EMA: they hold the sharded parameters
+            check_fsdp_supported(self.cfg)
+            shard_roles(run.roles, self.device, self.world, list(fc.get("wrap", WRAP_DEFAULT)),
+                        bool(fc.get("reshard_after_forward", True)))
         self.method = run.method
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
@@ -92,20 +100,29 @@ class Trainer:
                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
     def save(self) -> Path | None:
+        roles = checkpoint_roles(self.run.roles)
+        state = self.state()
+        if self.fsdp:   # every process takes part in gathering the whole weights and optimizer states
+            roles = full_state_dicts(roles)
+            state["optimizers"] = {k: full_optimizer_state(self.run.roles, o) for k, o in self.optimizers.items()}
         if not self.main:
             return None
-        path = save_checkpoint(self.run_dir / "checkpoints", self.step, checkpoint_roles(self.run.roles),
-                               self.state(), keep=int(self.cfg.trainer.keep_checkpoints))
-        return path
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, state,
+                               keep=int(self.cfg.trainer.keep_checkpoints))
 
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"trainer.resume=true but {self.run_dir / 'checkpoints'} holds no checkpoint: "
                                     "drop trainer.resume or point hydra.run.dir at an earlier run")
-        st = load_checkpoint(ckpt, checkpoint_roles(self.run.roles))
-        for k, o in self.optimizers.items():
-            o.load_state_dict(st["optimizers"][k])
+        if self.fsdp:   # every process reads the whole weights and keeps its shards
+            st = load_sharded_checkpoint(ckpt, checkpoint_roles(self.run.roles))
+            for k, o in self.optimizers.items():
+                load_full_optimizer_state(self.run.roles, o, st["optimizers"][k])
+        else:
+            st = load_checkpoint(ckpt, checkpoint_roles(self.run.roles))
+            for k, o in self.optimizers.items():
+                o.load_state_dict(st["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(st["schedulers"][k])
         self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
@@ -150,6 +167,16 @@ class Trainer:
         return phase, {f"{phase}/{k}": v for k, v in {**values, "grad_norm": grad_norm}.items()}
 
     # --- the loop ------------------------------------------------------------------------------------------
+    def _evaluate(self, teacher_reference: bool = False) -> dict:
+        """Rank 0 evaluates and logs. Sharded networks (trainer=fsdp) need every process in each forward: all
+        sample the same fixed noise, rank 0 alone scores and writes."""
+        if not (self.main or self.fsdp):
+            return {}
+        metrics = self.evaluator.evaluate(self.step, teacher_reference=teacher_reference, score=self.main)
+        if self.main:
+            self.logger.log(self.step, metrics, kind="eval")
+        return metrics
+
     def fit(self) -> dict:
         tc, ec = self.cfg.trainer, self.cfg.eval
         if tc.resume:
@@ -181,8 +208,8 @@ class Trainer:
             if self.main and ((every > 0 and self.step % every == 0) or self.step == int(tc.max_steps)):
                 self.logger.log(self.step, {**last, "lr_generator": self.schedulers["generator"].get_last_lr()[0],
                                             "seconds": time.time() - t0}, kind="train")
-            if self.main and int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
-                self.logger.log(self.step, self.evaluator.evaluate(self.step), kind="eval")
+            if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
+                self._evaluate()
             if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
                 self.save()
         bar.close()
@@ -194,11 +221,9 @@ class Trainer:
             if self.main:
                 self.logger.log(self.step, {"processes": self.world, "weight_spread_across_processes": spread},
                                 kind="train")
+        if ec.final:
+            result.update(self._evaluate(teacher_reference=bool(ec.teacher_reference)))
         if not self.main:
             return result
-        if ec.final:
-            metrics = self.evaluator.evaluate(self.step, teacher_reference=bool(ec.teacher_reference))
-            self.logger.log(self.step, metrics, kind="eval")
-            result.update(metrics)
         self.logger.close()
         return result
