@@ -31,8 +31,8 @@ TINY_SD = ["benchmark=tiny_sd", "benchmark.num_real=16", "benchmark.teacher_step
 
 
 @pytest.mark.parametrize("overrides", [FAST, FAST + ["method=fdistill", "generator=four_step"], TINY_SD,
-                                       FAST + ["trainer=fsdp", "trainer.export=true"]],
-                         ids=["gmm-dmd2", "gmm-fdistill-4step", "tiny_sd-dmd2", "gmm-dmd2-fsdp"])
+                                       FAST + ["trainer=fsdp", "trainer.export=true"], TINY_SD + ["trainer=fsdp"]],
+                         ids=["gmm-dmd2", "gmm-fdistill-4step", "tiny_sd-dmd2", "gmm-dmd2-fsdp", "tiny_sd-dmd2-fsdp"])
 def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
     """The 4-step fdistill run adds per-sample exit steps, re-noising between steps and a batch-normalised
     weight; tiny_sd is the latent text-to-image path (prompt embeddings, cached teacher samples as real data);
@@ -94,3 +94,13 @@ def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer):
     one = next(r for r in rows(tmp_path / "one") if r["step"] == 10)
     for key in (k for k in one if "/" in k):
         assert resumed[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
+
+
+def test_fsdp_refuses_what_it_cannot_shard():
+    from conftest import compose_cfg
+    from stepdistill.train.fsdp import check_fsdp_supported
+    check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd"))
+    with pytest.raises(ValueError, match="model.shared_base"):
+        check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "model.shared_base=true"))
+    with pytest.raises(ValueError, match="generator.lora_rank=0"):
+        check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "generator.lora_rank=4"))
