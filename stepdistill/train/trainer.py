@@ -97,7 +97,9 @@ class Trainer:
                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                # this process's device only: with batch_split every process's device stream is the same, so
+                # rank 0's cuda:0 state is the one each rank restores on its own device
+                "rng_cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
 
     def save(self) -> Path | None:
         roles = checkpoint_roles(self.run.roles)
@@ -127,8 +129,8 @@ class Trainer:
             s.load_state_dict(st["schedulers"][k])
         self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
         torch.set_rng_state(st["rng_cpu"])
-        if st["rng_cuda"]:
-            torch.cuda.set_rng_state_all(st["rng_cuda"])
+        if st["rng_cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     # --- one step ------------------------------------------------------------------------------------------
