@@ -2,13 +2,14 @@
 from .base import LossOut, Method
 from .dmd import DMD
 from .dmd2 import DMD2
+from .rcm import RCM
 from .scm import SCM
 from .fdistill import FDistill
 from .sid import SiD, SiDFewStep
 from .sida import SiDA
 from .sim import SIM
 
-METHODS = {"dmd": DMD, "dmd2": DMD2, "fdistill": FDistill, "scm": SCM, "sid": SiD, "sid_fewstep": SiDFewStep,
+METHODS = {"dmd": DMD, "dmd2": DMD2, "fdistill": FDistill, "rcm": RCM, "scm": SCM, "sid": SiD, "sid_fewstep": SiDFewStep,
            "sida": SiDA, "sim": SIM}
 
 
