@@ -41,7 +41,7 @@ def test_generator_loss_is_scm_plus_weighted_dmd_on_student_samples():
     x = run.roles["generator"](torch.randn_like(batch["noise"]), batch["cond"])   # fresh noise, not the sCM noise
     dm, _ = dmd_loss(x, run.roles["teacher"], run.roles["fake_score"], batch["cond"], 1.0, 1.0, (0.02, 0.98), "batch")
     torch.testing.assert_close(after.loss, expected + 0.3 * dm)
-    assert after.logs["loss_dm"] == pytest.approx(float(dm))
+    assert after.logs["loss_dm"] == pytest.approx(dm.item())
 
 
 def test_gradients_reach_only_each_phase_roles():
