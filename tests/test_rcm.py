@@ -59,3 +59,8 @@ def test_rcm_trains_on_gmm_one_and_two_steps(tmp_path):
     cfgs = [compose_cfg(*GMM_FAST, "method=rcm", "method.warmup_steps=6", "trainer.max_steps=14", *extra)
             for extra in ([], ["generator=four_step", "generator.steps=2"])]
     train_briefly(cfgs, tmp_path)
+
+
+def test_only_methods_with_a_critic_build_a_fake_score():
+    assert "fake_score" not in build_run(compose_cfg(*GMM_FAST, "method=scm")).roles   # sCM has no critic
+    assert "fake_score" in _run().roles

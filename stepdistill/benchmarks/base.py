@@ -53,7 +53,9 @@ class Benchmark:
         """A denoiser like the teacher's around another backbone (shared-base mode's adapter views)."""
         raise ValueError(f"model.shared_base needs a diffusers UNet teacher; the {self.name} teacher is not one")
 
-    def build_roles(self, method_cfg, generator_cfg, model_cfg=None) -> Roles:
+    def build_roles(self, method_cfg, generator_cfg, model_cfg=None, fake_score: bool = True) -> Roles:
+        """The teacher, the generator and (unless the method has no critic: `fake_score=False`) the fake score,
+        plus the method's extra heads."""
         roles = Roles()
         roles["teacher"] = self.teacher
         shared = shared_base(model_cfg)
@@ -61,7 +63,11 @@ class Benchmark:
             fake, gen = self.shared_base_students(model_cfg, generator_cfg)
         else:
             fake, gen = self.make_student_denoiser(), self.make_student_denoiser()
-        roles["fake_score"] = fake
+        # a method without a critic (sCM) would carry a whole unused copy of the teacher: it is dropped here. It
+        # is still made first, so from-scratch students draw the same initial weights whatever the method.
+        if fake_score:
+            roles["fake_score"] = fake
+        del fake
         roles["generator"] = FewStepGenerator(gen, generator_timesteps(gen.schedule, method_cfg, generator_cfg),
                                               int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),

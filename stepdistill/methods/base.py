@@ -32,6 +32,7 @@ class Method:
     roles: tuple[str, ...] = ("teacher", "fake_score", "generator")
     phases: dict[str, tuple[str, ...]] = {"generator": ("generator",), "critic": ("fake_score",)}
     batch_keys: tuple[str, ...] = ("noise", "cond")  # what the trainer's data source must provide
+    uses_fake_score: bool = True   # False: the run builds no fake-score critic (known before the method is)
 
     def __init__(self, models: Roles, cfg):
         missing = models.missing(self.roles)

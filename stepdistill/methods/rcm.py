@@ -27,6 +27,7 @@ from .scm import SCM
 class RCM(SCM):
     name = "rcm"
     batch_keys = ("noise", "cond", "real", "real_cond")
+    uses_fake_score = True
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)   # sets the sCM roles and phase; the critic is added here

@@ -54,6 +54,7 @@ class AdaptiveWeighting(nn.Module):
 class SCM(Method):
     name = "scm"
     batch_keys = ("noise", "real", "real_cond")
+    uses_fake_score = False
 
     def __init__(self, models, cfg):
         self.weighting = str(cfg.get("weighting", "adaptive"))

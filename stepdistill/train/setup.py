@@ -68,7 +68,7 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     resolve_method_cfg(cfg, benchmark)
     cls = method_class(cfg.method.name)
     model_cfg = cfg.get("model")
-    roles = benchmark.build_roles(cfg.method, cfg.generator, model_cfg)
+    roles = benchmark.build_roles(cfg.method, cfg.generator, model_cfg, fake_score=cls.uses_fake_score)
     if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
         if shared_base(model_cfg):
             from ..networks.shared_base import shared_ema
