@@ -27,10 +27,6 @@ def set_split(rank: int, world: int) -> None:
     _rank, _world = int(rank), int(world)
 
 
-def split() -> tuple[int, int]:
-    return _rank, _world
-
-
 def global_rows(n: int) -> int:
     """The global batch size for a local batch of n rows."""
     return n * _world

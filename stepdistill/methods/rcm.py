@@ -28,14 +28,10 @@ class RCM(SCM):
     name = "rcm"
     batch_keys = ("noise", "cond", "real", "real_cond")
     uses_fake_score = True
+    critic_roles = ("fake_score",)
 
     def __init__(self, models, cfg):
-        super().__init__(models, cfg)   # sets the sCM roles and phase; the critic is added here
-        self.roles = self.roles + ("fake_score",)
-        self.phases = {**self.phases, "critic": ("fake_score",)}
-        missing = models.missing(self.roles)
-        if missing:
-            raise ValueError(f"method 'rcm' needs the roles {missing}, which this run did not build")
+        super().__init__(models, cfg)   # sCM's roles and phases, with the critic's
         self.dmd_weight = float(cfg.dmd_weight)
         if self.dmd_weight < 0:
             raise ValueError(f"method.dmd_weight must be >= 0, got {cfg.dmd_weight}")

@@ -55,14 +55,17 @@ class SCM(Method):
     name = "scm"
     batch_keys = ("noise", "real", "real_cond")
     uses_fake_score = False
+    critic_roles: tuple[str, ...] = ()   # a subclass with a critic (rCM) names its roles here
 
     def __init__(self, models, cfg):
         self.weighting = str(cfg.get("weighting", "adaptive"))
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"unknown method.weighting {self.weighting!r}: use one of {', '.join(WEIGHTINGS)}")
         extra = ("weighting",) if self.weighting == "adaptive" else ()
-        self.roles = ("teacher", "generator") + extra
+        self.roles = ("teacher", "generator") + extra + self.critic_roles
         self.phases = {"generator": ("generator",) + extra}
+        if self.critic_roles:
+            self.phases["critic"] = self.critic_roles
         if extra and "weighting" not in models:
             models["weighting"] = AdaptiveWeighting(int(cfg.get("weighting_width", 64)))
         super().__init__(models, cfg)

@@ -70,23 +70,21 @@ def latest_checkpoint(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _role_file(path: Path, name: str) -> Path:
+    f = path / f"{name}.safetensors"
+    if not f.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no weights for role {name!r} ({f.name})")
+    return f
+
+
 def load_sharded_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict:
     """load_checkpoint for sharded roles (trainer=fsdp): each process reads the whole weights, keeps its shards."""
     from .fsdp import load_full_state_dicts
-    states = {}
-    for name in modules:
-        f = path / f"{name}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no weights for role {name!r} ({f.name})")
-        states[name] = load_file(str(f))
-    load_full_state_dicts(modules, states)
+    load_full_state_dicts(modules, {name: load_file(str(_role_file(path, name))) for name in modules})
     return torch.load(path / "trainer_state.pt", weights_only=True)
 
 
 def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module]) -> dict:
     for name, mod in modules.items():
-        f = path / f"{name}.safetensors"
-        if not f.is_file():
-            raise FileNotFoundError(f"checkpoint {path} has no weights for role {name!r} ({f.name})")
-        load_module(mod, f)
+        load_module(mod, _role_file(path, name))
     return torch.load(path / "trainer_state.pt", weights_only=True)

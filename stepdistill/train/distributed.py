@@ -19,7 +19,7 @@ def is_distributed() -> bool:
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Mean of each parameter's gradient over the processes (a missing gradient counts as zero). Sharded
     parameters (trainer=fsdp) are skipped: FSDP's reduce-scatter has averaged them already."""
-    params = [p for p in params if not _sharded(p)]
+    params = [p for p in params if not is_sharded(p)]
     if not is_distributed() or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -60,7 +60,7 @@ def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
 def weight_spread(params: list[torch.nn.Parameter]) -> float:
     """max over elements of (max - min across processes): 0 when the ranks hold identical weights. Sharded
     parameters have one copy, so only replicated ones are compared."""
-    params = [p for p in params if not _sharded(p)]
+    params = [p for p in params if not is_sharded(p)]
     if not is_distributed() or not params:
         return 0.0
     flat = torch.cat([p.detach().reshape(-1).float() for p in params])
@@ -70,6 +70,7 @@ def weight_spread(params: list[torch.nn.Parameter]) -> float:
     return float((hi - lo).max())
 
 
-def _sharded(p: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> bool:
+    """A parameter or gradient sharded by FSDP (trainer=fsdp): a DTensor."""
     from torch.distributed.tensor import DTensor
-    return isinstance(p, DTensor)
+    return isinstance(t, DTensor)

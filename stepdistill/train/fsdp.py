@@ -61,11 +61,6 @@ def shard_roles(roles, device: torch.device, world: int, wrap=WRAP_DEFAULT,
     return sharded
 
 
-def is_sharded(param: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(param, DTensor)
-
-
 def full_state_dicts(modules: dict[str, nn.Module]) -> dict[str, dict]:
     """Each module's whole state dict on rank 0 (CPU), {} elsewhere; every process must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

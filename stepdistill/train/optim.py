@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .distributed import is_sharded
+
 
 def lr_lambda(warmup: int, total: int, kind: str):
     def f(step: int) -> float:
@@ -34,9 +36,9 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return 0.0
-    sharded = [g for g in grads if type(g).__name__ == "DTensor"]
+    sharded = [g for g in grads if is_sharded(g)]
     if sharded:   # trainer=fsdp: one reduction for the sharded norms, replicated gradients counted once
-        plain = [g for g in grads if type(g).__name__ != "DTensor"]
+        plain = [g for g in grads if not is_sharded(g)]
         sq = float(torch.nn.utils.get_total_norm(sharded).full_tensor()) ** 2
         if plain:
             sq += float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(plain)]))) ** 2

@@ -92,9 +92,10 @@ class Trainer:
                                      resume=bool(tc.resume)) if self.main else None)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self, optimizers: dict | None = None) -> dict:
+        """The trainer's state; `optimizers`: their states where the caller has gathered them (trainer=fsdp)."""
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
-                "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "optimizers": optimizers or {k: o.state_dict() for k, o in self.optimizers.items()},
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "rng_cpu": torch.get_rng_state(),
                 # this process's device only: with batch_split every process's device stream is the same, so
@@ -102,14 +103,13 @@ class Trainer:
                 "rng_cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
 
     def save(self) -> Path | None:
-        roles = checkpoint_roles(self.run.roles)
-        state = self.state()
+        roles, optimizers = checkpoint_roles(self.run.roles), None
         if self.fsdp:   # every process takes part in gathering the whole weights and optimizer states
             roles = full_state_dicts(roles)
-            state["optimizers"] = {k: full_optimizer_state(self.run.roles, o) for k, o in self.optimizers.items()}
+            optimizers = {k: full_optimizer_state(self.run.roles, o) for k, o in self.optimizers.items()}
         if not self.main:
             return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, state,
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(optimizers),
                                keep=int(self.cfg.trainer.keep_checkpoints))
 
     def resume(self) -> None:
