@@ -52,6 +52,7 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
             ref = gmm_metrics(torch.from_numpy(f["samples"]), _mixture(OmegaConf.load(Path(row["run_dir"]) / "config.yaml")))
         assert row["mode_mass_error"] == pytest.approx(ref["mode_mass_error"], rel=1e-5)
         assert row["sliced_w2"] == pytest.approx(ref["sliced_w2"], rel=1e-4)
+        assert row["mode_std_ratio"] == pytest.approx(ref["mode_std_ratio"], rel=1e-5)
 
 
 def test_sample_student_and_teacher(tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 
 from stepdistill.eval import (build_fid_metric, frechet_distance, gmm_metrics, inception_fid, mmd_rbf,
                               mode_histogram, save_gmm_scatter, save_image_grid, sliced_wasserstein)
-from stepdistill.eval.gmm_metrics import expected_high_quality_counts, mode_masses
+from stepdistill.eval.gmm_metrics import _chi2_quantile, expected_high_quality_counts, mode_masses, mode_std_ratio
 from stepdistill.networks.gmm import GaussianMixture, circle_means
 
 torch.set_num_threads(1)
@@ -83,6 +83,27 @@ def test_mode_mass_error(mix):
     equal = gmm_metrics(mix.sample(4000, generator=gen(4)), unbalanced)["mode_mass_error"]
     # equal masses vs w_k = k/36: sum |1/8 - k/36| = 4/9; binomial noise at N=4000 is ~0.04
     assert exact < 0.06 and equal == pytest.approx(4 / 9, abs=0.06)
+
+
+def test_chi2_quantile():
+    for p in (0.1, 0.5, 0.9):   # D = 2: chi^2_2 is exponential with mean 2, F^-1(p) = -2 log(1 - p)
+        assert _chi2_quantile(2, p) == pytest.approx(-2 * math.log(1 - p), rel=1e-9)
+    assert _chi2_quantile(4, 0.9) == pytest.approx(7.779440, rel=1e-6)   # table value
+    assert _chi2_quantile(1, 0.95) == pytest.approx(1.959964**2, rel=1e-6)
+
+
+def test_mode_std_ratio(mix):
+    n = 8000
+    assert gmm_metrics(mix.sample(n, generator=gen(6)), mix)["mode_std_ratio"] == pytest.approx(1.0, abs=0.03)
+    k = torch.randint(0, 8, (n,), generator=gen(7))
+    eps = torch.randn(n, 2, generator=gen(8), dtype=torch.float64)
+    for a in (0.4, 0.7):   # isotropic modes of std a * 0.25 read a
+        assert mode_std_ratio(mix.means[k] + a * 0.25 * eps, mix) == pytest.approx(a, rel=0.03)
+    # samples further than 3 std from every mean (the bridges between modes, strays) do not count
+    narrow = mix.means[k] + 0.7 * 0.25 * eps
+    strays = torch.cat([torch.zeros(n // 10, 2, dtype=torch.float64), 0.5 * (mix.means[0] + mix.means[1]).repeat(n // 10, 1)])
+    assert mode_std_ratio(torch.cat([narrow, strays]), mix) == mode_std_ratio(narrow, mix)
+    assert math.isnan(mode_std_ratio(torch.zeros(5, 2), mix))
 
 
 def test_nonfinite_samples_do_not_crash(mix):

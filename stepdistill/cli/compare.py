@@ -2,8 +2,9 @@
 
 Each entry of `runs` is a run folder or a folder of run folders (a Hydra multirun sweep). Per run:
   * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples, fixed seed) and scored
-    against the exact mixture: modes covered, per-mode mass error, HQ fraction, sliced W2 (eval/gmm_metrics.py);
-    the figure shows every student's samples over its mixture's density contours, one row per benchmark.
+    against the exact mixture: modes covered, per-mode mass error, HQ fraction, mode width, sliced W2
+    (eval/gmm_metrics.py); the figure shows every student's samples over its mixture's density contours, one
+    row per benchmark.
   * image benchmarks: the final evaluation the run logged (student FD and the teacher's, same samples).
 Every row also gives the run's training time (seconds of the last logged train step) and its step count.
 Writes DIR/comparison.md, DIR/comparison.json and (points benchmarks) DIR/comparison.png, and prints the table.
@@ -18,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import CONF_DIR, set_threads, user_errors
 
-POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "sliced_w2")
+POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
 
 
 def find_runs(entries) -> list[Path]:
