@@ -94,7 +94,7 @@ def test_chi2_quantile():
 
 def test_mode_std_ratio(mix):
     n = 8000
-    assert gmm_metrics(mix.sample(n, generator=gen(6)), mix)["mode_std_ratio"] == pytest.approx(1.0, abs=0.03)
+    assert mode_std_ratio(mix.sample(n, generator=gen(6)), mix) == pytest.approx(1.0, abs=0.03)
     k = torch.randint(0, 8, (n,), generator=gen(7))
     eps = torch.randn(n, 2, generator=gen(8), dtype=torch.float64)
     for a in (0.4, 0.7):   # isotropic modes of std a * 0.25 read a
