@@ -60,22 +60,23 @@ def expected_high_quality_counts(mixture, n: int, radius: float = HQ_RADIUS) -> 
     incomplete gamma P(D/2, r^2/2). (D=2, r=3: 1 - e^{-4.5} = 0.9889.) Neighbouring components are assumed not to
     steal each other's samples, which holds for well-separated mixtures like the benchmarks'.
     """
-    d = mixture.means.shape[1]
-    p_inside = torch.special.gammainc(torch.tensor(d / 2, dtype=torch.float64),
-                                      torch.tensor(radius**2 / 2, dtype=torch.float64))
-    return n * mixture.weights * p_inside
+    return n * mixture.weights * _chi2_cdf(mixture.means.shape[1], radius**2)
+
+
+def _chi2_cdf(dim: int, x: float) -> float:
+    """P(chi^2_dim <= x): the regularised lower incomplete gamma P(dim/2, x/2)."""
+    return float(torch.special.gammainc(torch.tensor(dim / 2, dtype=torch.float64),
+                                        torch.tensor(x / 2, dtype=torch.float64)))
 
 
 def _chi2_quantile(dim: int, p: float) -> float:
-    """x with P(chi^2_dim <= x) = p, by bisection on the regularised lower incomplete gamma (torch has no
-    inverse)."""
-    half = torch.tensor(dim / 2, dtype=torch.float64)
+    """x with P(chi^2_dim <= x) = p, by bisection on `_chi2_cdf` (torch has no inverse)."""
     lo, hi = 0.0, 1.0
-    while float(torch.special.gammainc(half, torch.tensor(hi / 2, dtype=torch.float64))) < p:
+    while _chi2_cdf(dim, hi) < p:
         hi *= 2
     for _ in range(100):
         mid = (lo + hi) / 2
-        if float(torch.special.gammainc(half, torch.tensor(mid / 2, dtype=torch.float64))) < p:
+        if _chi2_cdf(dim, mid) < p:
             lo = mid
         else:
             hi = mid
@@ -98,9 +99,7 @@ def mode_std_ratio(samples: torch.Tensor, mixture, radius: float = HQ_RADIUS) ->
     if inside.numel() == 0:
         return float("nan")
     d = mixture.means.shape[1]
-    p_inside = float(torch.special.gammainc(torch.tensor(d / 2, dtype=torch.float64),
-                                            torch.tensor(radius**2 / 2, dtype=torch.float64)))
-    return float(inside.median()) / _chi2_quantile(d, p_inside / 2) ** 0.5
+    return float(inside.median()) / _chi2_quantile(d, _chi2_cdf(d, radius**2) / 2) ** 0.5
 
 
 def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 128,
@@ -220,4 +219,5 @@ def gmm_metrics(samples: torch.Tensor, mixture, reference: torch.Tensor | None =
     }
 
 
-__all__ = ["gmm_metrics", "mode_histogram", "mode_masses", "mode_std_ratio", "expected_high_quality_counts", "sliced_wasserstein", "mmd_rbf"]
+__all__ = ["gmm_metrics", "mode_histogram", "mode_masses", "mode_std_ratio", "expected_high_quality_counts",
+           "sliced_wasserstein", "mmd_rbf"]

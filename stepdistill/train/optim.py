@@ -28,6 +28,11 @@ def make_adamw(params, **kw) -> torch.optim.AdamW:
         return torch.optim.AdamW(params, **kw)
 
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of all the tensors together (fp32 at least), one fused per-tensor norm pass."""
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+
+
 @torch.no_grad()
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
     """`torch.nn.utils.clip_grad_norm_` (same norm, same scaling), returning the norm as a float. It scales only
@@ -41,7 +46,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
         plain = [g for g in grads if not is_sharded(g)]
         sq = float(torch.nn.utils.get_total_norm(sharded).full_tensor()) ** 2
         if plain:
-            sq += float(torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(plain)]))) ** 2
+            sq += float(_total_norm(plain)) ** 2
         total = math.sqrt(sq)
         coef = max_norm / (total + 1e-6)
         if coef < 1.0:
@@ -49,7 +54,7 @@ def clip_gradients(params: list[torch.Tensor], max_norm: float) -> float:
                 if group:
                     torch._foreach_mul_(group, coef)
         return total
-    total = torch.linalg.vector_norm(torch.stack([n.float() for n in torch._foreach_norm(grads)]))
+    total = _total_norm(grads)
     coef = max_norm / (total + 1e-6)
     if math.isfinite(max_norm) and float(coef) < 1.0:
         torch._foreach_mul_(grads, coef.to(grads[0].dtype))

@@ -153,12 +153,12 @@ class Trainer:
         if not finite:  # skip the update, keep the weights, stop after several in a row
             opt.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
-            limit = self.max_nonfinite
             log.warning("non-finite %s loss/gradient at step %d: update skipped (%d in a row)", phase, self.step,
                         self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= limit:
-                raise NonFiniteError(f"{limit} non-finite steps in a row (last at step {self.step}, phase {phase}): "
-                                     "lower optim.*.lr, set optim.*.grad_clip, or use trainer.mixed_precision=no")
+            if self.nonfinite_in_a_row >= self.max_nonfinite:
+                raise NonFiniteError(f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}, "
+                                     f"phase {phase}): lower optim.*.lr, set optim.*.grad_clip, or use "
+                                     "trainer.mixed_precision=no")
             return phase, None
         self.nonfinite_in_a_row = 0
         opt.step()
