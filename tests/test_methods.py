@@ -176,6 +176,29 @@ def test_batch_wide_exit_step_matches_the_masked_loop():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_one_exit_step_per_batch_as_dmd2s_code():
+    """per_sample_step=False (DMD2's reference code: one k per iteration): the whole batch shares k, drawn
+    uniformly from the trained steps, and the output is that of the batch-wide replay."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.networks.mlp import TimeMLP
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0), steps=4,
+                           per_sample_step=False, train_steps=[2, 3, 4])
+    z = torch.randn(16, 2)
+    drawn = []
+    for seed in range(300):
+        torch.manual_seed(seed)
+        out, ks = gen(z, return_steps=True)
+        assert ks.unique().numel() == 1
+        drawn.append(int(ks[0]))
+        if seed < 3:  # the same output as exiting every sample at that k
+            torch.manual_seed(seed)
+            torch.randint(0, 3, ())  # the draw of k
+            torch.testing.assert_close(out, gen(z, step=drawn[-1]), rtol=0, atol=0)
+    counts = torch.bincount(torch.tensor(drawn), minlength=5)[2:] / 300
+    assert set(drawn) == {2, 3, 4} and torch.all((counts - 1 / 3).abs() < 0.1), counts
+
+
 def test_lcm_boundary_matches_diffusers():
     from diffusers import LCMScheduler
     sched = LCMScheduler()
