@@ -91,16 +91,18 @@ class FewStepGenerator(nn.Module):
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond=None, timesteps: list[float] | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """K-step sampling; `generator` draws the between-step noise in the order LCMScheduler does."""
+               generator: torch.Generator | None = None, every_step: bool = False):
+        """K-step sampling; `generator` draws the between-step noise in the order LCMScheduler does.
+        `every_step`: return the list of every step's x0 output (the last is the sample), same draws."""
         ts = self.timesteps if timesteps is None else [float(t) for t in timesteps]
-        x = self.start(noise)
+        x, outs = self.start(noise), []
         for k, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
+            outs.append(x0)
             if k + 1 < len(ts):
                 z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = self.renoise(x0, ts[k + 1], z)
-        return x0
+        return outs if every_step else x0
 
     def forward(self, noise: torch.Tensor, cond=None, step: int | None = None, return_steps: bool = False):
         """Training sample with backward simulation: sample i is the output of step k_i, drawn uniformly from

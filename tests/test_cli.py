@@ -62,6 +62,13 @@ def test_sample_student_and_teacher(tmp_path):
     run_cli("-m", "stepdistill.cli.sample", f"run_dir={run_dir}", "num_samples=20", f"out={out}", "steps=2")
     with np.load(out) as f:
         assert f["samples"].shape == (20, 2) and f["samples"].dtype == np.float32 and "labels" not in f
+    # each step's output along a 2-step chain, scored: a table row per step, the row logged with its source
+    proc = run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", "every_step=true", "steps=2",
+                   "num_samples=50")
+    rows = [line for line in proc.stdout.splitlines() if line[:4] in ("1 | ", "2 | ")]
+    assert [r.split(" | ")[1] for r in rows] == ["999", "499"], proc.stdout
+    logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert logged["source"] == "stepdistill-eval every_step" and logged["student_step2_num_samples"] == 50
     out_t = tmp_path / "t.npz"
     run_cli("-m", "stepdistill.cli.sample", "benchmark=gmm", "teacher_steps=16", "num_samples=30", f"out={out_t}")
     with np.load(out_t) as f:

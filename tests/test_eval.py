@@ -355,3 +355,35 @@ def test_eval_fid_hook_uses_local_inception_weights(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="needs an image benchmark"):
         Evaluator(build_run(compose_cfg("benchmark=gmm", "eval.num_samples=20",
                                         f"eval.fid.inception_weights={weights}")), tmp_path).evaluate(0)
+
+
+def test_every_step_scores_each_output_along_the_sampling_chain(tmp_path):
+    """evaluate_every_step: step k's metrics are those of the chain's k-th x0 output, replayed by hand with the
+    same eval noise and between-step draws; the last step's are `evaluate`'s; a figure per step; the CLI table."""
+    from conftest import compose_cfg
+    from stepdistill.cli.evaluate import every_step_table
+    from stepdistill.train.evaluation import Evaluator, eval_inputs
+    from stepdistill.train.setup import build_run
+
+    run = build_run(compose_cfg("benchmark=gmm", "generator=four_step", "eval.num_samples=200", "eval.batch_size=200"))
+    evaluator = Evaluator(run, tmp_path)
+    per_step = evaluator.evaluate_every_step(7)
+    final = evaluator.evaluate(7)
+    gen, bm = run.student(), run.benchmark
+    assert per_step["timesteps"] == gen.timesteps == [999.0, 759.0, 499.0, 259.0]
+    noise, cond, rng = eval_inputs(bm, 200, int(run.cfg.eval.seed))
+    x, outputs = gen.start(noise), []
+    with torch.no_grad():
+        for k, t in enumerate(gen.timesteps):
+            outputs.append(gen.denoise(x, t, cond))
+            if k < 3:
+                x = gen.renoise(outputs[-1], gen.timesteps[k + 1], torch.randn(noise.shape, generator=rng))
+    for k, out in enumerate(outputs, start=1):
+        expected = bm.evaluate(out, cond)
+        for name in ("high_quality_fraction", "sliced_w2", "mode_std_ratio", "num_samples"):
+            assert per_step[f"student_step{k}_{name}"] == pytest.approx(expected[name], rel=1e-6, nan_ok=True)
+        assert (tmp_path / "samples" / f"step_0000007_4steps_step{k}.png").is_file()
+    assert per_step["student_step4_sliced_w2"] == pytest.approx(final["student_sliced_w2"], rel=1e-9)
+    assert per_step["student_step1_sliced_w2"] != pytest.approx(per_step["student_step4_sliced_w2"])
+    table = every_step_table(per_step).splitlines()
+    assert len(table) == 2 + 4 + 1 and table[2].startswith("1 | 999 |") and "num_samples 200" in table[-1]

@@ -58,6 +58,27 @@ def test_critic_loss_trains_the_rows_of_the_steps_it_saw():
     assert row_norms[0] == 0 and row_norms[2] == 0 and row_norms[1] > 0 and row_norms[3] > 0
 
 
+def test_gain_is_the_embeddings_learning_rate_in_units_of_the_critics():
+    """Adam's first step moves each table element by lr whatever its gradient's scale, so the embedding a gain-g
+    table adds to the time embedding moves g times as far as at gain 1 (DESIGN: the gain is an lr multiplier)."""
+    torch.manual_seed(0)
+    fake = NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0)
+    x, steps = torch.randn(8, 2), torch.tensor([1, 2, 3, 4, 1, 2, 3, 4])
+    moved = {}
+    for gain in (1.0, 30.0):
+        emb = StepEmbedding(fake.net, num_steps=4, gain=gain)
+        torch.manual_seed(1)
+        with emb.condition(steps):
+            fake_score_loss(fake, x).backward()
+        fake.zero_grad()
+        torch.optim.Adam(emb.parameters(), lr=1e-3, eps=1e-16).step()
+        moved[gain] = (emb.gain * emb.table.weight).detach()
+    torch.testing.assert_close(moved[30.0], 30 * moved[1.0], rtol=1e-4, atol=1e-9)
+    assert moved[1.0].abs().amax() == pytest.approx(1e-3)
+    with pytest.raises(ValueError, match="step_embedding_gain"):
+        StepEmbedding(fake.net, 4, gain=0.0)
+
+
 def test_step_aware_dmd2_trains_and_only_the_critic_phase_moves_the_embedding(gmm_cfg, tmp_path):
     cfg = gmm_cfg("method=dmd2", "generator=four_step", "method.step_aware_critic=true", "method.critic_steps=1",
                   "method.critic_warmup_steps=0", "trainer.max_steps=6")

@@ -1,4 +1,8 @@
-"""`stepdistill-eval run_dir=D [steps=K] [eval.num_samples=N]`: recompute the run's configured metrics."""
+"""`stepdistill-eval run_dir=D [steps=K] [num_samples=N] [every_step=true]`: recompute the run's configured metrics.
+
+`every_step=true` scores each step's x0 output along the K-step sampling chain instead (the last is the sample),
+prints them as a table and writes a sample figure per step: where a multi-step student gains or loses quality.
+"""
 from __future__ import annotations
 
 import json
@@ -10,15 +14,20 @@ from omegaconf import DictConfig
 from . import CONF_DIR, set_threads, user_errors
 
 
-def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True) -> dict:
+def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
+                 every_step: bool = False) -> dict:
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
     from ..train.setup import load_run
 
     run = load_run(run_dir, overrides)
     step = int(run.cfg.trainer.max_steps)
-    metrics = Evaluator(run, Path(run_dir)).evaluate(step, teacher_reference, steps)
-    metrics["source"] = "stepdistill-eval"
+    evaluator = Evaluator(run, Path(run_dir))
+    if every_step:
+        metrics = evaluator.evaluate_every_step(step, steps)
+    else:
+        metrics = evaluator.evaluate(step, teacher_reference, steps)
+    metrics["source"] = "stepdistill-eval" + (" every_step" if every_step else "")
     if steps is not None:
         metrics["student_steps"] = int(steps)
     MetricsLogger(Path(run_dir), "console", resume=True, console=False).log(step, metrics, kind="eval")
@@ -32,7 +41,23 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")
     overrides = [f"eval.num_samples={cfg.num_samples}"] if cfg.get("num_samples") else None
-    print(json.dumps(evaluate_run(cfg.run_dir, cfg.get("steps"), overrides), indent=2))
+    every_step = bool(cfg.get("every_step", False))
+    metrics = evaluate_run(cfg.run_dir, cfg.get("steps"), overrides, every_step=every_step)
+    print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
+
+
+def every_step_table(metrics: dict) -> str:
+    """One row per step of the chain, one column per scalar metric."""
+    ts = metrics["timesteps"]
+    scalars = {k.split("_", 2)[2] for k in metrics if k.startswith("student_step1_")
+               and isinstance(metrics[k], (int, float))}
+    names = sorted(n for n in scalars if "num_" not in n)   # the sample counts go below the table
+    counts = ", ".join(f"{n} {metrics[f'student_step1_{n}']}" for n in sorted(scalars - set(names)))
+    lines = [" | ".join(["step", "t", *names]), " | ".join("---" for _ in range(len(names) + 2))]
+    for k, t in enumerate(ts, start=1):
+        vals = [metrics.get(f"student_step{k}_{n}") for n in names]
+        lines.append(" | ".join([str(k), f"{t:g}", *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals)]))
+    return "\n".join(lines + ([f"per step: {counts}"] if counts else []))
 
 
 if __name__ == "__main__":

@@ -13,14 +13,17 @@ from .checkpoint import step_dir_name
 
 
 def student_sample(generator, noise, cond=None, timesteps=None, rng: torch.Generator | None = None,
-                   batch_size: int = 1000) -> torch.Tensor:
-    """Sample the few-step student in chunks; `rng` draws the between-step noise (as LCMScheduler does)."""
+                   batch_size: int = 1000, every_step: bool = False):
+    """Sample the few-step student in chunks; `rng` draws the between-step noise (as LCMScheduler does).
+    `every_step`: a list with every step's x0 output instead (the last is the sample)."""
     device = next(generator.parameters()).device
-    out = []
+    chunks = []
     for i in range(0, noise.shape[0], batch_size):
         c = None if cond is None else cond[i:i + batch_size].to(device)
-        out.append(generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng).cpu())
-    return torch.cat(out)
+        out = generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng, every_step=True)
+        chunks.append([x.cpu() for x in out])
+    per_step = [torch.cat(steps) for steps in zip(*chunks)]
+    return per_step if every_step else per_step[-1]
 
 
 def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: int = 1000,
@@ -78,6 +81,27 @@ class Evaluator:
         fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}.png"
         bm.save_figure(samples, cond, fig, teacher_samples=teacher)
         metrics["figure"] = str(fig)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_every_step(self, step: int, steps: int | None = None) -> dict:
+        """The metrics of each step's x0 output on the K-step sampling chain (same noise and between-step draws
+        as `evaluate`; the last step's are the sample's), keyed `student_step{k}_{metric}`, and a figure per
+        step: where a multi-step student gains or loses quality along its chain."""
+        bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
+        student = self.run.student()
+        was_training = student.training
+        student.eval()
+        with torch.random.fork_rng(devices=[]):
+            noise, cond, gen = eval_inputs(bm, n, seed)
+            ts = student.timesteps if steps is None else student.default_timesteps(steps)
+            outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step=True)
+        student.train(was_training)
+        metrics: dict = {"timesteps": [float(t) for t in ts]}
+        for k, samples in enumerate(outputs, start=1):
+            metrics.update({f"student_step{k}_{key}": v for key, v in self.benchmark_metrics(samples, cond).items()})
+            fig = self.run_dir / "samples" / f"{step_dir_name(step)}_{len(ts)}steps_step{k}.png"
+            bm.save_figure(samples, cond, fig)
         return metrics
 
     def benchmark_metrics(self, samples, cond) -> dict:
