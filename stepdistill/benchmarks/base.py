@@ -78,8 +78,9 @@ class Benchmark:
                      generator_cfg.get("lora_alpha"), tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
         if method_cfg.get("step_aware_critic", False):
             from ..methods.step_critic import StepEmbedding
+            gain = method_cfg.get("step_embedding_gain")
             roles["critic_step_embedding"] = StepEmbedding(roles["fake_score"].net, roles["generator"].num_steps,
-                                                           float(method_cfg.get("step_embedding_gain", 1.0)))
+                                                           **({} if gain is None else {"gain": float(gain)}))
         gan = method_cfg.get("gan")
         if gan is not None and gan.get("enabled", False):
             x = torch.zeros(2, *self.data_shape)

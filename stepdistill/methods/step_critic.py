@@ -39,7 +39,7 @@ def find_time_embedding(net: nn.Module) -> tuple[nn.Module, int]:
 
 
 class StepEmbedding(nn.Module):
-    def __init__(self, fake_net: nn.Module, num_steps: int, gain: float = 1.0):
+    def __init__(self, fake_net: nn.Module, num_steps: int, gain: float = 30.0):
         super().__init__()
         if not gain > 0:
             raise ValueError(f"method.step_embedding_gain must be > 0, got {gain}")

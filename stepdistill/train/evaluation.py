@@ -20,8 +20,8 @@ def student_sample(generator, noise, cond=None, timesteps=None, rng: torch.Gener
     chunks = []
     for i in range(0, noise.shape[0], batch_size):
         c = None if cond is None else cond[i:i + batch_size].to(device)
-        out = generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng, every_step=True)
-        chunks.append([x.cpu() for x in out])
+        out = generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng, every_step=every_step)
+        chunks.append([x.cpu() for x in out] if every_step else [out.cpu()])  # only the sample, unless asked
     per_step = [torch.cat(steps) for steps in zip(*chunks)]
     return per_step if every_step else per_step[-1]
 
@@ -60,15 +60,9 @@ class Evaluator:
                  score: bool = True) -> dict:
         """`score=False` samples (student, and teacher if asked) and stops there: the other processes of a
         sharded run, whose forwards rank 0's sampling needs."""
-        bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
-        student = self.run.student()
-        was_training = student.training
-        student.eval()
-        with torch.random.fork_rng(devices=[]):
-            noise, cond, gen = eval_inputs(bm, n, seed)
-            ts = None if steps is None else student.default_timesteps(steps)
-            samples = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size))
-        student.train(was_training)
+        bm = self.run.benchmark
+        outputs, noise, cond, _ = self._sample_chain(steps, every_step=False)
+        samples = outputs[-1]
         teacher = self.teacher_samples(noise, cond) if teacher_reference else None
         if not score:
             return {}
@@ -88,6 +82,17 @@ class Evaluator:
         """The metrics of each step's x0 output on the K-step sampling chain (same noise and between-step draws
         as `evaluate`; the last step's are the sample's), keyed `student_step{k}_{metric}`, and a figure per
         step: where a multi-step student gains or loses quality along its chain."""
+        outputs, _, cond, ts = self._sample_chain(steps, every_step=True)
+        metrics: dict = {"timesteps": ts}
+        for k, samples in enumerate(outputs, start=1):
+            metrics.update({f"student_step{k}_{key}": v for key, v in self.benchmark_metrics(samples, cond).items()})
+            fig = self.run_dir / "samples" / f"{step_dir_name(step)}_{len(ts)}steps_step{k}.png"
+            self.run.benchmark.save_figure(samples, cond, fig)
+        return metrics
+
+    def _sample_chain(self, steps: int | None, every_step: bool):
+        """The student's K-step chain from the fixed eval noise, in eval mode: (every step's x0 output, or just
+        the sample's, the noise, the conditions, the timesteps)."""
         bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
         student = self.run.student()
         was_training = student.training
@@ -95,14 +100,10 @@ class Evaluator:
         with torch.random.fork_rng(devices=[]):
             noise, cond, gen = eval_inputs(bm, n, seed)
             ts = student.timesteps if steps is None else student.default_timesteps(steps)
-            outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step=True)
+            outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step)
+            outputs = outputs if every_step else [outputs]
         student.train(was_training)
-        metrics: dict = {"timesteps": [float(t) for t in ts]}
-        for k, samples in enumerate(outputs, start=1):
-            metrics.update({f"student_step{k}_{key}": v for key, v in self.benchmark_metrics(samples, cond).items()})
-            fig = self.run_dir / "samples" / f"{step_dir_name(step)}_{len(ts)}steps_step{k}.png"
-            bm.save_figure(samples, cond, fig)
-        return metrics
+        return outputs, noise, cond, [float(t) for t in ts]
 
     def benchmark_metrics(self, samples, cond) -> dict:
         """The benchmark's own metrics, plus Inception FID against the benchmark's reference images where
