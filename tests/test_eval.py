@@ -369,15 +369,15 @@ def test_every_step_scores_each_output_along_the_sampling_chain(tmp_path):
     evaluator = Evaluator(run, tmp_path)
     per_step = evaluator.evaluate_every_step(7)
     final = evaluator.evaluate(7)
-    gen, bm = run.student(), run.benchmark
-    assert per_step["timesteps"] == gen.timesteps == [999.0, 759.0, 499.0, 259.0]
+    student, bm = run.student(), run.benchmark
+    assert per_step["timesteps"] == student.timesteps == [999.0, 759.0, 499.0, 259.0]
     noise, cond, rng = eval_inputs(bm, 200, int(run.cfg.eval.seed))
-    x, outputs = gen.start(noise), []
+    x, outputs = student.start(noise), []
     with torch.no_grad():
-        for k, t in enumerate(gen.timesteps):
-            outputs.append(gen.denoise(x, t, cond))
+        for k, t in enumerate(student.timesteps):
+            outputs.append(student.denoise(x, t, cond))
             if k < 3:
-                x = gen.renoise(outputs[-1], gen.timesteps[k + 1], torch.randn(noise.shape, generator=rng))
+                x = student.renoise(outputs[-1], student.timesteps[k + 1], torch.randn(noise.shape, generator=rng))
     for k, out in enumerate(outputs, start=1):
         expected = bm.evaluate(out, cond)
         for name in ("high_quality_fraction", "sliced_w2", "mode_std_ratio", "num_samples"):
