@@ -98,7 +98,8 @@ class FewStepGenerator(nn.Module):
         x, outs = self.start(noise), []
         for k, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
-            outs.append(x0)
+            if every_step:
+                outs.append(x0)
             if k + 1 < len(ts):
                 z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
                 x = self.renoise(x0, ts[k + 1], z)

@@ -32,3 +32,8 @@ def set_threads(n) -> None:
     import torch
     if n:
         torch.set_num_threads(int(n))
+
+
+def pipe_table(head, rows) -> str:
+    """A table of already formatted cells: a header, a `---` row, then one line per row, cells joined by " | "."""
+    return "\n".join(" | ".join(cells) for cells in [list(head), ["---"] * len(head), *rows])

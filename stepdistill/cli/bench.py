@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from . import pipe_table
+
 
 def _count_and_time(nets):
     stats = {"calls": 0, "seconds": 0.0}
@@ -137,13 +139,10 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
 def table(rows: list[dict]) -> str:
     head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB",
             "gen. saved MB")
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for r in rows:
-        lines.append(" | ".join([r["benchmark"], r["method"], str(r["batch_size"]), str(r["updates_per_iteration"]),
-                                 f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
-                                 f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}",
-                                 f"{r['generator_saved_mb']:.1f}"]))
-    return "\n".join(lines)
+    return pipe_table(head, [[r["benchmark"], r["method"], str(r["batch_size"]), str(r["updates_per_iteration"]),
+                              f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
+                              f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}",
+                              f"{r['generator_saved_mb']:.1f}"] for r in rows])
 
 
 def main(argv=None) -> None:

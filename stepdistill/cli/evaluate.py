@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
@@ -53,11 +53,11 @@ def every_step_table(metrics: dict) -> str:
                and isinstance(metrics[k], (int, float))}
     names = sorted(n for n in scalars if "num_" not in n)   # the sample counts go below the table
     counts = ", ".join(f"{n} {metrics[f'student_step1_{n}']}" for n in sorted(scalars - set(names)))
-    lines = [" | ".join(["step", "t", *names]), " | ".join("---" for _ in range(len(names) + 2))]
+    rows = []
     for k, t in enumerate(ts, start=1):
         vals = [metrics.get(f"student_step{k}_{n}") for n in names]
-        lines.append(" | ".join([str(k), f"{t:g}", *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals)]))
-    return "\n".join(lines + ([f"per step: {counts}"] if counts else []))
+        rows.append([str(k), f"{t:g}", *(f"{v:.4g}" if isinstance(v, float) else str(v) for v in vals)])
+    return pipe_table(["step", "t", *names], rows) + (f"\nper step: {counts}" if counts else "")
 
 
 if __name__ == "__main__":
