@@ -7,6 +7,10 @@ gives the same images for the same noise:
 Training uses backward simulation (DMD2 §4.5): each sample draws k uniformly in 1..K, runs k-1 steps without
 gradient on the generator's own outputs, and trains step k, so the student learns from the inputs it will
 actually see.
+
+Step experts (`generator.step_experts`): one network per step instead of one shared by all K. Step k's updates
+then cannot degrade the other steps through shared weights (on digits, DMD2's uniform exit steps left step 4
+worse than steps 2-3: README, results). `denoiser` is step 1's network; `later_experts[i]` serves step i+2.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inferenc
 class FewStepGenerator(nn.Module):
     def __init__(self, denoiser: NetworkDenoiser, timesteps: list[float] | None = None, steps: int = 1,
                  lcm_boundary: bool | None = None, timestep_scaling: float = 10.0, per_sample_step: bool = True,
-                 train_steps: list[int] | None = None):
+                 train_steps: list[int] | None = None, later_experts: list[nn.Module] | None = None):
         super().__init__()
         self.per_sample_step = per_sample_step
         self.denoiser = denoiser
@@ -49,6 +53,22 @@ class FewStepGenerator(nn.Module):
         self.train_steps = list(range(1, len(ts) + 1)) if not train_steps else [int(k) for k in train_steps]
         if any(k < 1 or k > len(ts) for k in self.train_steps):
             raise ValueError(f"generator.train_steps={self.train_steps}: each must be in 1..{len(ts)}")
+        # kept apart from `denoiser` (not one list holding it too): shared tensors would be saved twice
+        self.later_experts = nn.ModuleList(later_experts or [])
+        if self.later_experts and len(self.later_experts) != len(ts) - 1:
+            raise ValueError(f"step experts: {len(self.later_experts) + 1} networks for {len(ts)} steps")
+
+    @property
+    def step_experts(self) -> bool:
+        return len(self.later_experts) > 0
+
+    def denoiser_at(self, t: float) -> NetworkDenoiser:
+        """The network that denoises at time t: the shared one, or the expert of the trained step nearest t
+        (sampling at other timesteps than the trained ones picks the closest expert)."""
+        if not self.step_experts:
+            return self.denoiser
+        i = min(range(len(self.timesteps)), key=lambda j: abs(self.timesteps[j] - float(t)))
+        return self.denoiser if i == 0 else self.later_experts[i - 1]
 
     @property
     def schedule(self):
@@ -73,7 +93,7 @@ class FewStepGenerator(nn.Module):
 
     def denoise(self, x_t: torch.Tensor, t: float, cond=None) -> torch.Tensor:
         tt = torch.full((x_t.shape[0],), float(t), device=x_t.device)
-        x0 = self.denoiser.x0(x_t, tt, cond)
+        x0 = self.denoiser_at(t).x0(x_t, tt, cond)
         if self.lcm_boundary:
             c_skip, c_out = self.boundary_scalings(tt)
             x0 = _bcast(c_skip, x0) * x_t + _bcast(c_out, x0) * x0

@@ -240,3 +240,38 @@ def test_backward_simulation_can_train_chosen_steps_only():
     assert calls == [False, False, False, True]  # every sample runs three steps without gradient, trains step 4
     with pytest.raises(ValueError, match="generator.train_steps"):
         FewStepGenerator(den, steps=4, train_steps=[5])
+
+
+def test_dm_noise_level_below_each_samples_step_input(gmm_cfg):
+    """method.dm_below_step_input: a sample that exits at step k is scored at a DM noise level no higher than step
+    k's input level t_k; without it every step draws from the whole [t_min, t_max]."""
+    from stepdistill.methods.dmd2 import fraction_of
+    from stepdistill.schedules import EDMSchedule
+
+    assert fraction_of(VPSchedule(), 259.0) == pytest.approx(259 / 999, abs=1e-4)
+    edm = EDMSchedule()
+    assert float(edm.t_from_fraction(torch.tensor(fraction_of(edm, 2.5)))) == pytest.approx(2.5, rel=1e-3)
+    seen = {}
+    for capped in (True, False):
+        run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.enabled=false",
+                                f"method.dm_below_step_input={capped}"))
+        gen, teacher = run.roles["generator"], run.roles["teacher"]
+        ks, ts = [], []
+        forward, x0 = gen.forward, teacher.x0
+        gen.forward = lambda *a, **kw: (lambda r: (ks.append(r[1]), r)[1])(forward(*a, **kw))
+        teacher.x0 = lambda x_t, t, *a, **kw: (ts.append(t), x0(x_t, t, *a, **kw))[1]
+        torch.manual_seed(0)
+        run.method.loss("generator", {"noise": torch.randn(512, 2), "cond": None}, 0)
+        seen[capped] = (ks[0], ts[0])
+    (k, t), (k_free, t_free) = seen[True], seen[False]
+    caps = torch.tensor([999.0, 759.0, 499.0, 259.0])[k - 1]
+    assert torch.all(t <= caps) and torch.all(t >= 0.02 * 999 - 0.5)
+    for step, cap in zip((1, 2, 3, 4), (0.98 * 999, 759, 499, 259)):   # each step fills its own range
+        assert t[k == step].max() > cap - 0.1 * 999 and t[k == step].min() < 0.1 * 999
+    assert (t_free[k_free == 4] > 259).float().mean() > 0.5   # the plain draw ignores the exit step
+
+
+def test_dm_below_step_input_needs_room_above_t_min(gmm_cfg):
+    with pytest.raises(ValueError, match="lower t_min"):
+        build_run(gmm_cfg("method=dmd2", "generator=four_step", "generator.timesteps=[999,10]",
+                          "method.dm_below_step_input=true"))

@@ -187,3 +187,8 @@ def test_bad_scm_config_is_a_clear_error(gmm_cfg, override, match):
 def test_sample_prediction_student_is_refused():
     with pytest.raises(ValueError, match="f\\(x, 0\\) = x"):
         _method(VPSchedule(), prediction_type="sample")
+
+
+def test_step_experts_are_refused(gmm_cfg):
+    with pytest.raises(ValueError, match="generator.step_experts=false"):
+        build_run(gmm_cfg("method=scm", "generator=four_step", "generator.step_experts=true"))

@@ -71,11 +71,13 @@ class Benchmark:
         roles["generator"] = FewStepGenerator(gen, generator_timesteps(gen.schedule, method_cfg, generator_cfg),
                                               int(generator_cfg.steps),
                                               per_sample_step=bool(generator_cfg.get("per_sample_step", True)),
-                                              train_steps=generator_cfg.get("train_steps"))
+                                              train_steps=generator_cfg.get("train_steps"),
+                                              later_experts=self.later_experts(generator_cfg, shared))
         if generator_cfg.get("lora_rank") and not shared:   # shared-base students are adapters already
             from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
-            add_lora(diffusers_unet(roles["generator"].denoiser), int(generator_cfg.lora_rank),
-                     generator_cfg.get("lora_alpha"), tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
+            for den in (roles["generator"].denoiser, *roles["generator"].later_experts):
+                add_lora(diffusers_unet(den), int(generator_cfg.lora_rank), generator_cfg.get("lora_alpha"),
+                         tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
         if method_cfg.get("step_aware_critic", False):
             from ..methods.step_critic import StepEmbedding
             gain = method_cfg.get("step_embedding_gain")
@@ -88,6 +90,18 @@ class Benchmark:
             shape = probe_feature_shape(roles["fake_score"], x, cond, gan.get("feature_module"))
             roles["gan_head"] = ClassifierHead(shape, int(gan.get("head_width", 128)))
         return roles
+
+    def later_experts(self, generator_cfg, shared: bool) -> list[Denoiser] | None:
+        """`generator.step_experts`: a fresh network (initialised like the generator's) for each step after the
+        first, made after the other roles so a run without experts draws the same initial weights."""
+        if not generator_cfg.get("step_experts", False):
+            return None
+        if shared:
+            raise ValueError("generator.step_experts needs a network per step; model.shared_base shares one: "
+                             "set one of them to false")
+        if int(generator_cfg.steps) < 2:
+            raise ValueError("generator.step_experts needs a few-step generator (generator.steps >= 2)")
+        return [self.make_student_denoiser() for _ in range(int(generator_cfg.steps) - 1)]
 
     def shared_base_students(self, model_cfg, generator_cfg):
         """Shared-base mode: the fake score and the generator are LoRA adapters on the teacher's own network."""

@@ -2,7 +2,8 @@
 unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one,
 `PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
 (the teacher's VAE, text encoders and tokenizers, the student's UNet, an LCMScheduler) for text-to-image
-students. The folder is written beside its target and renamed into place.
+students. A step-experts student's networks go in as one `StepExpertsModel` where the single network would.
+The folder is written beside its target and renamed into place.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ..networks.mlp import TimeMLP
 from ..networks.shared_base import AdapterView
 from ..networks.text_unet import TextConditionedUNet
 from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline
+from ..pipelines.step_experts import StepExpertsModel
 
 
 def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
@@ -52,6 +54,9 @@ def build_pipeline(student, benchmark=None):
     net = den.net
     ts = [int(t) for t in student.timesteps]
     if isinstance(net, TextConditionedUNet):
+        if student.step_experts:
+            raise ValueError("text-to-image students export to stock SD pipelines, which take one UNet: "
+                             "generator.step_experts has no export there yet")
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         if benchmark is None or not hasattr(benchmark, "vae"):
             raise ValueError("a text-to-image export needs the run's benchmark (its VAE, text encoder, tokenizer)")
@@ -66,15 +71,22 @@ def build_pipeline(student, benchmark=None):
                                        scheduler=lcm_scheduler_for(student, den.prediction_type), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if isinstance(net, TimeMLP):
-        return PointsFewStepPipeline(net, lcm_scheduler_for(student, "sample"), ts, den.prediction_type,
-                                     den.sigma_data)
+        return PointsFewStepPipeline(step_experts_or(student, net), lcm_scheduler_for(student, "sample"), ts,
+                                     den.prediction_type, den.sigma_data)
     if type(net).__name__ != "UNet2DModel":
         raise ValueError(f"no diffusers export for a {type(net).__name__} student yet")
-    net = plain_unet(net)
     scheduler = lcm_scheduler_for(student, den.prediction_type)
     if net.config.num_class_embeds:
-        return ClassConditionalFewStepPipeline(net, scheduler, ts)
-    return DDPMPipeline(unet=net, scheduler=scheduler)
+        return ClassConditionalFewStepPipeline(step_experts_or(student, plain_unet(net)), scheduler, ts)
+    return DDPMPipeline(unet=step_experts_or(student, plain_unet(net)), scheduler=scheduler)
+
+
+def step_experts_or(student, net):
+    """`net` itself, or for a step-experts student every step's network wrapped as one StepExpertsModel."""
+    if not student.step_experts:
+        return net
+    later = [d.net if isinstance(d.net, TimeMLP) else plain_unet(d.net) for d in student.later_experts]
+    return StepExpertsModel.from_experts([net, *later], [int(t) for t in student.timesteps])
 
 
 def export_run(run, out_dir: str | Path) -> Path:

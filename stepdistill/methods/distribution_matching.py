@@ -52,6 +52,8 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
 def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guidance: float = 1.0,
              fake_guidance: float = 1.0, t_range=(0.02, 0.98), normalizer: str = "sample",
              weight_fn=None) -> tuple[torch.Tensor, dict]:
+    """`t_range`: the fractions of the noise range the noise level is drawn from; either bound may be a tensor
+    of shape (N,), one range per sample."""
     sched = teacher.schedule
     t = sched.sample_t(x.shape[0], *t_range, device=x.device)
     with torch.no_grad():

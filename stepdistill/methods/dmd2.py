@@ -8,7 +8,11 @@ Changes from DMD, each a switch here:
   * backward simulation for multi-step students (§4.5, in FewStepGenerator.forward);
   * CFG on the real score only (`guidance`); the fake score is evaluated at `fake_guidance` (1 = none).
 Not in DMD2, off by default: `step_aware_critic` conditions the fake score on the exit step of multi-step
-students (methods/step_critic.py explains why).
+students (methods/step_critic.py explains why), and `dm_below_step_input` draws the DM noise level of a sample
+that exits at step k no higher than step k's own input noise level t_k. What the noise levels above t_k
+measure (the layout, the class) was settled by the steps before k, from whose output step k starts: their
+gradient can only make step k override its input. Phased DMD (Fan et al. 2025) restricts each phase's score
+matching to its own noise subinterval for a like reason.
 """
 from __future__ import annotations
 
@@ -19,6 +23,15 @@ import torch
 from .base import LossOut, Method
 from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 from .gan import DiffusionGAN
+
+
+def fraction_of(schedule, t: float) -> float:
+    """The fraction of the noise range (0 = least noise, 1 = most) at which the schedule reaches time t: the
+    inverse of `schedule.t_from_fraction`, read off a fine grid. A discrete schedule reaches t on an interval of
+    fractions (they are rounded to integer timesteps); its middle is returned."""
+    u = torch.linspace(0.0, 1.0, 100001, dtype=torch.float64)
+    dist = (schedule.t_from_fraction(u) - float(t)).abs()
+    return float(u[dist <= dist.min() + 1e-9].mean())
 
 
 class _InContext:
@@ -46,6 +59,17 @@ class DMD2(Method):
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
+        self.dm_t_max = float(cfg.t_max)
+        if cfg.get("dm_below_step_input", False):
+            # per exit step k, the highest DM noise level: step k's input level as a fraction of the range
+            gen = models["generator"]
+            t_caps = [min(self.dm_t_max, fraction_of(gen.schedule, t)) for t in gen.timesteps]
+            if min(t_caps) <= float(cfg.t_min):
+                raise ValueError(f"method.dm_below_step_input: the last step's input noise level ({min(t_caps):.3f} "
+                                 f"of the range) is not above method.t_min={cfg.t_min}: lower t_min")
+            self.dm_t_caps = torch.tensor(t_caps)
+        else:
+            self.dm_t_caps = None
         self.gan = DiffusionGAN(models["fake_score"], models["gan_head"], cfg.gan.feature_module,
                                 (cfg.gan.t_min, cfg.gan.t_max)) if self.use_gan else None
 
@@ -62,8 +86,9 @@ class DMD2(Method):
         x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
         fake = _InContext(m["fake_score"], lambda: self._fake_sees_steps(steps)) if self.step_aware else m["fake_score"]
         stats: dict = {}
+        t_max = self.dm_t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats))
+                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats))
         logs.update(stats)
         logs["loss_dm"] = loss.item()
         if self.use_gan:

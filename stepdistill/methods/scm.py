@@ -69,6 +69,9 @@ class SCM(Method):
         if extra and "weighting" not in models:
             models["weighting"] = AdaptiveWeighting(int(cfg.get("weighting_width", 64)))
         super().__init__(models, cfg)
+        if models["generator"].step_experts:
+            raise ValueError("method=scm trains one consistency function over all times: set "
+                             "generator.step_experts=false")
         student = models["generator"].denoiser
         if not isinstance(student, NetworkDenoiser) or student.prediction_type not in BOUNDARY_OK:
             kind = getattr(student, "prediction_type", type(student).__name__)

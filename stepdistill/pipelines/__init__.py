@@ -4,5 +4,6 @@ Both run the few-step LCM sampler with diffusers' own ``LCMScheduler.step``, so 
 ``stepdistill-sample`` for the same noise (the scheduler draws between-step noise from the same generator).
 """
 from .few_step import ClassConditionalFewStepPipeline, PointsFewStepPipeline
+from .step_experts import StepExpertsModel
 
-__all__ = ["ClassConditionalFewStepPipeline", "PointsFewStepPipeline"]
+__all__ = ["ClassConditionalFewStepPipeline", "PointsFewStepPipeline", "StepExpertsModel"]

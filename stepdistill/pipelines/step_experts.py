@@ -1,0 +1,61 @@
+"""A step-experts student as one diffusers model: K networks, each called at the timesteps nearest its own.
+
+`generator.step_experts` trains one network per step. Exported as this model, the student drops into the same
+pipelines as a single network (stock `DDPMPipeline`, `ClassConditionalFewStepPipeline`, `PointsFewStepPipeline`):
+each call routes the batch to the expert whose trained timestep is nearest the one asked for, as
+`FewStepGenerator.denoiser_at` does. The experts' own configs are saved beside their weights, so
+`from_pretrained` rebuilds them without stepdistill knowing their kind in advance.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+# where an expert's class is found when the model is loaded (the kinds of network a student can be)
+_EXPERT_MODULES = {"UNet2DModel": "diffusers", "TimeMLP": "stepdistill.networks.mlp"}
+
+
+def _expert_class(name: str):
+    if name not in _EXPERT_MODULES:
+        raise ValueError(f"step experts of kind {name!r} cannot be exported; known: {sorted(_EXPERT_MODULES)}")
+    return getattr(importlib.import_module(_EXPERT_MODULES[name]), name)
+
+
+class StepExpertsModel(ModelMixin, ConfigMixin):
+    """`model(x, t, ...)` = `experts[i](x, t, ...)` with i the trained timestep nearest t.
+
+    `sample_size`, `in_channels` and `dim` repeat the experts' own values at the top of the config, where the
+    pipelines read them (`unet.config.sample_size`, `net.config.dim`)."""
+
+    @register_to_config
+    def __init__(self, expert_class: str = "UNet2DModel", expert_config: dict | None = None,
+                 timesteps: list[int] | tuple = (999,), sample_size=None, in_channels: int | None = None,
+                 dim: int | None = None):
+        super().__init__()
+        cls = _expert_class(expert_class)
+        self.experts = nn.ModuleList(cls.from_config(dict(expert_config or {})) for _ in timesteps)
+
+    @classmethod
+    def from_experts(cls, experts: list[nn.Module], timesteps: list[int]) -> "StepExpertsModel":
+        """Wrap trained networks (one per timestep, in sampling order); their weights are copied in."""
+        if len(experts) != len(timesteps):
+            raise ValueError(f"{len(experts)} experts for {len(timesteps)} timesteps")
+        first = experts[0]
+        cfg = {k: v for k, v in dict(first.config).items() if not k.startswith("_")}
+        model = cls(type(first).__name__, cfg, [int(t) for t in timesteps], cfg.get("sample_size"),
+                    cfg.get("in_channels"), cfg.get("dim"))
+        for mine, theirs in zip(model.experts, experts):
+            mine.load_state_dict(theirs.state_dict())
+        return model
+
+    def expert_index(self, t) -> int:
+        t = float(torch.as_tensor(t).reshape(-1)[0])   # one time per call: the pipelines pass one for the batch
+        ts = self.config.timesteps
+        return min(range(len(ts)), key=lambda i: abs(ts[i] - t))
+
+    def forward(self, sample, timestep, *args, **kwargs):
+        return self.experts[self.expert_index(timestep)](sample, timestep, *args, **kwargs)

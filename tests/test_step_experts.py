@@ -1,0 +1,158 @@
+"""`generator.step_experts`: one network per step. Each step runs its own network, step k's loss reaches only
+step k's network, the whole run trains and resumes, and the export samples exactly as the student does."""
+import pytest
+import torch
+from diffusers import UNet2DModel
+from omegaconf import OmegaConf
+
+from stepdistill.denoiser import NetworkDenoiser
+from stepdistill.generator import FewStepGenerator
+from stepdistill.networks.mlp import TimeMLP
+from stepdistill.schedules import VPSchedule
+from stepdistill.train.evaluation import student_sample
+
+from conftest import digits_cfg
+
+
+def mlp_experts(steps=4, num_classes=None):
+    """A K-step student whose steps have visibly different networks (fresh random weights each)."""
+    torch.manual_seed(0)
+    dens = [NetworkDenoiser(TimeMLP(2, 32, 2, num_classes=num_classes), VPSchedule(), "edm", sigma_data=2.0)
+            for _ in range(steps)]
+    return FewStepGenerator(dens[0], steps=steps, later_experts=dens[1:]), dens
+
+
+def test_each_step_runs_its_own_network():
+    gen, dens = mlp_experts()
+    assert gen.step_experts and gen.timesteps == [999.0, 759.0, 499.0, 259.0]
+    # the trained timesteps map to their experts; other times to the expert of the nearest trained one
+    assert [gen.denoiser_at(t) for t in (999, 759, 499, 259)] == dens
+    assert gen.denoiser_at(880) is dens[0] and gen.denoiser_at(870) is dens[1] and gen.denoiser_at(0) is dens[3]
+    # a 4-step sample is the chain through the four networks in turn, with the same between-step draws
+    z = torch.randn(6, 2)
+    out = gen.sample(z, generator=torch.Generator().manual_seed(4))
+    g, x = torch.Generator().manual_seed(4), z
+    with torch.no_grad():
+        for i, (den, t) in enumerate(zip(dens, gen.timesteps)):
+            tt = torch.full((6,), t)
+            x0 = den.x0(x, tt)
+            c_skip, c_out = gen.boundary_scalings(tt)
+            x0 = c_skip[:, None] * x + c_out[:, None] * x0
+            if i < 3:
+                x = gen.renoise(x0, gen.timesteps[i + 1], torch.randn(x0.shape, generator=g))
+    torch.testing.assert_close(out, x0)
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_step_k_loss_reaches_only_step_ks_network(step):
+    gen, dens = mlp_experts()
+    gen(torch.randn(5, 2), step=step).square().sum().backward()
+    for k, den in enumerate(dens, start=1):
+        grads = [p.grad for p in den.parameters()]
+        assert all(g is not None for g in grads) if k == step else all(g is None for g in grads), k
+
+
+def test_per_sample_exit_steps_train_every_expert():
+    """A batch of mixed exit steps sends each sample's gradient to the expert of its own step only."""
+    gen, dens = mlp_experts()
+    torch.manual_seed(1)
+    out, ks = gen(torch.randn(64, 2), return_steps=True)
+    assert set(ks.tolist()) == {1, 2, 3, 4}
+    out[ks == 2].sum().backward()
+    moved = [bool(d.net.inp.weight.grad is not None and d.net.inp.weight.grad.any()) for d in dens]
+    assert moved == [False, True, False, False]
+
+
+def test_expert_count_must_match_the_steps():
+    gen, dens = mlp_experts()
+    with pytest.raises(ValueError, match="3 networks for 4 steps"):
+        FewStepGenerator(dens[0], steps=4, later_experts=dens[1:3])
+
+
+def test_bad_configs_are_clear_errors():
+    from stepdistill.train.setup import build_run
+    with pytest.raises(ValueError, match="generator.steps >= 2"):
+        build_run(digits_cfg("+generator.step_experts=true"))
+    from stepdistill.benchmarks.base import Benchmark
+    with pytest.raises(ValueError, match="model.shared_base shares one"):   # (digits takes no shared base at all)
+        Benchmark(None).later_experts(OmegaConf.create({"step_experts": True, "steps": 4}), shared=True)
+
+
+def test_digits_roles_hold_a_teacher_copy_per_step():
+    from stepdistill.train.setup import build_run
+    run = build_run(digits_cfg("generator=four_step", "generator.step_experts=true"))
+    gen, teacher = run.roles["generator"], run.roles["teacher"].net
+    nets = [gen.denoiser.net] + [d.net for d in gen.later_experts]
+    assert len({id(n) for n in nets}) == 4
+    for net in nets:   # each starts as the teacher
+        for (name, p), q in zip(net.named_parameters(), teacher.parameters()):
+            assert torch.equal(p, q), name
+    # the generator's optimizer and EMA cover every expert
+    n_params = sum(p.numel() for p in gen.parameters())
+    assert n_params == 4 * sum(p.numel() for p in teacher.parameters())
+    assert sum(p.numel() for p in run.roles["generator_ema"].parameters()) == n_params
+
+
+def test_gmm_experts_train_resume_and_export(gmm_cfg, tmp_path):
+    """Every expert moves in a short DMD2 run; 3+3 resumed steps equal 6 straight; the export samples as
+    `stepdistill-sample` does."""
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.cli.train import train
+    from stepdistill.pipelines import PointsFewStepPipeline, StepExpertsModel
+    from stepdistill.train.setup import build_run, load_run
+    extra = ("generator=four_step", "generator.step_experts=true", "method.critic_warmup_steps=0",
+             "trainer.checkpoint_every=3")
+    start = build_run(gmm_cfg(*extra)).roles["generator"]
+    straight = train(gmm_cfg(*extra, "trainer.max_steps=6"), tmp_path / "straight")
+    train(gmm_cfg(*extra, "trainer.max_steps=3"), tmp_path / "resumed")
+    train(gmm_cfg(*extra, "trainer.max_steps=6", "trainer.resume=true"), tmp_path / "resumed")
+    gens = [load_run(tmp_path / d).roles["generator"] for d in ("straight", "resumed")]
+    for a, b in zip(gens[0].state_dict().values(), gens[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    nets = [start.denoiser.net] + [d.net for d in start.later_experts]
+    trained = [gens[0].denoiser.net] + [d.net for d in gens[0].later_experts]
+    for before, after in zip(nets, trained):
+        assert not torch.equal(before.inp.weight, after.inp.weight)
+    pipe = PointsFewStepPipeline.from_pretrained(straight["export"])
+    assert isinstance(pipe.net, StepExpertsModel) and list(pipe.net.config.timesteps) == [999, 759, 499, 259]
+    samples, _ = sample_student(tmp_path / "straight", 50, seed=5)
+    theirs = pipe(batch_size=50, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)
+
+
+def tiny_unet(seed, num_class_embeds=None):
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, num_class_embeds=num_class_embeds).eval()
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_unet_experts_export_samples_as_the_student(tmp_path, conditional):
+    from diffusers import DDPMPipeline
+
+    from stepdistill.export import export_run
+    from stepdistill.pipelines import ClassConditionalFewStepPipeline
+    nce = 11 if conditional else None
+    dens = [NetworkDenoiser(tiny_unet(s, nce), VPSchedule(), "v_prediction", null_class=10 if nce else None)
+            for s in range(3)]
+    gen = FewStepGenerator(dens[0], steps=3, later_experts=dens[1:])
+    cfg = OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})
+
+    class _Run:
+        def student(self):
+            return gen
+    run = _Run()
+    run.cfg = cfg
+    out = export_run(run, tmp_path / "export")
+    labels = torch.tensor([0, 3, 9]) if conditional else None
+    g = torch.Generator().manual_seed(3)
+    ours = (student_sample(gen, torch.randn(3, 1, 8, 8, generator=g), labels, None, g) / 2 + 0.5).clamp(0, 1)
+    g = torch.Generator().manual_seed(3)
+    if conditional:
+        theirs = ClassConditionalFewStepPipeline.from_pretrained(out)(class_labels=labels, generator=g)
+    else:   # the stock pipeline, with the experts as its unet
+        pipe = DDPMPipeline.from_pretrained(out)
+        theirs = torch.from_numpy(pipe(batch_size=3, num_inference_steps=3, generator=g, output_type="np").images)
+        theirs = theirs.permute(0, 3, 1, 2)
+    torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
