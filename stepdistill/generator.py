@@ -8,9 +8,10 @@ Training uses backward simulation (DMD2 §4.5): each sample draws k uniformly in
 gradient on the generator's own outputs, and trains step k, so the student learns from the inputs it will
 actually see.
 
-Step experts (`generator.step_experts`): one network per step instead of one shared by all K. Step k's updates
-then cannot degrade the other steps through shared weights (on digits, DMD2's uniform exit steps left step 4
-worse than steps 2-3: README, results). `denoiser` is step 1's network; `later_experts[i]` serves step i+2.
+Step experts (`generator.step_experts`): one network per step instead of one shared by all K (Phased DMD's
+mixture of experts), so step k's updates cannot move the other steps. On digits every step ended worse than
+with one shared network, which learns each step from the others' updates too (README, results).
+`denoiser` is step 1's network; `later_experts[i]` serves step i+2.
 """
 from __future__ import annotations
 
