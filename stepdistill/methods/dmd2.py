@@ -12,7 +12,7 @@ students (methods/step_critic.py explains why), and `dm_below_step_input` draws 
 that exits at step k no higher than step k's own input noise level t_k. What the noise levels above t_k
 measure (the layout, the class) was settled by the steps before k, from whose output step k starts: their
 gradient can only make step k override its input. Phased DMD (Fan et al. 2025) restricts each phase's score
-matching to its own noise subinterval for a like reason.
+matching to its own noise subinterval for a like reason. On digits it made the last step worse (README, results).
 """
 from __future__ import annotations
 
