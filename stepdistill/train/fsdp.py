@@ -41,6 +41,9 @@ def check_fsdp_supported(cfg) -> None:
     if int(cfg.generator.get("lora_rank", 0) or 0) > 0:
         raise ValueError("trainer=fsdp does not shard LoRA students (generator.lora_rank): set generator.lora_rank=0 "
                          "or use the default trainer")
+    if cfg.generator.get("step_experts"):
+        raise ValueError("trainer=fsdp does not shard step experts (one network per step): set "
+                         "generator.step_experts=false or use the default trainer")
 
 
 def shard_roles(roles, device: torch.device, world: int, wrap=WRAP_DEFAULT,
