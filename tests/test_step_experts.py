@@ -80,10 +80,12 @@ def test_bad_configs_are_clear_errors():
 
 def test_digits_roles_hold_a_teacher_copy_per_step():
     from stepdistill.train.setup import build_run
-    run = build_run(digits_cfg("generator=four_step", "generator.step_experts=true"))
+    run = build_run(digits_cfg("generator=four_step", "generator.step_experts=true",
+                               "model.gradient_checkpointing=true"))
     gen, teacher = run.roles["generator"], run.roles["teacher"].net
     nets = [gen.denoiser.net] + [d.net for d in gen.later_experts]
     assert len({id(n) for n in nets}) == 4
+    assert all(n.is_gradient_checkpointing for n in nets)
     for net in nets:   # each starts as the teacher
         for (name, p), q in zip(net.named_parameters(), teacher.parameters()):
             assert torch.equal(p, q), name

@@ -51,8 +51,9 @@ def enable_gradient_checkpointing(roles: Roles) -> None:
     from ..networks.lora import diffusers_unet
     from ..networks.shared_base import AdapterView
     found = False
-    for name in ("fake_score", "generator"):
-        net = diffusers_unet(roles[name].denoiser if name == "generator" else roles[name])
+    gen = roles["generator"]
+    for den in (roles["fake_score"], gen.denoiser, *gen.later_experts):
+        net = diffusers_unet(den)
         net = net.shared.unet if isinstance(net, AdapterView) else net
         if getattr(net, "_supports_gradient_checkpointing", False):
             net.enable_gradient_checkpointing()
