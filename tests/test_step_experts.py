@@ -158,3 +158,14 @@ def test_unet_experts_export_samples_as_the_student(tmp_path, conditional):
         theirs = torch.from_numpy(pipe(batch_size=3, num_inference_steps=3, generator=g, output_type="np").images)
         theirs = theirs.permute(0, 3, 1, 2)
     torch.testing.assert_close(theirs, ours, atol=2e-5, rtol=0)
+
+
+def test_step_experts_model_takes_one_timestep_per_call():
+    from stepdistill.pipelines import StepExpertsModel
+    _, dens = mlp_experts(steps=2)
+    model = StepExpertsModel.from_experts([d.net for d in dens], [999, 499])
+    x = torch.randn(3, 2)
+    assert model.expert_index(torch.tensor(700)) == 1 and model.expert_index(900) == 0
+    torch.testing.assert_close(model(x, torch.full((3,), 999.0)), dens[0].net(x, torch.full((3,), 999.0)))
+    with pytest.raises(ValueError, match="one timestep per call"):
+        model(x, torch.tensor([999.0, 499.0, 499.0]))

@@ -3,8 +3,8 @@
 `generator.step_experts` trains one network per step. Exported as this model, the student drops into the same
 pipelines as a single network (stock `DDPMPipeline`, `ClassConditionalFewStepPipeline`, `PointsFewStepPipeline`):
 each call routes the batch to the expert whose trained timestep is nearest the one asked for, as
-`FewStepGenerator.denoiser_at` does. The experts' own configs are saved beside their weights, so
-`from_pretrained` rebuilds them without stepdistill knowing their kind in advance.
+`FewStepGenerator.denoiser_at` does. The experts' class name and config are part of this model's config, so
+`from_pretrained` rebuilds them before loading their weights.
 """
 from __future__ import annotations
 
@@ -53,8 +53,10 @@ class StepExpertsModel(ModelMixin, ConfigMixin):
         return model
 
     def expert_index(self, t) -> int:
-        t = float(torch.as_tensor(t).reshape(-1)[0])   # one time per call: the pipelines pass one for the batch
-        ts = self.config.timesteps
+        t = torch.as_tensor(t).reshape(-1)
+        if (t != t[0]).any():   # the pipelines pass one time for the whole batch; mixed times need several calls
+            raise ValueError("StepExpertsModel takes one timestep per call, not per-sample timesteps")
+        t, ts = float(t[0]), self.config.timesteps
         return min(range(len(ts)), key=lambda i: abs(ts[i] - t))
 
     def forward(self, sample, timestep, *args, **kwargs):
