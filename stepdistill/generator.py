@@ -34,6 +34,11 @@ def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inferenc
     return [int(t) for t in sched.timesteps]
 
 
+def nearest_index(timesteps, t: float) -> int:
+    """The index of the timestep nearest t: which step expert serves time t."""
+    return min(range(len(timesteps)), key=lambda i: abs(timesteps[i] - float(t)))
+
+
 class FewStepGenerator(nn.Module):
     def __init__(self, denoiser: NetworkDenoiser, timesteps: list[float] | None = None, steps: int = 1,
                  lcm_boundary: bool | None = None, timestep_scaling: float = 10.0, per_sample_step: bool = True,
@@ -63,13 +68,17 @@ class FewStepGenerator(nn.Module):
     def step_experts(self) -> bool:
         return len(self.later_experts) > 0
 
+    @property
+    def step_denoisers(self) -> list[NetworkDenoiser]:
+        """Every network of the generator: step 1's, then the later steps' experts (just one without experts)."""
+        return [self.denoiser, *self.later_experts]
+
     def denoiser_at(self, t: float) -> NetworkDenoiser:
         """The network that denoises at time t: the shared one, or the expert of the trained step nearest t
         (sampling at other timesteps than the trained ones picks the closest expert)."""
         if not self.step_experts:
             return self.denoiser
-        i = min(range(len(self.timesteps)), key=lambda j: abs(self.timesteps[j] - float(t)))
-        return self.denoiser if i == 0 else self.later_experts[i - 1]
+        return self.step_denoisers[nearest_index(self.timesteps, t)]
 
     @property
     def schedule(self):

@@ -56,6 +56,14 @@ class NoiseSchedule:
         """Descending times for a `steps`-step ODE sampler, from the noisiest level towards clean data."""
         return self.t_from_fraction(torch.linspace(1.0, 0.0, steps + 1)[:-1])
 
+    def fraction_at(self, t: float) -> float:
+        """The fraction of the range (0 = least noise, 1 = most) at which the schedule reaches time t: the inverse
+        of `t_from_fraction`, read off a fine grid. A discrete schedule reaches t on an interval of fractions
+        (they are rounded to integer timesteps); its middle is returned."""
+        u = torch.linspace(0.0, 1.0, 100001, dtype=torch.float64)
+        dist = (self.t_from_fraction(u) - float(t)).abs()
+        return float(u[dist <= dist.min() + 1e-9].mean())
+
     def t_at_noise_ratio(self, ratio: float) -> float:
         """The time whose noise-to-signal ratio sigma/alpha is closest to `ratio`: the same noise level across
         parameterisations. SiD starts its generator at EDM sigma 2.5: t 0.714 for flow, 755 for cosine VP and

@@ -245,12 +245,11 @@ def test_backward_simulation_can_train_chosen_steps_only():
 def test_dm_noise_level_below_each_samples_step_input(gmm_cfg):
     """method.dm_below_step_input: a sample that exits at step k is scored at a DM noise level no higher than step
     k's input level t_k; without it every step draws from the whole [t_min, t_max]."""
-    from stepdistill.methods.dmd2 import fraction_of
     from stepdistill.schedules import EDMSchedule
 
-    assert fraction_of(VPSchedule(), 259.0) == pytest.approx(259 / 999, abs=1e-4)
+    assert VPSchedule().fraction_at(259.0) == pytest.approx(259 / 999, abs=1e-4)
     edm = EDMSchedule()
-    assert float(edm.t_from_fraction(torch.tensor(fraction_of(edm, 2.5)))) == pytest.approx(2.5, rel=1e-3)
+    assert float(edm.t_from_fraction(torch.tensor(edm.fraction_at(2.5)))) == pytest.approx(2.5, rel=1e-3)
     seen = {}
     for capped in (True, False):
         run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.enabled=false",

@@ -75,7 +75,7 @@ class Benchmark:
                                               later_experts=self.later_experts(generator_cfg, shared))
         if generator_cfg.get("lora_rank") and not shared:   # shared-base students are adapters already
             from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
-            for den in (roles["generator"].denoiser, *roles["generator"].later_experts):
+            for den in roles["generator"].step_denoisers:
                 add_lora(diffusers_unet(den), int(generator_cfg.lora_rank), generator_cfg.get("lora_alpha"),
                          tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
         if method_cfg.get("step_aware_critic", False):

@@ -25,15 +25,6 @@ from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 from .gan import DiffusionGAN
 
 
-def fraction_of(schedule, t: float) -> float:
-    """The fraction of the noise range (0 = least noise, 1 = most) at which the schedule reaches time t: the
-    inverse of `schedule.t_from_fraction`, read off a fine grid. A discrete schedule reaches t on an interval of
-    fractions (they are rounded to integer timesteps); its middle is returned."""
-    u = torch.linspace(0.0, 1.0, 100001, dtype=torch.float64)
-    dist = (schedule.t_from_fraction(u) - float(t)).abs()
-    return float(u[dist <= dist.min() + 1e-9].mean())
-
-
 class _InContext:
     """A denoiser whose x0 calls run inside `context()` (the step-aware critic's exit-step embedding): only the
     fake score's own calls see it, not other calls on the same network inside the DM loss (f-distill's
@@ -59,11 +50,10 @@ class DMD2(Method):
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
-        self.dm_t_max = float(cfg.t_max)
         if cfg.get("dm_below_step_input", False):
             # per exit step k, the highest DM noise level: step k's input level as a fraction of the range
             gen = models["generator"]
-            t_caps = [min(self.dm_t_max, fraction_of(gen.schedule, t)) for t in gen.timesteps]
+            t_caps = [min(float(cfg.t_max), gen.schedule.fraction_at(t)) for t in gen.timesteps]
             if min(t_caps) <= float(cfg.t_min):
                 raise ValueError(f"method.dm_below_step_input: the last step's input noise level ({min(t_caps):.3f} "
                                  f"of the range) is not above method.t_min={cfg.t_min}: lower t_min")
@@ -86,7 +76,7 @@ class DMD2(Method):
         x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
         fake = _InContext(m["fake_score"], lambda: self._fake_sees_steps(steps)) if self.step_aware else m["fake_score"]
         stats: dict = {}
-        t_max = self.dm_t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
+        t_max = c.t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
                               (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats))
         logs.update(stats)

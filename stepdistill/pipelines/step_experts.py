@@ -15,6 +15,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..generator import nearest_index
+
 # where an expert's class is found when the model is loaded (the kinds of network a student can be)
 _EXPERT_MODULES = {"UNet2DModel": "diffusers", "TimeMLP": "stepdistill.networks.mlp"}
 
@@ -56,8 +58,7 @@ class StepExpertsModel(ModelMixin, ConfigMixin):
         t = torch.as_tensor(t).reshape(-1)
         if (t != t[0]).any():   # the pipelines pass one time for the whole batch; mixed times need several calls
             raise ValueError("StepExpertsModel takes one timestep per call, not per-sample timesteps")
-        t, ts = float(t[0]), self.config.timesteps
-        return min(range(len(ts)), key=lambda i: abs(ts[i] - t))
+        return nearest_index(self.config.timesteps, float(t[0]))
 
     def forward(self, sample, timestep, *args, **kwargs):
         return self.experts[self.expert_index(timestep)](sample, timestep, *args, **kwargs)

@@ -51,8 +51,7 @@ def enable_gradient_checkpointing(roles: Roles) -> None:
     from ..networks.lora import diffusers_unet
     from ..networks.shared_base import AdapterView
     found = False
-    gen = roles["generator"]
-    for den in (roles["fake_score"], gen.denoiser, *gen.later_experts):
+    for den in (roles["fake_score"], *roles["generator"].step_denoisers):
         net = diffusers_unet(den)
         net = net.shared.unet if isinstance(net, AdapterView) else net
         if getattr(net, "_supports_gradient_checkpointing", False):
