@@ -47,6 +47,16 @@ def digits_cfg(*overrides):
     return compose_cfg(*DIGITS_FAST, *overrides)
 
 
+def tiny_unet(num_class_embeds=None, seed=0):
+    """A tiny diffusers UNet2DModel on 1x8x8 images (class-conditional with `num_class_embeds`)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, num_class_embeds=num_class_embeds).eval()
+
+
 def assert_phase_reaches_only(run, phase: str, trained: tuple[str, ...], batch_size: int = 16):
     """One `phase` loss + backward: every parameter of the `trained` roles gets a gradient, no other role's does."""
     from stepdistill.train.batches import BatchSource

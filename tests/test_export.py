@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from diffusers import UNet2DModel
+from conftest import tiny_unet
 
 from stepdistill.denoiser import NetworkDenoiser
 from stepdistill.generator import FewStepGenerator
@@ -19,13 +19,6 @@ class _Run:  # the two attributes export_run reads
 
     def student(self):
         return self._student
-
-
-def tiny_unet(num_class_embeds=None):
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, num_class_embeds=num_class_embeds).eval()
 
 
 @pytest.mark.parametrize("steps", [1, 4])

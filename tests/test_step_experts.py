@@ -2,7 +2,6 @@
 step k's network, the whole run trains and resumes, and the export samples exactly as the student does."""
 import pytest
 import torch
-from diffusers import UNet2DModel
 from omegaconf import OmegaConf
 
 from stepdistill.denoiser import NetworkDenoiser
@@ -11,7 +10,7 @@ from stepdistill.networks.mlp import TimeMLP
 from stepdistill.schedules import VPSchedule
 from stepdistill.train.evaluation import student_sample
 
-from conftest import digits_cfg
+from conftest import digits_cfg, tiny_unet
 
 
 def mlp_experts(steps=4, num_classes=None):
@@ -122,13 +121,6 @@ def test_gmm_experts_train_resume_and_export(gmm_cfg, tmp_path):
     torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)
 
 
-def tiny_unet(seed, num_class_embeds=None):
-    torch.manual_seed(seed)
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), norm_num_groups=8,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, num_class_embeds=num_class_embeds).eval()
-
-
 @pytest.mark.parametrize("conditional", [False, True])
 def test_unet_experts_export_samples_as_the_student(tmp_path, conditional):
     from diffusers import DDPMPipeline
@@ -136,7 +128,7 @@ def test_unet_experts_export_samples_as_the_student(tmp_path, conditional):
     from stepdistill.export import export_run
     from stepdistill.pipelines import ClassConditionalFewStepPipeline
     nce = 11 if conditional else None
-    dens = [NetworkDenoiser(tiny_unet(s, nce), VPSchedule(), "v_prediction", null_class=10 if nce else None)
+    dens = [NetworkDenoiser(tiny_unet(nce, seed=s), VPSchedule(), "v_prediction", null_class=10 if nce else None)
             for s in range(3)]
     gen = FewStepGenerator(dens[0], steps=3, later_experts=dens[1:])
     cfg = OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})
