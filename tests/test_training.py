@@ -148,3 +148,22 @@ def test_clip_gradients_equals_torch(max_norm):
     assert clip_gradients(a, max_norm) == pytest.approx(float(expected), rel=1e-6)
     for pa, pb in zip(a, b):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=0, atol=0)
+
+
+def test_cosine_schedule_ends_each_phase_at_zero(gmm_cfg, tmp_path):
+    """Each phase's cosine runs over that phase's own updates: with 2 critic updates per generator update both
+    learning rates reach 0 at the last step (over the trainer's step count the generator would stop at 0.75x)."""
+    import json
+    import math
+    cfg = gmm_cfg("optim.schedule=cosine", "method.critic_steps=2", "method.critic_warmup_steps=4",
+                  "trainer.max_steps=16", "logger.every=1", "trainer.export=false", "trainer.checkpoint_every=0")
+    train(cfg, tmp_path)
+    lr0 = float(cfg.optim.generator.lr)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr_generator"] for r in logged if r["kind"] == "train"]
+    # steps 1..4 are critic warm-up, then critic, critic, generator: 4 generator updates in 16 steps
+    gen_updates = [0] * 4 + [(s - 4) // 3 for s in range(5, 17)]
+    assert lrs == pytest.approx([lr0 * 0.5 * (1 + math.cos(math.pi * n / 4)) for n in gen_updates], abs=1e-12)
+    state = torch.load(tmp_path / "checkpoints/step_0000016/trainer_state.pt", weights_only=True)
+    assert state["schedulers"]["critic"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
+    assert state["schedulers"]["generator"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)

@@ -19,6 +19,16 @@ def lr_lambda(warmup: int, total: int, kind: str):
     return f
 
 
+def phase_update_counts(method, max_steps: int) -> dict[str, int]:
+    """How many updates each phase makes in `max_steps` trainer steps. A phase's schedule steps once per update of
+    that phase, so its cosine must run over this count: over `max_steps` it would stop part-way (a generator
+    with 2 critic updates each would end at 0.75 of its lr, the critic at 0.25)."""
+    counts = dict.fromkeys(method.phases, 0)
+    for step in range(max_steps):
+        counts[method.phase(step)] += 1
+    return counts
+
+
 def make_adamw(params, **kw) -> torch.optim.AdamW:
     # the fused kernel (CPU and CUDA) updates every tensor in one call; the default per-tensor Python loop
     # was ~5% of a digits iteration on CPU. Fall back where a dtype/device has no fused kernel.

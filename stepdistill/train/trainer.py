@@ -26,7 +26,7 @@ from .evaluation import Evaluator
 from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, full_state_dicts,
                    load_full_optimizer_state, shard_roles)
 from .loggers import MetricsLogger
-from .optim import clip_gradients, lr_lambda, make_adamw
+from .optim import clip_gradients, lr_lambda, make_adamw, phase_update_counts
 from .setup import Run, checkpoint_roles
 
 log = logging.getLogger("stepdistill")
@@ -72,13 +72,14 @@ class Trainer:
         self.method = run.method
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
+        updates = phase_update_counts(self.method, int(tc.max_steps))
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
             params = self.phase_params[phase] = run.roles.parameters_of(names)
             opt = make_adamw(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(int(oc.get("warmup_steps", 0)), int(tc.max_steps), self.cfg.optim.schedule))
+                opt, lr_lambda(int(oc.get("warmup_steps", 0)), updates[phase], self.cfg.optim.schedule))
         # read once: OmegaConf lookups in the step loop were ~3% of a gmm step
         clips = {ph: float(self.cfg.optim[ph].get("grad_clip", 0) or 0) for ph in self.method.phases}
         self.grad_clip = {ph: c if c > 0 else float("inf") for ph, c in clips.items()}
