@@ -25,8 +25,9 @@ def _generator_grads(run, batch, seed):
     return out, [p.grad.clone() for p in run.roles["generator"].parameters()]
 
 
-@pytest.mark.parametrize("extra", [[], ["generator=four_step", "method.step_aware_critic=true"]],
-                         ids=["one_step", "four_step_step_aware"])
+@pytest.mark.parametrize("extra", [[], ["generator=four_step", "method.step_aware_critic=true"],
+                                   ["generator=four_step", "method.step_aware_critic=true", "method.gan.step_aware=true"]],
+                         ids=["one_step", "four_step_step_aware", "four_step_step_aware_gan"])
 def test_rkl_is_exactly_dmd2(gmm_cfg, extra):
     dmd2 = build_run(gmm_cfg("method=dmd2", *extra))
     fd = build_run(gmm_cfg("method=fdistill", "method.divergence=rkl", *extra))

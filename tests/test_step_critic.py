@@ -105,3 +105,53 @@ def test_step_aware_critic_needs_a_timestep_embedding():
             return x
     with pytest.raises(ValueError, match="step_aware_critic"):
         StepEmbedding(NoTime(), 4)
+
+
+def _step_aware_gan_run(gmm_cfg, *extra):
+    run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.step_aware_critic=true", *extra))
+    with torch.no_grad():   # zero-initialised: make the exit step visible to the critic
+        run.roles["critic_step_embedding"].table.weight.normal_()
+    from stepdistill.train.batches import BatchSource
+    return run, BatchSource(run.benchmark, run.method.batch_keys, 32, "cpu")()
+
+
+def test_step_aware_gan_tells_real_from_each_steps_outputs(gmm_cfg):
+    """method.gan.step_aware: the discriminator loss is the hand computation with every fake sample under its own
+    exit step and real row i under fake row i's step; the generator's GAN term changes, its DM term does not."""
+    from stepdistill.methods.gan import DiffusionGAN
+    run, batch = _step_aware_gan_run(gmm_cfg, "method.gan.step_aware=true")
+    m, emb, c = run.method, run.roles["critic_step_embedding"], run.cfg.method
+    torch.manual_seed(5)
+    got = m.loss("critic", batch, 0).loss
+    torch.manual_seed(5)
+    with torch.no_grad():
+        x, steps = run.roles["generator"](batch["noise"], batch["cond"], return_steps=True)
+    assert len(set(steps.tolist())) > 1   # a mixed-step batch, so a wrong pairing would show
+    with emb.condition(steps):
+        expected = fake_score_loss(run.roles["fake_score"], x, batch["cond"])
+        l_d = DiffusionGAN.discriminator_loss(m.gan.logits(batch["real"], batch["real_cond"]),
+                                              m.gan.logits(x, batch["cond"]))
+    torch.testing.assert_close(got, expected + c.gan.critic_weight * l_d)
+    # the same draws with the plain (mixture) discriminator give another loss
+    m.gan_step_aware = False
+    torch.manual_seed(5)
+    assert not torch.allclose(m.loss("critic", batch, 0).loss, got)
+    outs = {}
+    for aware in (True, False):
+        m.gan_step_aware = aware
+        torch.manual_seed(6)
+        outs[aware] = m.loss("generator", batch, 0).logs
+    assert outs[True]["loss_dm"] == outs[False]["loss_dm"]
+    assert outs[True]["loss_gan_g"] != outs[False]["loss_gan_g"]
+
+
+def test_step_aware_gan_gradients_stay_in_their_phase(gmm_cfg):
+    from conftest import assert_phase_reaches_only
+    run, _ = _step_aware_gan_run(gmm_cfg, "method.gan.step_aware=true", "method.gan.critic_weight=1.0")
+    assert_phase_reaches_only(run, "generator", ("generator",))
+    assert_phase_reaches_only(run, "critic", ("fake_score", "gan_head", "critic_step_embedding"))
+
+
+def test_step_aware_gan_needs_the_step_aware_critic(gmm_cfg):
+    with pytest.raises(ValueError, match="step_aware_critic=true"):
+        build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.step_aware=true"))

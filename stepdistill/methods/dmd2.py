@@ -8,7 +8,8 @@ Changes from DMD, each a switch here:
   * backward simulation for multi-step students (§4.5, in FewStepGenerator.forward);
   * CFG on the real score only (`guidance`); the fake score is evaluated at `fake_guidance` (1 = none).
 Not in DMD2, off by default: `step_aware_critic` conditions the fake score on the exit step of multi-step
-students (methods/step_critic.py explains why), and `dm_below_step_input` draws the DM noise level of a sample
+students (methods/step_critic.py explains why), `gan.step_aware` does the same for the GAN discriminator, and
+`dm_below_step_input` draws the DM noise level of a sample
 that exits at step k no higher than step k's own input noise level t_k. What the noise levels above t_k
 measure (the layout, the class) was settled by the steps before k, from whose output step k starts: their
 gradient can only make step k override its input. Phased DMD (Fan et al. 2025) restricts each phase's score
@@ -44,6 +45,11 @@ class DMD2(Method):
     def __init__(self, models, cfg):
         self.use_gan = bool(cfg.gan.enabled)
         self.step_aware = bool(cfg.get("step_aware_critic", False))
+        self.gan_step_aware = self.use_gan and bool(cfg.gan.get("step_aware", False))
+        if self.gan_step_aware and not self.step_aware:
+            raise ValueError("method.gan.step_aware conditions the discriminator through the step-aware critic's "
+                             "exit-step embedding (the discriminator is the critic's encoder): set "
+                             "method.step_aware_critic=true")
         extra = (("gan_head",) if self.use_gan else ()) + (("critic_step_embedding",) if self.step_aware else ())
         self.roles = ("teacher", "fake_score", "generator") + extra
         self.phases = {"generator": ("generator",), "critic": ("fake_score",) + extra}
@@ -67,7 +73,13 @@ class DMD2(Method):
         """The context in which the fake score sees each sample's exit step (a no-op unless step-aware)."""
         return self.models["critic_step_embedding"].condition(steps) if self.step_aware else nullcontext()
 
-    def dm_weight_fn(self, batch, logs: dict):
+    def _gan_sees_steps(self, steps):
+        """The context of the GAN's calls: with `gan.step_aware` the discriminator tells real from step k's outputs
+        for each exit step k, D(x, k) ~ log p_data / p_k, rather than real from the mixture of all steps' outputs,
+        whose optimum the steps can reach together while each is wrong (the mixture problem of the critic)."""
+        return self._fake_sees_steps(steps) if self.gan_step_aware else nullcontext()
+
+    def dm_weight_fn(self, batch, logs: dict, steps=None):
         """Per-sample weights of the DM gradient, w(x_t, t) (None: DMD2's unweighted gradient; f-distill's h(r))."""
         return None
 
@@ -78,11 +90,12 @@ class DMD2(Method):
         stats: dict = {}
         t_max = c.t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats))
+                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps))
         logs.update(stats)
         logs["loss_dm"] = loss.item()
         if self.use_gan:
-            l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
+            with self._gan_sees_steps(steps):
+                l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
             loss = loss + c.gan.generator_weight * l_g
             logs["loss_gan_g"] = l_g.item()
         return LossOut(loss, logs)
@@ -95,8 +108,11 @@ class DMD2(Method):
             loss = fake_score_loss(m["fake_score"], x, batch["cond"])
         logs = {"loss_fake_score": loss.item()}
         if self.use_gan:
-            l_d = DiffusionGAN.discriminator_loss(self.gan.logits(batch["real"], batch["real_cond"]),
-                                                  self.gan.logits(x, batch["cond"]))
+            # with gan.step_aware, real row i is shown under fake row i's exit step: the data is every step's
+            # target, and each step label then sees real and generated samples in equal numbers
+            with self._gan_sees_steps(steps):
+                l_d = DiffusionGAN.discriminator_loss(self.gan.logits(batch["real"], batch["real_cond"]),
+                                                      self.gan.logits(x, batch["cond"]))
             loss = loss + c.gan.critic_weight * l_d
             logs["loss_gan_d"] = l_d.item()
         return LossOut(loss, logs)

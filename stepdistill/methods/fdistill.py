@@ -69,9 +69,10 @@ class FDistill(DMD2):
                           f"trained on [{gan.t_min}, {gan.t_max}]; outside it the density ratio is extrapolated")
         super().__init__(models, cfg)
 
-    def dm_weight_fn(self, batch, logs: dict):
+    def dm_weight_fn(self, batch, logs: dict, steps=None):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
-            logit = self.gan.logits_noised(x_t, t, batch["cond"]).float()
+            with self._gan_sees_steps(steps):   # with gan.step_aware: each exit step's own density ratio
+                logit = self.gan.logits_noised(x_t, t, batch["cond"]).float()
             w = f_weights(logit, self.divergence, self.clip)
             logs.update(fd_log_ratio=logit.mean().item(), fd_weight_max=w.max().item(),
                         fd_clipped=((logit < self.clip[0]) | (logit > self.clip[1])).float().mean().item())
