@@ -9,11 +9,11 @@ Changes from DMD, each a switch here:
   * CFG on the real score only (`guidance`); the fake score is evaluated at `fake_guidance` (1 = none).
 Not in DMD2, off by default: `step_aware_critic` conditions the fake score on the exit step of multi-step
 students (methods/step_critic.py explains why), `gan.step_aware` does the same for the GAN discriminator, and
-`dm_below_step_input` draws the DM noise level of a sample
-that exits at step k no higher than step k's own input noise level t_k. What the noise levels above t_k
-measure (the layout, the class) was settled by the steps before k, from whose output step k starts: their
-gradient can only make step k override its input. Phased DMD (Fan et al. 2025) restricts each phase's score
-matching to its own noise subinterval for a like reason. On digits it made the last step worse (README, results).
+`dm_below_step_input` draws the DM noise level of a sample that exits at step k no higher than step k's own
+input noise level t_k. What the noise levels above t_k measure (the layout, the class) was settled by the steps
+before k, from whose output step k starts: their gradient can only make step k override its input. Phased DMD
+(Fan et al. 2025) restricts each phase's score matching to its own noise subinterval for a like reason. On digits
+it made the last step worse (README, results).
 """
 from __future__ import annotations
 
