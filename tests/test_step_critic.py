@@ -2,7 +2,6 @@
 timestep embedding, trained by the critic phase only, present only where the method asks for it."""
 import pytest
 import torch
-from diffusers import UNet2DModel
 
 from stepdistill.denoiser import NetworkDenoiser
 from stepdistill.methods.distribution_matching import fake_score_loss
@@ -12,11 +11,7 @@ from stepdistill.schedules import VPSchedule
 from stepdistill.train.setup import build_run
 from stepdistill.train.trainer import Trainer
 
-
-def _tiny_unet():
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       layers_per_block=1, norm_num_groups=4, num_class_embeds=4)
+from conftest import assert_phase_reaches_only, tiny_unet
 
 
 @pytest.mark.parametrize("kind", ["mlp", "unet"])
@@ -26,7 +21,7 @@ def test_step_embedding_starts_as_the_plain_critic_then_separates_steps(kind):
         fake = NetworkDenoiser(TimeMLP(2, 32, 2, num_classes=3), VPSchedule(), "edm", sigma_data=2.0, null_class=3)
         x = torch.randn(6, 2)
     else:
-        fake = NetworkDenoiser(_tiny_unet(), VPSchedule(), "epsilon", null_class=3)
+        fake = NetworkDenoiser(tiny_unet(num_class_embeds=4), VPSchedule(), "epsilon", null_class=3)
         x = torch.randn(6, 1, 8, 8)
     emb = StepEmbedding(fake.net, num_steps=4)
     t, cond, steps = torch.full((6,), 500.0), torch.randint(0, 3, (6,)), torch.tensor([1, 2, 3, 4, 1, 2])
@@ -146,7 +141,6 @@ def test_step_aware_gan_tells_real_from_each_steps_outputs(gmm_cfg):
 
 
 def test_step_aware_gan_gradients_stay_in_their_phase(gmm_cfg):
-    from conftest import assert_phase_reaches_only
     run, _ = _step_aware_gan_run(gmm_cfg, "method.gan.step_aware=true", "method.gan.critic_weight=1.0")
     assert_phase_reaches_only(run, "generator", ("generator",))
     assert_phase_reaches_only(run, "critic", ("fake_score", "gan_head", "critic_step_embedding"))
