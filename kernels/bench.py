@@ -4,20 +4,28 @@
     python -m stepdistill.kernels.bench --check        # correctness at real sizes against float64 first
     python -m stepdistill.kernels.bench --tune         # try block configurations for each kernel
 
+    python -m stepdistill.kernels.bench --tune fwd_jvp # only the named kernels (fwd, dkdv, dq, jvp, fwd_jvp)
+
 FLOPs are counted the usual way: 4·B·H·Lq·Lk·D for the forward (two matrix products), 2.5× that for the
-backward. The JVP row gives its time next to the forward's (it returns the output and its tangent); its
-TFLOP/s counts the forward's FLOPs plus the tangent kernel's five matrix products.
+backward. The JVP column is torch.func.jvp (the output and its tangent); its TFLOP/s counts six matrix products
+(QKᵀ, Q̇Kᵀ, QK̇ᵀ, PV, (P∘Ṡ)V, PV̇), 3× the forward: the fewest that give both, so 3× the forward's time is
+the JVP's floor at the forward's efficiency. "triton, two kernels" times the same JVP through the forward
+kernel and then the tangent-only kernel (seven products), the path a Function whose forward ran without a
+tangent takes.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import time
 
 import torch
 
-from . import triton_attention
+from . import autograd, triton_attention
 from .dispatch import flash_attention, math_attention
+from .triton_attention_dims import padded_head_dim
 
+DEVICE = "cuda"     # the tests set "cpu" to run this module's code under Triton's interpreter at tiny sizes
 SIZES = [(1024, 64), (1024, 128), (4096, 64), (4096, 128)]   # (sequence, head_dim)
 TOKENS = 16384          # batch × sequence, as in the FlashAttention papers' benchmarks
 WIDTH = 2048            # heads × head_dim
@@ -38,7 +46,7 @@ def implementations() -> dict:
     """name -> (attention fn, the fn timed under torch.func.jvp or None where the backend has no JVP).
     SDPA's math backend has none either; its JVP row times the same math through plain ops."""
     triton = lambda q, k, v: flash_attention(q, k, v, backend="triton")  # noqa: E731
-    impls = {"triton (ours)": (triton, triton)}
+    impls = {"triton (ours)": (triton, triton), "triton, two kernels": (None, _unfused(triton))}
     for kind in ("flash", "efficient", "cudnn"):
         impls[f"sdpa {kind}"] = (_sdpa(kind), None)
     impls["sdpa math"] = (_sdpa("math"), lambda q, k, v: math_attention(q, k, v, q.shape[-1] ** -0.5))
@@ -50,9 +58,26 @@ def implementations() -> dict:
     return impls
 
 
+def _unfused(fn):
+    def run(q, k, v):
+        autograd.FUSE_JVP = False
+        try:
+            return fn(q, k, v)
+        finally:
+            autograd.FUSE_JVP = True
+    return run
+
+
 def _bench(fn) -> tuple[float, float]:
-    """Median milliseconds (CUDA events via do_bench) and peak extra memory in MiB."""
+    """Median milliseconds (CUDA events via do_bench) and peak extra memory in MiB (NaN off CUDA)."""
     import triton.testing
+    if DEVICE != "cuda":
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1], float("nan")
     fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -66,8 +91,8 @@ def _bench(fn) -> tuple[float, float]:
 
 def _inputs(seq: int, head_dim: int, dtype, grad: bool):
     batch, heads = max(1, TOKENS // seq), WIDTH // head_dim
-    g = torch.Generator(device="cuda").manual_seed(seq + head_dim)
-    return [torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_(grad)
+    g = torch.Generator(device=DEVICE).manual_seed(seq + head_dim)
+    return [torch.randn(batch, heads, seq, head_dim, device=DEVICE, dtype=dtype, generator=g).requires_grad_(grad)
             for _ in range(3)]
 
 
@@ -85,6 +110,9 @@ def bench_table(dtype=torch.bfloat16, sizes=SIZES) -> list[dict]:
                 if mode == "jvp" and jvp_fn is None:
                     row[mode] = "no forward-mode AD"
                     continue
+                if mode != "jvp" and fn is None:
+                    row[mode] = "as above"
+                    continue
                 try:
                     if mode == "fwd":
                         def call(fn=fn):
@@ -99,13 +127,14 @@ def bench_table(dtype=torch.bfloat16, sizes=SIZES) -> list[dict]:
                         def call(f=jvp_fn):
                             with torch.no_grad():
                                 torch.func.jvp(f, (q.detach(), k.detach(), v.detach()), (tq, tk, tv))
-                        flops = fwd_flops * 3.5   # forward (2 products) + tangent (5 products)
+                        flops = fwd_flops * 3     # the six products output and tangent need
                     ms, mem = _bench(call)
                     row[mode] = (ms, flops / ms / 1e9, mem)
                 except (RuntimeError, torch.OutOfMemoryError) as e:
                     row[mode] = str(e).splitlines()[0][:40]
                 q.grad = k.grad = v.grad = None
-                torch.cuda.empty_cache()
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
     return rows
 
@@ -119,8 +148,10 @@ def print_table(rows: list[dict], device_name: str) -> None:
         for mode in ("fwd", "fwd+bwd", "jvp"):
             x = r[mode]
             cells.append(f"{x[0]:.3f} ms / {x[1]:.0f} / {x[2]:.0f}" if isinstance(x, tuple) else f"n/a ({x})")
-        ratio = (f"{r['jvp'][0] / r['fwd'][0]:.2f}×" if isinstance(r["jvp"], tuple) and isinstance(r["fwd"], tuple)
-                 else "–")
+        fwd = r["fwd"] if isinstance(r["fwd"], tuple) else next(
+            (x["fwd"] for x in rows if x["seq"] == r["seq"] and x["head_dim"] == r["head_dim"]
+             and x["impl"] == "triton (ours)" and isinstance(x["fwd"], tuple)), None)
+        ratio = f"{r['jvp'][0] / fwd[0]:.2f}×" if isinstance(r["jvp"], tuple) and fwd else "–"
         print(f"| {r['seq']} | {r['head_dim']} | {r['impl']} | " + " | ".join(cells) + f" | {ratio} |")
 
 
@@ -131,23 +162,26 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _poison_allocator():
     """Fill the caching allocator's free blocks with NaN so an unwritten output element cannot pass."""
+    if DEVICE != "cuda":
+        return
     free = torch.cuda.mem_get_info()[0]
     x = torch.full((min(free // 8, 2**30) // 4,), float("nan"), device="cuda")
     del x
 
 
 CHECKS = [(torch.bfloat16, d) for d in (32, 64, 80, 128, 256)] + [(torch.float16, 128), (torch.float32, 128)]
+CHECK_SHAPES = [(1000, 1000), (1024, 77)]     # (Lq, Lk): self-attention with ragged blocks, and cross-attention
 
 
 def check(cases=CHECKS) -> bool:
     """Forward, dq/dk/dv and JVP vs a float64 reference on fresh random inputs, self- and cross-attention."""
     tol = {torch.bfloat16: 2e-2, torch.float16: 3e-3, torch.float32: 1e-3}
     ok = True
-    print("| dtype | head_dim | Lq | Lk | out | dq | dk | dv | jvp tangent |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| dtype | head_dim | Lq | Lk | out | dq | dk | dv | jvp output | jvp tangent | tangent-only kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     torch.backends.cuda.matmul.allow_tf32 = False      # fp32 inputs: exact fp32 products
     for dtype, d in cases:
-        for lq, lk in ((1000, 1000), (1024, 77)):
+        for lq, lk in CHECK_SHAPES:
             errs = list(_errors(d, dtype, lq, lk, batch=2).values())
             good = all(math.isfinite(e) and e < tol[dtype] for e in errs)
             ok &= good
@@ -162,15 +196,18 @@ TUNE = {
     "dkdv": [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
     "jvp": [(64, 64, 4, 2), (64, 32, 4, 3), (128, 32, 8, 2)],
+    "fwd_jvp": [(64, 32, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2)],
 }
-OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",), "jvp": ("jvp tangent",)}
+OUTPUTS = {"fwd": ("out",), "dkdv": ("dk", "dv"), "dq": ("dq",), "jvp": ("tangent-only kernel",),
+           "fwd_jvp": ("jvp output", "jvp tangent")}
 
 
-def _errors(d: int, dtype=torch.bfloat16, lq: int = 1000, lk: int = 1000, batch: int = 1, heads: int = 4
-            ) -> dict[str, float]:
+def _errors(d: int, dtype=torch.bfloat16, lq: int | None = None, lk: int | None = None, batch: int = 1,
+            heads: int = 4) -> dict[str, float]:
     """Relative errors of every output against float64 on fresh random inputs (allocator poisoned first)."""
     _poison_allocator()
-    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype).requires_grad_() for n in (lq, lk, lk))
+    lq, lk = lq or CHECK_SHAPES[0][0], lk or CHECK_SHAPES[0][1]
+    q, k, v = (torch.randn(batch, heads, n, d, device=DEVICE, dtype=dtype).requires_grad_() for n in (lq, lk, lk))
     tq, tk, tv = (torch.randn_like(t) for t in (q, k, v))
     do = torch.randn_like(q)
     o = flash_attention(q, k, v, backend="triton")
@@ -178,24 +215,33 @@ def _errors(d: int, dtype=torch.bfloat16, lq: int = 1000, lk: int = 1000, batch:
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = math_attention(q64, k64, v64, d ** -0.5)
     ref.backward(do.double())
-    _, t_ours = torch.func.jvp(lambda a, b, c: flash_attention(a, b, c, backend="triton"),
-                               (q.detach(), k.detach(), v.detach()), (tq, tk, tv))
+    with torch.no_grad():
+        o_jvp, t_ours = torch.func.jvp(lambda a, b, c: flash_attention(a, b, c, backend="triton"),
+                                       (q.detach(), k.detach(), v.detach()), (tq, tk, tv))
+        pad = (0, padded_head_dim(d) - d)      # the kernels run at a power-of-two head_dim
+        qp, kp, vp, tqp, tkp, tvp = (torch.nn.functional.pad(t.detach(), pad) for t in (q, k, v, tq, tk, tv))
+        o2, lse = triton_attention.forward(qp, kp, vp, d ** -0.5)
+        t_only = triton_attention.jvp(qp, kp, vp, o2, lse, tqp, tkp, tvp, d ** -0.5)[..., :d]
     _, t_ref = torch.func.jvp(lambda a, b, c: math_attention(a, b, c, d ** -0.5),
                               (q64.detach(), k64.detach(), v64.detach()), (tq.double(), tk.double(), tv.double()))
     return {"out": _rel(o, ref), "dq": _rel(q.grad, q64.grad), "dk": _rel(k.grad, k64.grad),
-            "dv": _rel(v.grad, v64.grad), "jvp tangent": _rel(t_ours, t_ref)}
+            "dv": _rel(v.grad, v64.grad), "jvp output": _rel(o_jvp, ref), "jvp tangent": _rel(t_ours, t_ref),
+            "tangent-only kernel": _rel(t_only, t_ref)}
 
 
-def tune(seq: int = 4096, dtype=torch.bfloat16) -> None:
-    """Time each kernel's candidate blocks at head_dim 64 and 128 and keep the fastest for this process."""
+def tune(kinds=tuple(TUNE), seq: int = 4096, dtype=torch.bfloat16) -> None:
+    """Time each named kernel's candidate blocks at head_dim 64 and 128 and keep the fastest for this process."""
+    unknown = set(kinds) - set(TUNE)
+    if unknown:
+        raise SystemExit(f"--tune takes kernels among {', '.join(TUNE)}; got {', '.join(sorted(unknown))}")
     triton_attention.AUTO_SHRINK = False
     try:
-        _tune(seq, dtype)
+        _tune(kinds, seq, dtype)
     finally:
         triton_attention.AUTO_SHRINK = True
 
 
-def _tune(seq: int, dtype) -> None:
+def _tune(kinds, seq: int, dtype) -> None:
     for d in (64, 128):
         q, k, v = _inputs(seq, d, dtype, grad=True)
         do = torch.randn_like(q)
@@ -205,8 +251,10 @@ def _tune(seq: int, dtype) -> None:
         calls = {"fwd": lambda: triton_attention.forward(q, k, v, d ** -0.5),
                  "dkdv": lambda: triton_attention.backward(do, q, k, v, o, lse, d ** -0.5),
                  "dq": lambda: triton_attention.backward(do, q, k, v, o, lse, d ** -0.5),
-                 "jvp": lambda: triton_attention.jvp(q, k, v, o, lse, tq, tk, tv, d ** -0.5)}
-        for kind, configs in TUNE.items():
+                 "jvp": lambda: triton_attention.jvp(q, k, v, o, lse, tq, tk, tv, d ** -0.5),
+                 "fwd_jvp": lambda: triton_attention.forward_jvp(q, k, v, tq, tk, tv, d ** -0.5)}
+        for kind in kinds:
+            configs = TUNE[kind]
             default = triton_attention.CONFIGS[(kind, d)]
             results = []
             for cfg in configs:
@@ -231,15 +279,16 @@ def _tune(seq: int, dtype) -> None:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--check", action="store_true", help="correctness against float64 before timing")
-    parser.add_argument("--tune", action="store_true", help="time block configurations for each kernel")
+    parser.add_argument("--tune", nargs="*", metavar="KERNEL",
+                        help=f"time block configurations for the named kernels ({', '.join(TUNE)}; all if none)")
     parser.add_argument("--no-bench", action="store_true", help="skip the timing table")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("kernels/bench.py times CUDA kernels: run it on a machine with a GPU")
     name = torch.cuda.get_device_name()
     print(f"{name}; torch {torch.__version__}; triton {__import__('triton').__version__}")
-    if args.tune:
-        tune()
+    if args.tune is not None:
+        tune(args.tune or tuple(TUNE))
     ok = check() if args.check else None
     if not args.no_bench:
         print_table(bench_table(), name + ("" if ok is not False else " (CORRECTNESS CHECK FAILED)"))

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One call on a lent CUDA machine (the `device` tool): block tuning (every candidate checked against float64),
-# kernel correctness at real sizes, the benchmark table, short CUDA training runs and the processor tests on
-# CUDA. Runs from the repo root; logs go to $OUT. Needs torch + triton there; the pure-Python packages the
-# image lacks (diffusers, hydra, omegaconf, antlr4) travel in .devsite/, an ignored folder made here with
+# kernel correctness at real sizes, the benchmark table, short CUDA training runs and the kernel tests on CUDA.
+#   bash kernels/gpu_check.sh                   # every stage, about 8 minutes on an H200
+#   BENCH_ARGS="--check --tune fwd_jvp" bash kernels/gpu_check.sh tests bench scm   # the named stages only
+# Runs from the repo root; logs go to $OUT. Needs torch + triton there; the pure-Python packages the image
+# lacks (diffusers, hydra, omegaconf, antlr4) travel in .devsite/, an ignored folder made here with
 #   SP=$(python -c "import site; print(site.getsitepackages()[0])"); mkdir -p .devsite
 #   for p in diffusers hydra omegaconf antlr4; do cp -r $SP/$p .devsite/; done
-# and named in the call's carry. About 7 minutes on an H200.
+# and named in the call's carry.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -13,26 +15,42 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD:$PWD/.devsite" WANDB_MODE=disabled HY
 [ -e stepdistill/kernels ] || ln -s ../kernels stepdistill/kernels   # what pyproject's package-dir maps
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
 stage() { echo; echo "=== $1 ($(date +%T))"; }
+train() {  # name, timeout, overrides...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" python3 -m stepdistill.train trainer.progress=false hydra.run.dir=/tmp/$name "$@" \
+    > "$OUT/$name.txt" 2>&1
+  echo "exit $?, wall $((SECONDS - start)) s" | tee -a "$OUT/$name.txt"; tail -4 "$OUT/$name.txt"
+}
 
-stage "kernels: tune, check, bench"
-timeout 230 python3 -m stepdistill.kernels.bench --check --tune 2>&1 | tee "$OUT/bench.txt" | grep -v Warning
+run_tests() {
+  stage "kernel and processor tests on CUDA"
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_processor.py 2>&1 \
+    | tail -8 | tee "$OUT/tests.txt"
+}
+run_bench() {
+  stage "kernels: ${BENCH_ARGS:=--check --tune}"
+  # shellcheck disable=SC2086
+  timeout 300 python3 -m stepdistill.kernels.bench $BENCH_ARGS 2>&1 | tee "$OUT/bench.txt" | grep -v Warning
+}
+run_gmm() {
+  stage "gmm dmd2 1500 steps, CUDA"
+  train gmm 60 benchmark=gmm method=dmd2 trainer.max_steps=1500
+  stage "gmm dmd (regression pairs) 300 steps, CUDA"
+  train gmm_dmd 40 benchmark=gmm method=dmd trainer.max_steps=300 eval.every=0
+}
+run_digits() {
+  stage "digits dmd2 300 steps with attention.backend=triton, CUDA"
+  train digits 80 benchmark=digits method=dmd2 trainer.max_steps=300 attention.backend=triton eval.every=0
+}
+run_scm() {  # sCM's tangent runs torch.func.jvp through the UNet: the fused forward+JVP kernel in its attention
+  stage "digits scm 300 steps with attention.backend=triton, CUDA"
+  train scm 90 benchmark=digits method=scm trainer.max_steps=300 attention.backend=triton
+}
 
-stage "gmm dmd2 1500 steps, CUDA"
-start=$SECONDS
-timeout 60 python3 -m stepdistill.train benchmark=gmm method=dmd2 trainer.max_steps=1500 trainer.progress=false \
-  hydra.run.dir=/tmp/gmm_run > "$OUT/gmm.txt" 2>&1
-echo "exit $?, wall $((SECONDS - start)) s" | tee -a "$OUT/gmm.txt"; tail -4 "$OUT/gmm.txt"
-
-stage "gmm dmd (regression pairs) 300 steps, CUDA"
-timeout 40 python3 -m stepdistill.train benchmark=gmm method=dmd trainer.max_steps=300 trainer.progress=false \
-  eval.every=0 hydra.run.dir=/tmp/gmm_dmd_run > "$OUT/gmm_dmd.txt" 2>&1
-echo "exit $?" | tee -a "$OUT/gmm_dmd.txt"; tail -3 "$OUT/gmm_dmd.txt"
-
-stage "digits dmd2 300 steps with attention.backend=triton, CUDA"
-timeout 80 python3 -m stepdistill.train benchmark=digits method=dmd2 trainer.max_steps=300 attention.backend=triton \
-  trainer.progress=false eval.every=0 hydra.run.dir=/tmp/digits_run > "$OUT/digits.txt" 2>&1
-echo "exit $?" | tee -a "$OUT/digits.txt"; tail -4 "$OUT/digits.txt"
-
-stage "kernel and processor tests on CUDA"
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kernels_processor.py 2>&1 \
-  | tail -8 | tee "$OUT/tests.txt"
+for s in ${@:-tests bench gmm digits scm}; do
+  case $s in
+    tests) run_tests ;; bench) run_bench ;; gmm) run_gmm ;; digits) run_digits ;; scm) run_scm ;;
+    *) echo "unknown stage $s: choose among tests bench gmm digits scm"; exit 2 ;;
+  esac
+done

@@ -248,6 +248,89 @@ def _jvp_kernel(Q, K, V, O, LSE, TQ, TK, TV, TO,
 
 
 # ---------------------------------------------------------------------------------------------------------
+# fused forward + JVP: O, lse2 and Ȯ in one pass over the keys, for calls that want the output and its tangent
+# (torch.func.jvp). The online softmax rescales the tangent sums by the same factor as O's:
+#   acc = Σ p̃ v,  tacc = Σ p̃ (ṡ v + v̇),  r = Σ p̃ ṡ,  l = Σ p̃   (p̃ = exp2(s − running max))
+#   O = acc / l,  Ȯ = tacc / l − (r / l) ∘ O
+# Six matrix products (QKᵀ, Q̇Kᵀ, QK̇ᵀ, PV, (P∘Ṡ)V, PV̇) against seven for the forward kernel followed by
+# _jvp_kernel, and Q, K, V are read once instead of twice.
+# ---------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_jvp_kernel(Q, K, V, TQ, TK, TV, O, LSE, TO,
+                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+                    stqb, stqh, stqm, stkb, stkh, stkn, stvb, stvh, stvn,
+                    H, LQ, LK, sm_scale, qk_scale,
+                    HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FP32_MATH: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < LQ
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if FP32_MATH:
+        q = q.to(tl.float32)
+    if HAS_TQ:
+        tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqm + offs_d[None, :],
+                     mask=row_ok[:, None], other=0.0)
+        if FP32_MATH:
+            tq = tq.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    r_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    tacc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < LK
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        if FP32_MATH:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        tacc = tacc * alpha[:, None]
+        r_i = r_i * alpha
+        if HAS_TQ or HAS_TK:
+            ts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            if HAS_TQ:
+                ts += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+            if HAS_TK:
+                tk = tl.load(TK + b * stkb + h * stkh + cols[:, None] * stkn + offs_d[None, :],
+                             mask=col_ok[:, None], other=0.0)
+                if FP32_MATH:
+                    tk = tk.to(tl.float32)
+                ts += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
+            pts = p * (ts * sm_scale)
+            r_i += tl.sum(pts, 1)
+            tacc += tl.dot(pts.to(v.dtype), v, input_precision=PRECISION)
+        if HAS_TV:
+            tv = tl.load(TV + b * stvb + h * stvh + cols[:, None] * stvn + offs_d[None, :],
+                         mask=col_ok[:, None], other=0.0)
+            if FP32_MATH:
+                tv = tv.to(tl.float32)
+            tacc += tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+        m_i = m_new
+    o = acc / l_i[:, None]
+    to = tacc / l_i[:, None] - (r_i / l_i)[:, None] * o
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :],
+             o.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh * LQ + offs_m, m_i + tl.log2(l_i), mask=row_ok)
+    tl.store(TO + bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
+             to.to(TO.dtype.element_ty), mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------
 # launch configuration
 # ---------------------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and head_dim on CUDA; `kernels/bench.py --tune`
@@ -262,8 +345,13 @@ CONFIGS: dict[tuple[str, int], tuple[int, int, int, int]] = {
     ("dq", 16): (128, 64, 8, 3), ("dq", 32): (128, 64, 8, 3), ("dq", 64): (128, 64, 8, 3),
     ("dq", 128): (128, 64, 8, 3), ("dq", 256): (64, 16, 8, 2),
     # the JVP kernel holds k, v, k̇, v̇ tiles per stage: (64, 64, 4, 3) ran out of shared memory at 64
-    ("jvp", 16): (64, 32, 4, 3), ("jvp", 32): (64, 32, 4, 3), ("jvp", 64): (64, 32, 4, 3),
+    ("jvp", 16): (128, 32, 8, 2), ("jvp", 32): (128, 32, 8, 2), ("jvp", 64): (128, 32, 8, 2),
     ("jvp", 128): (64, 64, 4, 2), ("jvp", 256): (32, 16, 4, 1),
+    # the fused forward + JVP holds the jvp kernel's tiles and a second (tangent) accumulator; tuned on the
+    # H200 (2026-11-27): at 64, (64, 64, 4, 3) 3.51 ms against 3.85 for (64, 32, 4, 3); at 128, (128, 64, 8, 2)
+    # 3.33 ms against 4.03–4.40 for the 4-warp candidates
+    ("fwd_jvp", 16): (64, 64, 4, 3), ("fwd_jvp", 32): (64, 64, 4, 3), ("fwd_jvp", 64): (64, 64, 4, 3),
+    ("fwd_jvp", 128): (128, 64, 8, 2), ("fwd_jvp", 256): (32, 16, 4, 1),
 }
 INTERPRET_BLOCK = 16          # the interpreter runs one numpy op per tile: small tiles, few programs
 
@@ -423,3 +511,33 @@ def jvp(q, k, v, o, lse, tq, tk, tv, scale: float) -> torch.Tensor:
     with _outside_transforms():
         _launch("jvp", D, q.dtype, launch)
     return to
+
+
+def forward_jvp(q, k, v, tq, tk, tv, scale: float, o: torch.Tensor | None = None,
+                lse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """O, lse2 and the tangent of O in one kernel; tangents may be None (zero). `o` and `lse` may be given
+    (forward()'s shapes and dtypes) to be written in place: the autograd Function allocates them in its forward
+    and fills them here, in its jvp."""
+    B, H, LQ, LK, D, sm_scale, qk_scale = _common(q, k, scale)
+    if o is None:
+        o = torch.empty(B, H, LQ, D, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B * H, LQ, dtype=torch.float32, device=q.device)
+    to = torch.empty(B, H, LQ, D, dtype=q.dtype, device=q.device)
+    q, k, v = (_plain(t) for t in (q, k, v))
+    # q stands in for an absent tangent; it is never read (that tangent's HAS_* flag is off)
+    tq_, tk_, tv_ = (_plain(t) if t is not None else q for t in (tq, tk, tv))
+    o_, lse_ = _plain(o), _plain(lse)
+
+    def launch(bm, bn, warps, stages):
+        _fwd_jvp_kernel[(triton.cdiv(LQ, bm), B * H)](
+            q, k, v, tq_, tk_, tv_, o_, lse_, _plain(to),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_), *_strides(tq_), *_strides(tk_),
+            *_strides(tv_), H, LQ, LK, sm_scale, qk_scale,
+            HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
+            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FP32_MATH=INTERPRET, PRECISION=_precision(q.dtype),
+            num_warps=warps, num_stages=stages)
+
+    with _outside_transforms():
+        _launch("fwd_jvp", D, q.dtype, launch)
+    return o, lse, to

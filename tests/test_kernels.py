@@ -104,6 +104,78 @@ def test_forward_ad_dual_tensors():
     assert rel_err(tangent, ref) < TOL[torch.float32]
 
 
+def _count_kernel_calls(monkeypatch):
+    """Record which entry points of triton_attention run (the fused forward+JVP or the separate kernels)."""
+    from stepdistill.kernels import triton_attention
+    calls = []
+    for name in ("forward", "jvp", "forward_jvp"):
+        original = getattr(triton_attention, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls.append(_name)
+            return _original(*args, **kwargs)
+        monkeypatch.setattr(triton_attention, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("api", ["torch.func", "forward_ad"])
+def test_jvp_runs_the_fused_kernel_once(api, monkeypatch):
+    """With tangents present, output and tangent come from one kernel: no separate forward, no tangent-only
+    kernel. Without tangents (a plain call, or inside torch.func.grad) the forward kernel runs alone."""
+    import torch.autograd.forward_ad as fwad
+    calls = _count_kernel_calls(monkeypatch)
+    q, k, v = make((1, 2, 20, 16), (1, 2, 24, 16), torch.float32)
+    tv = torch.randn_like(v)
+    attn = lambda a: flash_attention(q, k, a, backend="triton")  # noqa: E731
+    if api == "torch.func":
+        out, tangent = torch.func.jvp(attn, (v,), (tv,))
+    else:
+        with fwad.dual_level():
+            out, tangent = fwad.unpack_dual(attn(fwad.make_dual(v, tv)))
+    assert calls == ["forward_jvp"]
+    ref, ref_tangent = torch.func.jvp(lambda a: reference(q, k, a, 0.25), (v.double(),), (tv.double(),))
+    assert rel_err(out, ref) < TOL[torch.float32] and rel_err(tangent, ref_tangent) < TOL[torch.float32]
+    calls.clear()
+    attn(v)
+    torch.func.grad(lambda a: attn(a).sum())(v)
+    assert calls == ["forward", "forward"]
+
+
+def test_fused_jvp_output_backpropagates():
+    """O and the log-sum-exp that jvp() fills are what backward() reads: gradients through a jvp's output
+    (forward-mode and reverse-mode AD together, gradients enabled) match float64."""
+    import torch.autograd.forward_ad as fwad
+    q, k, v = make((1, 2, 18, 32), (1, 2, 26, 32), torch.float32)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with fwad.dual_level():
+        out, tangent = fwad.unpack_dual(flash_attention(fwad.make_dual(q, torch.randn_like(q)), k, v,
+                                                        backend="triton"))
+    grad_out = torch.randn_like(out)
+    out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference(q64, k64, v64, 32 ** -0.5).backward(grad_out.double())
+    for ours, theirs in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(ours, theirs) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("head_dim,lq,lk", [(16, 40, 40), (64, 24, 50), (128, 20, 17)])
+def test_tangent_only_kernel_matches_float64(head_dim, lq, lk):
+    """The tangent-only kernel (P rebuilt from a saved log-sum-exp), which a Function whose forward already ran
+    uses, against float64; its log-sum-exp and output are the fused kernel's too."""
+    from stepdistill.kernels import triton_attention
+    q, k, v = make((2, 2, lq, head_dim), (2, 2, lk, head_dim), torch.float32)
+    tq, tk, tv = (torch.randn_like(t) for t in (q, k, v))
+    scale = head_dim ** -0.5
+    o, lse = triton_attention.forward(q, k, v, scale)
+    tangent = triton_attention.jvp(q, k, v, o, lse, tq, tk, tv, scale)
+    _, ref = torch.func.jvp(lambda a, b, c: reference(a, b, c, scale), (q.double(), k.double(), v.double()),
+                            (tq.double(), tk.double(), tv.double()))
+    assert rel_err(tangent, ref) < TOL[torch.float32]
+    o_fused, lse_fused, tangent_fused = triton_attention.forward_jvp(q, k, v, tq, tk, tv, scale)
+    assert torch.allclose(o_fused, o, atol=1e-6) and torch.allclose(lse_fused, lse, atol=1e-5)
+    assert rel_err(tangent_fused, ref) < TOL[torch.float32]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs(dtype):
     """fp16/bf16 inputs, fp32 accumulation: errors at the inputs' rounding level, outputs in the input dtype."""

@@ -70,6 +70,25 @@ def test_unet2dmodel_mid_attention_with_padded_head_dim():
     assert_close(unet(x, t).sample, ref)
 
 
+def test_jvp_through_a_unet_matches_plain_attention():
+    """What sCM does: torch.func.jvp through a whole UNet2DConditionModel under no_grad, with a tangent on the
+    latents. Through the Triton processor (the fused forward+JVP kernel in every self- and cross-attention) the
+    output and its tangent match the model's own attention in plain matmuls."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    unet = tiny_sd_unet()
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
+    dx = torch.randn_like(x)
+    t = torch.tensor([10, 500], device=DEVICE)
+    text = torch.randn(2, 7, 32, device=DEVICE)
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        ref, ref_tangent = torch.func.jvp(lambda a: unet(a, t, text).sample, (x,), (dx,))
+    set_attention_backend(unet, "triton")
+    with torch.no_grad():
+        out, tangent = torch.func.jvp(lambda a: unet(a, t, text).sample, (x,), (dx,))
+    assert_close(out, ref)
+    assert_close(tangent, ref_tangent)
+
+
 def test_attention_mask_goes_to_sdpa():
     """The kernels take no mask: a masked call must still honour it (through SDPA)."""
     from diffusers.models.attention_processor import Attention
