@@ -274,3 +274,33 @@ def test_dm_below_step_input_needs_room_above_t_min(gmm_cfg):
     with pytest.raises(ValueError, match="lower t_min"):
         build_run(gmm_cfg("method=dmd2", "generator=four_step", "generator.timesteps=[999,10]",
                           "method.dm_below_step_input=true"))
+
+
+def test_gan_start_step_trains_the_dm_gradient_alone_first(gmm_cfg):
+    """method.gan.start_step: before it the generator loss is DMD2's without the GAN (equal to a GAN-less run's on
+    the same draws) and the critic phase trains the fake score alone; from it on both GAN terms are back."""
+    runs = {name: build_run(gmm_cfg("method=dmd2", *extra)) for name, extra in
+            (("staged", ("method.gan.start_step=5",)), ("no_gan", ("method.gan.enabled=false",)))}
+    runs["no_gan"].roles["generator"].load_state_dict(runs["staged"].roles["generator"].state_dict())
+    runs["no_gan"].roles["fake_score"].load_state_dict(runs["staged"].roles["fake_score"].state_dict())
+    batch = {"noise": torch.randn(64, 2), "cond": None, "real": torch.randn(64, 2), "real_cond": None}
+    losses = {}
+    for name, run in runs.items():
+        torch.manual_seed(1)
+        losses[name] = run.method.loss("generator", batch, 4)
+    assert "loss_gan_g" not in losses["staged"].logs
+    assert losses["staged"].loss.item() == pytest.approx(losses["no_gan"].loss.item(), rel=1e-6)
+    staged = runs["staged"]
+    assert "loss_gan_g" in staged.method.loss("generator", batch, 5).logs
+    for p in staged.roles.parameters():
+        p.grad = None
+    out = staged.method.loss("critic", batch, 4)
+    out.loss.backward()
+    assert "loss_gan_d" not in out.logs
+    assert all(p.grad is None for p in staged.roles["gan_head"].parameters())
+    assert "loss_gan_d" in staged.method.loss("critic", batch, 5).logs
+
+
+def test_fdistill_needs_the_gan_from_the_start(gmm_cfg):
+    with pytest.raises(ValueError, match="start_step must be 0"):
+        build_run(gmm_cfg("method=fdistill", "method.gan.start_step=10"))

@@ -167,3 +167,28 @@ def test_cosine_schedule_ends_each_phase_at_zero(gmm_cfg, tmp_path):
     state = torch.load(tmp_path / "checkpoints/step_0000016/trainer_state.pt", weights_only=True)
     assert state["schedulers"]["critic"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
     assert state["schedulers"]["generator"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
+
+
+def test_lr_drop_step_scales_each_phase_from_its_own_update_count(gmm_cfg, tmp_path):
+    """optim.lr_drop_step=S multiplies both learning rates by optim.lr_drop_factor from trainer step S on; each
+    phase's scheduler counts its own updates, so it drops after the updates that phase made before step S."""
+    import json
+    cfg = gmm_cfg("optim.lr_drop_step=10", "optim.lr_drop_factor=0.25", "method.critic_steps=2",
+                  "method.critic_warmup_steps=4", "trainer.max_steps=16", "logger.every=1", "trainer.export=false",
+                  "trainer.checkpoint_every=8")
+    train(cfg, tmp_path)
+    lr_gen, lr_critic = float(cfg.optim.generator.lr), float(cfg.optim.critic.lr)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr_generator"] for r in logged if r["kind"] == "train"]
+    # critic warm-up in steps 0-3, then critic, critic, generator: generator updates at steps 6, 9 before step 10
+    gen_updates = [0] * 4 + [(s - 4) // 3 for s in range(5, 17)]
+    assert lrs == pytest.approx([lr_gen * (0.25 if n >= 2 else 1.0) for n in gen_updates], rel=1e-12)
+    critic_lr = {step: torch.load(tmp_path / f"checkpoints/step_{step:07d}/trainer_state.pt",
+                                  weights_only=True)["schedulers"]["critic"]["_last_lr"][0] for step in (8, 16)}
+    assert critic_lr[8] == pytest.approx(lr_critic)              # 7 critic updates by step 8, 8 before step 10
+    assert critic_lr[16] == pytest.approx(0.25 * lr_critic)
+
+
+def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
+    with pytest.raises(ValueError, match="lr_drop_step must be a trainer step"):
+        train(gmm_cfg("optim.lr_drop_step=-1", "trainer.max_steps=2"), tmp_path)

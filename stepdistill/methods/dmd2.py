@@ -44,6 +44,9 @@ class DMD2(Method):
 
     def __init__(self, models, cfg):
         self.use_gan = bool(cfg.gan.enabled)
+        self.gan_start = int(cfg.gan.get("start_step", 0) or 0) if self.use_gan else 0
+        if self.gan_start < 0:
+            raise ValueError(f"method.gan.start_step must be a trainer step >= 0, got {self.gan_start}")
         self.step_aware = bool(cfg.get("step_aware_critic", False))
         self.gan_step_aware = self.use_gan and bool(cfg.gan.get("step_aware", False))
         if self.gan_step_aware and not self.step_aware:
@@ -79,6 +82,11 @@ class DMD2(Method):
         whose optimum the steps can reach together while each is wrong (the mixture problem of the critic)."""
         return self._fake_sees_steps(steps) if self.gan_step_aware else nullcontext()
 
+    def gan_on(self, step: int) -> bool:
+        """The GAN terms (generator and discriminator) run from trainer step `gan.start_step` on: before it the
+        generator follows the DM gradient alone and the classifier head is not trained."""
+        return self.use_gan and step >= self.gan_start
+
     def dm_weight_fn(self, batch, logs: dict, steps=None):
         """Per-sample weights of the DM gradient, w(x_t, t) (None: DMD2's unweighted gradient; f-distill's h(r))."""
         return None
@@ -93,7 +101,7 @@ class DMD2(Method):
                               (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps))
         logs.update(stats)
         logs["loss_dm"] = loss.item()
-        if self.use_gan:
+        if self.gan_on(step):
             with self._gan_sees_steps(steps):
                 l_g = DiffusionGAN.generator_loss(self.gan.logits(x, batch["cond"]))
             loss = loss + c.gan.generator_weight * l_g
@@ -107,7 +115,7 @@ class DMD2(Method):
         with self._fake_sees_steps(steps):
             loss = fake_score_loss(m["fake_score"], x, batch["cond"])
         logs = {"loss_fake_score": loss.item()}
-        if self.use_gan:
+        if self.gan_on(step):
             # with gan.step_aware, real row i is shown under fake row i's exit step: the data is every step's
             # target, and each step label then sees real and generated samples in equal numbers
             with self._gan_sees_steps(steps):

@@ -59,6 +59,9 @@ class FDistill(DMD2):
         if gan is None or not bool(gan.get("enabled", False)):
             raise ValueError("method=fdistill estimates the density ratio with the GAN discriminator: "
                              "set method.gan.enabled=true")
+        if int(gan.get("start_step", 0) or 0) != 0:
+            raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
+                             "first step: method.gan.start_step must be 0")
         self.divergence = check_divergence(str(cfg.get("divergence", "js")))
         lo, hi = (float(v) for v in cfg.get("log_ratio_clip", (-3.0, 3.0)))
         if not lo < hi:

@@ -8,13 +8,18 @@ import torch
 from .distributed import is_sharded
 
 
-def lr_lambda(warmup: int, total: int, kind: str):
+def lr_lambda(warmup: int, total: int, kind: str, drop_at: int | None = None, drop_factor: float = 1.0):
+    """The lr multiplier at a phase's update `step`: linear warm-up, then constant or a cosine to 0 over `total`
+    updates, times `drop_factor` from update `drop_at` on (DMD2's second stage runs at a quarter of the lr)."""
+    if kind not in ("constant", "cosine"):
+        raise ValueError(f"unknown optim.schedule {kind!r}: use constant or cosine")
+
     def f(step: int) -> float:
         w = min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+        if drop_at is not None and step >= drop_at:
+            w *= drop_factor
         if kind == "cosine":
             return w * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
-        if kind != "constant":
-            raise ValueError(f"unknown optim.schedule {kind!r}: use constant or cosine")
         return w
     return f
 

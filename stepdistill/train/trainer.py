@@ -73,13 +73,20 @@ class Trainer:
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
+        drop_step = self.cfg.optim.get("lr_drop_step")   # a trainer step; each phase drops at its own update count
+        drops = phase_update_counts(self.method, int(drop_step)) if drop_step is not None else {}
+        drop_factor = float(self.cfg.optim.get("lr_drop_factor", 1.0))
+        if drop_step is not None and (int(drop_step) < 0 or drop_factor <= 0):
+            raise ValueError(f"optim.lr_drop_step must be a trainer step >= 0 and optim.lr_drop_factor > 0; got "
+                             f"{drop_step} and {drop_factor}")
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
             params = self.phase_params[phase] = run.roles.parameters_of(names)
             opt = make_adamw(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
-                opt, lr_lambda(int(oc.get("warmup_steps", 0)), updates[phase], self.cfg.optim.schedule))
+                opt, lr_lambda(int(oc.get("warmup_steps", 0)), updates[phase], self.cfg.optim.schedule,
+                               drops.get(phase), drop_factor))
         # read once: OmegaConf lookups in the step loop were ~3% of a gmm step
         clips = {ph: float(self.cfg.optim[ph].get("grad_clip", 0) or 0) for ph in self.method.phases}
         self.grad_clip = {ph: c if c > 0 else float("inf") for ph, c in clips.items()}
