@@ -186,6 +186,32 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
 # matrix is never written to memory. Missing tangents (None) skip their matrix products.
 # ---------------------------------------------------------------------------------------------------------
 @triton.jit
+def _tangent_block(acc, row_sum, p, q, k, v, tq, tk_ptrs, tv_ptrs, col_ok, sm_scale,
+                   HAS_TQ: tl.constexpr, HAS_TK: tl.constexpr, HAS_TV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FP32_MATH: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block's share of the tangent, for both JVP kernels: acc += (P∘Ṡ)V + PV̇ and row_sum += rowsum(P∘Ṡ)
+    with Ṡ = scale·(Q̇Kᵀ + QK̇ᵀ). Tangents that are off (HAS_* False) skip their loads and products."""
+    if HAS_TQ or HAS_TK:
+        ts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        if HAS_TQ:
+            ts += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
+        if HAS_TK:
+            tk = tl.load(tk_ptrs, mask=col_ok[:, None], other=0.0)
+            if FP32_MATH:
+                tk = tk.to(tl.float32)
+            ts += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
+        pts = p * (ts * sm_scale)
+        row_sum += tl.sum(pts, 1)
+        acc += tl.dot(pts.to(v.dtype), v, input_precision=PRECISION)
+    if HAS_TV:
+        tv = tl.load(tv_ptrs, mask=col_ok[:, None], other=0.0)
+        if FP32_MATH:
+            tv = tv.to(tl.float32)
+        acc += tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+    return acc, row_sum
+
+
+@triton.jit
 def _jvp_kernel(Q, K, V, O, LSE, TQ, TK, TV, TO,
                 sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
                 stqb, stqh, stqm, stkb, stkh, stkn, stvb, stvh, stvn,
@@ -209,6 +235,8 @@ def _jvp_kernel(Q, K, V, O, LSE, TQ, TK, TV, TO,
                      mask=row_ok[:, None], other=0.0)
         if FP32_MATH:
             tq = tq.to(tl.float32)
+    else:
+        tq = q      # never read (HAS_TQ is off); _tangent_block takes a tile either way
     lse2 = tl.load(LSE + bh * LQ + offs_m, mask=row_ok, other=float("inf"))
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)      # Σ_j p_ij (ṡ_ij v_j + v̇_j)
     ps_sum = tl.zeros([BLOCK_M], tl.float32)             # Σ_j p_ij ṡ_ij
@@ -222,25 +250,10 @@ def _jvp_kernel(Q, K, V, O, LSE, TQ, TK, TV, TO,
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.where(col_ok[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-        if HAS_TQ or HAS_TK:
-            ts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            if HAS_TQ:
-                ts += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
-            if HAS_TK:
-                tk = tl.load(TK + b * stkb + h * stkh + cols[:, None] * stkn + offs_d[None, :],
-                             mask=col_ok[:, None], other=0.0)
-                if FP32_MATH:
-                    tk = tk.to(tl.float32)
-                ts += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
-            pts = p * (ts * sm_scale)
-            ps_sum += tl.sum(pts, 1)
-            acc += tl.dot(pts.to(v.dtype), v, input_precision=PRECISION)
-        if HAS_TV:
-            tv = tl.load(TV + b * stvb + h * stvh + cols[:, None] * stvn + offs_d[None, :],
-                         mask=col_ok[:, None], other=0.0)
-            if FP32_MATH:
-                tv = tv.to(tl.float32)
-            acc += tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+        acc, ps_sum = _tangent_block(acc, ps_sum, p, q, k, v, tq,
+                                   TK + b * stkb + h * stkh + cols[:, None] * stkn + offs_d[None, :],
+                                   TV + b * stvb + h * stvh + cols[:, None] * stvn + offs_d[None, :], col_ok,
+                                   sm_scale, HAS_TQ, HAS_TK, HAS_TV, BLOCK_M, BLOCK_N, FP32_MATH, PRECISION)
     o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], mask=row_ok[:, None], other=0.0)
     to = acc - ps_sum[:, None] * o.to(tl.float32)
     tl.store(TO + bh * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :],
@@ -279,6 +292,8 @@ def _fwd_jvp_kernel(Q, K, V, TQ, TK, TV, O, LSE, TO,
                      mask=row_ok[:, None], other=0.0)
         if FP32_MATH:
             tq = tq.to(tl.float32)
+    else:
+        tq = q      # never read (HAS_TQ is off); _tangent_block takes a tile either way
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     r_i = tl.zeros([BLOCK_M], tl.float32)
@@ -301,25 +316,10 @@ def _fwd_jvp_kernel(Q, K, V, TQ, TK, TV, O, LSE, TO,
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         tacc = tacc * alpha[:, None]
         r_i = r_i * alpha
-        if HAS_TQ or HAS_TK:
-            ts = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            if HAS_TQ:
-                ts += tl.dot(tq, tl.trans(k), input_precision=PRECISION)
-            if HAS_TK:
-                tk = tl.load(TK + b * stkb + h * stkh + cols[:, None] * stkn + offs_d[None, :],
-                             mask=col_ok[:, None], other=0.0)
-                if FP32_MATH:
-                    tk = tk.to(tl.float32)
-                ts += tl.dot(q, tl.trans(tk), input_precision=PRECISION)
-            pts = p * (ts * sm_scale)
-            r_i += tl.sum(pts, 1)
-            tacc += tl.dot(pts.to(v.dtype), v, input_precision=PRECISION)
-        if HAS_TV:
-            tv = tl.load(TV + b * stvb + h * stvh + cols[:, None] * stvn + offs_d[None, :],
-                         mask=col_ok[:, None], other=0.0)
-            if FP32_MATH:
-                tv = tv.to(tl.float32)
-            tacc += tl.dot(p.to(tv.dtype), tv, input_precision=PRECISION)
+        tacc, r_i = _tangent_block(tacc, r_i, p, q, k, v, tq,
+                                   TK + b * stkb + h * stkh + cols[:, None] * stkn + offs_d[None, :],
+                                   TV + b * stvb + h * stvh + cols[:, None] * stvn + offs_d[None, :], col_ok,
+                                   sm_scale, HAS_TQ, HAS_TK, HAS_TV, BLOCK_M, BLOCK_N, FP32_MATH, PRECISION)
         m_i = m_new
     o = acc / l_i[:, None]
     to = tacc / l_i[:, None] - (r_i / l_i)[:, None] * o
