@@ -489,6 +489,14 @@ def backward(do: torch.Tensor, q, k, v, o, lse, scale: float):
     return dq, dk, dv
 
 
+def _tangent_operands(q: torch.Tensor, tq, tk, tv):
+    """The tangents as the JVP kernels take them: plain tensors (q stands in for an absent one and is never read,
+    its HAS_* flag being off), their strides in order, and the flags."""
+    tangents = tuple(_plain(t) if t is not None else q for t in (tq, tk, tv))
+    strides = tuple(s for t in tangents for s in _strides(t))
+    return tangents, strides, dict(HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None)
+
+
 def jvp(q, k, v, o, lse, tq, tk, tv, scale: float) -> torch.Tensor:
     """Tangent of O given tangents of q, k, v (any may be None, meaning zero)."""
     B, H, LQ, LK, D, sm_scale, qk_scale = _common(q, k, scale)
@@ -496,17 +504,14 @@ def jvp(q, k, v, o, lse, tq, tk, tv, scale: float) -> torch.Tensor:
     if tq is None and tk is None and tv is None:
         return to.zero_()
     q, k, v, o, lse = (_plain(t) for t in (q, k, v, o, lse))
-    # q stands in for an absent tangent; it is never read (that tangent's HAS_* flag is off)
-    tq_, tk_, tv_ = (_plain(t) if t is not None else q for t in (tq, tk, tv))
+    tangents, tangent_strides, flags = _tangent_operands(q, tq, tk, tv)
 
     def launch(bm, bn, warps, stages):
         _jvp_kernel[(triton.cdiv(LQ, bm), B * H)](
-            q, k, v, o, lse, tq_, tk_, tv_, _plain(to),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *_strides(tq_), *_strides(tk_),
-            *_strides(tv_), H, LQ, LK, sm_scale, qk_scale,
-            HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FP32_MATH=INTERPRET, PRECISION=_precision(q.dtype),
-            num_warps=warps, num_stages=stages)
+            q, k, v, o, lse, *tangents, _plain(to),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o), *tangent_strides,
+            H, LQ, LK, sm_scale, qk_scale, **flags, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FP32_MATH=INTERPRET,
+            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
 
     with _outside_transforms():
         _launch("jvp", D, q.dtype, launch)
@@ -525,18 +530,15 @@ def forward_jvp(q, k, v, tq, tk, tv, scale: float, o: torch.Tensor | None = None
         lse = torch.empty(B * H, LQ, dtype=torch.float32, device=q.device)
     to = torch.empty(B, H, LQ, D, dtype=q.dtype, device=q.device)
     q, k, v = (_plain(t) for t in (q, k, v))
-    # q stands in for an absent tangent; it is never read (that tangent's HAS_* flag is off)
-    tq_, tk_, tv_ = (_plain(t) if t is not None else q for t in (tq, tk, tv))
+    tangents, tangent_strides, flags = _tangent_operands(q, tq, tk, tv)
     o_, lse_ = _plain(o), _plain(lse)
 
     def launch(bm, bn, warps, stages):
         _fwd_jvp_kernel[(triton.cdiv(LQ, bm), B * H)](
-            q, k, v, tq_, tk_, tv_, o_, lse_, _plain(to),
-            *_strides(q), *_strides(k), *_strides(v), *_strides(o_), *_strides(tq_), *_strides(tk_),
-            *_strides(tv_), H, LQ, LK, sm_scale, qk_scale,
-            HAS_TQ=tq is not None, HAS_TK=tk is not None, HAS_TV=tv is not None,
-            HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FP32_MATH=INTERPRET, PRECISION=_precision(q.dtype),
-            num_warps=warps, num_stages=stages)
+            q, k, v, *tangents, o_, lse_, _plain(to),
+            *_strides(q), *_strides(k), *_strides(v), *_strides(o_), *tangent_strides,
+            H, LQ, LK, sm_scale, qk_scale, **flags, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FP32_MATH=INTERPRET,
+            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
 
     with _outside_transforms():
         _launch("fwd_jvp", D, q.dtype, launch)

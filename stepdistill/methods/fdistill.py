@@ -59,9 +59,6 @@ class FDistill(DMD2):
         if gan is None or not bool(gan.get("enabled", False)):
             raise ValueError("method=fdistill estimates the density ratio with the GAN discriminator: "
                              "set method.gan.enabled=true")
-        if int(gan.get("start_step", 0) or 0) != 0:
-            raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
-                             "first step: method.gan.start_step must be 0")
         self.divergence = check_divergence(str(cfg.get("divergence", "js")))
         lo, hi = (float(v) for v in cfg.get("log_ratio_clip", (-3.0, 3.0)))
         if not lo < hi:
@@ -71,6 +68,9 @@ class FDistill(DMD2):
             warnings.warn(f"fdistill: the DM loss draws t in [{cfg.t_min}, {cfg.t_max}] but the discriminator is "
                           f"trained on [{gan.t_min}, {gan.t_max}]; outside it the density ratio is extrapolated")
         super().__init__(models, cfg)
+        if self.gan_start != 0:
+            raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
+                             "first step: method.gan.start_step must be 0")
 
     def dm_weight_fn(self, batch, logs: dict, steps=None):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
