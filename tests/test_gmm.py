@@ -172,3 +172,22 @@ def test_ddim_follows_unbalanced_weights():
     q, counts = quality(mix, x)
     assert q >= 0.95
     torch.testing.assert_close(counts.double() / counts.sum(), w / w.sum(), rtol=0, atol=0.03)
+
+
+def test_mlp_time_scale_rescales_the_time_input(tmp_path):
+    """`benchmark.network.time_scale` feeds t_net * scale to the students' time embedding, and survives export."""
+    from conftest import compose_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.networks.mlp import TimeMLP
+
+    scale = math.pi / 2000
+    net = build_benchmark(compose_cfg("benchmark=gmm", "benchmark.network.width=32",
+                                      f"benchmark.network.time_scale={scale}").benchmark).make_student_denoiser().net
+    plain = TimeMLP(2, 32, 4, fourier_features=64)
+    plain.load_state_dict(net.state_dict())
+    x, t = torch.randn(5, 2), torch.tensor([0.0, 10.0, 250.5, 700.0, 999.0])
+    torch.testing.assert_close(net(x, t), plain(x, t * scale))
+    assert not torch.allclose(net(x, t), plain(x, t))
+    net.save_pretrained(tmp_path)
+    torch.testing.assert_close(TimeMLP.from_pretrained(tmp_path)(x, t), net(x, t))

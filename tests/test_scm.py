@@ -192,3 +192,40 @@ def test_sample_prediction_student_is_refused():
 def test_step_experts_are_refused(gmm_cfg):
     with pytest.raises(ValueError, match="generator.step_experts=false"):
         build_run(gmm_cfg("method=scm", "generator=four_step", "generator.step_experts=true"))
+
+
+@pytest.mark.parametrize("benchmark, method, scale", [("gmm", "scm", math.pi / 2000), ("gmm", "rcm", math.pi / 2000),
+                                                      ("gmm_unbalanced", "scm", math.pi / 2000),
+                                                      ("gmm", "dmd2", 1.0), ("gmm", "sid", 1.0)])
+def test_gmm_consistency_students_take_the_schedule_angle_as_time(benchmark, method, scale):
+    """conf/benchmark_method/gmm_scm.yaml: sCM-family students on the gmm embed the VP index x pi/2000 (the cosine
+    schedule's angle, sCM's c_noise(t) = t); the other methods keep the index."""
+    from conftest import compose_cfg
+    cfg = compose_cfg(f"benchmark={benchmark}", f"method={method}")
+    assert cfg.benchmark.network.time_scale == pytest.approx(scale)
+    net = build_run(cfg).roles["generator"].denoiser.net
+    assert net.time_scale == pytest.approx(scale)
+    if method == "scm":  # the angle the student sees tracks the schedule's own angle across the range
+        idx = torch.tensor([0.0, 250.0, 500.0, 999.0])
+        angle = (idx / 1000 + 0.008) / 1.008 * math.pi / 2
+        assert (idx * net.time_scale - angle).abs().max() < 0.02
+    assert compose_cfg(f"benchmark={benchmark}", f"method={method}",
+                       "benchmark.network.time_scale=1.0").benchmark.network.time_scale == 1.0
+
+
+@pytest.mark.slow
+def test_scm_gmm_default_run_reaches_the_measured_quality(tmp_path):
+    """`stepdistill-train benchmark=gmm method=scm` (5000 steps, ~3 min on 2 cores; slow): the README's 1-step and
+    2-step figures (HQ 0.90 / 0.96 at seeds 0-2), with margin for the thread count."""
+    from conftest import compose_cfg
+
+    from stepdistill.cli.train import train
+    from stepdistill.train.evaluation import eval_inputs, student_sample
+    from stepdistill.train.setup import load_run
+    result = train(compose_cfg("benchmark=gmm", "method=scm", "eval.every=0", "trainer.progress=false"), tmp_path)
+    assert result["student_modes_covered"] == 8 and result["student_high_quality_fraction"] >= 0.87
+    run = load_run(tmp_path)
+    noise, cond, gen = eval_inputs(run.benchmark, 4000, 0)
+    student = run.student()
+    two = run.benchmark.evaluate(student_sample(student, noise, cond, student.default_timesteps(2), gen, 4000))
+    assert two["modes_covered"] == 8 and two["high_quality_fraction"] >= 0.94

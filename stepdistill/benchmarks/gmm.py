@@ -29,7 +29,7 @@ class GMMBenchmark(Benchmark):
     def make_student_denoiser(self):
         nc = self.cfg.network
         net = TimeMLP(self.mixture.dim, int(nc.width), int(nc.depth), fourier_features=int(nc.get("fourier_features", 0)),
-                      fourier_scale=float(nc.get("fourier_scale", 1.0)))
+                      fourier_scale=float(nc.get("fourier_scale", 1.0)), time_scale=float(nc.get("time_scale", 1.0)))
         return NetworkDenoiser(net, self.schedule, "edm", sigma_data=self.sigma_data)
 
     def sample_real(self, n):

@@ -37,9 +37,14 @@ class TimeMLP(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, dim: int = 2, width: int = 256, depth: int = 4, emb_dim: int = 64,
-                 num_classes: int | None = None, fourier_features: int = 0, fourier_scale: float = 1.0):
+                 num_classes: int | None = None, fourier_features: int = 0, fourier_scale: float = 1.0,
+                 time_scale: float = 1.0):
         super().__init__()
         self.emb_dim = emb_dim
+        # the time input is t_net * time_scale before its sinusoidal embedding. 1 keeps the DDPM convention (the
+        # VP timestep index); pi/2000 turns a cosine schedule's index into its angle in [0, pi/2], the slow time
+        # input sCM's continuous-time tangent needs (Lu & Song 2024 §4.1: c_noise(t) = t, not 1000 t)
+        self.time_scale = float(time_scale)
         # Random Fourier features of the input (Tancik et al. 2020): MLPs on 2-D inputs learn sharp, multi-mode
         # maps (e.g. noise -> 8 separated modes) far faster with them than from raw coordinates (spectral bias).
         g = torch.Generator().manual_seed(0)
@@ -54,7 +59,7 @@ class TimeMLP(ModelMixin, ConfigMixin):
         self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
 
     def forward(self, x, t_net, cond=None):
-        emb = self.time_mlp(timestep_embedding(t_net.expand(x.shape[0]), self.emb_dim))
+        emb = self.time_mlp(timestep_embedding(t_net.expand(x.shape[0]) * self.time_scale, self.emb_dim))
         if self.label is not None and cond is not None:
             emb = emb + self.label(cond)
         if self.fourier.shape[1]:
