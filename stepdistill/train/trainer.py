@@ -74,11 +74,11 @@ class Trainer:
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
         drop_step = self.cfg.optim.get("lr_drop_step")   # a trainer step; each phase drops at its own update count
-        drops = phase_update_counts(self.method, int(drop_step)) if drop_step is not None else {}
         drop_factor = float(self.cfg.optim.get("lr_drop_factor", 1.0))
         if drop_step is not None and (int(drop_step) < 0 or drop_factor <= 0):
             raise ValueError(f"optim.lr_drop_step must be a trainer step >= 0 and optim.lr_drop_factor > 0; got "
                              f"{drop_step} and {drop_factor}")
+        drops = phase_update_counts(self.method, int(drop_step)) if drop_step is not None else {}
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
             params = self.phase_params[phase] = run.roles.parameters_of(names)
