@@ -194,14 +194,14 @@ def test_step_experts_are_refused(gmm_cfg):
         build_run(gmm_cfg("method=scm", "generator=four_step", "generator.step_experts=true"))
 
 
-@pytest.mark.parametrize("benchmark, method, scale", [("gmm", "scm", math.pi / 2000), ("gmm", "rcm", math.pi / 2000),
+@pytest.mark.parametrize("bench, method, scale", [("gmm", "scm", math.pi / 2000), ("gmm", "rcm", math.pi / 2000),
                                                       ("gmm_unbalanced", "scm", math.pi / 2000),
                                                       ("gmm", "dmd2", 1.0), ("gmm", "sid", 1.0)])
-def test_gmm_consistency_students_take_the_schedule_angle_as_time(benchmark, method, scale):
+def test_gmm_consistency_students_take_the_schedule_angle_as_time(bench, method, scale):
     """conf/benchmark_method/gmm_scm.yaml: sCM-family students on the gmm embed the VP index x pi/2000 (the cosine
     schedule's angle, sCM's c_noise(t) = t); the other methods keep the index."""
     from conftest import compose_cfg
-    cfg = compose_cfg(f"benchmark={benchmark}", f"method={method}")
+    cfg = compose_cfg(f"benchmark={bench}", f"method={method}")
     assert cfg.benchmark.network.time_scale == pytest.approx(scale)
     net = build_run(cfg).roles["generator"].denoiser.net
     assert net.time_scale == pytest.approx(scale)
@@ -209,7 +209,7 @@ def test_gmm_consistency_students_take_the_schedule_angle_as_time(benchmark, met
         idx = torch.tensor([0.0, 250.0, 500.0, 999.0])
         angle = (idx / 1000 + 0.008) / 1.008 * math.pi / 2
         assert (idx * net.time_scale - angle).abs().max() < 0.02
-    assert compose_cfg(f"benchmark={benchmark}", f"method={method}",
+    assert compose_cfg(f"benchmark={bench}", f"method={method}",
                        "benchmark.network.time_scale=1.0").benchmark.network.time_scale == 1.0
 
 
