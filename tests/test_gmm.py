@@ -191,3 +191,19 @@ def test_mlp_time_scale_rescales_the_time_input(tmp_path):
     assert not torch.allclose(net(x, t), plain(x, t))
     net.save_pretrained(tmp_path)
     torch.testing.assert_close(TimeMLP.from_pretrained(tmp_path)(x, t), net(x, t))
+
+
+def test_mlp_student_and_gan_head_run_in_float64():
+    """`.double()` works on the MLP students and the GAN head (float64 gradient checks): the time embedding and
+    the head's input take the weights' dtype, and float64 agrees with float32."""
+    from stepdistill.networks.heads import ClassifierHead
+    from stepdistill.networks.mlp import TimeMLP
+    torch.manual_seed(0)
+    net, head = TimeMLP(width=32, depth=2, fourier_features=8), ClassifierHead((32,), width=16)
+    x, t = torch.randn(5, 2), torch.tensor([999.0])
+    out32, logit32 = net(x, t), head(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)))
+    net.double(), head.double()
+    out64 = net(x.double(), t.double())
+    logit64 = head(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).double())
+    assert out64.dtype == logit64.dtype == torch.float64
+    assert torch.allclose(out64.float(), out32, atol=1e-5) and torch.allclose(logit64.float(), logit32, atol=1e-5)

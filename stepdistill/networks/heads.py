@@ -96,4 +96,5 @@ class ClassifierHead(nn.Module):
         self.feature_shape = tuple(feature_shape)
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.body(feats.float()).squeeze(-1)
+        # half-precision backbone features meet the head in its own (fp32) dtype
+        return self.body(feats.to(self.body[-1].weight.dtype)).squeeze(-1)

@@ -62,7 +62,8 @@ class TimeMLP(ModelMixin, ConfigMixin):
         t = t_net.expand(x.shape[0])
         if self.time_scale != 1.0:   # no extra op on the default path: gmm steps are dispatch-bound
             t = t * self.time_scale
-        emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
+        # the embedding is computed in fp32 (indices up to 1000 need it), then takes the weights' dtype
+        emb = self.time_mlp(timestep_embedding(t, self.emb_dim).to(self.inp.weight.dtype))
         if self.label is not None and cond is not None:
             emb = emb + self.label(cond)
         if self.fourier.shape[1]:
