@@ -195,8 +195,8 @@ def test_step_experts_are_refused(gmm_cfg):
 
 
 @pytest.mark.parametrize("bench, method, scale", [("gmm", "scm", math.pi / 2000), ("gmm", "rcm", math.pi / 2000),
-                                                      ("gmm_unbalanced", "scm", math.pi / 2000),
-                                                      ("gmm", "dmd2", 1.0), ("gmm", "sid", 1.0)])
+                                                  ("gmm_unbalanced", "scm", math.pi / 2000),
+                                                  ("gmm", "dmd2", 1.0), ("gmm", "sid", 1.0)])
 def test_gmm_consistency_students_take_the_schedule_angle_as_time(bench, method, scale):
     """conf/benchmark_method/gmm_scm.yaml: sCM-family students on the gmm embed the VP index x pi/2000 (the cosine
     schedule's angle, sCM's c_noise(t) = t); the other methods keep the index."""
