@@ -200,10 +200,10 @@ def test_mlp_student_and_gan_head_run_in_float64():
     from stepdistill.networks.mlp import TimeMLP
     torch.manual_seed(0)
     net, head = TimeMLP(width=32, depth=2, fourier_features=8), ClassifierHead((32,), width=16)
-    x, t = torch.randn(5, 2), torch.tensor([999.0])
-    out32, logit32 = net(x, t), head(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)))
-    net.double(), head.double()
-    out64 = net(x.double(), t.double())
-    logit64 = head(torch.randn(5, 32, generator=torch.Generator().manual_seed(1)).double())
+    x, t, feats = torch.randn(5, 2), torch.tensor([999.0]), torch.randn(5, 32)
+    out32, logit32 = net(x, t), head(feats)
+    net.double()
+    head.double()
+    out64, logit64 = net(x.double(), t.double()), head(feats.double())
     assert out64.dtype == logit64.dtype == torch.float64
     assert torch.allclose(out64.float(), out32, atol=1e-5) and torch.allclose(logit64.float(), logit32, atol=1e-5)
