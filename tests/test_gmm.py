@@ -207,3 +207,53 @@ def test_mlp_student_and_gan_head_run_in_float64():
     out64, logit64 = net(x.double(), t.double()), head(feats.double())
     assert out64.dtype == logit64.dtype == torch.float64
     assert torch.allclose(out64.float(), out32, atol=1e-5) and torch.allclose(logit64.float(), logit32, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the fake score that starts as the teacher
+def _residual_fake(width=32):
+    from conftest import compose_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    bench = build_benchmark(compose_cfg("benchmark=gmm", f"benchmark.network.width={width}",
+                                        "benchmark.fake_score_from_teacher=true").benchmark)
+    return bench, bench.as_fake_score(bench.make_student_denoiser())
+
+
+def test_teacher_residual_fake_score_starts_as_the_exact_teacher():
+    """`benchmark.fake_score_from_teacher`: at initialisation the critic's x0 (hence its score) is the teacher's
+    at every noise level, so DMD's gradient starts at zero; its weights are the MLP's alone."""
+    torch.manual_seed(0)
+    bench, fake = _residual_fake()
+    x, t = 3 * torch.randn(64, 2), torch.randint(0, 1000, (64,)).float()
+    assert torch.equal(fake.x0(x, t), bench.teacher.x0(x, t))
+    assert set(fake.state_dict()) == {f"net.{k}" for k in fake.net.state_dict()}
+
+
+def test_teacher_residual_denoising_loss_is_the_edm_loss_on_its_x0():
+    """Its denoising loss is EDM's: the x0 error over c_out^2, on the same noise; the gradient reaches only the
+    residual MLP (the teacher has no trainable weights), and one SGD step on it lowers the loss."""
+    from stepdistill.prediction import edm_coefficients
+    torch.manual_seed(1)
+    bench, fake = _residual_fake()
+    torch.nn.init.normal_(fake.net.out[-1].weight, std=0.1)   # a residual that is not zero
+    x0, noise = bench.sample_real(128)[0], torch.randn(128, 2)
+    t = torch.randint(0, 1000, (128,)).float()
+    a, s = fake.coeffs(t, x0)
+    c_out = edm_coefficients(a, s, fake.sigma_data)[2]
+    expect = (((fake.x0(a * x0 + s * noise, t) - x0) / c_out) ** 2).mean(1)
+    loss = fake.denoising_loss(x0, t, noise=noise)
+    torch.testing.assert_close(loss, expect, rtol=1e-4, atol=1e-5)
+    loss.mean().backward()
+    grads = {n: p.grad for n, p in fake.named_parameters()}
+    assert grads and all(g is not None for g in grads.values())
+    assert bench.teacher.dummy.grad is None
+    with torch.no_grad():
+        for p in fake.parameters():
+            p -= 1e-3 * p.grad
+    assert fake.denoising_loss(x0, t, noise=noise).mean() < loss.mean()
+
+
+def test_teacher_residual_fake_score_refuses_guidance():
+    _, fake = _residual_fake()
+    with pytest.raises(ValueError, match="guidance 1"):
+        fake.denoising_loss(torch.zeros(2, 2), torch.tensor([5.0, 5.0]), guidance=2.0)

@@ -32,6 +32,19 @@ def test_gmm_end_to_end(gmm_cfg, tmp_path, method):
     assert any(r["kind"] == "train" and r["step"] == 30 for r in rows)
 
 
+@pytest.mark.parametrize("method", ["dmd2", "sid"])
+def test_gmm_fake_score_from_teacher_trains(gmm_cfg, tmp_path, method):
+    """A critic that starts as the exact teacher trains with DMD2 and with SiD (whose generator loss
+    differentiates through the critic's input); its checkpoint holds the residual MLP's weights only."""
+    cfg = gmm_cfg(f"method={method}", "benchmark.fake_score_from_teacher=true", "trainer.max_steps=20",
+                  "eval.final=true", "eval.num_samples=128", "eval.batch_size=128")
+    result = train(cfg, tmp_path)
+    assert 0 <= result["student_high_quality_fraction"] <= 1
+    fake = _weights(tmp_path, 20)["fake_score"]
+    assert fake and all(k.startswith("net.") and torch.isfinite(v).all() for k, v in fake.items())
+    assert fake["net.out.2.weight"].abs().sum() > 0   # the zero-initialised residual has learned
+
+
 def test_resume_is_exact(gmm_cfg, tmp_path):
     common = ["method=dmd2", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=5", "eval.every=10",
               "eval.num_samples=64", "eval.batch_size=64"]

@@ -66,7 +66,7 @@ class Benchmark:
         # a method without a critic (sCM) would carry a whole unused copy of the teacher: it is dropped here. It
         # is still made first, so from-scratch students draw the same initial weights whatever the method.
         if fake_score:
-            roles["fake_score"] = fake
+            roles["fake_score"] = self.as_fake_score(fake)
         del fake
         roles["generator"] = FewStepGenerator(gen, generator_timesteps(gen.schedule, method_cfg, generator_cfg),
                                               int(generator_cfg.steps),
@@ -90,6 +90,10 @@ class Benchmark:
             shape = probe_feature_shape(roles["fake_score"], x, cond, gan.get("feature_module"))
             roles["gan_head"] = ClassifierHead(shape, int(gan.get("head_width", 128)))
         return roles
+
+    def as_fake_score(self, den: Denoiser) -> Denoiser:
+        """The fake score's denoiser made from a fresh student one (a benchmark may start it from its teacher)."""
+        return den
 
     def later_experts(self, generator_cfg, shared: bool) -> list[Denoiser] | None:
         """`generator.step_experts`: a fresh network (initialised like the generator's) for each step after the

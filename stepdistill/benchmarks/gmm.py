@@ -32,6 +32,14 @@ class GMMBenchmark(Benchmark):
                       fourier_scale=float(nc.get("fourier_scale", 1.0)), time_scale=float(nc.get("time_scale", 1.0)))
         return NetworkDenoiser(net, self.schedule, "edm", sigma_data=self.sigma_data)
 
+    def as_fake_score(self, den):
+        # `fake_score_from_teacher`: the critic starts as the exact teacher and learns a residual (DMD's
+        # teacher initialisation, for a teacher without weights); otherwise it is a plain MLP from scratch
+        if not self.cfg.get("fake_score_from_teacher", False):
+            return den
+        from ..networks.teacher_residual import TeacherResidualDenoiser
+        return TeacherResidualDenoiser(den.net, self.teacher, self.sigma_data)
+
     def sample_real(self, n):
         return self.mixture.sample(n), None
 
