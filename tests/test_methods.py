@@ -50,6 +50,28 @@ def test_dmd_gradient_vanishes_when_fake_equals_real():
     assert x.grad.abs().max() < 1e-6
 
 
+def test_dmd_draws_average_the_gradients_of_independent_draws():
+    """`draws=K` gives the mean of the K one-draw gradients that the same random stream produces one after
+    another (t, then noise, per draw), and a draw count below 1 is a clear error."""
+    sched = VPSchedule()
+    teacher = GMMDenoiser(GaussianMixture(circle_means(8, 4.0), 0.25), sched)
+    critic = GMMDenoiser(GaussianMixture([[0.0, 0.0], [1.0, 1.0]], [1.0, 0.5]), sched)
+    x = (torch.randn(16, 2) * 2).requires_grad_(True)
+    torch.manual_seed(0)
+    dmd_loss(x, teacher, critic, normalizer="batch", draws=3)[0].backward()
+    averaged, x.grad = x.grad.clone(), None
+    torch.manual_seed(0)
+    singles = []
+    for _ in range(3):
+        dmd_loss(x, teacher, critic, normalizer="batch")[0].backward()
+        singles.append(x.grad.clone())
+        x.grad = None
+    torch.testing.assert_close(averaged, torch.stack(singles).mean(0))
+    assert not torch.allclose(singles[0], singles[1])   # the draws are independent
+    with pytest.raises(ValueError, match="method.dm_draws"):
+        dmd_loss(x, teacher, critic, draws=0)
+
+
 def test_unknown_dmd_normalizer_is_a_clear_error(tmp_path):
     from hydra import compose, initialize_config_dir
 

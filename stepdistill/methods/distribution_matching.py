@@ -13,6 +13,9 @@ per-sample quantity that hands samples already on a mode gradients as large as t
 computed without gradient at the very x_t and t the scores are evaluated at, multiplies each sample's gradient
 (f-distill's h(r) / mean h, methods/fdistill.py). It must draw no random numbers, so the draws of t and noise are
 those of the unweighted loss.
+``draws`` > 1 averages the gradient over several independent (t, noise) draws for the same generated sample:
+less variance per generator update, for the price of that many teacher and critic evaluations. One draw per
+sample is the papers' choice; images average over their many pixels, a 2-D sample over only two.
 ``fake_score_loss``: the critic tracks the generator's distribution with the teacher's own denoising loss on
 detached generator samples over the full noise range (DMD §3.2, Eq. 6).
 """
@@ -51,19 +54,26 @@ def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor,
 
 def dmd_loss(x: torch.Tensor, teacher: Denoiser, fake: Denoiser, cond=None, guidance: float = 1.0,
              fake_guidance: float = 1.0, t_range=(0.02, 0.98), normalizer: str = "sample",
-             weight_fn=None) -> tuple[torch.Tensor, dict]:
+             weight_fn=None, draws: int = 1) -> tuple[torch.Tensor, dict]:
     """`t_range`: the fractions of the noise range the noise level is drawn from; either bound may be a tensor
-    of shape (N,), one range per sample."""
+    of shape (N,), one range per sample. `draws`: independent (t, noise) draws per sample whose gradients are
+    averaged (1 in DMD / DMD2)."""
+    if int(draws) < 1:
+        raise ValueError(f"method.dm_draws must be >= 1, got {draws}")
     sched = teacher.schedule
-    t = sched.sample_t(x.shape[0], *t_range, device=x.device)
+    grads = []
     with torch.no_grad():
-        x_t = sched.add_noise(x.detach(), batch_split.randn_like(x), t)
-        x0_real = teacher.x0(x_t, t, cond, guidance)  # CFG on the real score only (DMD2 §4.4)
-        x0_fake = fake.x0(x_t, t, cond, fake_guidance)
-        grad = dmd_gradient(x.detach().float(), x0_real.float(), x0_fake.float(), normalizer)
-        if weight_fn is not None:
-            w = weight_fn(x_t, t)
-            grad = grad * w.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
+        for _ in range(int(draws)):
+            t = sched.sample_t(x.shape[0], *t_range, device=x.device)
+            x_t = sched.add_noise(x.detach(), batch_split.randn_like(x), t)
+            x0_real = teacher.x0(x_t, t, cond, guidance)  # CFG on the real score only (DMD2 §4.4)
+            x0_fake = fake.x0(x_t, t, cond, fake_guidance)
+            grad = dmd_gradient(x.detach().float(), x0_real.float(), x0_fake.float(), normalizer)
+            if weight_fn is not None:
+                w = weight_fn(x_t, t)
+                grad = grad * w.to(grad.dtype).reshape(-1, *([1] * (grad.ndim - 1)))
+            grads.append(grad)
+        grad = grads[0] if len(grads) == 1 else torch.stack(grads).mean(0)
     loss = 0.5 * F.mse_loss(x.float(), (x.detach().float() - grad), reduction="mean")
     return loss, {"dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().item()}
 

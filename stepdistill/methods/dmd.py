@@ -39,7 +39,8 @@ class DMD(Method):
         m, c = self.models, self.cfg
         x = m["generator"](batch["noise"], batch["cond"])
         l_dm, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, c.t_max), self.normalizer)
+                              (c.t_min, c.t_max), self.normalizer,
+                              draws=int(c.get("dm_draws", 1)))
         pred = m["generator"](batch["reg_noise"], batch["reg_cond"], step=1)  # pairs start from pure noise
         l_reg = self.regression_loss(pred, batch["reg_target"])
         loss = l_dm + c.regression.weight * l_reg

@@ -98,7 +98,8 @@ class DMD2(Method):
         stats: dict = {}
         t_max = c.t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps))
+                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps),
+                              draws=int(c.get("dm_draws", 1)))
         logs.update(stats)
         logs["loss_dm"] = loss.item()
         if self.gan_on(step):
