@@ -4,7 +4,7 @@ DMD and its descendants initialise the fake score from the teacher's weights, so
 score and only has to learn how the generator's distribution differs from the data. An analytic teacher (the
 exact GMM) has no weights to copy; this parametrisation is the same start for it: F's output layer is zero at
 initialisation, so the fake x0 is exactly the teacher's, and training fits only the residual. Its denoising loss
-is the teacher's EDM loss (x0 error weighted by 1 / c_out^2) on that residual.
+is the EDM loss of the MLP students (x0 error weighted by 1 / c_out^2), written for the residual's output.
 """
 from __future__ import annotations
 
