@@ -115,9 +115,14 @@ class NetworkDenoiser(Denoiser):
             if a.dtype != dt:  # the input scaling in x_t's own precision, as raw() computes it
                 c_in = edm_coefficients(a, s, self.sigma_data)[0]
             out = self.raw(x_t, t, cond, c_in=c_in).to(dt)
-            return c_skip * x_t.to(dt) + c_out * out
+            return self._edm_skip(x_t.to(dt), t, cond, c_skip, alpha_sigma) + c_out * out
         out = self.raw(x_t, t, cond, alpha_sigma).to(dt)
         return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
+
+    def _edm_skip(self, x_t, t, cond, c_skip, alpha_sigma=None):
+        """The part of an EDM x0-prediction the backbone does not make: c_skip x_t (teacher_residual.py puts the
+        analytic teacher's x0 here instead)."""
+        return c_skip * x_t
 
     def denoising_loss(self, x0, t, cond=None, noise=None, guidance: float = 1.0):
         """Per-sample MSE in the network's native space: the loss the teacher was trained with.
@@ -129,7 +134,11 @@ class NetworkDenoiser(Denoiser):
         noise = batch_split.randn_like(x0) if noise is None else noise
         a, s = self.coeffs(t, x0)
         x_t = a * x0 + s * noise
-        target = target_for(x0, noise, x_t, a, s, self.prediction_type, self.sigma_data)
+        if self.prediction_type == "edm":  # target_for's EDM target, through the skip a subclass may replace
+            _, c_skip, c_out = edm_coefficients(a, s, self.sigma_data)
+            target = (x0 - self._edm_skip(x_t, t, cond, c_skip)) / c_out
+        else:
+            target = target_for(x0, noise, x_t, a, s, self.prediction_type, self.sigma_data)
         if guidance == 1.0:
             out = self.raw(x_t, t, cond).float()
         else:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import batch_split
 from ..denoiser import Denoiser, NetworkDenoiser
-from ..prediction import edm_coefficients
 
 
 class TeacherResidualDenoiser(NetworkDenoiser):
@@ -29,28 +27,13 @@ class TeacherResidualDenoiser(NetworkDenoiser):
     def teacher(self) -> Denoiser:
         return self._teacher[0]
 
-    def _base(self, x_t, t, cond, alpha_sigma=None):
-        return self.teacher._x0_single(x_t, t, cond, alpha_sigma)
-
-    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
-        a, s = self.coeffs(t, x_t, alpha_sigma)
-        dt = torch.promote_types(x_t.dtype, torch.float32)
-        c_in, _, c_out = edm_coefficients(a.to(dt), s.to(dt), self.sigma_data)
-        out = self.raw(x_t, t, cond, c_in=c_in.to(x_t.dtype)).to(dt)
-        return self._base(x_t, t, cond, alpha_sigma).to(dt) + c_out * out
+    def _edm_skip(self, x_t, t, cond, c_skip, alpha_sigma=None):
+        return self.teacher._x0_single(x_t, t, cond, alpha_sigma).to(c_skip.dtype)
 
     def denoising_loss(self, x0, t, cond=None, noise=None, guidance: float = 1.0):
         if guidance != 1.0:
             raise ValueError("a teacher-residual fake score supports guidance 1 only (its teacher is unconditional)")
-        t = self._as_batch_t(t, x0)
-        noise = batch_split.randn_like(x0) if noise is None else noise
-        a, s = self.coeffs(t, x0)
-        x_t = a * x0 + s * noise
-        c_in, _, c_out = edm_coefficients(a, s, self.sigma_data)
-        with torch.no_grad():
-            target = (x0 - self._base(x_t, t, cond).to(x0.dtype)) / c_out
-        out = self.raw(x_t, t, cond, c_in=c_in).float()
-        return ((out - target) ** 2).flatten(1).mean(1)
+        return super().denoising_loss(x0, t, cond, noise)
 
 
 def _last_linear(net: torch.nn.Module) -> torch.nn.Linear:
