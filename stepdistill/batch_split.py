@@ -70,3 +70,13 @@ def batch_mean(t: torch.Tensor, dims=None, keepdim: bool = False) -> torch.Tenso
     m = m.detach().clone()
     dist.all_reduce(m)
     return m / _world
+
+
+def gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """The global batch from every process's rows of it, in rank order (the inverse of `local_rows`). Collective:
+    every process must call it."""
+    if _world == 1 or not (dist.is_available() and dist.is_initialized()):
+        return t
+    parts = [torch.empty_like(t) for _ in range(_world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)

@@ -78,16 +78,19 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
     assert "trainer.batch_size=63 does not split over 2 processes: use a multiple of 2" in res.stderr
 
 
-@pytest.mark.parametrize("trainer", ["default", "fsdp"])
-def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer):
-    """5 two-process steps, then a two-process resume to 10: the step-10 logs equal 10 straight steps of one
-    process (a checkpoint's single RNG state is every rank's)."""
+@pytest.mark.parametrize("trainer,extra,stop", [("default", [], 5), ("fsdp", [], 5),
+                                                 ("default", ["method.reuse_generator_samples=true"], 6)],
+                         ids=["default", "fsdp", "kept-samples"])
+def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer, extra, stop):
+    """`stop` two-process steps, then a two-process resume to 10: the step-10 logs equal 10 straight steps of one
+    process (a checkpoint's single RNG state is every rank's). With kept samples, step 5 is a generator phase:
+    the checkpoint after 6 steps holds its samples, gathered from both ranks, and each rank resumes its rows."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([sys.executable, "-m", "stepdistill.train", *FAST, f"hydra.run.dir={tmp_path / 'one'}"],
-                              capture_output=True, text=True, env=env, timeout=600)
+    straight = subprocess.run([sys.executable, "-m", "stepdistill.train", *FAST, *extra,
+                               f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    for extra in (["trainer.max_steps=5", "logger.every=5"], ["trainer.resume=true"]):
-        res = subprocess.run(LAUNCH + FAST + extra + [f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'ddp'}"],
+    for part in ([f"trainer.max_steps={stop}", f"logger.every={stop}"], ["trainer.resume=true"]):
+        res = subprocess.run(LAUNCH + FAST + extra + part + [f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'ddp'}"],
                              capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     resumed = next(r for r in rows(tmp_path / "ddp") if r["step"] == 10 and r["kind"] == "train" and "critic/loss" in r)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..roles import Roles
+from .kept_samples import KeptSamples
 
 
 def check_t_range(cfg) -> tuple[float, float]:
@@ -33,6 +34,7 @@ class Method:
     phases: dict[str, tuple[str, ...]] = {"generator": ("generator",), "critic": ("fake_score",)}
     batch_keys: tuple[str, ...] = ("noise", "cond")  # what the trainer's data source must provide
     uses_fake_score: bool = True   # False: the run builds no fake-score critic (known before the method is)
+    reuses_generator_samples: bool = False  # True: its critic phase can train on the generator phase's samples
 
     def __init__(self, models: Roles, cfg):
         missing = models.missing(self.roles)
@@ -40,6 +42,11 @@ class Method:
             raise ValueError(f"method {self.name!r} needs the roles {missing}, which this run did not build")
         self.models = models
         self.cfg = cfg
+        reuse = bool(cfg.get("reuse_generator_samples", False))
+        if reuse and not self.reuses_generator_samples:
+            raise ValueError(f"method.reuse_generator_samples: method {self.name!r} draws its critic's samples itself; "
+                             "drop the switch (dmd, dmd2 and fdistill have it)")
+        self.kept_samples = KeptSamples(reuse)
 
     def phase(self, step: int) -> str:
         """Two-time-scale update rule (DMD2 §4.2): `critic_steps` critic updates per generator update,
@@ -49,6 +56,14 @@ class Method:
             return "critic"
         period = int(self.cfg.get("critic_steps", 1)) + 1
         return "generator" if (step - warm) % period == period - 1 else "critic"
+
+    def state_dict(self) -> dict:
+        """What the method carries from one step to the next (checkpointed with the trainer's state). Collective
+        under several processes: every process calls it."""
+        return {"kept_samples": self.kept_samples.state_dict()}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.kept_samples.load_state_dict(state.get("kept_samples", {}), device)
 
     def loss(self, phase: str, batch: dict, step: int) -> LossOut:
         return self.generator_loss(batch, step) if phase == "generator" else self.critic_loss(batch, step)

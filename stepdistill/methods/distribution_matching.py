@@ -85,7 +85,7 @@ def fake_score_loss(fake: NetworkDenoiser, x_fake: torch.Tensor, cond=None) -> t
 
 
 def fake_score_phase(models, batch) -> LossOut:
-    """The critic phase of DMD and SIM: fresh generator samples (no gradient), then fake_score_loss."""
+    """The critic phase of SIM and rCM: fresh generator samples (no gradient), then fake_score_loss."""
     with torch.no_grad():
         x = models["generator"](batch["noise"], batch["cond"])
     loss = fake_score_loss(models["fake_score"], x, batch["cond"])

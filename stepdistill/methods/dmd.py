@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import LossOut, Method
-from .distribution_matching import check_normalizer, dmd_loss, fake_score_phase
+from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
 
 
 class DMD(Method):
@@ -18,6 +18,7 @@ class DMD(Method):
     roles = ("teacher", "fake_score", "generator")
     phases = {"generator": ("generator",), "critic": ("fake_score",)}
     batch_keys = ("noise", "cond", "reg_noise", "reg_cond", "reg_target")
+    reuses_generator_samples = True
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
@@ -37,7 +38,8 @@ class DMD(Method):
 
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
-        x = m["generator"](batch["noise"], batch["cond"])
+        x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
+        self.kept_samples.keep(x, batch["cond"], steps)
         l_dm, logs = dmd_loss(x, m["teacher"], m["fake_score"], batch["cond"], c.guidance, c.fake_guidance,
                               (c.t_min, c.t_max), self.normalizer,
                               draws=int(c.get("dm_draws", 1)))
@@ -47,4 +49,6 @@ class DMD(Method):
         return LossOut(loss, {"loss_dm": l_dm.item(), "loss_reg": l_reg.item(), **logs})
 
     def critic_loss(self, batch, step):
-        return fake_score_phase(self.models, batch)
+        x, cond, _ = self.kept_samples.take(self.models["generator"], batch)
+        loss = fake_score_loss(self.models["fake_score"], x, cond)
+        return LossOut(loss, {"loss_fake_score": loss.item()})

@@ -41,6 +41,7 @@ class _InContext:
 
 class DMD2(Method):
     name = "dmd2"
+    reuses_generator_samples = True
 
     def __init__(self, models, cfg):
         self.use_gan = bool(cfg.gan.enabled)
@@ -94,6 +95,7 @@ class DMD2(Method):
     def generator_loss(self, batch, step):
         m, c = self.models, self.cfg
         x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
+        self.kept_samples.keep(x, batch["cond"], steps)
         fake = _InContext(m["fake_score"], lambda: self._fake_sees_steps(steps)) if self.step_aware else m["fake_score"]
         stats: dict = {}
         t_max = c.t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
@@ -111,17 +113,16 @@ class DMD2(Method):
 
     def critic_loss(self, batch, step):
         m, c = self.models, self.cfg
-        with torch.no_grad():
-            x, steps = m["generator"](batch["noise"], batch["cond"], return_steps=True)
+        x, cond, steps = self.kept_samples.take(m["generator"], batch)
         with self._fake_sees_steps(steps):
-            loss = fake_score_loss(m["fake_score"], x, batch["cond"])
+            loss = fake_score_loss(m["fake_score"], x, cond)
         logs = {"loss_fake_score": loss.item()}
         if self.gan_on(step):
             # with gan.step_aware, real row i is shown under fake row i's exit step: the data is every step's
             # target, and each step label then sees real and generated samples in equal numbers
             with self._gan_sees_steps(steps):
                 l_d = DiffusionGAN.discriminator_loss(self.gan.logits(batch["real"], batch["real_cond"]),
-                                                      self.gan.logits(x, batch["cond"]))
+                                                      self.gan.logits(x, cond))
             loss = loss + c.gan.critic_weight * l_d
             logs["loss_gan_d"] = l_d.item()
         return LossOut(loss, logs)

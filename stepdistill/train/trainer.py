@@ -100,10 +100,12 @@ class Trainer:
                                      resume=bool(tc.resume)) if self.main else None)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def state(self, optimizers: dict | None = None) -> dict:
-        """The trainer's state; `optimizers`: their states where the caller has gathered them (trainer=fsdp)."""
+    def state(self, optimizers: dict | None = None, method: dict | None = None) -> dict:
+        """The trainer's state; `optimizers`, `method`: their states where the caller has gathered them from every
+        process (trainer=fsdp's optimizers; the method's samples carried to the next step)."""
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "optimizers": optimizers or {k: o.state_dict() for k, o in self.optimizers.items()},
+                "method": self.method.state_dict() if method is None else method,
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "rng_cpu": torch.get_rng_state(),
                 # this process's device only: with batch_split every process's device stream is the same, so
@@ -115,9 +117,10 @@ class Trainer:
         if self.fsdp:   # every process takes part in gathering the whole weights and optimizer states
             roles = full_state_dicts(roles)
             optimizers = {k: full_optimizer_state(self.run.roles, o) for k, o in self.optimizers.items()}
+        method = self.method.state_dict()   # every process takes part in gathering the kept samples
         if not self.main:
             return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(optimizers),
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(optimizers, method),
                                keep=int(self.cfg.trainer.keep_checkpoints))
 
     def resume(self) -> None:
@@ -136,6 +139,7 @@ class Trainer:
         for k, s in self.schedulers.items():
             s.load_state_dict(st["schedulers"][k])
         self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
+        self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
