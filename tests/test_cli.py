@@ -127,4 +127,4 @@ def test_experiment_presets_compose():
     with initialize_config_dir(CONF_DIR, version_base=None):
         cfg = compose("train", overrides=["experiment=digits_four_step"])
     assert cfg.benchmark.name == "digits" and cfg.generator.steps == 4 and list(cfg.generator.train_steps) == [4]
-    assert cfg.optim.schedule == "cosine"
+    assert cfg.optim.schedule == "cosine" and cfg.method.reuse_generator_samples
