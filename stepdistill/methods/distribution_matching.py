@@ -84,9 +84,9 @@ def fake_score_loss(fake: NetworkDenoiser, x_fake: torch.Tensor, cond=None) -> t
     return fake.denoising_loss(x_fake.detach(), t, cond).mean()
 
 
-def fake_score_phase(models, batch) -> LossOut:
-    """The critic phase of SIM and rCM: fresh generator samples (no gradient), then fake_score_loss."""
-    with torch.no_grad():
-        x = models["generator"](batch["noise"], batch["cond"])
-    loss = fake_score_loss(models["fake_score"], x, batch["cond"])
+def fake_score_phase(models, batch, kept_samples) -> LossOut:
+    """The critic phase of DMD, SIM and rCM: the method's kept generator samples where it has some
+    (`method.reuse_generator_samples`), else fresh ones without gradient; then fake_score_loss."""
+    x, cond, _ = kept_samples.take(models["generator"], batch)
+    loss = fake_score_loss(models["fake_score"], x, cond)
     return LossOut(loss, {"loss_fake_score": loss.item()})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from .base import LossOut, Method
-from .distribution_matching import check_normalizer, dmd_loss, fake_score_loss
+from .distribution_matching import check_normalizer, dmd_loss, fake_score_phase
 
 
 class DMD(Method):
@@ -49,6 +49,4 @@ class DMD(Method):
         return LossOut(loss, {"loss_dm": l_dm.item(), "loss_reg": l_reg.item(), **logs})
 
     def critic_loss(self, batch, step):
-        x, cond, _ = self.kept_samples.take(self.models["generator"], batch)
-        loss = fake_score_loss(self.models["fake_score"], x, cond)
-        return LossOut(loss, {"loss_fake_score": loss.item()})
+        return fake_score_phase(self.models, batch, self.kept_samples)

@@ -58,4 +58,4 @@ class RCM(SCM):
         return LossOut(out.loss + self.dmd_weight * loss_dm, {**out.logs, **logs, "loss_dm": loss_dm.item()})
 
     def critic_loss(self, batch, step):
-        return fake_score_phase(self.models, batch)
+        return fake_score_phase(self.models, batch, self.kept_samples)

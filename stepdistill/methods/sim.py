@@ -96,4 +96,4 @@ class SIM(Method):   # the base class's roles and phases: teacher, fake score, g
         return LossOut(loss, logs)
 
     def critic_loss(self, batch, step):
-        return fake_score_phase(self.models, batch)
+        return fake_score_phase(self.models, batch, self.kept_samples)
