@@ -82,7 +82,8 @@ class Trainer:
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
             params = self.phase_params[phase] = run.roles.parameters_of(names)
-            opt = make_adamw(params, lr=oc.lr, betas=tuple(oc.betas), weight_decay=oc.weight_decay)
+            opt = make_adamw(params, float(oc.get("optimism", 0.0)), lr=oc.lr, betas=tuple(oc.betas),
+                             weight_decay=oc.weight_decay)
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(int(oc.get("warmup_steps", 0)), updates[phase], self.cfg.optim.schedule,
