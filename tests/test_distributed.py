@@ -110,5 +110,8 @@ def test_fsdp_refuses_what_it_cannot_shard():
         check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "model.shared_base=true"))
     with pytest.raises(ValueError, match="generator.lora_rank=0"):
         check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "generator.lora_rank=4"))
+    with pytest.raises(ValueError, match="trainer.mixed_precision=bf16"):
+        check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "trainer.mixed_precision=fp16"))
+    check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "trainer.mixed_precision=bf16"))
     with pytest.raises(ValueError, match="generator.step_experts=false"):
         check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.step_experts=true"))

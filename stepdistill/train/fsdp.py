@@ -41,6 +41,11 @@ def check_fsdp_supported(cfg) -> None:
     if int(cfg.generator.get("lora_rank", 0) or 0) > 0:
         raise ValueError("trainer=fsdp does not shard LoRA students (generator.lora_rank): set generator.lora_rank=0 "
                          "or use the default trainer")
+    if str(cfg.trainer.get("mixed_precision", "no")) == "fp16":
+        # each process would check only its own gradient shards for an fp16 overflow, and the loss scales,
+        # which every process's backward must share, would drift apart
+        raise ValueError("trainer=fsdp with trainer.mixed_precision=fp16: the loss scaler checks overflow per shard; "
+                         "use trainer.mixed_precision=bf16 (no loss scaling) or the default trainer")
     if cfg.generator.get("step_experts"):
         raise ValueError("trainer=fsdp does not shard step experts (one network per step): set "
                          "generator.step_experts=false or use the default trainer")

@@ -104,7 +104,9 @@ class Trainer:
     def state(self, optimizers: dict | None = None, method: dict | None = None) -> dict:
         """The trainer's state; `optimizers`, `method`: their states where the caller has gathered them from every
         process (trainer=fsdp's optimizers; the method's samples carried to the next step)."""
+        scaler = self.accelerator.scaler
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "optimizers": optimizers or {k: o.state_dict() for k, o in self.optimizers.items()},
                 "method": self.method.state_dict() if method is None else method,
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
@@ -140,6 +142,8 @@ class Trainer:
         for k, s in self.schedulers.items():
             s.load_state_dict(st["schedulers"][k])
         self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
+        if self.accelerator.scaler is not None and st.get("grad_scaler"):   # fp16: the loss scale goes on
+            self.accelerator.scaler.load_state_dict(st["grad_scaler"])
         self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"] and self.device.type == "cuda":
@@ -157,12 +161,29 @@ class Trainer:
             out = self.method.loss(phase, batch_source(), self.step)
         finite = all_finite(bool(torch.isfinite(out.loss)), self.device)
         grad_norm = float("nan")
+        # fp16 on a GPU: accelerate's backward multiplies the loss by its GradScaler's scale. The gradients are
+        # unscaled before clipping (after the cross-process average, so every rank sees the same overflow), and
+        # the scaler's update() after each backward lowers the scale on an overflow and raises it after a run of
+        # good steps.
+        scaler = self.accelerator.scaler
+        overflow = False
         if finite:
             self.accelerator.backward(out.loss)
             average_gradients(self.phase_params[phase])
+            if scaler is not None:
+                scaler.unscale_(opt)
             params = [p for p in self.phase_params[phase] if p.grad is not None]
             grad_norm = clip_gradients(params, self.grad_clip[phase])
             finite = math.isfinite(grad_norm)
+            if scaler is not None:
+                # a scale >= 1 that overflowed is the scaler's business (it backs off), not a diverging run
+                overflow = not finite and scaler.get_scale() >= 1.0
+                scaler.update()
+        if overflow:
+            opt.zero_grad(set_to_none=True)
+            log.info("fp16 gradient overflow at step %d: %s update skipped, loss scale now %g", self.step, phase,
+                     scaler.get_scale())
+            return phase, None
         if not finite:  # skip the update, keep the weights, stop after several in a row
             opt.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
