@@ -3,6 +3,7 @@
 # kernel correctness at real sizes, the benchmark table, short CUDA training runs and the kernel tests on CUDA.
 #   bash kernels/gpu_check.sh                   # every stage, about 8 minutes on an H200
 #   BENCH_ARGS="--check --tune fwd_jvp" bash kernels/gpu_check.sh tests bench scm   # the named stages only
+#   bash kernels/gpu_check.sh precision         # fp32 / bf16 / fp16 digits runs side by side (~2 minutes)
 # Runs from the repo root; logs go to $OUT. Needs torch + triton there; the pure-Python packages the image
 # lacks (diffusers, hydra, omegaconf, antlr4) travel in .devsite/, an ignored folder made here with
 #   SP=$(python -c "import site; print(site.getsitepackages()[0])"); mkdir -p .devsite
@@ -47,10 +48,26 @@ run_scm() {  # sCM's tangent runs torch.func.jvp through the UNet: the fused for
   stage "digits scm 300 steps with attention.backend=triton, CUDA"
   train scm 90 benchmark=digits method=scm trainer.max_steps=300 attention.backend=triton
 }
+run_precision() {  # fp16 goes through accelerate's GradScaler: the trainer unscales before clipping (CPU tests
+  # can only use torch's CPU scaler). Grad norms and losses should track fp32's; bf16 needs no scaler.
+  stage "digits dmd2 300 steps in fp32 / bf16 / fp16, CUDA"
+  for p in no bf16 fp16; do
+    echo "--- trainer.mixed_precision=$p" | tee -a "$OUT/precision.txt"
+    train digits_$p 100 benchmark=digits method=dmd2 trainer.max_steps=300 eval.every=0 logger.every=50 \
+      trainer.mixed_precision=$p
+    python3 -c "import json, sys
+for r in map(json.loads, open(sys.argv[1])):
+    if r['kind'] == 'train' and 'generator/grad_norm' in r:
+        print(r['step'], {k: round(v, 4) for k, v in r.items() if k.endswith(('grad_norm', '/loss'))})" \
+      /tmp/digits_$p/metrics.jsonl | tee -a "$OUT/precision.txt"
+  done
+}
 
+# precision is not in the default list (the default already takes ~8 of a call's 10 minutes): name it
 for s in ${@:-tests bench gmm digits scm}; do
   case $s in
     tests) run_tests ;; bench) run_bench ;; gmm) run_gmm ;; digits) run_digits ;; scm) run_scm ;;
-    *) echo "unknown stage $s: choose among tests bench gmm digits scm"; exit 2 ;;
+    precision) run_precision ;;
+    *) echo "unknown stage $s: choose among tests bench gmm digits scm precision"; exit 2 ;;
   esac
 done
