@@ -52,10 +52,9 @@ class OptimisticAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        before = [p.detach().clone() for p in params]
+        delta = [p.clone() for p in params]          # θ_before ...
         loss = super().step(closure)
-        delta = before
-        torch._foreach_sub_(delta, [p.detach() for p in params])   # Δ_t = θ_before − θ_after, in place
+        torch._foreach_sub_(delta, params)           # ... minus θ_after: Δ_t, in place
         torch._foreach_add_(params, delta, alpha=-self.optimism)
         with_prev = [(p, self.state[p]["optimism_prev"]) for p in params if "optimism_prev" in self.state[p]]
         if with_prev:

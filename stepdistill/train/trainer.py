@@ -101,14 +101,14 @@ class Trainer:
                                      resume=bool(tc.resume)) if self.main else None)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
-    def state(self, optimizers: dict | None = None, method: dict | None = None) -> dict:
-        """The trainer's state; `optimizers`, `method`: their states where the caller has gathered them from every
-        process (trainer=fsdp's optimizers; the method's samples carried to the next step)."""
+    def state(self, method: dict, optimizers: dict | None = None) -> dict:
+        """The trainer's state. `method`: the method's state (its kept samples, gathered from every process);
+        `optimizers`: their states where the caller has gathered them (trainer=fsdp), else this process's."""
         scaler = self.accelerator.scaler
         return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "optimizers": optimizers or {k: o.state_dict() for k, o in self.optimizers.items()},
-                "method": self.method.state_dict() if method is None else method,
+                "method": method,
                 "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "rng_cpu": torch.get_rng_state(),
                 # this process's device only: with batch_split every process's device stream is the same, so
@@ -123,7 +123,7 @@ class Trainer:
         method = self.method.state_dict()   # every process takes part in gathering the kept samples
         if not self.main:
             return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(optimizers, method),
+        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(method, optimizers),
                                keep=int(self.cfg.trainer.keep_checkpoints))
 
     def resume(self) -> None:
