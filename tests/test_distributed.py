@@ -80,14 +80,17 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
 
 @pytest.mark.parametrize("trainer,extra,stop", [("default", [], 5), ("fsdp", [], 5),
                                                  ("default", ["method.reuse_generator_samples=true"], 6),
-                                                 ("fsdp", ["optim.generator.optimism=1", "optim.critic.optimism=1"], 8)],
-                         ids=["default", "fsdp", "kept-samples", "fsdp-optimism"])
+                                                 ("fsdp", ["optim.generator.optimism=1", "optim.critic.optimism=1"], 8),
+                                                 ("fsdp", ["trainer.grad_accum_steps=2",
+                                                           "method.reuse_generator_samples=true"], 6)],
+                         ids=["default", "fsdp", "kept-samples", "fsdp-optimism", "fsdp-accumulation"])
 def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer, extra, stop):
     """`stop` two-process steps, then a two-process resume to 10: the step-10 logs equal 10 straight steps of one
     process (a checkpoint's single RNG state is every rank's). With kept samples, step 5 is a generator phase:
     the checkpoint after 6 steps holds its samples, gathered from both ranks, and each rank resumes its rows. With
     optimism, the optimizers' previous steps (both have stepped by step 8) are sharded state that the checkpoint
-    gathers and the resume re-shards."""
+    gathers and the resume re-shards. With 2 micro-batches per process, FSDP accumulates each micro-batch's
+    reduce-scattered gradients, and the kept samples are gathered over micro-batches and ranks, then re-split."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run([sys.executable, "-m", "stepdistill.train", *FAST, *extra,
                                f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)

@@ -30,7 +30,7 @@ def test_critic_after_a_generator_phase_trains_on_its_samples(gmm_cfg, method):
     if method == "dmd":
         batch.update(reg_noise=torch.randn(8, 2), reg_cond=None, reg_target=torch.randn(8, 2))
     m.loss("generator", batch, 10)
-    kept_x = m.kept_samples.kept[0]
+    (kept_x, _, _), = m.kept_samples.kept   # one entry: no gradient accumulation
     assert not kept_x.requires_grad
     calls, handle = _count_calls(run.roles["generator"])
     other = _batch()   # the critic ignores this batch's noise: its samples are the generator phase's
@@ -42,7 +42,7 @@ def test_critic_after_a_generator_phase_trains_on_its_samples(gmm_cfg, method):
         assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
     else:
         m.loss("critic", other, 11)
-    assert calls["n"] == 0 and m.kept_samples.kept is None
+    assert calls["n"] == 0 and m.kept_samples.kept == []
     m.loss("critic", other, 12)   # a second critic update (critic_steps > 1, warm-up) draws fresh samples
     assert calls["n"] == 1
     handle.remove()
@@ -51,7 +51,7 @@ def test_critic_after_a_generator_phase_trains_on_its_samples(gmm_cfg, method):
 def test_without_the_switch_every_critic_phase_draws_fresh_samples(gmm_cfg):
     run = build_run(gmm_cfg("method=dmd2"))
     run.method.loss("generator", _batch(), 10)
-    assert run.method.kept_samples.kept is None
+    assert run.method.kept_samples.kept == []
     calls, handle = _count_calls(run.roles["generator"])
     run.method.loss("critic", _batch(), 11)
     assert calls["n"] == 1
@@ -63,7 +63,7 @@ def test_four_step_critic_sees_the_kept_exit_steps(gmm_cfg):
     run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.step_aware_critic=true",
                             "method.reuse_generator_samples=true"))
     run.method.loss("generator", _batch(), 10)
-    x, _, steps = run.method.kept_samples.kept
+    (x, _, steps), = run.method.kept_samples.kept
     seen = []
     emb = run.roles["critic_step_embedding"]
     real_condition = emb.condition

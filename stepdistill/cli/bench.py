@@ -5,7 +5,8 @@ calls of any backbone or GAN head, teacher included, counting a CFG call's doubl
 iteration, the share of iteration time spent outside network forward/backward (forward time from hooks around
 each backbone; the whole backward pass is counted as network time), peak memory (CUDA peak allocated on a
 GPU, else the process's peak resident set) and the activations one generator-phase loss keeps for backward
-(`saved_activation_bytes`: what backpropagating through the teacher costs SiD and SIM, device-independent).
+(`saved_activation_bytes`: what backpropagating through the teacher costs SiD and SIM, device-independent; one
+micro-batch's under `trainer.grad_accum_steps`).
 """
 from __future__ import annotations
 
@@ -83,7 +84,9 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     pairs = None
     if "reg_noise" in run.method.batch_keys:
         pairs = make_regression_pairs(run.benchmark, 256, 0)
-    batches = BatchSource(run.benchmark, run.method.batch_keys, int(cfg.trainer.batch_size), trainer.device, pairs)
+    accum = int(cfg.trainer.get("grad_accum_steps", 1))   # the trainer asks for one micro-batch at a time
+    batches = BatchSource(run.benchmark, run.method.batch_keys, int(cfg.trainer.batch_size) // accum, trainer.device,
+                          pairs)
     nets = [m.net for m in run.roles.modules() if hasattr(m, "net") and isinstance(m.net, torch.nn.Module)]
     nets += [m for name, m in run.roles.items() if name.endswith("_head")]  # DMD2's GAN classifier is a network too
     teacher = run.roles["teacher"]
@@ -133,13 +136,18 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
             "network_evals_per_iteration": stats["calls"] / steps * period,
             "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
             "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device),
-            "batch_size": int(cfg.trainer.batch_size)}
+            "batch_size": int(cfg.trainer.batch_size), "grad_accum_steps": accum}
+
+
+def _batch(row: dict) -> str:
+    k = row.get("grad_accum_steps", 1)
+    return str(row["batch_size"]) if k == 1 else f"{row['batch_size']} = {k} x {row['batch_size'] // k}"
 
 
 def table(rows: list[dict]) -> str:
     head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB",
             "gen. saved MB")
-    return pipe_table(head, [[r["benchmark"], r["method"], str(r["batch_size"]), str(r["updates_per_iteration"]),
+    return pipe_table(head, [[r["benchmark"], r["method"], _batch(r), str(r["updates_per_iteration"]),
                               f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
                               f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}",
                               f"{r['generator_saved_mb']:.1f}"] for r in rows])

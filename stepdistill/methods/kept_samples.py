@@ -28,38 +28,68 @@ def _map(fn, obj):
     return obj
 
 
+def _cat(parts: list):
+    """Concatenate along rows, field by field, conditions with the same structure (the inverse of splitting)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, dict):
+        return {k: _cat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_cat(list(col)) for col in zip(*parts))
+    return first
+
+
 class KeptSamples:
+    """Under gradient accumulation a generator phase keeps one entry per micro-batch, and the critic phase's
+    micro-batch i takes entry i: the samples of the same rows of the global batch."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self.kept: tuple | None = None   # (samples, cond, exit steps), this process's rows
+        self.kept: list = []        # (samples, cond, exit steps) per micro-batch, this process's rows
+        self.resumed: tuple | None = None   # the global batch from a checkpoint, split as the micro-batches ask
 
     def keep(self, x: torch.Tensor, cond, steps: torch.Tensor | None) -> None:
         """A generator phase's samples, detached, for the next critic phase (when the switch is on)."""
-        if self.enabled:
-            self.kept = (x.detach(), _map(torch.Tensor.detach, cond), steps)
+        if not self.enabled:
+            return
+        index, _ = batch_split.micro()
+        if index == 0:   # a new generator phase replaces what an earlier one kept
+            self.kept, self.resumed = [], None
+        self.kept.append((x.detach(), _map(torch.Tensor.detach, cond), steps))
 
     def take(self, generator, batch: dict):
         """(samples, cond, exit steps) for a critic phase: the kept ones, once, else fresh ones without gradient
         from the batch's noise and condition."""
-        if self.kept is not None:
-            kept, self.kept = self.kept, None
-            return kept
+        if self.resumed is not None:   # this micro-batch's rows of this process
+            part = tuple(_map(batch_split.local_rows, t) for t in self.resumed)
+            index, count = batch_split.micro()
+            if index == count - 1:
+                self.resumed = None
+            return part
+        if self.kept:
+            return self.kept.pop(0)
         with torch.no_grad():
             x, steps = generator(batch["noise"], batch["cond"], return_steps=True)
         return x, batch["cond"], steps
 
     def state_dict(self) -> dict:
-        """Collective under several processes (each holds its rows): every process must call it."""
+        """Collective under several processes (each holds its rows): every process must call it. The checkpoint
+        holds the whole global batch in its row order (micro-batch by micro-batch, each in rank order), so it
+        does not depend on how the batch was split."""
         if not self.enabled:
             return {}
-        if self.kept is None:   # every process kept samples at the same step, or none did
+        if self.resumed is not None:   # saved again before the critic phase ran: already the global batch
+            x, cond, steps = (_map(torch.Tensor.cpu, t) for t in self.resumed)
+            return {"kept": {"x": x, "cond": cond, "steps": steps}}
+        if not self.kept:   # every process kept samples at the same step, or none did
             return {"kept": None}
-        x, cond, steps = (_map(lambda t: batch_split.gather_rows(t).cpu(), part) for part in self.kept)
+        gathered = [[_map(lambda t: batch_split.gather_rows(t).cpu(), part) for part in entry] for entry in self.kept]
+        x, cond, steps = (_cat(list(field)) for field in zip(*gathered))
         return {"kept": {"x": x, "cond": cond, "steps": steps}}
 
     def load_state_dict(self, state: dict, device) -> None:
         kept = state.get("kept") if self.enabled else None
-        if kept is None:
-            self.kept = None
-            return
-        self.kept = tuple(_map(lambda t: batch_split.local_rows(t).to(device), kept[k]) for k in ("x", "cond", "steps"))
+        self.kept = []
+        self.resumed = None if kept is None else tuple(_map(lambda t: t.to(device), kept[k])
+                                                       for k in ("x", "cond", "steps"))

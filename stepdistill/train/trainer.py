@@ -1,8 +1,9 @@
 """The one training loop (DESIGN §4). It asks the method which phase a step is, computes that phase's loss and
 steps only that phase's optimizer; it never knows which method it runs.
 
-Per step: phase -> requires_grad on that phase's roles only -> loss (autocast) -> non-finite guard -> backward ->
-clip -> optimizer + LR schedule -> EMA (generator phases) -> log / eval / checkpoint.
+Per step: phase -> requires_grad on that phase's roles only -> loss (autocast) -> non-finite guard -> backward
+(repeated per micro-batch under `trainer.grad_accum_steps`) -> clip -> optimizer + LR schedule -> EMA (generator
+phases) -> log / eval / checkpoint.
 """
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def _rng_state(device: torch.device) -> tuple:
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
 class Trainer:
     def __init__(self, run: Run, run_dir: Path):
         self.run, self.cfg, self.run_dir = run, run.cfg, Path(run_dir)
@@ -56,9 +67,15 @@ class Trainer:
         # rank 0 alone logs, evaluates, checkpoints and exports
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.main = self.rank == 0
-        if int(tc.batch_size) % self.world:
-            raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes: use a "
-                             f"multiple of {self.world}")
+        # gradient accumulation: each process computes its rows in `accum` micro-batches, one after another
+        self.accum = int(tc.get("grad_accum_steps", 1))
+        if self.accum < 1:
+            raise ValueError(f"trainer.grad_accum_steps={self.accum}: use 1 (no accumulation) or more micro-batches")
+        shards = self.world * self.accum
+        if int(tc.batch_size) % shards:
+            into = f" x {self.accum} micro-batches (trainer.grad_accum_steps)" if self.accum > 1 else ""
+            raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes{into}: "
+                             f"use a multiple of {shards}")
         # every rank keeps the same RNG state and takes its rows of each global-batch draw (batch_split), so N
         # processes compute what one process does with the same global batch
         batch_split.set_split(self.rank, self.world)
@@ -157,9 +174,7 @@ class Trainer:
         roles.train_only(self.method.phases[phase], self.role_params)
         opt = self.optimizers[phase]
         opt.zero_grad(set_to_none=True)
-        with self.accelerator.autocast():
-            out = self.method.loss(phase, batch_source(), self.step)
-        finite = all_finite(bool(torch.isfinite(out.loss)), self.device)
+        finite, logs = self._accumulate_gradients(phase, batch_source)
         grad_norm = float("nan")
         # fp16 on a GPU: accelerate's backward multiplies the loss by its GradScaler's scale. The gradients are
         # unscaled before clipping (after the cross-process average, so every rank sees the same overflow), and
@@ -168,7 +183,6 @@ class Trainer:
         scaler = self.accelerator.scaler
         overflow = False
         if finite:
-            self.accelerator.backward(out.loss)
             average_gradients(self.phase_params[phase])
             if scaler is not None:
                 scaler.unscale_(opt)
@@ -199,8 +213,30 @@ class Trainer:
         self.schedulers[phase].step()
         if phase == "generator" and self.ema is not None:
             self.ema.update(self.ema_decay)
-        values = mean_over_processes({"loss": out.loss.item(), **out.logs}, self.device)
+        values = mean_over_processes(logs, self.device)
         return phase, {f"{phase}/{k}": v for k, v in {**values, "grad_norm": grad_norm}.items()}
+
+    def _accumulate_gradients(self, phase: str, batch_source: BatchSource) -> tuple[bool, dict]:
+        """Loss and backward of each micro-batch (one without gradient accumulation); returns whether every loss
+        on every process was finite, and the logs averaged over the micro-batches. Each micro-batch starts from
+        the step's RNG state and keeps its rows of every draw (batch_split), so K micro-batches of B/K rows make
+        the draws, and sum to the gradient, of one batch of B rows. After a non-finite loss the remaining
+        micro-batches still run their losses, without backward, so kept samples and the RNG end where they would."""
+        k = self.accum
+        rng = _rng_state(self.device) if k > 1 else None
+        finite, logs = True, []
+        for i in range(k):
+            if i:
+                _set_rng_state(rng, self.device)
+            with batch_split.micro_batch(i, k):
+                with self.accelerator.autocast():
+                    out = self.method.loss(phase, batch_source(), self.step)
+                finite = all_finite(bool(torch.isfinite(out.loss)), self.device) and finite
+                if finite:   # the micro-batches' mean is the whole batch's loss
+                    self.accelerator.backward(out.loss / k if k > 1 else out.loss)
+            logs.append({"loss": out.loss.item(), **out.logs})
+            del out
+        return finite, logs[0] if k == 1 else {key: sum(row[key] for row in logs) / k for key in logs[0]}
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _evaluate(self, teacher_reference: bool = False) -> dict:
@@ -223,8 +259,8 @@ class Trainer:
             # every rank makes the same pairs (seeded); rank 0 alone caches them on disk
             pairs = make_regression_pairs(self.run.benchmark, int(rc.num_pairs), int(self.cfg.seed) + 1,
                                           self.run_dir / "regression_pairs.safetensors" if self.main else None)
-        batches = BatchSource(self.run.benchmark, self.method.batch_keys, int(tc.batch_size) // self.world,
-                              self.device, pairs)
+        batches = BatchSource(self.run.benchmark, self.method.batch_keys,
+                              int(tc.batch_size) // (self.world * self.accum), self.device, pairs)
         for m in self.run.roles.values():
             m.train()
         self.run.roles["teacher"].eval()
