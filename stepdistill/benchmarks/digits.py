@@ -67,11 +67,32 @@ class DigitsBenchmark(Benchmark):
     def fid_reference_images(self):
         return self.to_output(self.images)
 
+    def features(self, images01: torch.Tensor) -> torch.Tensor:
+        """The feature network's (N, num_features) features of [0, 1] images, float64 on the CPU."""
+        net = self.feature_net
+        param = next(net.parameters())
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                return torch.cat([net(x.to(param.device, param.dtype)).double().cpu() for x in images01.split(500)])
+        finally:
+            net.train(was_training)
+
+    @cached_property
+    def real_features(self) -> torch.Tensor:
+        return self.features(self.to_output(self.images))
+
     def evaluate(self, samples, labels=None):
         from ..eval.fid import frechet_distance
+        from ..eval.precision_recall import precision_recall
         fake01 = self.to_output(samples)
         out = frechet_distance(self.to_output(self.images), fake01, self.feature_net)
         metrics = {"fd": out["fd"], "fd_num_real": out["num_real"], "fd_num_samples": out["num_fake"]}
+        # the same feature space: precision (samples on the data's manifold) and recall (data the samples cover)
+        pr = precision_recall(self.real_features, self.features(fake01))
+        metrics.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr["k"], pr_num_real=pr["num_real"],
+                       pr_num_samples=pr["num_fake"])
         if labels is not None:
             with torch.no_grad():
                 pred = self.feature_net.classify(fake01).argmax(-1)

@@ -49,7 +49,7 @@ def summary(result: dict) -> str:
     lines.append(f"metrics:      {Path(result['run_dir']) / 'metrics.jsonl'}")
     if "export" in result:
         lines.append(f"export:       {result['export']}  (diffusers from_pretrained)")
-    for key in ("fd", "sliced_w2", "modes_covered", "high_quality_fraction", "class_accuracy"):
+    for key in ("fd", "sliced_w2", "modes_covered", "high_quality_fraction", "precision", "recall", "class_accuracy"):
         s, t = result.get(f"student_{key}"), result.get(f"teacher_{key}")
         if s is not None:
             extra = f"   teacher ({result.get('teacher_steps')} steps): {t:.4g}" if t is not None else ""
