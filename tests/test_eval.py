@@ -326,6 +326,27 @@ def test_gmm_scatter_png(tmp_path, mix):
         assert a.size == (360, 360) and b.size == (720, 360)  # 4.5 in per panel at 80 dpi
 
 
+def test_a_diverged_panel_does_not_zoom_the_comparison_out(tmp_path, mix, monkeypatch):
+    """One student far from the mixture (a diverged run): the row's shared axes reach one mixture width past the
+    mixture's box ([-5, 5]: means +- 4 std) and no further, and that panel's title counts the samples it cannot
+    show."""
+    from stepdistill.eval import grids
+    near, far = mix.sample(300, generator=gen(9)), mix.sample(300, generator=gen(10)) + 90.0
+    x0, x1, y0, y1 = grids._plot_extent(mix, [near, far], reach=1.0)
+    # the far cloud pulls the top right corner to 5 + 10, then 5% padding: 15 + 1 = 16; the near side stays at -6
+    assert (x0, x1, y0, y1) == pytest.approx((-6.0, 16.0, -6.0, 16.0), abs=0.05)
+    assert grids._plot_extent(mix, [near, far])[1] > 90.0   # without a reach, the box holds every cloud
+    titles = []
+    real_draw = grids._draw_panel
+
+    def spy(ax, *args):
+        real_draw(ax, *args)
+        titles.append(ax.get_title())
+    monkeypatch.setattr(grids, "_draw_panel", spy)
+    grids.save_gmm_scatter_grid(tmp_path / "cmp.png", [[("ok", near), ("diverged", far)]], [mix])
+    assert titles == ["ok", "diverged\n(300 of 300 outside the view)"]
+
+
 def test_eval_fid_hook_uses_local_inception_weights(monkeypatch, tmp_path):
     """eval.fid.inception_weights adds `fid` (student and teacher) against the benchmark's real images."""
     import json

@@ -49,14 +49,20 @@ def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, scale: 
     return str(path)
 
 
-def _plot_extent(mixture, clouds: list[torch.Tensor]) -> tuple[float, float, float, float]:
-    """Box holding every mean +- 4 std and the central 99% of each sample cloud (outliers don't squash the plot)."""
+def _plot_extent(mixture, clouds: list[torch.Tensor], reach: float | None = None) -> tuple[float, float, float, float]:
+    """Box holding every mean +- 4 std and the central 99% of each sample cloud (outliers don't squash the plot).
+    `reach`: the box grows past the mixture's own by at most that many of its widths on each side, so one
+    diverged cloud in a comparison does not shrink every other panel to a dot."""
     lo = (mixture.means - 4 * mixture.stds[:, None]).min(0).values
     hi = (mixture.means + 4 * mixture.stds[:, None]).max(0).values
+    own_lo, own_hi = lo, hi
     for p in clouds:
         if p.shape[0]:
             lo = torch.minimum(lo, torch.quantile(p, 0.005, dim=0))
             hi = torch.maximum(hi, torch.quantile(p, 0.995, dim=0))
+    if reach is not None:
+        width = own_hi - own_lo
+        lo, hi = torch.maximum(lo, own_lo - reach * width), torch.minimum(hi, own_hi + reach * width)
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
@@ -85,7 +91,16 @@ def _draw_panel(ax, mixture, points: torch.Tensor, n_bad: int, extent, title: st
     ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, c="crimson", alpha=0.5, linewidths=0)
     if n_bad:
         title += f" ({n_bad} non-finite dropped)"
+    outside = _count_outside(points, extent)
+    if outside:
+        title += f"\n({outside} of {points.shape[0]} outside the view)"
     ax.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=title)
+
+
+def _count_outside(points: torch.Tensor, extent) -> int:
+    x0, x1, y0, y1 = extent
+    inside = (points[:, 0] >= x0) & (points[:, 0] <= x1) & (points[:, 1] >= y0) & (points[:, 1] <= y1)
+    return int((~inside).sum())
 
 
 def _save(fig, path) -> str:
@@ -122,7 +137,8 @@ def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixt
                           size: float = 3.2, row_labels: list[str] | None = None) -> str:
     """A figure of scatter panels: row r holds (title, samples) pairs drawn over ``mixtures[r]``'s density, all
     panels of a row on the same axes (a comparison of methods per benchmark), labelled ``row_labels[r]`` on the
-    left. Rows may differ in length."""
+    left. Rows may differ in length. The axes reach at most one mixture width past the mixture on each side; a
+    panel's title counts its samples outside them."""
     from matplotlib.figure import Figure
 
     if len(rows) != len(mixtures) or not rows:
@@ -132,7 +148,7 @@ def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixt
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (row, mixture) in enumerate(zip(rows, mixtures)):
         clean = [(title, *_finite_points(title, p)) for title, p in row]
-        extent = _plot_extent(mixture, [p for _, p, _ in clean])
+        extent = _plot_extent(mixture, [p for _, p, _ in clean], reach=1.0)
         for c in range(ncols):
             if c < len(clean):
                 _draw_panel(axes[r][c], mixture, clean[c][1], clean[c][2], extent, clean[c][0], grid)
