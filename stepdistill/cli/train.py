@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from pathlib import Path
 
 import hydra
@@ -34,7 +36,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if trainer.main:
         write_config(run.cfg, run_dir)
     result = trainer.fit()
-    if cfg.trainer.export and trainer.main:
+    if cfg.trainer.export and trainer.main and "stopped_by" not in result:
         # sharded networks (trainer=fsdp) hold 1/N of each weight: export plain ones from the final checkpoint
         result["export"] = str(export_run(load_run(run_dir) if trainer.fsdp else run, run_dir / "export"))
     result["run_dir"] = str(run_dir)
@@ -59,6 +61,9 @@ def summary(result: dict) -> str:
         lines.append(f"processes:    {result['processes']} (weight spread across them "
                      f"{result['weight_spread_across_processes']:.3g})")
     lines.append(f"train time:   {result['train_seconds']:.1f} s")
+    if "stopped_by" in result:
+        lines.append(f"stopped:      by {result['stopped_by']} at step {result['stopped_at_step']}, checkpoint saved; "
+                     f"continue with trainer.resume=true hydra.run.dir={result['run_dir']}")
     return "\n".join(lines)
 
 
@@ -69,6 +74,9 @@ def main(cfg: DictConfig) -> None:
     result = train(cfg, run_dir)
     if result["main_process"]:
         print(summary(result), flush=True)
+    if "stopped_by" in result:   # a signal's conventional exit status: a scheduler or a sweep sees an unfinished job
+        sig = getattr(signal, str(result["stopped_by"]), None)
+        sys.exit(128 + int(sig) if isinstance(sig, signal.Signals) else 1)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,15 @@ def all_finite(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def any_process(flag: bool, device) -> bool:
+    """True if any process's flag is set (a stop request that reached some processes only)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
 def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
     """The global-batch value of per-process logs (equal shard sizes): what a single process would log. Means
     average; a log named `*_max` is a maximum over samples, so its maximum over processes is taken."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .. import batch_split
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
-from .distributed import all_finite, average_gradients, mean_over_processes, weight_spread
+from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
 from .ema import EMA
 from .evaluation import Evaluator
 from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, full_state_dicts,
@@ -29,6 +29,7 @@ from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, ful
 from .loggers import MetricsLogger
 from .optim import clip_gradients, lr_lambda, make_adamw, phase_update_counts
 from .setup import Run, checkpoint_roles
+from .stop_signals import StopRequest
 
 log = logging.getLogger("stepdistill")
 
@@ -239,6 +240,16 @@ class Trainer:
         return finite, logs[0] if k == 1 else {key: sum(row[key] for row in logs) / k for key in logs[0]}
 
     # --- the loop ------------------------------------------------------------------------------------------
+    def _stopped(self, signal_name: str | None, t0: float) -> dict:
+        """After a stop signal: a checkpoint of the last finished step; no final evaluation, no export."""
+        self.save()
+        name = signal_name or "a signal to another process"
+        if self.main:
+            log.warning("stopped by %s at step %d: checkpoint saved; continue with trainer.resume=true", name, self.step)
+            self.logger.log(self.step, {"stopped_by": name}, kind="train")
+            self.logger.close()
+        return {"train_seconds": time.time() - t0, "stopped_by": name, "stopped_at_step": self.step}
+
     def _evaluate(self, teacher_reference: bool = False) -> dict:
         """Rank 0 evaluates and logs. Sharded networks (trainer=fsdp) need every process in each forward: all
         sample the same fixed noise, rank 0 alone scores and writes."""
@@ -268,23 +279,28 @@ class Trainer:
         t0 = time.time()
         bar = tqdm(total=int(tc.max_steps), initial=self.step, desc=f"{self.cfg.method.name}", dynamic_ncols=True,
                    disable=not (tc.progress and self.main))
-        while self.step < int(tc.max_steps):
-            phase, logs = self.train_step(batches)
-            self.step += 1
-            bar.update(1)
-            if logs:
-                last.update(logs)
-                bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in last.items()
-                                 if k.endswith("/loss")}, refresh=False)
-            every = int(self.cfg.logger.every)
-            if self.main and ((every > 0 and self.step % every == 0) or self.step == int(tc.max_steps)):
-                self.logger.log(self.step, {**last, "lr_generator": self.schedulers["generator"].get_last_lr()[0],
-                                            "seconds": time.time() - t0}, kind="train")
-            if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
-                self._evaluate()
-            if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
-                self.save()
+        with StopRequest(tc.get("stop_signals") or []) as stop:
+            while self.step < int(tc.max_steps):
+                phase, logs = self.train_step(batches)
+                self.step += 1
+                bar.update(1)
+                if logs:
+                    last.update(logs)
+                    bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in last.items()
+                                     if k.endswith("/loss")}, refresh=False)
+                every = int(self.cfg.logger.every)
+                if self.main and ((every > 0 and self.step % every == 0) or self.step == int(tc.max_steps)):
+                    lr = self.schedulers["generator"].get_last_lr()[0]
+                    self.logger.log(self.step, {**last, "lr_generator": lr, "seconds": time.time() - t0}, kind="train")
+                if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
+                    self._evaluate()
+                if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
+                    self.save()
+                if any_process(stop.requested, self.device):   # every process stops after the same step
+                    break
         bar.close()
+        if self.step < int(tc.max_steps):
+            return self._stopped(stop.received, t0)
         spread = weight_spread([p for ps in self.phase_params.values() for p in ps])   # every rank takes part
         self.save()
         result = {"train_seconds": time.time() - t0}
