@@ -19,14 +19,14 @@ from stepdistill.train.stop_signals import StopRequest
 
 
 def test_handlers_request_a_stop_and_are_restored():
-    before = signal.getsignal(signal.SIGUSR1)
+    before, before_int = signal.getsignal(signal.SIGUSR1), signal.getsignal(signal.SIGINT)
     with StopRequest(["SIGUSR1", "sigint"]) as stop:
         assert not stop.requested
         os.kill(os.getpid(), signal.SIGUSR1)
         assert stop.received == "SIGUSR1"
         with pytest.raises(KeyboardInterrupt):   # a second Ctrl-C does not wait for the step
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGUSR1) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGUSR1) is before and signal.getsignal(signal.SIGINT) is before_int
     with pytest.raises(ValueError, match=r"unknown signal\(s\) \['SIGNOPE'\]"):
         StopRequest(["SIGNOPE"])
 
@@ -52,6 +52,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_resume_continues_exactly(tmp
             os.kill(os.getpid(), signal.SIGTERM)
         return real_loss(self, phase, batch, step)
     monkeypatch.setattr(Method, "loss", loss_then_signal)
+    before = signal.getsignal(signal.SIGTERM)
     result = train(compose_cfg(*common, "eval.final=true"), stopped)
     monkeypatch.setattr(Method, "loss", real_loss)
     assert result["stopped_by"] == "SIGTERM" and result["stopped_at_step"] == 8
@@ -59,7 +60,7 @@ def test_a_signal_mid_run_checkpoints_that_step_and_resume_continues_exactly(tmp
     assert "export" not in result and not (stopped / "export").exists()
     rows = [json.loads(line) for line in (stopped / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["stopped_by"] == "SIGTERM" and not any(r["kind"] == "eval" for r in rows)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # restored after the run
+    assert signal.getsignal(signal.SIGTERM) is before   # restored after the run
     train(compose_cfg(*common, "trainer.resume=true"), stopped)
     for role in ("generator", "fake_score", "gan_head"):
         a, b = _weights(straight, role), _weights(stopped, role)
