@@ -33,22 +33,22 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
-def all_finite(flag: bool, device) -> bool:
-    """True only if every process saw a finite loss (all skip the update together otherwise)."""
+def _combine_flags(flag: bool, device, op) -> bool:
     if not is_distributed():
         return flag
     t = torch.tensor(1.0 if flag else 0.0, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    dist.all_reduce(t, op=op)
     return bool(t.item() > 0)
+
+
+def all_finite(flag: bool, device) -> bool:
+    """True only if every process saw a finite loss (all skip the update together otherwise)."""
+    return _combine_flags(flag, device, dist.ReduceOp.MIN)
 
 
 def any_process(flag: bool, device) -> bool:
     """True if any process's flag is set (a stop request that reached some processes only)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor(1.0 if flag else 0.0, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return _combine_flags(flag, device, dist.ReduceOp.MAX)
 
 
 def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
