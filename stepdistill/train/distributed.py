@@ -51,6 +51,15 @@ def any_process(flag: bool, device) -> bool:
     return _combine_flags(flag, device, dist.ReduceOp.MAX)
 
 
+def leave_together() -> None:
+    """Every process waits for the others, then leaves the process group. Before a run ends with a failure exit
+    status (a stop signal): the launcher kills the remaining processes as soon as one exits so, and a process
+    that exits with its process group still up aborts on the way out."""
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def mean_over_processes(values: dict[str, float], device) -> dict[str, float]:
     """The global-batch value of per-process logs (equal shard sizes): what a single process would log. Means
     average; a log named `*_max` is a maximum over samples, so its maximum over processes is taken."""
