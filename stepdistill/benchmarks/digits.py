@@ -69,16 +69,11 @@ class DigitsBenchmark(Benchmark):
         return self.to_output(self.images)
 
     def features(self, images01: torch.Tensor) -> torch.Tensor:
-        """The feature network's (N, num_features) features of [0, 1] images, float64 on the CPU."""
-        net = self.feature_net
-        param = next(net.parameters())
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                return torch.cat([net(x.to(param.device, param.dtype)).double().cpu() for x in images01.split(500)])
-        finally:
-            net.train(was_training)
+        """The feature network's (N, num_features) features of [0, 1] images, float64 on the CPU (the network is
+        frozen and in eval mode: `load_feature_net`)."""
+        device = next(self.feature_net.parameters()).device
+        with torch.no_grad():
+            return torch.cat([self.feature_net(x.to(device)).double().cpu() for x in images01.split(500)])
 
     @cached_property
     def real_features(self) -> torch.Tensor:

@@ -14,26 +14,24 @@ from __future__ import annotations
 import torch
 
 
-def _pairwise(a: torch.Tensor, b: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """Euclidean distances (len(a), len(b)) in float64, a block of rows at a time."""
-    return torch.cat([torch.cdist(a[i:i + block], b) for i in range(0, a.shape[0], block)])
+def _distance_blocks(a: torch.Tensor, b: torch.Tensor, block: int = 1024):
+    """Euclidean distances from `a` to `b`, a block of `a`'s rows at a time (never the whole matrix)."""
+    for i in range(0, a.shape[0], block):
+        yield torch.cdist(a[i:i + block], b)
 
 
 def knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
     """Distance from each point to its k-th nearest neighbour among the others."""
     if points.shape[0] <= k:
         raise ValueError(f"a manifold with k={k} needs more than {k} points, got {points.shape[0]}")
-    d = _pairwise(points, points)
     # the point itself is the smallest (0); a duplicate of it counts as a neighbour at distance 0
-    return d.kthvalue(k + 1, dim=1).values
+    return torch.cat([d.kthvalue(k + 1, dim=1).values for d in _distance_blocks(points, points)])
 
 
 def coverage_of(manifold: torch.Tensor, queries: torch.Tensor, k: int) -> float:
     """Share of `queries` inside the union of the balls around `manifold`'s points (radius: k-NN in `manifold`)."""
     radii = knn_radii(manifold, k)
-    inside = torch.zeros(queries.shape[0], dtype=torch.bool)
-    for i in range(0, queries.shape[0], 1024):
-        inside[i:i + 1024] = (_pairwise(queries[i:i + 1024], manifold) <= radii).any(dim=1)
+    inside = torch.cat([(d <= radii).any(dim=1) for d in _distance_blocks(queries, manifold)])
     return float(inside.double().mean())
 
 
