@@ -77,9 +77,9 @@ def main(cfg: DictConfig) -> None:
     result = train(cfg, run_dir)
     if result["main_process"]:
         print(summary(result), flush=True)
+    from ..train.distributed import leave_together
+    leave_together()   # rank 0 has written and printed before any process exits, and none exits with its group up
     if "stopped_by" in result:   # a signal's conventional exit status: a scheduler or a sweep sees an unfinished job
-        from ..train.distributed import leave_together
-        leave_together()   # rank 0 has written and printed before any process exits with that status
         sig = getattr(signal, str(result["stopped_by"]), None)
         sys.exit(128 + int(sig) if isinstance(sig, signal.Signals) else 1)
 

@@ -52,9 +52,10 @@ def any_process(flag: bool, device) -> bool:
 
 
 def leave_together() -> None:
-    """Every process waits for the others, then leaves the process group. Before a run ends with a failure exit
-    status (a stop signal): the launcher kills the remaining processes as soon as one exits so, and a process
-    that exits with its process group still up aborts on the way out."""
+    """Every process waits for the others, then leaves the process group; at the end of every run. A process
+    that exits with its process group still up can abort on the way out (gloo's threads: "terminate called
+    without an active exception", seen in a two-process test), and the launcher kills the remaining processes as
+    soon as one exits with a failure status (an abort, or a stop signal's status)."""
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
