@@ -69,6 +69,21 @@ def test_sample_student_and_teacher(tmp_path):
     assert [r.split(" | ")[1] for r in rows] == ["999", "499"], proc.stdout
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["source"] == "stepdistill-eval every_step" and logged["student_step2_num_samples"] == 50
+    # stepdistill-export: the latest checkpoint in diffusers format (this run trained with trainer.export=false);
+    # the exported pipeline samples what stepdistill-sample does for the same seed
+    assert not (run_dir / "export").exists()
+    proc = run_cli("-m", "stepdistill.cli.export", f"run_dir={run_dir}")
+    assert f"exported to {run_dir / 'export'}" in proc.stdout
+    # loaded in a fresh process, as a user would: importing stepdistill.pipelines is all it takes
+    load = ("import sys, numpy, torch; from stepdistill.pipelines import PointsFewStepPipeline; "
+            "pipe = PointsFewStepPipeline.from_pretrained(sys.argv[1]); "
+            "numpy.save(sys.argv[2], pipe(batch_size=20, generator=torch.Generator().manual_seed(5)).numpy())")
+    run_cli("-c", load, str(run_dir / "export"), str(tmp_path / "pipe.npy"))
+    from stepdistill.cli.sample import sample_student
+    ours, _ = sample_student(run_dir, 20, seed=5)
+    torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "pipe.npy")), ours, atol=1e-5, rtol=1e-5)
+    proc = run_cli("-m", "stepdistill.cli.export", check=False)
+    assert proc.returncode == 2 and "stepdistill-export: error: give run_dir=D" in proc.stderr
     out_t = tmp_path / "t.npz"
     run_cli("-m", "stepdistill.cli.sample", "benchmark=gmm", "teacher_steps=16", "num_samples=30", f"out={out_t}")
     with np.load(out_t) as f:
@@ -128,3 +143,35 @@ def test_experiment_presets_compose():
         cfg = compose("train", overrides=["experiment=digits_four_step"])
     assert cfg.benchmark.name == "digits" and cfg.generator.steps == 4 and list(cfg.generator.train_steps) == [4]
     assert cfg.optim.schedule == "cosine" and cfg.method.reuse_generator_samples
+
+
+def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
+    """Image runs are not re-sampled: a row holds the last evaluation the run logged (the student's FD, the
+    teacher's, their ratio, precision and recall, the sample count) and the last train record's step and time."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from stepdistill.cli.compare import compare
+    logs = {"dmd2": [{"kind": "train", "step": 100, "seconds": 12.5},
+                     {"kind": "eval", "step": 100, "student_fd": 3.0, "student_fd_num_samples": 500},
+                     {"kind": "train", "step": 200, "seconds": 25.0},
+                     {"kind": "eval", "step": 200, "student_fd": 1.2, "teacher_fd": 1.5, "student_precision": 0.9,
+                      "student_recall": 0.8, "student_fd_num_samples": 1000}],
+            "dmd": [{"kind": "train", "step": 50, "seconds": 5.0}]}   # evaluations off
+    for method, records in logs.items():
+        run = tmp_path / "sweep" / method
+        run.mkdir(parents=True)
+        OmegaConf.save(compose_cfg("benchmark=digits", f"method={method}"), run / "config.yaml", resolve=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = compare([tmp_path / "sweep"], tmp_path / "out")
+    rows = {r["method"]: r for r in result["rows"]}
+    assert {k: v for k, v in rows["dmd2"].items() if k not in ("run_dir", "fd_ratio")} == {
+        "benchmark": "digits", "method": "dmd2", "steps": 200, "train_seconds": 25.0, "fd": 1.2, "teacher_fd": 1.5,
+        "precision": 0.9, "recall": 0.8, "num_samples": 1000}
+    assert rows["dmd2"]["fd_ratio"] == pytest.approx(0.8)
+    assert rows["dmd"]["fd"] is None and rows["dmd"]["steps"] == 50 and "figure" not in result
+    head, _, *lines = result["table"].splitlines()
+    assert head == ("| benchmark | method | steps | train_seconds | num_samples | fd | teacher_fd | fd_ratio | "
+                    "precision | recall |")
+    assert lines == ["| digits | dmd | 50 | 5 | – | – | – | – | – | – |",
+                     "| digits | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]

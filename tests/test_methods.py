@@ -250,6 +250,31 @@ def test_lpips_regression_distance_from_local_backbone(tmp_path):
     assert d_same.shape == (3,) and torch.all(d_same.abs() < 1e-6) and torch.all(d_diff > 0)
 
 
+def test_dmd_regression_term_is_lpips_on_the_teacher_pairs(tmp_path):
+    """method.regression.distance=lpips: DMD's regression term is the LPIPS distance (local AlexNet weights)
+    between the 1-step generator's output from each pair's noise and the pair's teacher sample, averaged."""
+    import torchvision
+    from conftest import digits_cfg
+    from stepdistill.methods.lpips_distance import LPIPSDistance
+    from stepdistill.train.batches import BatchSource, make_regression_pairs
+    torch.manual_seed(0)
+    weights = tmp_path / "alexnet.pth"
+    torch.save(torchvision.models.alexnet(weights=None).state_dict(), weights)
+    run = build_run(digits_cfg("method=dmd", "method.regression.distance=lpips",
+                               f"method.regression.lpips_weights={weights}", "method.regression.num_pairs=6"))
+    pairs = make_regression_pairs(run.benchmark, 6, 0)
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 6, "cpu", pairs)()
+    logs = run.method.generator_loss(batch, 0).logs
+    with torch.no_grad():
+        pred = run.method.models["generator"](batch["reg_noise"], batch["reg_cond"], step=1)
+    target = batch["reg_target"]
+    lpips = LPIPSDistance(str(weights))(pred, target).mean().item()
+    assert logs["loss_reg"] == pytest.approx(lpips, rel=1e-5)
+    assert logs["loss_reg"] != pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-2)
+    with pytest.raises(ValueError, match="use l2 or lpips"):
+        build_run(digits_cfg("method=dmd", "method.regression.distance=l1"))
+
+
 def test_backward_simulation_can_train_chosen_steps_only():
     from stepdistill.denoiser import NetworkDenoiser
     from stepdistill.networks.mlp import TimeMLP

@@ -459,3 +459,24 @@ def test_real_image_folder_latents_are_cached_and_used(tmp_path):
     Trainer(run, tmp_path / "run").fit()
     with pytest.raises(FileNotFoundError, match="benchmark.data.images="):
         build_benchmark(compose_cfg(*TINY, f"benchmark.data.images={tmp_path / 'none'}").benchmark).real_samples
+
+
+def test_image_folder_captions_from_jsonl_and_an_empty_folder_is_an_error(tmp_path):
+    """metadata.jsonl (🤗 imagefolder's other caption file) gives the captions, matched on the path under the
+    folder; a folder without images is a one-line error naming the setting."""
+    from PIL import Image
+
+    from stepdistill.data.images import load_image_folder
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("b.png", "a.jpg", "sub/c.webp"):
+        Image.new("RGB", (4, 4)).save(folder / name)
+    (folder / "notes.txt").write_text("not an image")
+    rows = [{"file_name": "a.jpg", "text": "a cat"}, {"file_name": "sub/c.webp", "text": "a car"},
+            {"file_name": "b.png", "text": None}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    assert [(p.relative_to(folder).as_posix(), c) for p, c in load_image_folder(folder)] == [
+        ("a.jpg", "a cat"), ("b.png", ""), ("sub/c.webp", "a car")]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"benchmark.data.images=.*holds no images"):
+        load_image_folder(tmp_path / "empty")

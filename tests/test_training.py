@@ -69,6 +69,41 @@ def test_resume_without_checkpoint_is_a_clear_error(gmm_cfg, tmp_path):
         train(gmm_cfg("trainer.max_steps=5", "trainer.resume=true"), tmp_path)
 
 
+@pytest.mark.parametrize("first, change, named", [
+    ("method=dmd2", "benchmark.network.width=96", "benchmark.network.width: 64 -> 96"),   # the networks' shapes
+    ("method=dmd2", "method=dmd", "method.name: dmd2 -> dmd"),   # the optimizers' parameter groups
+    ("method=dmd", "method=dmd2", "method.name: dmd -> dmd2"),   # a role the checkpoint has no weights for
+])
+def test_resume_with_another_config_names_the_changed_settings(gmm_cfg, tmp_path, first, change, named):
+    """A resume whose networks or optimizers do not fit the checkpoint says which settings differ from the
+    run's config.yaml, in one message, and leaves config.yaml as the checkpoints were written with."""
+    def with_pairs(*overrides):   # DMD's regression pairs, fewer of them
+        method = [o for o in overrides if o.startswith("method=")][-1]
+        return gmm_cfg(*overrides, *(["method.regression.num_pairs=64"] if method == "method=dmd" else []))
+    train(with_pairs(first, "trainer.max_steps=4", "trainer.export=false"), tmp_path)
+    written = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError) as err:
+        train(with_pairs(first, change, "trainer.max_steps=8", "trainer.resume=true"), tmp_path)
+    msg = str(err.value)
+    assert msg.startswith("trainer.resume=true but checkpoint") and "step_0000004" in msg and "\n" not in msg
+    assert f"this run changes {named}" in msg and "another hydra.run.dir" in msg, msg
+    assert (tmp_path / "config.yaml").read_text() == written
+    # the run's own settings (with more steps) still resume, and then config.yaml records the new run
+    train(with_pairs(first, "trainer.max_steps=6", "trainer.resume=true", "trainer.export=false"), tmp_path)
+    assert latest_checkpoint(tmp_path / "checkpoints").name == "step_0000006"
+    assert "max_steps: 6" in (tmp_path / "config.yaml").read_text()
+
+
+def test_config_differences_lists_changed_settings_first():
+    from stepdistill.train.resume_check import config_differences
+    saved = {"method": {"name": "dmd2", "gan": {"enabled": True}}, "trainer": {"resume": False, "max_steps": 4},
+             "ts": [1, 2]}
+    current = {"method": {"name": "dmd"}, "trainer": {"resume": True, "max_steps": 8}, "ts": [1, 3], "seed": 0}
+    assert config_differences(saved, current) == [
+        "method.name: dmd2 -> dmd", "trainer.max_steps: 4 -> 8", "ts: [1, 2] -> [1, 3]",
+        "method.gan.enabled: True -> (unset)", "seed: (unset) -> 0"]
+
+
 def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch):
     train(gmm_cfg("trainer.max_steps=10", "trainer.checkpoint_every=10", "trainer.export=false"), tmp_path)
     root = tmp_path / "checkpoints"

@@ -5,7 +5,8 @@ Each entry of `runs` is a run folder or a folder of run folders (a Hydra multiru
     against the exact mixture: modes covered, per-mode mass error, HQ fraction, mode width, sliced W2
     (eval/gmm_metrics.py); the figure shows every student's samples over its mixture's density contours, one
     row per benchmark.
-  * image benchmarks: the final evaluation the run logged (student FD and the teacher's, same samples).
+  * image benchmarks: the last evaluation the run logged: the student's FD and the teacher's (same samples),
+    their ratio, and the student's precision and recall where the benchmark measures them (digits).
 Every row also gives the run's training time (seconds of the last logged train step) and its step count.
 Writes DIR/comparison.md, DIR/comparison.json and (points benchmarks) DIR/comparison.png, and prints the table.
 """
@@ -20,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import CONF_DIR, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
+IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall")
 
 
 def find_runs(entries) -> list[Path]:
@@ -77,6 +79,9 @@ def compare_run(run_dir: Path, num_samples: int | None, seed: int) -> tuple[dict
     row["fd"], row["teacher_fd"] = evaluation.get("student_fd"), evaluation.get("teacher_fd")
     if row.get("fd") is not None and row.get("teacher_fd"):
         row["fd_ratio"] = row["fd"] / row["teacher_fd"]
+    for key in ("precision", "recall"):
+        if f"student_{key}" in evaluation:
+            row[key] = evaluation[f"student_{key}"]
     row["num_samples"] = evaluation.get("student_fd_num_samples")
     return row, None
 
@@ -89,7 +94,7 @@ def _mixture(cfg):
 
 def markdown_table(rows: list[dict]) -> str:
     cols = ["benchmark", "method", "steps", "train_seconds", "num_samples"]
-    extra = [c for c in (*POINT_COLUMNS, "fd", "teacher_fd", "fd_ratio") if any(c in r for r in rows)]
+    extra = [c for c in (*POINT_COLUMNS, *IMAGE_COLUMNS) if any(c in r for r in rows)]
     cols += extra
 
     def fmt(v):

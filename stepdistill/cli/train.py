@@ -33,6 +33,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         del cfg["hydra"]
     run = build_run(cfg)
     trainer = Trainer(run, run_dir)
+    if cfg.trainer.resume:   # before config.yaml is rewritten: a resume that does not fit leaves the folder as it was
+        trainer.resume()
     if trainer.main:
         write_config(run.cfg, run_dir)
     result = trainer.fit()

@@ -28,6 +28,7 @@ from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, ful
                    load_full_optimizer_state, shard_roles)
 from .loggers import MetricsLogger
 from .optim import clip_gradients, lr_lambda, make_adamw, phase_update_counts
+from .resume_check import mismatch_message
 from .setup import Run, checkpoint_roles
 from .stop_signals import StopRequest
 
@@ -114,6 +115,7 @@ class Trainer:
         self.ema = EMA(run.roles["generator_ema"], run.roles["generator"]) if "generator_ema" in run.roles else None
         self.step = 0
         self.nonfinite_in_a_row = 0
+        self.resumed_from: Path | None = None
         self.evaluator = Evaluator(run, self.run_dir)
         self.logger = (MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
                                      resume=bool(tc.resume)) if self.main else None)
@@ -145,10 +147,30 @@ class Trainer:
                                keep=int(self.cfg.trainer.keep_checkpoints))
 
     def resume(self) -> None:
+        """Load the latest checkpoint (once). `train()` calls it before rewriting config.yaml, so a resume that
+        does not fit leaves the run folder as it was; `fit()` calls it otherwise."""
+        if self.resumed_from is not None:
+            return
         ckpt = latest_checkpoint(self.run_dir / "checkpoints")
         if ckpt is None:
             raise FileNotFoundError(f"trainer.resume=true but {self.run_dir / 'checkpoints'} holds no checkpoint: "
                                     "drop trainer.resume or point hydra.run.dir at an earlier run")
+        try:
+            st = self._load_checkpoint(ckpt)
+        except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:   # another config's roles or shapes
+            raise ValueError(mismatch_message(ckpt, self.run_dir / "config.yaml", self.cfg, e)) from e
+        self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
+        if self.accelerator.scaler is not None and st.get("grad_scaler"):   # fp16: the loss scale goes on
+            self.accelerator.scaler.load_state_dict(st["grad_scaler"])
+        self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
+        torch.set_rng_state(st["rng_cpu"])
+        if st["rng_cuda"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
+        self.resumed_from = ckpt
+        log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def _load_checkpoint(self, ckpt: Path) -> dict:
+        """Weights, optimizer and scheduler states into this trainer's objects; the rest of the state returned."""
         if self.fsdp:   # every process reads the whole weights and keeps its shards
             st = load_sharded_checkpoint(ckpt, checkpoint_roles(self.run.roles))
             for k, o in self.optimizers.items():
@@ -159,14 +181,7 @@ class Trainer:
                 o.load_state_dict(st["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(st["schedulers"][k])
-        self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
-        if self.accelerator.scaler is not None and st.get("grad_scaler"):   # fp16: the loss scale goes on
-            self.accelerator.scaler.load_state_dict(st["grad_scaler"])
-        self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
-        torch.set_rng_state(st["rng_cpu"])
-        if st["rng_cuda"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
-        log.info("resumed from %s at step %d", ckpt, self.step)
+        return st
 
     # --- one step ------------------------------------------------------------------------------------------
     def train_step(self, batch_source: BatchSource) -> tuple[str, dict | None]:
@@ -263,7 +278,7 @@ class Trainer:
     def fit(self) -> dict:
         tc, ec = self.cfg.trainer, self.cfg.eval
         if tc.resume:
-            self.resume()
+            self.resume()   # a no-op where train() has resumed already
         pairs = None
         if "reg_noise" in self.method.batch_keys:
             rc = self.cfg.method.regression
