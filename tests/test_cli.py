@@ -175,3 +175,23 @@ def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
                     "precision | recall |")
     assert lines == ["| digits | dmd | 50 | 5 | – | – | – | – | – | – |",
                      "| digits | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]
+
+
+@pytest.mark.parametrize("error", [ValueError("set x=1"), FileNotFoundError("no /a"), ImportError("pip install y")])
+def test_user_errors_end_in_one_line(error, capsys, monkeypatch):
+    """What bad input raises (including a missing optional dependency) ends the app with status 2 and one line;
+    STEPDISTILL_TRACEBACK=1 lets it through; other exceptions always propagate."""
+    from stepdistill.cli import user_errors
+
+    @user_errors("stepdistill-x")
+    def app(exc):
+        raise exc
+    monkeypatch.delenv("STEPDISTILL_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as ended:
+        app(error)
+    assert ended.value.code == 2 and capsys.readouterr().err == f"stepdistill-x: error: {error.args[0]}\n"
+    monkeypatch.setenv("STEPDISTILL_TRACEBACK", "1")
+    with pytest.raises(type(error)):
+        app(error)
+    with pytest.raises(RuntimeError):
+        app(RuntimeError("a bug"))

@@ -223,6 +223,18 @@ def test_frechet_distance_input_checks():
         frechet_distance(digit_like(4, 1) * 2 - 1, digit_like(4, 2), net)
     with pytest.raises(ValueError, match="num_features"):
         frechet_distance(digit_like(4, 1), digit_like(4, 2), nn.Conv2d(1, 2, 3))
+    with pytest.raises(ValueError, match="float N x C x H x W"):
+        frechet_distance(digit_like(4, 1)[:, 0], digit_like(4, 2), net)        # no channel axis
+    with pytest.raises(ValueError, match="float N x C x H x W"):
+        frechet_distance((digit_like(4, 1) * 255).byte(), digit_like(4, 2), net)
+
+    class WrongWidth(nn.Module):   # says 16 features, returns 8
+        num_features = 16
+
+        def forward(self, x):
+            return x.flatten(1)[:, :8]
+    with pytest.raises(ValueError, match=r"returned shape \(4, 8\), expected \(N, 16\)"):
+        frechet_distance(digit_like(4, 1), digit_like(4, 2), WrongWidth())
     fake = digit_like(4, 2)
     fake[0, 0, 0, 0] = float("nan")
     with pytest.warns(RuntimeWarning):
@@ -290,6 +302,10 @@ def test_inception_missing_weights_and_missing_fidelity(monkeypatch, tmp_path):
 
     weights = tmp_path / "inception.pth"
     weights.write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"inception_feature must be one of \(64, 192, 768, 2048\)"):
+        build_fid_metric(inception_weights=str(weights), inception_feature=100)
+    with pytest.raises(ValueError, match="1- or 3-channel"):
+        inception_fid(torch.rand(4, 2, 8, 8), torch.rand(4, 2, 8, 8), str(weights))
     monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", False)
     with pytest.raises(ImportError, match="pip install torch-fidelity"):
         build_fid_metric(inception_weights=str(weights))

@@ -49,6 +49,15 @@ def test_parquet_prompts(tmp_path):
     assert load_prompts(tmp_path / "p.parquet") == ["a fox", "a hen"]
 
 
+def test_parquet_prompts_without_pyarrow_say_what_to_install(tmp_path, monkeypatch):
+    from stepdistill.data.prompts import load_prompts
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)   # import pyarrow now raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match=r"needs pyarrow: pip install 'stepdistill\[parquet\]'"):
+        load_prompts(tmp_path / "p.parquet")
+
+
 def test_embedding_cache_encodes_each_prompt_once(tmp_path):
     from stepdistill.data.prompts import EmbeddingCache
     calls = []

@@ -1,4 +1,5 @@
 """End-to-end training on gmm through the Python API: both methods, resume exactness, atomic checkpoints."""
+import os
 from pathlib import Path
 
 import pytest
@@ -124,13 +125,34 @@ def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch)
     assert list_checkpoints(root) == [before]  # the half-written one is not a checkpoint
     st = torch.load(before / "trainer_state.pt", weights_only=True)
     assert st["step"] == 10
-    # and training resumes from it
+    # and training resumes from it; the next save clears temporary folders left by killed saves (this process's,
+    # and one of another process that died before its rename)
+    assert (root / f".tmp_step_0000020_{os.getpid()}").is_dir()
+    (root / ".tmp_step_0000015_999999").mkdir()
     train(gmm_cfg("trainer.max_steps=20", "trainer.checkpoint_every=20", "trainer.resume=true",
                   "trainer.export=false"), tmp_path)
     assert latest_checkpoint(root).name == "step_0000020"
-    leftovers = [p for p in root.iterdir() if p.name.startswith(".tmp")]
-    for p in leftovers:  # a stale temp folder from the killed save may remain; it is never picked up
-        assert not ckpt_mod.STEP_DIR.match(p.name)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000010", "step_0000020"]
+
+
+def test_each_step_is_checkpointed_once(gmm_cfg, tmp_path, monkeypatch):
+    """A run whose last step is a checkpoint step writes that step once (the loop's save), not again at the end;
+    a resume that has nothing to train writes nothing."""
+    written = []
+    real = ckpt_mod.save_checkpoint
+
+    def counting(root, step, *a, **k):
+        written.append(step)
+        return real(root, step, *a, **k)
+    import stepdistill.train.trainer as trainer_mod
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", counting)
+    train(gmm_cfg("trainer.max_steps=10", "trainer.checkpoint_every=5", "trainer.export=false"), tmp_path)
+    assert written == [5, 10]
+    train(gmm_cfg("trainer.max_steps=12", "trainer.checkpoint_every=5", "trainer.export=false"), tmp_path / "b")
+    assert written == [5, 10, 5, 10, 12]
+    train(gmm_cfg("trainer.max_steps=12", "trainer.checkpoint_every=5", "trainer.export=false",
+                  "trainer.resume=true"), tmp_path / "b")
+    assert written == [5, 10, 5, 10, 12]
 
 
 def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):

@@ -8,7 +8,9 @@ from pathlib import Path
 
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+# ImportError: an optional dependency a setting needs (pyarrow for parquet prompts, torch-fidelity for Inception
+# FID), whose message names the install; STEPDISTILL_TRACEBACK=1 shows the traceback of any of these
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
 
 
 def user_errors(app: str):

@@ -22,7 +22,11 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
                                 ".parquet file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError(f"data.prompts={path} is a parquet file, which needs pyarrow: "
+                              "pip install 'stepdistill[parquet]' (or pyarrow), or give a .txt or .csv file") from e
         table = pq.read_table(path)
         names = table.column_names
         col = _pick_column(column, names, path)

@@ -1,7 +1,9 @@
 """Atomic checkpoints: `checkpoints/step_XXXXXXX/` holds one safetensors file per role + `trainer_state.pt`.
 
 A checkpoint is written into a temporary sibling folder and renamed into place (os.replace is atomic on one
-file system), so a kill mid-save leaves the previous checkpoint intact and never a half-written one.
+file system), so a kill mid-save leaves the previous checkpoint intact and never a half-written one. The files
+and folders are synced to disk before and after the rename, so a machine that crashes right after a save (not
+only a killed process) does not come back with a renamed folder of empty files.
 `trainer_state.pt` holds only tensors and plain containers and is read back with `weights_only=True`.
 """
 from __future__ import annotations
@@ -36,6 +38,15 @@ def load_module(module: torch.nn.Module, path: Path) -> None:
                            f"unexpected {unexpected[:5]} (was it written with a different config?)")
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: its list of names, so a rename is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | dict], state: dict,
                     keep: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
@@ -46,6 +57,9 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | 
     for name, mod in modules.items():
         save_module(mod, tmp / f"{name}.safetensors")
     torch.save(state, tmp / "trainer_state.pt")
+    for f in tmp.iterdir():
+        _fsync(f)
+    _fsync(tmp)
     if final.exists():  # re-saving the same step: move the old one aside first, then swap
         old = root / f".old_{step_dir_name(step)}_{os.getpid()}"
         os.replace(final, old)
@@ -53,8 +67,11 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+    _fsync(root)
     for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(stale, ignore_errors=True)
+    for leftover in root.glob(".tmp_step_*"):   # from saves killed before their rename: never checkpoints
+        shutil.rmtree(leftover, ignore_errors=True)
     return final
 
 

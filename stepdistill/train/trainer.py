@@ -116,6 +116,7 @@ class Trainer:
         self.step = 0
         self.nonfinite_in_a_row = 0
         self.resumed_from: Path | None = None
+        self.saved_step: int | None = None   # the step of the last checkpoint written or loaded
         self.evaluator = Evaluator(run, self.run_dir)
         self.logger = (MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
                                      resume=bool(tc.resume)) if self.main else None)
@@ -136,15 +137,20 @@ class Trainer:
                 "rng_cuda": [torch.cuda.get_rng_state(self.device)] if self.device.type == "cuda" else []}
 
     def save(self) -> Path | None:
+        """Checkpoint this step, once: the end of a run whose last step was a checkpoint step (or a stop right
+        after one) has nothing new to write, and rewriting a step in place is the one save with a window in
+        which that step's folder is missing."""
+        if self.step == self.saved_step:   # the same on every process: all skip the gathers together
+            return None
         roles, optimizers = checkpoint_roles(self.run.roles), None
         if self.fsdp:   # every process takes part in gathering the whole weights and optimizer states
             roles = full_state_dicts(roles)
             optimizers = {k: full_optimizer_state(self.run.roles, o) for k, o in self.optimizers.items()}
         method = self.method.state_dict()   # every process takes part in gathering the kept samples
-        if not self.main:
-            return None
-        return save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(method, optimizers),
-                               keep=int(self.cfg.trainer.keep_checkpoints))
+        path = (save_checkpoint(self.run_dir / "checkpoints", self.step, roles, self.state(method, optimizers),
+                                keep=int(self.cfg.trainer.keep_checkpoints)) if self.main else None)
+        self.saved_step = self.step
+        return path
 
     def resume(self) -> None:
         """Load the latest checkpoint (once). `train()` calls it before rewriting config.yaml, so a resume that
@@ -166,7 +172,7 @@ class Trainer:
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
-        self.resumed_from = ckpt
+        self.resumed_from, self.saved_step = ckpt, self.step
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def _load_checkpoint(self, ckpt: Path) -> dict:
