@@ -135,9 +135,9 @@ def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000010", "step_0000020"]
 
 
-def test_each_step_is_checkpointed_once(gmm_cfg, tmp_path, monkeypatch):
+def test_each_step_is_checkpointed_once(gmm_cfg, tmp_path, monkeypatch, caplog):
     """A run whose last step is a checkpoint step writes that step once (the loop's save), not again at the end;
-    a resume that has nothing to train writes nothing."""
+    a resume that has nothing to train writes nothing, and says so."""
     written = []
     real = ckpt_mod.save_checkpoint
 
@@ -153,6 +153,7 @@ def test_each_step_is_checkpointed_once(gmm_cfg, tmp_path, monkeypatch):
     train(gmm_cfg("trainer.max_steps=12", "trainer.checkpoint_every=5", "trainer.export=false",
                   "trainer.resume=true"), tmp_path / "b")
     assert written == [5, 10, 5, 10, 12]
+    assert "trainer.max_steps=12 but the checkpoint is at step 12: nothing to train" in caplog.text
 
 
 def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):

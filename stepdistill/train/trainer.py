@@ -285,6 +285,10 @@ class Trainer:
         tc, ec = self.cfg.trainer, self.cfg.eval
         if tc.resume:
             self.resume()   # a no-op where train() has resumed already
+            if self.step >= int(tc.max_steps):
+                log.warning("trainer.max_steps=%d but the checkpoint is at step %d: nothing to train; the run "
+                            "evaluates and exports step %d (raise trainer.max_steps to train on)",
+                            int(tc.max_steps), self.step, self.step)
         pairs = None
         if "reg_noise" in self.method.batch_keys:
             rc = self.cfg.method.regression
