@@ -102,6 +102,7 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["benchmark.teacher.path=/no/such/teacher", *DIGITS_FAST], "set benchmark.teacher.path"),
     (["benchmark.teacher.prediction_type=epsilon", *DIGITS_FAST], "does not match the teacher's scheduler"),
     (["benchmark.resolution=7", *DIGITS_FAST], "benchmark.resolution=8"),
+    (["generator.steps=0", *FAST], "generator.steps=0: a generator takes at least 1 step"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
     proc = run_cli("-m", "stepdistill.train", *args, f"hydra.run.dir={tmp_path}", check=False)

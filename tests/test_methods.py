@@ -319,7 +319,7 @@ def test_dm_noise_level_below_each_samples_step_input(gmm_cfg):
 
 def test_dm_below_step_input_needs_room_above_t_min(gmm_cfg):
     with pytest.raises(ValueError, match="lower t_min"):
-        build_run(gmm_cfg("method=dmd2", "generator=four_step", "generator.timesteps=[999,10]",
+        build_run(gmm_cfg("method=dmd2", "generator=four_step", "generator.steps=2", "generator.timesteps=[999,10]",
                           "method.dm_below_step_input=true"))
 
 

@@ -263,3 +263,24 @@ def test_lr_drop_step_scales_each_phase_from_its_own_update_count(gmm_cfg, tmp_p
 def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     with pytest.raises(ValueError, match="lr_drop_step must be a trainer step"):
         train(gmm_cfg("optim.lr_drop_step=-1", "trainer.max_steps=2"), tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.batch_size=0", "trainer.batch_size=0: need at least 1 sample"),
+    ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5: need a decay in [0, 1]"),
+    ("generator.steps=0", "generator.steps=0: a generator takes at least 1 step"),
+    ("generator.timesteps=[999,499]", "has 2 entries but generator.steps=1: set generator.steps=2 too"),
+    ("method.t_min=0.99", "method.t_min=0.99, method.t_max=0.98: need 0 <= t_min < t_max <= 1"),
+    ("method.gan.t_max=1.5", "method.gan.t_min=0.0, method.gan.t_max=1.5: need 0 <= t_min < t_max <= 1"),
+    ("method.critic_steps=0", "method.critic_steps=0: need an integer >= 1"),
+    ("method.critic_warmup_steps=-1", "method.critic_warmup_steps=-1: need an integer >= 0"),
+    ("benchmark.num_modes=0", "benchmark.num_modes=0: a mixture needs at least one mode"),
+    ("benchmark.std=-1", "benchmark.std=-1: each mode's standard deviation must be > 0"),
+    ("benchmark.weights=[1,2]", "benchmark.weights=[1, 2]: give 8 non-negative weights"),
+])
+def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, message):
+    """Settings that used to run silently (an EMA decay past 1, an empty DM noise range, a critic that never
+    updates, a negative mode width) or to crash deep inside (0 steps, an empty batch, no modes)."""
+    with pytest.raises(ValueError) as err:
+        train(gmm_cfg("method=dmd2", "trainer.max_steps=2", override), tmp_path)
+    assert message in str(err.value)

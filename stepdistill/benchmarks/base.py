@@ -22,8 +22,15 @@ def shared_base(model_cfg) -> bool:
 def generator_timesteps(schedule, method_cfg, generator_cfg):
     """`generator.timesteps` if set; else, for a one-step student of a method with `init_sigma` (SiD's 2.5), the
     schedule's time at that noise-to-signal ratio; else None (the generator's default)."""
+    steps = int(generator_cfg.steps)
+    if steps < 1:
+        raise ValueError(f"generator.steps={generator_cfg.steps}: a generator takes at least 1 step")
     if generator_cfg.get("timesteps") is not None:
-        return list(generator_cfg.timesteps)
+        ts = list(generator_cfg.timesteps)
+        if len(ts) != steps:   # one count in config.yaml, the one the student has
+            raise ValueError(f"generator.timesteps={ts} has {len(ts)} entries but generator.steps={steps}: "
+                             f"set generator.steps={len(ts)} too")
+        return ts
     init_sigma = method_cfg.get("init_sigma")
     if init_sigma is not None and int(generator_cfg.steps) == 1:
         return [schedule.t_at_noise_ratio(float(init_sigma))]

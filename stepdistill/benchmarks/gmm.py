@@ -17,8 +17,16 @@ class GMMBenchmark(Benchmark):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.name = cfg.name
+        if not cfg.get("means") and int(cfg.num_modes) < 1:
+            raise ValueError(f"benchmark.num_modes={cfg.num_modes}: a mixture needs at least one mode")
         means = cfg.get("means") or circle_means(int(cfg.num_modes), float(cfg.radius))
-        self.mixture = GaussianMixture(means, float(cfg.std), cfg.get("weights"))
+        if float(cfg.std) <= 0:
+            raise ValueError(f"benchmark.std={cfg.std}: each mode's standard deviation must be > 0")
+        weights = cfg.get("weights")
+        if weights is not None and (len(weights) != len(means) or min(weights) < 0 or sum(weights) <= 0):
+            raise ValueError(f"benchmark.weights={list(weights)}: give {len(means)} non-negative weights, one per "
+                             "mode, not all zero (null = equal)")
+        self.mixture = GaussianMixture(means, float(cfg.std), weights)
         self.schedule = make_schedule(**cfg.schedule)
         self.teacher = GMMDenoiser(self.mixture, self.schedule)
         self.data_shape = (self.mixture.dim,)

@@ -13,11 +13,11 @@ from ..roles import Roles
 from .kept_samples import KeptSamples
 
 
-def check_t_range(cfg) -> tuple[float, float]:
-    """`method.t_min`, `t_max` as fractions of the noise range, with a clear error when they are not one."""
+def check_t_range(cfg, key: str = "method") -> tuple[float, float]:
+    """`{key}.t_min`, `t_max` as fractions of the noise range, with a clear error when they are not one."""
     lo, hi = float(cfg.t_min), float(cfg.t_max)
     if not (0 <= lo < hi <= 1):
-        raise ValueError(f"method.t_min={cfg.t_min}, t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
+        raise ValueError(f"{key}.t_min={cfg.t_min}, {key}.t_max={cfg.t_max}: need 0 <= t_min < t_max <= 1 "
                          "(fractions of the noise range)")
     return lo, hi
 
@@ -42,6 +42,15 @@ class Method:
             raise ValueError(f"method {self.name!r} needs the roles {missing}, which this run did not build")
         self.models = models
         self.cfg = cfg
+        if "t_min" in cfg and "t_max" in cfg:
+            check_t_range(cfg)
+        gan = cfg.get("gan")
+        if gan is not None and "t_min" in gan and "t_max" in gan:
+            check_t_range(gan, "method.gan")
+        if "critic" in self.phases:   # TTUR: a critic that never updates would leave its gradient meaningless
+            for key, least in (("critic_steps", 1), ("critic_warmup_steps", 0)):
+                if int(cfg.get(key, least) or 0) < least:
+                    raise ValueError(f"method.{key}={cfg.get(key)}: need an integer >= {least}")
         reuse = bool(cfg.get("reuse_generator_samples", False))
         if reuse and not self.reuses_generator_samples:
             raise ValueError(f"method.reuse_generator_samples: method {self.name!r} draws its critic's samples itself; "

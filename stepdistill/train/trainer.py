@@ -74,6 +74,10 @@ class Trainer:
         if self.accum < 1:
             raise ValueError(f"trainer.grad_accum_steps={self.accum}: use 1 (no accumulation) or more micro-batches")
         shards = self.world * self.accum
+        if int(tc.batch_size) < 1:
+            raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
+        if not 0 <= float(tc.ema_decay) <= 1:
+            raise ValueError(f"trainer.ema_decay={tc.ema_decay}: need a decay in [0, 1] (0.999 averages ~1000 updates)")
         if int(tc.batch_size) % shards:
             into = f" x {self.accum} micro-batches (trainer.grad_accum_steps)" if self.accum > 1 else ""
             raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes{into}: "
