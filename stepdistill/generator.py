@@ -89,6 +89,8 @@ class FewStepGenerator(nn.Module):
         return len(self.timesteps)
 
     def default_timesteps(self, steps: int) -> list[float]:
+        if int(steps) < 1:
+            raise ValueError(f"steps={steps}: a student samples in at least 1 step")
         sched = self.denoiser.schedule
         if sched.discrete:
             return [float(t) for t in lcm_timesteps(steps, sched.num_train_timesteps)]

@@ -196,3 +196,32 @@ def test_user_errors_end_in_one_line(error, capsys, monkeypatch):
         app(error)
     with pytest.raises(RuntimeError):
         app(RuntimeError("a bug"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["stepdistill.cli.sample", "run_dir=D", "num_samples=0", "out=x.npz"], "stepdistill-sample: error: num_samples=0"),
+    (["stepdistill.cli.sample", "run_dir=D", "num_samples=4", "steps=0", "out=x.npz"], "error: steps=0: need an"),
+    (["stepdistill.cli.sample", "benchmark=gmm", "teacher_steps=0", "num_samples=4", "out=x.npz"],
+     "error: teacher_steps=0: need an integer >= 1"),
+    (["stepdistill.cli.evaluate", "run_dir=D", "steps=0"], "stepdistill-eval: error: steps=0"),
+    (["stepdistill.cli.evaluate", "run_dir=D", "num_samples=1"], "error: num_samples=1: need an integer >= 2"),
+    (["stepdistill.cli.bench", "methods=dmd2,nope"], "stepdistill-bench: error: unknown method 'nope': use one of"),
+    (["stepdistill.cli.bench", "benchmark=gmm", "steps=0"], "stepdistill-bench: error: steps=0"),
+    (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "steps=1", "warmup=0", "method.nope=1"],
+     "benchmark=gmm method=dmd2 failed: To append to your config use +method.nope=1"),
+    (["stepdistill.cli.teacher", "benchmark=digits", "teacher.steps=0"], "stepdistill-teacher: error: teacher.steps=0"),
+])
+def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
+    """Each app checks its counts before it loads anything, and the bench names an unknown method (or a child's
+    failure) in one line rather than a launcher traceback."""
+    args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
+    proc = run_cli("-m", *args, f"hydra.run.dir={tmp_path / 'h'}" if "bench" not in args[0] else "x=1", check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_at_least():
+    from stepdistill.cli import at_least
+    assert at_least("n", "3") == 3 and at_least("n", 0, 0) == 0
+    for bad in (0, -1, 2.5, "x", None):
+        with pytest.raises(ValueError, match=f"n={bad}: need an integer >= 1"):
+            at_least("n", bad)

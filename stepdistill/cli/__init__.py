@@ -30,6 +30,17 @@ def user_errors(app: str):
     return wrap
 
 
+def at_least(key: str, value, least: int = 1) -> int:
+    """`value` as an int >= `least`, else a one-line error naming the setting `key`."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < least or n != float(value):
+        raise ValueError(f"{key}={value}: need an integer >= {least}")
+    return n
+
+
 def set_threads(n) -> None:
     import torch
     if n:

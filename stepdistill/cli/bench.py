@@ -15,10 +15,11 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from . import pipe_table
+from . import CONF_DIR, at_least, pipe_table
 
 
 def _count_and_time(nets):
@@ -72,7 +73,6 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     from ..train.batches import BatchSource, make_regression_pairs
     from ..train.setup import build_run
     from ..train.trainer import Trainer
-    from . import CONF_DIR
 
     torch.set_num_threads(2)
     with initialize_config_dir(CONF_DIR, version_base=None):
@@ -161,13 +161,25 @@ def main(argv=None) -> None:
         return
     benchmarks = args.get("benchmark", "gmm,digits").split(",")
     methods = args.get("methods", "dmd,dmd2").split(",")
+    try:
+        steps, warmup = at_least("steps", args.get("steps", 30)), at_least("warmup", args.get("warmup", 5), 0)
+    except ValueError as e:
+        sys.exit(f"stepdistill-bench: error: {e}")
+    for group, names in (("benchmark", benchmarks), ("method", methods)):   # Hydra's own message is a search path
+        known = sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml"))
+        for name in names:
+            if name not in known:
+                sys.exit(f"stepdistill-bench: error: unknown {group} {name!r}: use one of {', '.join(known)}")
     rows = []
     for bm in benchmarks:
         for m in methods:
             cmd = [sys.executable, "-m", "stepdistill.cli.bench", f"one={m}", f"benchmark={bm}",
-                   f"steps={args.get('steps', 30)}", f"warmup={args.get('warmup', 5)}", *extra]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
+                   f"steps={steps}", f"warmup={warmup}", *extra]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:   # e.g. an unknown method or override: the child's own last line says which
+                last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                sys.exit(f"stepdistill-bench: error: benchmark={bm} method={m} failed: {last}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(table(rows))
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from . import CONF_DIR, pipe_table, set_threads, user_errors
+from . import CONF_DIR, at_least, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
@@ -40,9 +40,11 @@ def main(cfg: DictConfig) -> None:
     set_threads(cfg.get("num_threads"))
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")
-    overrides = [f"eval.num_samples={cfg.num_samples}"] if cfg.get("num_samples") else None
+    overrides = ([f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}"]   # a covariance needs 2
+                 if cfg.get("num_samples") is not None else None)
+    steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
     every_step = bool(cfg.get("every_step", False))
-    metrics = evaluate_run(cfg.run_dir, cfg.get("steps"), overrides, every_step=every_step)
+    metrics = evaluate_run(cfg.run_dir, steps, overrides, every_step=every_step)
     print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
 
 

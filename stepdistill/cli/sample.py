@@ -13,7 +13,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, at_least, set_threads, user_errors
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
@@ -59,10 +59,13 @@ def main(cfg: DictConfig) -> None:
     set_threads(cfg.get("num_threads"))
     if cfg.num_samples is None or cfg.out is None:
         raise ValueError("give num_samples=N and out=FILE.npz")
+    n = at_least("num_samples", cfg.num_samples)
     if cfg.get("run_dir"):
-        samples, labels = sample_student(cfg.run_dir, int(cfg.num_samples), cfg.get("steps"), int(cfg.seed))
+        steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
+        samples, labels = sample_student(cfg.run_dir, n, steps, int(cfg.seed))
     else:
-        samples, labels = sample_teacher(cfg, int(cfg.num_samples), cfg.get("teacher_steps"), int(cfg.seed))
+        steps = None if cfg.get("teacher_steps") is None else at_least("teacher_steps", cfg.teacher_steps)
+        samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed))
     path = write_npz(cfg.out, samples, labels)
     print(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} to {path}")
 

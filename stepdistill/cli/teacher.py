@@ -13,7 +13,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, at_least, set_threads, user_errors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -37,9 +37,12 @@ def main(cfg: DictConfig) -> None:
     from ..benchmarks.digits_teacher import measure_teacher_quality, train_digits_teacher, update_teacher_info
     from ..networks.digits_features import save_feature_net, train_feature_net
 
+    fc, tc = cfg.features, cfg.teacher
+    for key, value in (("features.steps", fc.steps), ("teacher.steps", tc.steps), ("quality.steps", cfg.quality.steps),
+                       ("features.batch_size", fc.batch_size), ("teacher.batch_size", tc.batch_size)):
+        at_least(key, value)
     out = ASSETS if cfg.install else Path(cfg.out or HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fc, tc = cfg.features, cfg.teacher
     net, feat_report = train_feature_net(steps=fc.steps, batch_size=fc.batch_size, lr=fc.lr, seed=cfg.seed)
     save_feature_net(net, out / "digits_features.safetensors")
     report = train_digits_teacher(out / "digits_teacher", steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
