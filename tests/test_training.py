@@ -277,10 +277,19 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("benchmark.num_modes=0", "benchmark.num_modes=0: a mixture needs at least one mode"),
     ("benchmark.std=-1", "benchmark.std=-1: each mode's standard deviation must be > 0"),
     ("benchmark.weights=[1,2]", "benchmark.weights=[1, 2]: give 8 non-negative weights"),
+    ("benchmark.network.width=0", "benchmark.network.width=0: need an integer >= 1"),
+    ("method.dm_draws=0", "method.dm_draws=0: need an integer >= 1"),
+    ("method.gan.generator_weight=-1", "method.gan.generator_weight=-1: need a number >= 0"),
+    ("method=dmd method.regression.num_pairs=0", "method.regression.num_pairs=0: need an integer >= 1"),
+    ("optim.generator.betas=[0.9]", "optim.generator.betas=[0.9]: give Adam's two decay rates, each in [0, 1)"),
+    ("trainer.max_steps=-3", "trainer.max_steps=-3: need an integer >= 0"),
+    ("eval.final=true eval.num_samples=1", "eval.num_samples=1: an evaluation needs at least 2 samples"),
 ])
 def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, message):
     """Settings that used to run silently (an EMA decay past 1, an empty DM noise range, a critic that never
-    updates, a negative mode width) or to crash deep inside (0 steps, an empty batch, no modes)."""
+    updates, a negative mode width or GAN weight) or to crash deep inside (0 steps, an empty batch, no modes, one
+    Adam beta, no regression pairs, evaluations of 0 samples)."""
     with pytest.raises(ValueError) as err:
-        train(gmm_cfg("method=dmd2", "trainer.max_steps=2", override), tmp_path)
+        train(gmm_cfg("method=dmd2", "trainer.max_steps=2", *override.split()), tmp_path)
     assert message in str(err.value)
+    assert not (tmp_path / "checkpoints").exists()   # checked before anything ran

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+from ..checks import at_least
 from ..denoiser import NetworkDenoiser
 from ..networks.gmm import GaussianMixture, GMMDenoiser, circle_means
 from ..networks.mlp import TimeMLP
@@ -20,6 +21,8 @@ class GMMBenchmark(Benchmark):
         if not cfg.get("means") and int(cfg.num_modes) < 1:
             raise ValueError(f"benchmark.num_modes={cfg.num_modes}: a mixture needs at least one mode")
         means = cfg.get("means") or circle_means(int(cfg.num_modes), float(cfg.radius))
+        at_least("benchmark.network.width", cfg.network.width)
+        at_least("benchmark.network.depth", cfg.network.depth, 0)
         if float(cfg.std) <= 0:
             raise ValueError(f"benchmark.std={cfg.std}: each mode's standard deviation must be > 0")
         weights = cfg.get("weights")

@@ -6,6 +6,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..checks import at_least  # noqa: F401  (the apps' count checks)
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # ImportError: an optional dependency a setting needs (pyarrow for parquet prompts, torch-fidelity for Inception
@@ -28,17 +30,6 @@ def user_errors(app: str):
                 sys.exit(2)
         return inner
     return wrap
-
-
-def at_least(key: str, value, least: int = 1) -> int:
-    """`value` as an int >= `least`, else a one-line error naming the setting `key`."""
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        n = None
-    if n is None or n < least or n != float(value):
-        raise ValueError(f"{key}={value}: need an integer >= {least}")
-    return n
 
 
 def set_threads(n) -> None:

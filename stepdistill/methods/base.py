@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import at_least, non_negative
 from ..roles import Roles
 from .kept_samples import KeptSamples
 
@@ -48,9 +49,13 @@ class Method:
         if gan is not None and "t_min" in gan and "t_max" in gan:
             check_t_range(gan, "method.gan")
         if "critic" in self.phases:   # TTUR: a critic that never updates would leave its gradient meaningless
-            for key, least in (("critic_steps", 1), ("critic_warmup_steps", 0)):
-                if int(cfg.get(key, least) or 0) < least:
-                    raise ValueError(f"method.{key}={cfg.get(key)}: need an integer >= {least}")
+            at_least("method.critic_steps", cfg.get("critic_steps", 1))
+            at_least("method.critic_warmup_steps", cfg.get("critic_warmup_steps", 0) or 0, 0)
+        if "dm_draws" in cfg:
+            at_least("method.dm_draws", cfg.dm_draws)
+        for weight in ("generator_weight", "critic_weight"):   # 0 switches a GAN term off; < 0 would reverse it
+            if gan is not None and weight in gan:
+                non_negative(f"method.gan.{weight}", gan[weight])
         reuse = bool(cfg.get("reuse_generator_samples", False))
         if reuse and not self.reuses_generator_samples:
             raise ValueError(f"method.reuse_generator_samples: method {self.name!r} draws its critic's samples itself; "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from ..checks import at_least, non_negative
 from .base import LossOut, Method
 from .distribution_matching import check_normalizer, dmd_loss, fake_score_phase
 
@@ -23,6 +24,8 @@ class DMD(Method):
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
+        at_least("method.regression.num_pairs", cfg.regression.num_pairs)
+        non_negative("method.regression.weight", cfg.regression.weight)
         kind = cfg.regression.get("distance", "l2")
         if kind not in ("l2", "lpips"):
             raise ValueError(f"unknown method.regression.distance {kind!r}: use l2 or lpips")

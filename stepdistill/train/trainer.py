@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .. import batch_split
+from ..checks import at_least
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
@@ -76,6 +77,10 @@ class Trainer:
         shards = self.world * self.accum
         if int(tc.batch_size) < 1:
             raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
+        at_least("trainer.max_steps", tc.max_steps, 0)
+        if (int(self.cfg.eval.every) > 0 or self.cfg.eval.final) and int(self.cfg.eval.num_samples) < 2:
+            raise ValueError(f"eval.num_samples={self.cfg.eval.num_samples}: an evaluation needs at least 2 samples "
+                             "(or turn evaluations off: eval.every=0 eval.final=false)")
         if not 0 <= float(tc.ema_decay) <= 1:
             raise ValueError(f"trainer.ema_decay={tc.ema_decay}: need a decay in [0, 1] (0.999 averages ~1000 updates)")
         if int(tc.batch_size) % shards:
@@ -104,6 +109,8 @@ class Trainer:
         drops = phase_update_counts(self.method, int(drop_step)) if drop_step is not None else {}
         for phase, names in self.method.phases.items():
             oc = self.cfg.optim[phase]
+            if len(oc.betas) != 2 or not all(0 <= float(b) < 1 for b in oc.betas):
+                raise ValueError(f"optim.{phase}.betas={list(oc.betas)}: give Adam's two decay rates, each in [0, 1)")
             params = self.phase_params[phase] = run.roles.parameters_of(names)
             opt = make_adamw(params, float(oc.get("optimism", 0.0)), lr=oc.lr, betas=tuple(oc.betas),
                              weight_decay=oc.weight_decay)

@@ -1,0 +1,25 @@
+"""Setting checks shared by the apps, the trainer and the methods: a bad value is a one-line ValueError that
+names the setting (the console scripts print it as `stepdistill-APP: error: ...`)."""
+from __future__ import annotations
+
+
+def at_least(key: str, value, least: int = 1) -> int:
+    """`value` as an int >= `least`, else a one-line error naming the setting `key`."""
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = None
+    if n is None or n < least or n != float(value):
+        raise ValueError(f"{key}={value}: need an integer >= {least}")
+    return n
+
+
+def non_negative(key: str, value) -> float:
+    """`value` as a float >= 0 (a loss weight: 0 switches the term off), else a one-line error naming `key`."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = float("nan")
+    if not x >= 0:
+        raise ValueError(f"{key}={value}: need a number >= 0")
+    return x
