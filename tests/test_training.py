@@ -283,6 +283,8 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("method=dmd method.regression.num_pairs=0", "method.regression.num_pairs=0: need an integer >= 1"),
     ("optim.generator.betas=[0.9]", "optim.generator.betas=[0.9]: give Adam's two decay rates, each in [0, 1)"),
     ("trainer.max_steps=-3", "trainer.max_steps=-3: need an integer >= 0"),
+    ("eval.every=-5", "eval.every=-5: need an integer >= 0"),
+    ("trainer.checkpoint_every=2.5", "trainer.checkpoint_every=2.5: need an integer >= 0"),
     ("eval.final=true eval.num_samples=1", "eval.num_samples=1: an evaluation needs at least 2 samples"),
 ])
 def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, message):

@@ -77,7 +77,10 @@ class Trainer:
         shards = self.world * self.accum
         if int(tc.batch_size) < 1:
             raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
-        at_least("trainer.max_steps", tc.max_steps, 0)
+        for key, value in (("trainer.max_steps", tc.max_steps), ("trainer.checkpoint_every", tc.checkpoint_every),
+                           ("trainer.keep_checkpoints", tc.keep_checkpoints), ("eval.every", self.cfg.eval.every),
+                           ("logger.every", self.cfg.logger.every)):   # 0 = never (keep: all), not below
+            at_least(key, value, 0)
         if (int(self.cfg.eval.every) > 0 or self.cfg.eval.final) and int(self.cfg.eval.num_samples) < 2:
             raise ValueError(f"eval.num_samples={self.cfg.eval.num_samples}: an evaluation needs at least 2 samples "
                              "(or turn evaluations off: eval.every=0 eval.final=false)")
