@@ -135,6 +135,34 @@ def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch)
     assert sorted(p.name for p in root.iterdir()) == ["step_0000010", "step_0000020"]
 
 
+def test_a_rewrite_killed_between_its_renames_keeps_the_step(tmp_path, monkeypatch):
+    """Rewriting a step moves its folder aside, then renames the new one in: a kill between the two leaves the
+    old, complete checkpoint under its `.old_` name, which still counts (and loads) until the step is written."""
+    root = tmp_path / "checkpoints"
+    net = torch.nn.Linear(2, 2)
+    ckpt_mod.save_checkpoint(root, 10, {"generator": net}, {"step": 10})
+    real, renames = os.replace, []
+
+    def dying(src, dst):
+        renames.append(dst)
+        if len(renames) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        return real(src, dst)
+    monkeypatch.setattr(ckpt_mod.os, "replace", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt_mod.save_checkpoint(root, 10, {"generator": torch.nn.Linear(2, 2)}, {"step": 10})
+    monkeypatch.setattr(ckpt_mod.os, "replace", real)
+    [found] = list_checkpoints(root)
+    assert found.name == f".old_step_0000010_{os.getpid()}" and latest_checkpoint(root) == found
+    loaded = torch.nn.Linear(2, 2)
+    assert ckpt_mod.load_checkpoint(found, {"generator": loaded})["step"] == 10
+    assert torch.equal(loaded.weight, net.weight)
+    ckpt_mod.save_checkpoint(root, 11, {"generator": net}, {"step": 11})
+    assert [p.name for p in list_checkpoints(root)] == [found.name, "step_0000011"]
+    ckpt_mod.save_checkpoint(root, 10, {"generator": net}, {"step": 10})   # the step written again: the aside goes
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000010", "step_0000011"]
+
+
 def test_each_step_is_checkpointed_once(gmm_cfg, tmp_path, monkeypatch, caplog):
     """A run whose last step is a checkpoint step writes that step once (the loop's save), not again at the end;
     a resume that has nothing to train writes nothing, and says so."""

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step_(\d{7,})$")
+MOVED_ASIDE = re.compile(r"^\.old_step_(\d{7,})_\d+$")   # a step being rewritten in place, moved aside meanwhile
 
 
 def step_dir_name(step: int) -> str:
@@ -72,14 +73,25 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | 
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in root.glob(".tmp_step_*"):   # from saves killed before their rename: never checkpoints
         shutil.rmtree(leftover, ignore_errors=True)
+    for aside in root.glob(".old_step_*"):   # from rewrites killed after their rename: replaced by now, or stale
+        m = MOVED_ASIDE.match(aside.name)
+        if m is None or (root / step_dir_name(int(m.group(1)))).is_dir() or aside not in list_checkpoints(root):
+            shutil.rmtree(aside, ignore_errors=True)
     return final
 
 
 def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first. A step whose rewrite was killed between moving the old folder aside and
+    renaming the new one into place is still there, under its `.old_` name."""
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and STEP_DIR.match(d.name) and (d / "trainer_state.pt").is_file()]
-    return sorted(dirs, key=lambda d: int(STEP_DIR.match(d.name).group(1)))
+    found: dict[int, Path] = {}
+    for pattern in (STEP_DIR, MOVED_ASIDE):   # a step's own folder wins over one moved aside
+        for d in root.iterdir():
+            m = pattern.match(d.name)
+            if m and int(m.group(1)) not in found and d.is_dir() and (d / "trainer_state.pt").is_file():
+                found[int(m.group(1))] = d
+    return [found[step] for step in sorted(found)]
 
 
 def latest_checkpoint(root: Path) -> Path | None:
