@@ -342,6 +342,37 @@ def test_gmm_scatter_png(tmp_path, mix):
         assert a.size == (360, 360) and b.size == (720, 360)  # 4.5 in per panel at 80 dpi
 
 
+def test_scatter_of_a_mixture_in_3_and_1_dimensions(tmp_path, monkeypatch):
+    """A 3-D mixture is drawn on its first two coordinates over its exact marginal there (checked against numerical
+    integration over the third); a 1-D one as a histogram over its density curve. Neither stops a run's evaluation."""
+    from stepdistill.eval import grids
+    from stepdistill.networks.gmm import GaussianMixture
+    mix3 = GaussianMixture([[0.0, 0.0, 0.0], [3.0, 1.0, -2.0], [-2.0, 2.0, 4.0]], [0.5, 1.0, 0.7], [1.0, 2.0, 3.0])
+    plane, note = grids._plane(mix3)
+    assert note == " [x1, x2 of 3-D]"
+    y = torch.tensor([[0.3, -0.2], [2.5, 1.5], [-1.0, 2.0]], dtype=torch.float64)
+    z = torch.linspace(-12, 14, 20001, dtype=torch.float64)
+    joint = mix3.log_prob(torch.cat([y.repeat_interleave(z.numel(), 0), z.repeat(3)[:, None]], 1)).exp()
+    marginal = torch.trapezoid(joint.reshape(3, -1), z, dim=1)
+    torch.testing.assert_close(plane.log_prob(y).exp(), marginal, rtol=1e-6, atol=0)
+    drawn = []
+    real_draw = grids._draw_panel
+
+    def spy(ax, mixture, points, *args):
+        drawn.append((mixture.means.shape[1], points.shape[1]))
+        real_draw(ax, mixture, points, *args)
+        drawn[-1] += (ax.get_title(),)
+    monkeypatch.setattr(grids, "_draw_panel", spy)
+    grids.save_gmm_scatter(tmp_path / "three.png", mix3.sample(200, generator=gen(1)), mix3, title="g3")
+    mix1 = GaussianMixture([[-2.0], [3.0]], 0.5)
+    far = torch.cat([mix1.sample(190, generator=gen(2)), torch.full((10, 1), 80.0)])
+    grids.save_gmm_scatter_grid(tmp_path / "one.png", [[("a", mix1.sample(200, generator=gen(3))), ("b", far)]],
+                                [mix1])
+    assert drawn == [(2, 2, "g3: student [x1, x2 of 3-D]"), (1, 1, "a"), (1, 1, "b\n(10 of 200 outside the view)")]
+    with pytest.raises(ValueError, match=r"samples must be \(N, 3\)"):
+        grids.save_gmm_scatter(tmp_path / "bad.png", torch.zeros(5, 2), mix3)
+
+
 def test_a_diverged_panel_does_not_zoom_the_comparison_out(tmp_path, mix, monkeypatch):
     """One student far from the mixture (a diverged run): the row's shared axes reach one mixture width past the
     mixture's box ([-5, 5]: means +- 4 std) and no further, and that panel's title counts the samples it cannot

@@ -26,9 +26,9 @@ class GMMBenchmark(Benchmark):
         if float(cfg.std) <= 0:
             raise ValueError(f"benchmark.std={cfg.std}: each mode's standard deviation must be > 0")
         weights = cfg.get("weights")
-        if weights is not None and (len(weights) != len(means) or min(weights) < 0 or sum(weights) <= 0):
-            raise ValueError(f"benchmark.weights={list(weights)}: give {len(means)} non-negative weights, one per "
-                             "mode, not all zero (null = equal)")
+        if weights is not None and (len(weights) != len(means) or min(weights) <= 0):
+            raise ValueError(f"benchmark.weights={list(weights)}: give {len(means)} positive weights, one per mode "
+                             "(null = equal)")
         self.mixture = GaussianMixture(means, float(cfg.std), weights)
         self.schedule = make_schedule(**cfg.schedule)
         self.teacher = GMMDenoiser(self.mixture, self.schedule)

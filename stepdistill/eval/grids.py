@@ -65,6 +65,8 @@ def _plot_extent(mixture, clouds: list[torch.Tensor], reach: float | None = None
         lo, hi = torch.maximum(lo, own_lo - reach * width), torch.minimum(hi, own_hi + reach * width)
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
+    if lo.numel() == 1:   # a 1-D mixture: no second axis
+        return float(lo[0]), float(hi[0]), 0.0, 0.0
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 
@@ -77,15 +79,28 @@ def _density_grid(mixture, extent, grid: int):
     return xx, yy, logp.clamp(min=float(logp.max()) - 12.0)
 
 
-def _finite_points(name: str, p: torch.Tensor) -> tuple[torch.Tensor, int]:
+def _plane(mixture):
+    """The mixture the figure draws, and a note for the titles. Above 2 dimensions: its exact marginal on the first
+    two coordinates (an isotropic mixture's marginal is the mixture of its components' marginals), over which the
+    samples' first two coordinates are scattered. A 1-D mixture is drawn as a density curve instead."""
+    d = mixture.means.shape[1]
+    if d <= 2:
+        return mixture, ""
+    from ..networks.gmm import GaussianMixture
+    return GaussianMixture(mixture.means[:, :2], mixture.stds, mixture.weights), f" [x1, x2 of {d}-D]"
+
+
+def _finite_points(name: str, p: torch.Tensor, dim: int = 2) -> tuple[torch.Tensor, int]:
     p = p.detach().to("cpu", torch.float64)
-    if p.dim() != 2 or p.shape[1] != 2:
-        raise ValueError(f"{name} samples must be (N, 2), got {tuple(p.shape)}")
+    if p.dim() != 2 or p.shape[1] != dim:
+        raise ValueError(f"{name} samples must be (N, {dim}), got {tuple(p.shape)}")
     ok = torch.isfinite(p).all(dim=1)
-    return p[ok], int((~ok).sum())
+    return p[ok][:, :2], int((~ok).sum())
 
 
 def _draw_panel(ax, mixture, points: torch.Tensor, n_bad: int, extent, title: str, grid: int) -> None:
+    if mixture.means.shape[1] == 1:
+        return _draw_line_panel(ax, mixture, points, n_bad, extent, title, grid)
     xx, yy, logp = _density_grid(mixture, extent, grid)
     ax.contourf(xx.numpy(), yy.numpy(), logp.numpy(), levels=24, cmap="Blues")
     ax.scatter(points[:, 0].numpy(), points[:, 1].numpy(), s=2, c="crimson", alpha=0.5, linewidths=0)
@@ -95,6 +110,20 @@ def _draw_panel(ax, mixture, points: torch.Tensor, n_bad: int, extent, title: st
     if outside:
         title += f"\n({outside} of {points.shape[0]} outside the view)"
     ax.set(xlim=extent[:2], ylim=extent[2:], aspect="equal", title=title)
+
+
+def _draw_line_panel(ax, mixture, points: torch.Tensor, n_bad: int, extent, title: str, grid: int) -> None:
+    """A 1-D mixture: the samples' histogram over the mixture's density."""
+    x0, x1 = extent[:2]
+    xs = torch.linspace(x0, x1, 4 * grid, dtype=torch.float64)
+    ax.plot(xs.numpy(), mixture.log_prob(xs[:, None]).exp().numpy(), color="tab:blue")
+    inside = points[(points[:, 0] >= x0) & (points[:, 0] <= x1), 0]
+    ax.hist(inside.numpy(), bins=min(grid, 120), range=(x0, x1), density=True, color="crimson", alpha=0.5)
+    if n_bad:
+        title += f" ({n_bad} non-finite dropped)"
+    if inside.numel() < points.shape[0]:
+        title += f"\n({points.shape[0] - inside.numel()} of {points.shape[0]} outside the view)"
+    ax.set(xlim=(x0, x1), title=title)
 
 
 def _count_outside(points: torch.Tensor, extent) -> int:
@@ -112,7 +141,9 @@ def _save(fig, path) -> str:
 
 def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor | None = None,
                      title: str | None = None, grid: int = 160) -> str:
-    """Scatter 2-D samples over the mixture's log-density (filled contours) and save a PNG at ``path``.
+    """Scatter 2-D samples over the mixture's log-density (filled contours) and save a PNG at ``path``. A mixture of
+    more dimensions is drawn on its first two coordinates (over its exact marginal there); a 1-D one as a histogram
+    of the samples over its density curve.
 
     One panel (student), or teacher and student side by side on the same axes when ``teacher`` is given. The
     density grid spans the data's extent (`_plot_extent`); the colour scale is floored 12 nats below the peak so
@@ -121,15 +152,15 @@ def save_gmm_scatter(path, student: torch.Tensor, mixture, teacher: torch.Tensor
     """
     from matplotlib.figure import Figure
 
-    if mixture.means.shape[1] != 2:
-        raise ValueError(f"save_gmm_scatter draws 2-D mixtures, this one is {mixture.means.shape[1]}-D")
+    dim = mixture.means.shape[1]
+    mixture, note = _plane(mixture)
     panels = [("teacher", teacher), ("student", student)] if teacher is not None else [("student", student)]
-    clean = [(name, *_finite_points(name, p)) for name, p in panels]
+    clean = [(name, *_finite_points(name, p, dim)) for name, p in panels]
     extent = _plot_extent(mixture, [p for _, p, _ in clean])
     fig = Figure(figsize=(4.5 * len(clean), 4.5), dpi=80, layout="constrained")
     axes = fig.subplots(1, len(clean), squeeze=False)[0]
     for ax, (name, p, n_bad) in zip(axes, clean):
-        _draw_panel(ax, mixture, p, n_bad, extent, f"{title}: {name}" if title else name, grid)
+        _draw_panel(ax, mixture, p, n_bad, extent, (f"{title}: {name}" if title else name) + note, grid)
     return _save(fig, path)
 
 
@@ -147,11 +178,13 @@ def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixt
     fig = Figure(figsize=(size * ncols, size * len(rows)), dpi=80, layout="constrained")
     axes = fig.subplots(len(rows), ncols, squeeze=False)
     for r, (row, mixture) in enumerate(zip(rows, mixtures)):
-        clean = [(title, *_finite_points(title, p)) for title, p in row]
+        dim = mixture.means.shape[1]
+        mixture, note = _plane(mixture)
+        clean = [(title, *_finite_points(title, p, dim)) for title, p in row]
         extent = _plot_extent(mixture, [p for _, p, _ in clean], reach=1.0)
         for c in range(ncols):
             if c < len(clean):
-                _draw_panel(axes[r][c], mixture, clean[c][1], clean[c][2], extent, clean[c][0], grid)
+                _draw_panel(axes[r][c], mixture, clean[c][1], clean[c][2], extent, clean[c][0] + note, grid)
             else:
                 axes[r][c].set_axis_off()
         if row_labels:
