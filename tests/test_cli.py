@@ -69,6 +69,17 @@ def test_sample_student_and_teacher(tmp_path):
     assert [r.split(" | ")[1] for r in rows] == ["999", "499"], proc.stdout
     logged = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     assert logged["source"] == "stepdistill-eval every_step" and logged["student_step2_num_samples"] == 50
+    # eval.* settings of the run changed for one evaluation, and recorded with it
+    seeds = {}
+    for seed in (7, 8):
+        run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", f"eval.seed={seed}", "num_samples=60")
+        seeds[seed] = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+        assert seeds[seed]["eval_overrides"] == [f"eval.seed={seed}", "eval.num_samples=60"]
+        assert seeds[seed]["student_num_samples"] == 60
+    assert seeds[7]["teacher_sliced_w2"] != seeds[8]["teacher_sliced_w2"]   # another set of evaluation noise
+    proc = run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", "eval.fid.inception_weights=/no/w.pth",
+                   check=False)
+    assert proc.returncode == 2 and "eval.fid.inception_weights needs an image benchmark" in proc.stderr
     # stepdistill-export: the latest checkpoint in diffusers format (this run trained with trainer.export=false);
     # the exported pipeline samples what stepdistill-sample does for the same seed
     assert not (run_dir / "export").exists()

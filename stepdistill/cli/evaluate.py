@@ -1,4 +1,7 @@
-"""`stepdistill-eval run_dir=D [steps=K] [num_samples=N] [every_step=true]`: recompute the run's configured metrics.
+"""`stepdistill-eval run_dir=D [steps=K] [num_samples=N] [every_step=true] [eval.*=...]`: recompute the run's
+configured metrics. `eval.*` overrides change the run's evaluation settings for this evaluation only (recorded
+with it as `eval_overrides`), e.g. `eval.fid.inception_weights=PATH` adds Inception FID after training and
+`eval.seed=S` draws another set of evaluation noise.
 
 `every_step=true` scores each step's x0 output along the K-step sampling chain instead (the last is the sample),
 prints them as a table and writes a sample figure per step: where a multi-step student gains or loses quality.
@@ -9,6 +12,7 @@ import json
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from . import CONF_DIR, at_least, pipe_table, set_threads, user_errors
@@ -28,6 +32,8 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
     else:
         metrics = evaluator.evaluate(step, teacher_reference, steps)
     metrics["source"] = "stepdistill-eval" + (" every_step" if every_step else "")
+    if overrides:   # what this evaluation changed against the run's own settings
+        metrics["eval_overrides"] = list(overrides)
     if steps is not None:
         metrics["student_steps"] = int(steps)
     MetricsLogger(Path(run_dir), "console", resume=True, console=False).log(step, metrics, kind="eval")
@@ -40,8 +46,10 @@ def main(cfg: DictConfig) -> None:
     set_threads(cfg.get("num_threads"))
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")
-    overrides = ([f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}"]   # a covariance needs 2
-                 if cfg.get("num_samples") is not None else None)
+    # the run's own evaluation settings, changed by this command's eval.* overrides and num_samples=N
+    overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("eval.")]
+    if cfg.get("num_samples") is not None:
+        overrides.append(f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}")   # a covariance needs 2
     steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
     every_step = bool(cfg.get("every_step", False))
     metrics = evaluate_run(cfg.run_dir, steps, overrides, every_step=every_step)
