@@ -236,3 +236,32 @@ def test_at_least():
     for bad in (0, -1, 2.5, "x", None):
         with pytest.raises(ValueError, match=f"n={bad}: need an integer >= 1"):
             at_least("n", bad)
+
+
+def test_sample_eval_and_export_take_an_earlier_checkpoint(tmp_path, gmm_cfg):
+    """checkpoint=STEP picks that step's checkpoint (the latest by default); an evaluation is logged at the step
+    of the weights it evaluated; a step without a checkpoint is a one-line error listing the ones there are."""
+    from stepdistill.cli.evaluate import evaluate_run
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.cli.train import train
+    from stepdistill.export import export_run
+    from stepdistill.train.setup import load_run
+    run_dir = tmp_path / "run"
+    train(gmm_cfg("trainer.max_steps=8", "trainer.checkpoint_every=4", "trainer.keep_checkpoints=5",
+                  "trainer.export=false"), run_dir)
+    latest, _ = sample_student(run_dir, 50, seed=3)
+    step4, _ = sample_student(run_dir, 50, seed=3, checkpoint=4)
+    by_path, _ = sample_student(run_dir, 50, seed=3, checkpoint=str(run_dir / "checkpoints" / "step_0000004"))
+    torch.testing.assert_close(step4, by_path, rtol=0, atol=0)
+    torch.testing.assert_close(sample_student(run_dir, 50, seed=3, checkpoint=8)[0], latest, rtol=0, atol=0)
+    assert not torch.equal(step4, latest)   # the generator trains from step 5 (4 critic warm-up steps)
+    evaluate_run(run_dir, overrides=["eval.num_samples=50"], checkpoint=4)
+    assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 4
+    export_run(load_run(run_dir, checkpoint=4), tmp_path / "export4")
+    from stepdistill.pipelines import PointsFewStepPipeline
+    pipe = PointsFewStepPipeline.from_pretrained(tmp_path / "export4")
+    torch.testing.assert_close(pipe(batch_size=50, generator=torch.Generator().manual_seed(3)), step4,
+                               atol=1e-5, rtol=1e-5)
+    proc = run_cli("-m", "stepdistill.cli.sample", f"run_dir={run_dir}", "checkpoint=3", "num_samples=5",
+                   f"out={tmp_path}/x.npz", check=False)
+    assert proc.returncode == 2 and "checkpoint=3:" in proc.stderr and "it has steps [4, 8]" in proc.stderr

@@ -1,7 +1,8 @@
-"""`stepdistill-eval run_dir=D [steps=K] [num_samples=N] [every_step=true] [eval.*=...]`: recompute the run's
-configured metrics. `eval.*` overrides change the run's evaluation settings for this evaluation only (recorded
-with it as `eval_overrides`), e.g. `eval.fid.inception_weights=PATH` adds Inception FID after training and
-`eval.seed=S` draws another set of evaluation noise.
+"""`stepdistill-eval run_dir=D [checkpoint=STEP] [steps=K] [num_samples=N] [every_step=true] [eval.*=...]`:
+recompute the run's configured metrics on its latest checkpoint (or that step's), logged at the checkpoint's step.
+`eval.*` overrides change the run's evaluation settings for this evaluation only (recorded with it as
+`eval_overrides`), e.g. `eval.fid.inception_weights=PATH` adds Inception FID after training and `eval.seed=S`
+draws another set of evaluation noise.
 
 `every_step=true` scores each step's x0 output along the K-step sampling chain instead (the last is the sample),
 prints them as a table and writes a sample figure per step: where a multi-step student gains or loses quality.
@@ -19,13 +20,15 @@ from . import CONF_DIR, at_least, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
-                 every_step: bool = False) -> dict:
+                 every_step: bool = False, checkpoint=None) -> dict:
+    """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or folder), logged at its step."""
+    from ..train.checkpoint import checkpoint_step
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
     from ..train.setup import load_run
 
-    run = load_run(run_dir, overrides)
-    step = int(run.cfg.trainer.max_steps)
+    run = load_run(run_dir, overrides, checkpoint)
+    step = checkpoint_step(run.checkpoint)   # not trainer.max_steps: a stopped run's latest step is earlier
     evaluator = Evaluator(run, Path(run_dir))
     if every_step:
         metrics = evaluator.evaluate_every_step(step, steps)
@@ -52,7 +55,7 @@ def main(cfg: DictConfig) -> None:
         overrides.append(f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}")   # a covariance needs 2
     steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
     every_step = bool(cfg.get("every_step", False))
-    metrics = evaluate_run(cfg.run_dir, steps, overrides, every_step=every_step)
+    metrics = evaluate_run(cfg.run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"))
     print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
 
 

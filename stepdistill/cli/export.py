@@ -1,4 +1,5 @@
-"""`stepdistill-export run_dir=D`: write D/export/ (diffusers format) from the run's latest checkpoint."""
+"""`stepdistill-export run_dir=D [checkpoint=STEP] [out=DIR]`: write D/export/ (or DIR) in diffusers format from the
+run's latest checkpoint (or the one of that step)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,7 +20,7 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")
     out = cfg.get("out") or Path(cfg.run_dir) / "export"
-    print(f"exported to {export_run(load_run(cfg.run_dir), out)}")
+    print(f"exported to {export_run(load_run(cfg.run_dir, checkpoint=cfg.get('checkpoint')), out)}")
 
 
 if __name__ == "__main__":

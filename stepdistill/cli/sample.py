@@ -1,6 +1,6 @@
 """`stepdistill-sample`: samples of a trained student (run_dir=D) or of a benchmark's teacher (benchmark=NAME).
 
-  stepdistill-sample run_dir=D num_samples=N out=F.npz [steps=K] [seed=S]
+  stepdistill-sample run_dir=D num_samples=N out=F.npz [steps=K] [seed=S] [checkpoint=STEP]
   stepdistill-sample benchmark=digits|gmm [teacher_steps=K] num_samples=N out=F.npz
 Writes `samples` (float32; images in [0, 1] as N x C x H x W, points in data space), and `labels` for
 class-conditional or `prompts` for text-conditional benchmarks.
@@ -31,11 +31,12 @@ def write_npz(out: str | Path, samples, labels=None) -> Path:
     return out
 
 
-def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000):
+def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000, checkpoint=None):
+    """`checkpoint`: a step number or a checkpoint folder; None = the run's latest."""
     from ..train.evaluation import eval_inputs, student_sample
     from ..train.setup import load_run
 
-    run = load_run(run_dir)
+    run = load_run(run_dir, checkpoint=checkpoint)
     student = run.student()
     noise, cond, gen = eval_inputs(run.benchmark, num_samples, seed)
     ts = None if steps is None else student.default_timesteps(int(steps))
@@ -62,7 +63,7 @@ def main(cfg: DictConfig) -> None:
     n = at_least("num_samples", cfg.num_samples)
     if cfg.get("run_dir"):
         steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
-        samples, labels = sample_student(cfg.run_dir, n, steps, int(cfg.seed))
+        samples, labels = sample_student(cfg.run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"))
     else:
         steps = None if cfg.get("teacher_steps") is None else at_least("teacher_steps", cfg.teacher_steps)
         samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed))

@@ -94,6 +94,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint folder holds (from its name: step_XXXXXXX, or .old_step_XXXXXXX_PID)."""
+    m = STEP_DIR.match(path.name) or MOVED_ASIDE.match(path.name)
+    if m is None:   # a folder renamed by hand: its trainer state knows
+        return int(torch.load(path / "trainer_state.pt", weights_only=True)["step"])
+    return int(m.group(1))
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None

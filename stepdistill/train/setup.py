@@ -11,7 +11,7 @@ from ..benchmarks.base import shared_base
 from ..benchmarks.registry import build_benchmark
 from ..methods import method_class
 from ..roles import Roles
-from .checkpoint import latest_checkpoint, load_checkpoint
+from .checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint
 from .ema import make_ema
 
 
@@ -21,6 +21,7 @@ class Run:
     benchmark: object
     roles: Roles
     method: object
+    checkpoint: Path | None = None   # the checkpoint a finished run was loaded from (load_run)
 
     def student(self):
         """The generator used for sampling, evaluation and export: the EMA copy when there is one."""
@@ -96,11 +97,31 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
     cfg = OmegaConf.load(cfg_file)
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    ckpt = find_checkpoint(run_dir, checkpoint)
     run = build_run(cfg, with_method=False)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint in {run_dir / 'checkpoints'}: train first (or pass checkpoint=PATH)")
     load_checkpoint(ckpt, checkpoint_roles(run.roles))
     for m in run.roles.values():
         m.eval()
+    run.checkpoint = ckpt
     return run
+
+
+def find_checkpoint(run_dir: Path, checkpoint: str | int | Path | None = None) -> Path:
+    """`checkpoint`: None = the run's latest, a step number (e.g. 3000) = that step's, else a checkpoint folder."""
+    root = Path(run_dir) / "checkpoints"
+    if checkpoint is None:
+        ckpt = latest_checkpoint(root)
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoint in {root}: train first (or pass checkpoint=PATH)")
+        return ckpt
+    if str(checkpoint).isdigit():
+        found = {checkpoint_step(c): c for c in list_checkpoints(root)}
+        if int(checkpoint) not in found:
+            raise FileNotFoundError(f"checkpoint={checkpoint}: {root} has no checkpoint of that step; it has steps "
+                                    f"{sorted(found) or 'none'}")
+        return found[int(checkpoint)]
+    ckpt = Path(checkpoint)
+    if not (ckpt / "trainer_state.pt").is_file():
+        raise FileNotFoundError(f"checkpoint={checkpoint} is not a checkpoint folder (no trainer_state.pt): give a "
+                                "step number or a checkpoints/step_XXXXXXX folder")
+    return ckpt
