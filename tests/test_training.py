@@ -268,6 +268,25 @@ def test_cosine_schedule_ends_each_phase_at_zero(gmm_cfg, tmp_path):
     assert state["schedulers"]["generator"]["_last_lr"] == pytest.approx([0.0], abs=1e-12)
 
 
+def test_warmup_rises_linearly_over_each_phase_s_own_updates(gmm_cfg, tmp_path):
+    """optim.<phase>.warmup_steps=W: the phase's lr is lr * min(1, (n + 1) / W) after n of its own updates (the
+    multiplier LambdaLR applies after each update), then constant; under cosine, times the cosine."""
+    import json
+    import math
+    for kind in ("constant", "cosine"):
+        run_dir = tmp_path / kind
+        cfg = gmm_cfg(f"optim.schedule={kind}", "optim.generator.warmup_steps=3", "method.critic_steps=1",
+                      "method.critic_warmup_steps=4", "trainer.max_steps=16", "logger.every=1",
+                      "trainer.export=false", "trainer.checkpoint_every=0")
+        train(cfg, run_dir)
+        lr0 = float(cfg.optim.generator.lr)
+        lrs = [json.loads(line)["lr_generator"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+               if json.loads(line)["kind"] == "train"]
+        gen_updates = [0] * 4 + [(s - 4) // 2 for s in range(5, 17)]   # critic, generator, ... after warm-up
+        cosine = (lambda n: 0.5 * (1 + math.cos(math.pi * n / 6))) if kind == "cosine" else (lambda n: 1.0)
+        assert lrs == pytest.approx([lr0 * min(1.0, (n + 1) / 3) * cosine(n) for n in gen_updates], abs=1e-12), kind
+
+
 def test_lr_drop_step_scales_each_phase_from_its_own_update_count(gmm_cfg, tmp_path):
     """optim.lr_drop_step=S multiplies both learning rates by optim.lr_drop_factor from trainer step S on; each
     phase's scheduler counts its own updates, so it drops after the updates that phase made before step S."""
