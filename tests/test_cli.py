@@ -231,7 +231,7 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
 
 
 def test_at_least():
-    from stepdistill.cli import at_least
+    from stepdistill.checks import at_least
     assert at_least("n", "3") == 3 and at_least("n", 0, 0) == 0
     for bad in (0, -1, 2.5, "x", None):
         with pytest.raises(ValueError, match=f"n={bad}: need an integer >= 1"):

@@ -32,7 +32,7 @@ def generator_timesteps(schedule, method_cfg, generator_cfg):
                              f"set generator.steps={len(ts)} too")
         return ts
     init_sigma = method_cfg.get("init_sigma")
-    if init_sigma is not None and int(generator_cfg.steps) == 1:
+    if init_sigma is not None and steps == 1:
         return [schedule.t_at_noise_ratio(float(init_sigma))]
     return None
 

@@ -6,8 +6,6 @@ import os
 import sys
 from pathlib import Path
 
-from ..checks import at_least  # noqa: F401  (the apps' count checks)
-
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # ImportError: an optional dependency a setting needs (pyarrow for parquet prompts, torch-fidelity for Inception

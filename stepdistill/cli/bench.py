@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from . import CONF_DIR, at_least, pipe_table
+from ..checks import at_least
+from . import CONF_DIR, pipe_table
 
 
 def _count_and_time(nets):

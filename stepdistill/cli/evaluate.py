@@ -16,7 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from . import CONF_DIR, at_least, pipe_table, set_threads, user_errors
+from ..checks import at_least
+from . import CONF_DIR, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,

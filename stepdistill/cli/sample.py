@@ -13,7 +13,8 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from . import CONF_DIR, at_least, set_threads, user_errors
+from ..checks import at_least
+from . import CONF_DIR, set_threads, user_errors
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:

@@ -13,7 +13,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, at_least, set_threads, user_errors
+from ..checks import at_least
+from . import CONF_DIR, set_threads, user_errors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 

@@ -73,9 +73,9 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | 
         shutil.rmtree(stale, ignore_errors=True)
     for leftover in root.glob(".tmp_step_*"):   # from saves killed before their rename: never checkpoints
         shutil.rmtree(leftover, ignore_errors=True)
+    listed = set(list_checkpoints(root))   # a step moved aside counts only while its own folder is missing
     for aside in root.glob(".old_step_*"):   # from rewrites killed after their rename: replaced by now, or stale
-        m = MOVED_ASIDE.match(aside.name)
-        if m is None or (root / step_dir_name(int(m.group(1)))).is_dir() or aside not in list_checkpoints(root):
+        if aside not in listed:
             shutil.rmtree(aside, ignore_errors=True)
     return final
 
