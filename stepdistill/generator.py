@@ -54,6 +54,11 @@ class FewStepGenerator(nn.Module):
         ts = [float(t) for t in timesteps]
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"generator.timesteps must be strictly decreasing, got {ts}")
+        # outside the teacher's range the schedule's tables would be read past their ends (VP clamps silently)
+        lo, hi = float(sched.final_t()), sched.t_max
+        slack = 1e-6 * max(1.0, abs(hi))
+        if any(not lo - slack <= t <= hi + slack for t in ts):
+            raise ValueError(f"generator.timesteps={ts}: each must lie in the schedule's range [{lo:g}, {hi:g}]")
         self.timesteps = ts
         # the steps k backward simulation trains (1-based); DMD2 draws all of 1..K
         self.train_steps = list(range(1, len(ts) + 1)) if not train_steps else [int(k) for k in train_steps]

@@ -189,10 +189,17 @@ def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
                      "| digits | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]
 
 
-@pytest.mark.parametrize("error", [ValueError("set x=1"), FileNotFoundError("no /a"), ImportError("pip install y")])
-def test_user_errors_end_in_one_line(error, capsys, monkeypatch):
-    """What bad input raises (including a missing optional dependency) ends the app with status 2 and one line;
-    STEPDISTILL_TRACEBACK=1 lets it through; other exceptions always propagate."""
+@pytest.mark.parametrize("error, line", [
+    (ValueError("set x=1"), "set x=1"), (FileNotFoundError("no /a"), "no /a"),
+    (ImportError("pip install y"), "pip install y"),
+    # raised by the OS with (errno, text, path): the line was "2" before
+    (FileNotFoundError(2, "No such file or directory", "/proc/x"), "[Errno 2] No such file or directory: '/proc/x'"),
+    (PermissionError(13, "Permission denied", "/ro/run"), "[Errno 13] Permission denied: '/ro/run'"),
+])
+def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
+    """What bad input raises (including a missing optional dependency or a path that cannot be written) ends
+    the app with status 2 and one line; STEPDISTILL_TRACEBACK=1 lets it through; other exceptions always
+    propagate."""
     from stepdistill.cli import user_errors
 
     @user_errors("stepdistill-x")
@@ -201,7 +208,7 @@ def test_user_errors_end_in_one_line(error, capsys, monkeypatch):
     monkeypatch.delenv("STEPDISTILL_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as ended:
         app(error)
-    assert ended.value.code == 2 and capsys.readouterr().err == f"stepdistill-x: error: {error.args[0]}\n"
+    assert ended.value.code == 2 and capsys.readouterr().err == f"stepdistill-x: error: {line}\n"
     monkeypatch.setenv("STEPDISTILL_TRACEBACK", "1")
     with pytest.raises(type(error)):
         app(error)
@@ -236,6 +243,23 @@ def test_at_least():
     for bad in (0, -1, 2.5, "x", None):
         with pytest.raises(ValueError, match=f"n={bad}: need an integer >= 1"):
             at_least("n", bad)
+
+
+def test_thread_count_setting():
+    """0 or null leaves torch's thread count alone; a negative count is a one-line error (it was torch's
+    RuntimeError, printed as a traceback)."""
+    import torch
+
+    from stepdistill.cli import set_threads
+    before = torch.get_num_threads()
+    set_threads(0, "trainer.num_threads")
+    set_threads(None)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match=r"trainer.num_threads=-1: need an integer >= 0"):
+        set_threads(-1, "trainer.num_threads")
+    set_threads(1)
+    assert torch.get_num_threads() == 1
+    set_threads(before)
 
 
 def test_sample_eval_and_export_take_an_earlier_checkpoint(tmp_path, gmm_cfg):

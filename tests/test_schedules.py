@@ -157,3 +157,22 @@ def test_unknown_beta_schedule_names_options():
         assert "sigmoid" in msg
         for k in BETA_SCHEDULES:
             assert k in msg
+
+
+@pytest.mark.parametrize("sched, inside, outside", [
+    (VPSchedule(), [999.0, 0.0], [1000.0]),
+    (EDMSchedule(), [80.0, 0.002], [81.0]),
+    (FlowSchedule(), [1.0, 1e-3], [1.5]),
+])
+def test_generator_timesteps_stay_in_the_schedules_range(sched, inside, outside):
+    """A student's timesteps may reach both ends of the teacher's range (every default does) but not past them:
+    a VP schedule would clamp the index silently, EDM and flow would extrapolate."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.generator import FewStepGenerator
+    from stepdistill.networks.mlp import TimeMLP
+    den = NetworkDenoiser(TimeMLP(2, 8, 0), sched, "edm", sigma_data=1.0)
+    for steps in (1, 4):
+        FewStepGenerator(den, steps=steps)
+    FewStepGenerator(den, inside, 2)
+    with pytest.raises(ValueError, match="each must lie in the schedule's range"):
+        FewStepGenerator(den, outside, 1)

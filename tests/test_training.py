@@ -334,6 +334,14 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("eval.every=-5", "eval.every=-5: need an integer >= 0"),
     ("trainer.checkpoint_every=2.5", "trainer.checkpoint_every=2.5: need an integer >= 0"),
     ("eval.final=true eval.num_samples=1", "eval.num_samples=1: an evaluation needs at least 2 samples"),
+    ("eval.batch_size=0", "eval.batch_size=0: need an integer >= 1"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: need an integer >= 1"),
+    ("optim.generator.grad_clip=-1", "optim.generator.grad_clip=-1: need a number >= 0"),
+    ("optim.critic.warmup_steps=-1", "optim.critic.warmup_steps=-1: need an integer >= 0"),
+    ("method.gan.head_width=0", "method.gan.head_width=0: need an integer >= 1"),
+    ("method=scm method.weighting_width=0", "method.weighting_width=0: need an integer >= 1"),
+    ("generator.timesteps=[1200]", "generator.timesteps=[1200.0]: each must lie in the schedule's range [0, 999]"),
+    ("generator.timesteps=[-5]", "generator.timesteps=[-5.0]: each must lie in the schedule's range [0, 999]"),
 ])
 def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, message):
     """Settings that used to run silently (an EMA decay past 1, an empty DM noise range, a critic that never

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import at_least
 from ..denoiser import Denoiser
 from ..generator import FewStepGenerator
 from ..methods.gan import probe_feature_shape
@@ -95,7 +96,7 @@ class Benchmark:
             x = torch.zeros(2, *self.data_shape)
             cond = self.sample_cond(2)
             shape = probe_feature_shape(roles["fake_score"], x, cond, gan.get("feature_module"))
-            roles["gan_head"] = ClassifierHead(shape, int(gan.get("head_width", 128)))
+            roles["gan_head"] = ClassifierHead(shape, at_least("method.gan.head_width", gan.get("head_width", 128)))
         return roles
 
     def as_fake_score(self, den: Denoiser) -> Denoiser:

@@ -9,8 +9,9 @@ from pathlib import Path
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
 
 # ImportError: an optional dependency a setting needs (pyarrow for parquet prompts, torch-fidelity for Inception
-# FID), whose message names the install; STEPDISTILL_TRACEBACK=1 shows the traceback of any of these
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
+# FID), whose message names the install; OSError: a path that cannot be written or read (missing folder, no
+# permission, a full disk); STEPDISTILL_TRACEBACK=1 shows the traceback of any of these
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
 
 
 def user_errors(app: str):
@@ -23,16 +24,20 @@ def user_errors(app: str):
             except USER_ERRORS as e:
                 if os.environ.get("STEPDISTILL_TRACEBACK"):
                     raise
-                msg = e.args[0] if e.args else repr(e)
+                # an OSError's args are (errno, text); its str names the path too
+                msg = str(e) if isinstance(e, OSError) or not e.args else e.args[0]
                 print(f"{app}: error: {msg}", file=sys.stderr)
                 sys.exit(2)
         return inner
     return wrap
 
 
-def set_threads(n) -> None:
+def set_threads(n, key: str = "num_threads") -> None:
+    """torch's thread count; 0 or null leaves torch's default (one per core)."""
     import torch
-    if n:
+
+    from ..checks import at_least
+    if n is not None and at_least(key, n, 0):
         torch.set_num_threads(int(n))
 
 

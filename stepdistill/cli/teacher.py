@@ -22,7 +22,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
-    set_threads(cfg.get("num_threads"))
+    set_threads(cfg.get("num_threads"), "num_threads")
     name = cfg.benchmark.name
     if name in ("gmm", "gmm_unbalanced"):
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")

@@ -27,7 +27,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     from ..train.trainer import Trainer
 
     run_dir = Path(run_dir)
-    set_threads(cfg.trainer.get("num_threads"))
+    set_threads(cfg.trainer.get("num_threads"), "trainer.num_threads")
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra's runtime
     if "hydra" in cfg:
         del cfg["hydra"]

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..checks import at_least
 from ..denoiser import NetworkDenoiser
 from .base import LossOut, Method
 from .trigflow import TrigFlow, _b
@@ -67,7 +68,7 @@ class SCM(Method):
         if self.critic_roles:
             self.phases["critic"] = self.critic_roles
         if extra and "weighting" not in models:
-            models["weighting"] = AdaptiveWeighting(int(cfg.get("weighting_width", 64)))
+            models["weighting"] = AdaptiveWeighting(at_least("method.weighting_width", cfg.get("weighting_width", 64)))
         super().__init__(models, cfg)
         if models["generator"].step_experts:
             raise ValueError("method=scm trains one consistency function over all times: set "

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import at_least
 from .checkpoint import step_dir_name
 
 
@@ -53,6 +54,7 @@ class Evaluator:
     def __init__(self, run, run_dir: Path):
         self.run, self.run_dir = run, Path(run_dir)
         self.cfg = run.cfg.eval
+        at_least("eval.batch_size", self.cfg.batch_size)
         self._teacher_cache: dict = {}
 
     @torch.no_grad()

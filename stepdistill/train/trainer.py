@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .. import batch_split
-from ..checks import at_least
+from ..checks import at_least, non_negative
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
@@ -81,6 +81,7 @@ class Trainer:
                            ("trainer.keep_checkpoints", tc.keep_checkpoints), ("eval.every", self.cfg.eval.every),
                            ("logger.every", self.cfg.logger.every)):   # 0 = never (keep: all), not below
             at_least(key, value, 0)
+        at_least("trainer.max_nonfinite_steps", tc.max_nonfinite_steps)
         if (int(self.cfg.eval.every) > 0 or self.cfg.eval.final) and int(self.cfg.eval.num_samples) < 2:
             raise ValueError(f"eval.num_samples={self.cfg.eval.num_samples}: an evaluation needs at least 2 samples "
                              "(or turn evaluations off: eval.every=0 eval.final=false)")
@@ -114,6 +115,8 @@ class Trainer:
             oc = self.cfg.optim[phase]
             if len(oc.betas) != 2 or not all(0 <= float(b) < 1 for b in oc.betas):
                 raise ValueError(f"optim.{phase}.betas={list(oc.betas)}: give Adam's two decay rates, each in [0, 1)")
+            at_least(f"optim.{phase}.warmup_steps", oc.get("warmup_steps", 0) or 0, 0)
+            non_negative(f"optim.{phase}.grad_clip", oc.get("grad_clip", 0) or 0)   # 0 = no clipping
             params = self.phase_params[phase] = run.roles.parameters_of(names)
             opt = make_adamw(params, float(oc.get("optimism", 0.0)), lr=oc.lr, betas=tuple(oc.betas),
                              weight_decay=oc.weight_decay)
@@ -123,7 +126,7 @@ class Trainer:
                                drops.get(phase), drop_factor))
         # read once: OmegaConf lookups in the step loop were ~3% of a gmm step
         clips = {ph: float(self.cfg.optim[ph].get("grad_clip", 0) or 0) for ph in self.method.phases}
-        self.grad_clip = {ph: c if c > 0 else float("inf") for ph, c in clips.items()}
+        self.grad_clip = {ph: c if c > 0 else float("inf") for ph, c in clips.items()}   # 0: off
         self.ema_decay = float(tc.ema_decay)
         self.max_nonfinite = int(tc.max_nonfinite_steps)
         self.ema = EMA(run.roles["generator_ema"], run.roles["generator"]) if "generator_ema" in run.roles else None
