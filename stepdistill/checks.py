@@ -23,3 +23,9 @@ def non_negative(key: str, value) -> float:
     if not x >= 0:
         raise ValueError(f"{key}={value}: need a number >= 0")
     return x
+
+
+def or_default(value, default):
+    """`value` unless it is unset (None): `value or default` would also replace a meaningful 0 (guidance 0 is the
+    unconditional model) or hide a bad one (0 sampler steps)."""
+    return default if value is None else value

@@ -1,4 +1,6 @@
 """The digits benchmark: data, the shipped teacher and feature network, resolution and path errors."""
+import re
+
 import pytest
 import torch
 
@@ -33,6 +35,28 @@ def test_missing_or_wrong_teacher_is_a_clear_error(tmp_path):
         load_unet_teacher(tmp_path / "empty")
     with pytest.raises(ValueError, match="does not match the teacher's scheduler"):
         load_unet_teacher(SHIPPED_TEACHER, prediction_type="epsilon")
+
+
+def test_benchmark_settings_unset_zero_and_bad():
+    """null takes the teacher's recorded default; 0 guidance is the unconditional teacher, not the default (it was,
+    through `or`); 0 steps or pixels and a negative scale are one-line errors, as is a feature network path that
+    is not there (it failed at the first evaluation, after training)."""
+    from conftest import digits_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark as make_benchmark
+    info = teacher_info(SHIPPED_TEACHER)
+    default = make_benchmark(digits_cfg().benchmark)
+    assert default.guidance == info["default_guidance"] != 0
+    assert default.teacher_steps == info["default_sampler_steps"] and default.data_shape == (1, 8, 8)
+    unconditional = make_benchmark(digits_cfg("benchmark.guidance=0").benchmark)
+    assert unconditional.guidance == 0.0 and unconditional.config_record()["teacher_resolved"]["guidance"] == 0.0
+    for override, message in [("benchmark.resolution=0", "benchmark.resolution=0: need an integer >= 1"),
+                              ("benchmark.teacher_steps=0", "benchmark.teacher_steps=0: need an integer >= 1"),
+                              ("benchmark.guidance=-1", "benchmark.guidance=-1: need a number >= 0")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make_benchmark(digits_cfg(override).benchmark)
+    with pytest.raises(FileNotFoundError, match="digits feature network /nope not found"):
+        make_benchmark(digits_cfg("benchmark.feature_net=/nope").benchmark)
 
 
 def test_shipped_teacher_samples_its_labels():

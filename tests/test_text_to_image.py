@@ -489,3 +489,14 @@ def test_image_folder_captions_from_jsonl_and_an_empty_folder_is_an_error(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"benchmark.data.images=.*holds no images"):
         load_image_folder(tmp_path / "empty")
+
+
+def test_zero_guidance_is_unconditional_and_bad_counts_are_errors():
+    """`benchmark.guidance=0` (the unconditional branch alone) was read as unset and became 1.0; 0 teacher steps,
+    real samples or pixels were replaced by the defaults the same way."""
+    from stepdistill.benchmarks.registry import build_benchmark
+    assert build_benchmark(compose_cfg(*TINY, "benchmark.guidance=0").benchmark).guidance == 0.0
+    for override in ("benchmark.teacher_steps=0", "benchmark.num_real=0", "benchmark.resolution=0",
+                     "benchmark.guidance=-1"):
+        with pytest.raises(ValueError, match=f"{override}: need"):
+            build_benchmark(compose_cfg(*TINY, override).benchmark)

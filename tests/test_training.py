@@ -342,6 +342,8 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("method=scm method.weighting_width=0", "method.weighting_width=0: need an integer >= 1"),
     ("generator.timesteps=[1200]", "generator.timesteps=[1200.0]: each must lie in the schedule's range [0, 999]"),
     ("generator.timesteps=[-5]", "generator.timesteps=[-5.0]: each must lie in the schedule's range [0, 999]"),
+    ("benchmark.sigma_data=0", "benchmark.sigma_data=0: need a data std > 0"),
+    ("method.guidance=-2", "method.guidance=-2: need a number >= 0"),
 ])
 def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, message):
     """Settings that used to run silently (an EMA decay past 1, an empty DM noise range, a critic that never

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..checks import at_least
+from ..checks import at_least, or_default
 from ..denoiser import Denoiser
 from ..generator import FewStepGenerator
 from ..methods.gan import probe_feature_shape
@@ -84,7 +84,8 @@ class Benchmark:
         if generator_cfg.get("lora_rank") and not shared:   # shared-base students are adapters already
             from ..networks.lora import DEFAULT_TARGETS, add_lora, diffusers_unet
             for den in roles["generator"].step_denoisers:
-                add_lora(diffusers_unet(den), int(generator_cfg.lora_rank), generator_cfg.get("lora_alpha"),
+                add_lora(diffusers_unet(den), at_least("generator.lora_rank", generator_cfg.lora_rank),
+                         generator_cfg.get("lora_alpha"),
                          tuple(generator_cfg.get("lora_targets") or DEFAULT_TARGETS))
         if method_cfg.get("step_aware_critic", False):
             from ..methods.step_critic import StepEmbedding
@@ -123,9 +124,10 @@ class Benchmark:
             self.student_denoiser(None)   # raises the clear error
         shared = SharedBase(diffusers_unet(self.teacher))
         targets = tuple(model_cfg.get("lora_targets") or generator_cfg.get("lora_targets") or DEFAULT_TARGETS)
-        rank = int(model_cfg.get("lora_rank") or 16)
+        rank = at_least("model.lora_rank", or_default(model_cfg.get("lora_rank"), 16))
+        gen_rank = generator_cfg.get("lora_rank")   # null or 0: the model's rank
         shared.add("fake_score", rank, model_cfg.get("lora_alpha"), targets)
-        shared.add("generator", int(generator_cfg.get("lora_rank") or rank),
+        shared.add("generator", at_least("generator.lora_rank", gen_rank) if gen_rank else rank,
                    generator_cfg.get("lora_alpha") or model_cfg.get("lora_alpha"), targets)
         set_backbone(self.teacher, AdapterView(shared, None))
         return (self.student_denoiser(AdapterView(shared, "fake_score")),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import at_least, non_negative, or_default
 from ..denoiser import NetworkDenoiser
 from ..samplers import ddim_sample
 from ..teachers import load_unet_teacher, teacher_info
@@ -30,11 +31,16 @@ class DigitsBenchmark(Benchmark):
         self.teacher = load_unet_teacher(self.path, cfg.teacher.get("prediction_type"))
         self.info = teacher_info(self.path)
         self.images, self.labels = load_digits_tensor()
-        res = int(cfg.get("resolution") or self.images.shape[-1])
+        res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), self.images.shape[-1]))
         check_resolution(self.teacher.net, res, res)
         self.data_shape = (1, res, res)
-        self.guidance = float(cfg.get("guidance") or self.info.get("default_guidance", 1.0))
-        self.teacher_steps = int(cfg.get("teacher_steps") or self.info.get("default_sampler_steps", 20))
+        self.guidance = non_negative("benchmark.guidance",
+                                     or_default(cfg.get("guidance"), self.info.get("default_guidance", 1.0)))
+        self.teacher_steps = at_least("benchmark.teacher_steps",
+                                      or_default(cfg.get("teacher_steps"), self.info.get("default_sampler_steps", 20)))
+        if cfg.get("feature_net"):   # checked now, not at the first evaluation after training
+            from ..networks.digits_features import feature_net_path
+            feature_net_path(cfg.feature_net)
 
     def make_student_denoiser(self):
         net = copy.deepcopy(self.teacher.net).train()

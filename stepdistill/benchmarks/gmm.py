@@ -34,6 +34,8 @@ class GMMBenchmark(Benchmark):
         self.teacher = GMMDenoiser(self.mixture, self.schedule)
         self.data_shape = (self.mixture.dim,)
         # per-coordinate std of the data: EDM preconditioning's sigma_data for the MLP students
+        if cfg.get("sigma_data") is not None and not float(cfg.sigma_data) > 0:
+            raise ValueError(f"benchmark.sigma_data={cfg.sigma_data}: need a data std > 0 (null = the mixture's)")
         self.sigma_data = float(cfg.get("sigma_data") or math.sqrt(
             float((self.mixture.weights[:, None] * self.mixture.means**2).sum(0).mean()) + float(cfg.std) ** 2))
 

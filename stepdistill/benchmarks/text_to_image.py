@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import at_least, non_negative, or_default
 from ..data.cache import cache_dir, cached_tensors, digest, files_stamp, model_key
 from ..data.prompts import EmbeddingCache, load_prompts
 from ..networks.text_unet import SDXLConditionedUNet, TextConditionedUNet, TextDenoiser, pack_sdxl_cond
@@ -101,7 +102,8 @@ class TextToImageBenchmark(Benchmark):
             self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.path / "tokenizer_2")
             index = json.loads((self.path / "model_index.json").read_text())
             self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", True))
-        res = self.resolution = int(cfg.get("resolution") or unet.config.sample_size * self.vae_scale)
+        res = self.resolution = at_least("benchmark.resolution",
+                                         or_default(cfg.get("resolution"), unet.config.sample_size * self.vae_scale))
 
         data = cfg.get("data") or {}
         self.prompts = (load_prompts(data["prompts"], data.get("prompt_column")) if data.get("prompts")
@@ -124,8 +126,9 @@ class TextToImageBenchmark(Benchmark):
             raise ValueError(f"benchmark.resolution={res} cannot go through this VAE and UNet: use a multiple of "
                              f"{self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)}")
         self.data_shape = (unet.config.in_channels, res // self.vae_scale, res // self.vae_scale)
-        self.guidance = float(cfg.get("guidance") or 1.0)
-        self.teacher_steps = int(cfg.get("teacher_steps") or 25)
+        self.guidance = non_negative("benchmark.guidance", or_default(cfg.get("guidance"), 1.0))
+        self.teacher_steps = at_least("benchmark.teacher_steps", or_default(cfg.get("teacher_steps"), 25))
+        at_least("benchmark.num_real", or_default(cfg.get("num_real"), 256))
 
     @property
     def conditional(self) -> bool:
@@ -208,7 +211,7 @@ class TextToImageBenchmark(Benchmark):
         images = (self.cfg.get("data") or {}).get("images")
         if images:
             return self.image_latents(images)
-        n = int(self.cfg.get("num_real") or 256)
+        n = int(or_default(self.cfg.get("num_real"), 256))
         key = digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape, *self.prompts)
 
         def sample() -> dict:

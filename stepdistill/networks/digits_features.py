@@ -76,11 +76,17 @@ def save_feature_net(net: DigitsFeatureNet, path) -> None:
               metadata={"num_features": str(net.num_features)})
 
 
-def load_feature_net(path=None) -> DigitsFeatureNet:
+def feature_net_path(path=None) -> Path:
+    """The feature network's file (the shipped one by default), or a one-line error saying how to get one."""
     path = Path(path) if path else SHIPPED
     if not path.is_file():
         raise FileNotFoundError(f"digits feature network {path} not found: run `stepdistill-teacher benchmark=digits` "
                                 "or set benchmark.feature_net=PATH")
+    return path
+
+
+def load_feature_net(path=None) -> DigitsFeatureNet:
+    path = feature_net_path(path)
     state = load_file(str(path))
     net = DigitsFeatureNet(state["head.weight"].shape[1])
     net.load_state_dict(state)

@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..benchmarks.base import shared_base
+from ..checks import non_negative
 from ..benchmarks.registry import build_benchmark
 from ..methods import method_class
 from ..roles import Roles
@@ -32,6 +33,7 @@ def resolve_method_cfg(cfg: DictConfig, benchmark) -> None:
     with open_dict(cfg):
         if cfg.method.get("guidance") is None:
             cfg.method.guidance = float(getattr(benchmark, "guidance", 1.0))
+        non_negative("method.guidance", cfg.method.guidance)   # 0: the unconditional teacher; 1: no guidance
         if cfg.method.get("guidance", 1.0) != 1.0 and not benchmark.conditional:
             raise ValueError(f"method.guidance={cfg.method.guidance} but the {benchmark.name} teacher is "
                              "unconditional: set method.guidance=1.0")
