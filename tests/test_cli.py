@@ -149,12 +149,18 @@ def test_bench_prints_a_table(tmp_path):
 
 def test_experiment_presets_compose():
     from hydra import compose, initialize_config_dir
+    from hydra.errors import MissingConfigException
 
     from stepdistill.cli import CONF_DIR
     with initialize_config_dir(CONF_DIR, version_base=None):
         cfg = compose("train", overrides=["experiment=digits_four_step"])
     assert cfg.benchmark.name == "digits" and cfg.generator.steps == 4 and list(cfg.generator.train_steps) == [4]
     assert cfg.optim.schedule == "cosine" and cfg.method.reuse_generator_samples
+    # a misspelt preset is an error listing the presets, not a silent run of the defaults (the group was optional)
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        with pytest.raises(MissingConfigException, match="Could not find 'experiment/digits_fourstep'") as err:
+            compose("train", overrides=["experiment=digits_fourstep"])
+    assert "digits_four_step" in str(err.value)
 
 
 def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
