@@ -40,7 +40,8 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
         metrics["eval_overrides"] = list(overrides)
     if steps is not None:
         metrics["student_steps"] = int(steps)
-    MetricsLogger(Path(run_dir), "console", resume=True, console=False).log(step, metrics, kind="eval")
+    # curves.png draws the training's own evaluations; this one (maybe at other steps or settings) is not one
+    MetricsLogger(Path(run_dir), "console", resume=True, console=False, curves=False).log(step, metrics, kind="eval")
     return metrics
 
 

@@ -51,6 +51,8 @@ def summary(result: dict) -> str:
     if "figure" in result:
         lines.append(f"sample grid:  {result['figure']}")
     lines.append(f"metrics:      {Path(result['run_dir']) / 'metrics.jsonl'}")
+    if (curves := Path(result["run_dir"]) / "curves.png").is_file():
+        lines.append(f"curves:       {curves}")
     if "export" in result:
         lines.append(f"export:       {result['export']}  (diffusers from_pretrained)")
     for key in ("fd", "sliced_w2", "modes_covered", "high_quality_fraction", "precision", "recall", "class_accuracy"):

@@ -1,4 +1,5 @@
-"""Metric sinks: `metrics.jsonl` and the console always; wandb (offline without an API key) or TensorBoard."""
+"""Metric sinks: `metrics.jsonl` and the console always; wandb (offline without an API key) or TensorBoard; and
+`curves.png`, metrics.jsonl drawn after each evaluation and at the end (`stepdistill/eval/curves.py`)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def _clean(v):
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, backend: str = "console", project: str = "stepdistill", config=None,
-                 console: bool = True, resume: bool = False):
+                 console: bool = True, resume: bool = False, curves: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.curves = curves   # redraw RUN/curves.png after each evaluation and at close"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
             self.path.unlink()
@@ -49,8 +51,20 @@ class MetricsLogger:
         if self._tb is not None:
             for k, v in nums.items():
                 self._tb.add_scalar(k, v, int(step))
+        if kind == "eval" and self.curves:
+            self.draw_curves()
+
+    def draw_curves(self) -> str | None:
+        from ..eval.curves import save_training_curves
+        try:
+            return save_training_curves(self.path.parent)
+        except Exception as e:   # noqa: BLE001 - a figure must not end a run that has trained (it is redrawn later)
+            log.warning("could not draw %s: %s", self.path.parent / "curves.png", e)
+            return None
 
     def close(self) -> None:
+        if self.curves:
+            self.draw_curves()
         if self._wandb is not None:
             self._wandb.finish()
         if self._tb is not None:

@@ -136,7 +136,8 @@ class Trainer:
         self.saved_step: int | None = None   # the step of the last checkpoint written or loaded
         self.evaluator = Evaluator(run, self.run_dir)
         self.logger = (MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
-                                     resume=bool(tc.resume)) if self.main else None)
+                                     resume=bool(tc.resume), curves=bool(self.cfg.logger.get("curves", True)))
+                       if self.main else None)
 
     # --- checkpoints ---------------------------------------------------------------------------------------
     def state(self, method: dict, optimizers: dict | None = None) -> dict:

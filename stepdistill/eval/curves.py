@@ -1,0 +1,135 @@
+"""Training curves: a run's metrics.jsonl drawn as one PNG, so its progress is a look rather than a read of JSON
+lines, whichever logger ran (metrics.jsonl is always written).
+
+Panels, in this order: each role's losses (``generator/loss*``, ``critic/loss*``), the gradient norms, then one
+panel per evaluation metric of the student (``student_*``), with the teacher's value on the same noise as a dashed
+line and the bootstrap spread as error bars where the evaluation has them. Sample counts, figures and other
+bookkeeping are not drawn.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SKIP_TRAIN = ("seconds", "lr_generator", "stopped_by", "processes", "weight_spread_across_processes")
+
+
+@dataclass
+class Panel:
+    title: str
+    series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
+    reference: float | None = None          # the teacher's value of an evaluation metric
+    spread: list[float] | None = None       # bootstrap std per point of the (single) student series
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of metrics.jsonl in step order, one per (kind, step, source). A resumed run logs again the steps
+    after its checkpoint, and the later record is the one the run went on from; a line cut short by a kill is
+    skipped."""
+    records: dict = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and "step" in rec:
+            records[(rec.get("kind"), rec["step"], rec.get("source"))] = rec   # the later record wins
+    return sorted(records.values(), key=lambda r: r["step"])
+
+
+def _number(v) -> float | None:
+    """A finite float, else None (metrics.jsonl writes non-finite values as strings such as "nan")."""
+    if isinstance(v, bool):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def _add(series: dict, name: str, step: int, value) -> None:
+    x = _number(value)
+    if x is not None:
+        steps, values = series.setdefault(name, ([], []))
+        steps.append(step)
+        values.append(x)
+
+
+def curve_panels(records: list[dict]) -> list[Panel]:
+    """What `save_training_curves` draws, as data: the panels of `read_metrics`'s records."""
+    losses: dict[str, Panel] = {}
+    grads = Panel("gradient norm")
+    for r in records:
+        if r.get("kind") != "train":
+            continue
+        for key, value in r.items():
+            if key in ("step", "kind") or key in SKIP_TRAIN:
+                continue
+            role, _, name = key.rpartition("/")
+            if name.endswith("grad_norm"):
+                _add(grads.series, key, r["step"], value)
+            elif "loss" in name:
+                _add(losses.setdefault(role, Panel(f"{role or 'train'} losses")).series, name, r["step"], value)
+    evals: dict[str, Panel] = {}
+    spreads: dict[str, dict[int, float]] = {}
+    # the training's own evaluations: `stepdistill-eval` records (a `source`) may change steps or settings
+    for r in (r for r in records if r.get("kind") == "eval" and "source" not in r):
+        for key, value in r.items():
+            if not key.startswith("student_") or "num_" in key:
+                continue
+            metric = key[len("student_"):]
+            if metric.endswith("_bootstrap_std"):
+                if (x := _number(value)) is not None:
+                    spreads.setdefault(metric[:-len("_bootstrap_std")], {})[r["step"]] = x
+                continue
+            panel = evals.setdefault(metric, Panel(metric))
+            _add(panel.series, "student", r["step"], value)
+            teacher = _number(r.get(f"teacher_{metric}"))
+            if teacher is not None:
+                panel.reference = teacher
+    for metric, panel in evals.items():
+        if metric in spreads and "student" in panel.series:
+            panel.spread = [spreads[metric].get(s, 0.0) for s in panel.series["student"][0]]
+    panels = [p for p in (*losses.values(), grads) if p.series]
+    return panels + [p for p in evals.values() if p.series]
+
+
+def save_training_curves(run_dir, path=None, cols: int = 4) -> str | None:
+    """Draw RUN/metrics.jsonl into RUN/curves.png (or `path`); None when there is nothing to draw yet."""
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    source = run_dir / "metrics.jsonl"
+    panels = curve_panels(read_metrics(source)) if source.is_file() else []
+    if not panels:
+        return None
+    cols = min(cols, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(3.6 * cols, 2.7 * rows), dpi=80, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, panel in zip(axes, panels):
+        for name, (steps, values) in panel.series.items():
+            marker = "o" if len(steps) < 30 else None   # evaluations are few: show where they were taken
+            if panel.spread is not None:
+                ax.errorbar(steps, values, yerr=panel.spread, marker=marker, ms=3, capsize=2, label=name)
+            else:
+                ax.plot(steps, values, marker=marker, ms=3, lw=1, label=name)
+        if panel.reference is not None:
+            ax.axhline(panel.reference, color="k", ls="--", lw=1, label="teacher")
+        ax.set_title(panel.title, fontsize="medium")
+        ax.set_xlabel("step", fontsize="small")
+        ax.tick_params(labelsize="small")
+        if len(panel.series) > 1 or panel.reference is not None:
+            ax.legend(fontsize="x-small")
+    for ax in axes[len(panels):]:
+        ax.set_axis_off()
+    out = Path(path) if path else run_dir / "curves.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=80)
+    return str(out)
+
+
+__all__ = ["Panel", "read_metrics", "curve_panels", "save_training_curves"]

@@ -1,0 +1,83 @@
+"""Training curves: metrics.jsonl read back as a resumed run left it, and drawn as panels of what it logged."""
+import json
+
+import pytest
+
+from stepdistill.eval.curves import curve_panels, read_metrics, save_training_curves
+
+
+def write(path, records, tail=""):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records) + tail)
+
+
+def test_read_metrics_keeps_the_resumed_record_and_skips_a_cut_line(tmp_path):
+    """A run killed at step 30 after its step-20 checkpoint logs 30 again when resumed: the later record is the
+    one the run went on from. A line cut short by the kill is skipped; a re-evaluation (`source`) is kept apart."""
+    write(tmp_path / "metrics.jsonl", [
+        {"step": 10, "kind": "train", "critic/loss": 1.0},
+        {"step": 20, "kind": "train", "critic/loss": 0.9},
+        {"step": 20, "kind": "eval", "student_fd": 3.0},
+        {"step": 30, "kind": "train", "critic/loss": 5.0},          # lost with the kill
+        {"step": 30, "kind": "train", "critic/loss": 0.8},          # the resumed run's
+        {"step": 20, "kind": "eval", "student_fd": 2.5, "source": "stepdistill-eval"},
+    ], tail='{"step": 40, "kind": "tr')
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["kind"]) for r in recs] == [(10, "train"), (20, "train"), (20, "eval"), (20, "eval"),
+                                                      (30, "train")]
+    assert recs[-1]["critic/loss"] == 0.8
+
+
+def test_panels_hold_the_losses_norms_and_student_metrics():
+    records = [
+        {"step": 5, "kind": "train", "critic/loss": 1.0, "critic/loss_gan_d": 1.3, "critic/grad_norm": 2.0,
+         "lr_generator": 1e-4, "seconds": 1.0},
+        {"step": 10, "kind": "train", "critic/loss": 0.9, "generator/loss": 0.5, "generator/loss_dm": 0.2,
+         "generator/grad_norm": "inf", "lr_generator": 1e-4, "seconds": 2.0},
+        {"step": 10, "kind": "eval", "student_fd": 3.0, "student_fd_bootstrap_std": 0.2, "student_fd_num_samples": 100,
+         "student_mode_std_ratio": "nan", "figure": "x.png"},
+        {"step": 20, "kind": "eval", "student_fd": 2.0, "student_fd_bootstrap_std": 0.1, "teacher_fd": 1.5,
+         "student_mode_std_ratio": 0.9},
+        {"step": 20, "kind": "eval", "student_fd": 9.0, "source": "stepdistill-eval"},
+    ]
+    panels = {p.title: p for p in curve_panels(records)}
+    assert list(panels) == ["critic losses", "generator losses", "gradient norm", "fd", "mode_std_ratio"]
+    assert panels["critic losses"].series == {"loss": ([5, 10], [1.0, 0.9]), "loss_gan_d": ([5], [1.3])}
+    assert panels["generator losses"].series == {"loss": ([10], [0.5]), "loss_dm": ([10], [0.2])}
+    assert panels["gradient norm"].series == {"critic/grad_norm": ([5], [2.0])}   # a non-finite norm is not drawn
+    fd = panels["fd"]
+    assert fd.series == {"student": ([10, 20], [3.0, 2.0])} and fd.reference == 1.5 and fd.spread == [0.2, 0.1]
+    assert panels["mode_std_ratio"].series == {"student": ([20], [0.9])} and panels["mode_std_ratio"].reference is None
+
+
+def test_curves_png_is_drawn_from_the_run_folder(tmp_path):
+    assert save_training_curves(tmp_path) is None   # no metrics.jsonl yet
+    write(tmp_path / "metrics.jsonl", [{"step": 1, "kind": "train", "seconds": 1.0}])
+    assert save_training_curves(tmp_path) is None   # nothing to draw
+    write(tmp_path / "metrics.jsonl", [{"step": s, "kind": "train", "generator/loss": 1 / s} for s in range(1, 40)])
+    from PIL import Image
+    with Image.open(save_training_curves(tmp_path)) as img:
+        assert img.format == "PNG" and img.size == (288, 216)   # one panel, 3.6 x 2.7 inches at 80 dpi
+
+
+def test_training_draws_its_curves(gmm_cfg, tmp_path, monkeypatch):
+    """Every evaluation redraws RUN/curves.png and the end of the run draws it once more; the CLI's summary names
+    it. `logger.curves=false` draws nothing."""
+    import stepdistill.eval.curves as curves
+    from stepdistill.cli.train import summary, train
+    drawn = []
+    monkeypatch.setattr(curves, "save_training_curves",
+                        lambda run_dir, save=curves.save_training_curves: drawn.append(run_dir) or save(run_dir))
+    result = train(gmm_cfg("trainer.max_steps=6", "eval.every=3", "eval.num_samples=64", "eval.batch_size=64",
+                           "logger.every=1"), tmp_path / "on")
+    assert (tmp_path / "on" / "curves.png").is_file() and drawn == [tmp_path / "on"] * 2   # at step 3, at the end
+    assert f"curves:       {tmp_path / 'on' / 'curves.png'}" in summary(result)
+    titles = [p.title for p in curve_panels(read_metrics(tmp_path / "on" / "metrics.jsonl"))]
+    assert {"critic losses", "generator losses", "high_quality_fraction"} <= set(titles)
+    result = train(gmm_cfg("trainer.max_steps=2", "logger.curves=false"), tmp_path / "off")
+    assert not (tmp_path / "off" / "curves.png").exists() and "curves:" not in summary(result) and len(drawn) == 2
+
+
+@pytest.mark.parametrize("bad", ["[1, 2]", "{\"kind\": \"train\"}"])
+def test_records_without_a_step_are_ignored(tmp_path, bad):
+    (tmp_path / "metrics.jsonl").write_text(bad + "\n" + json.dumps({"step": 1, "kind": "train", "g/loss": 1}) + "\n")
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
