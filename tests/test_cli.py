@@ -165,7 +165,8 @@ def test_experiment_presets_compose():
 
 def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
     """Image runs are not re-sampled: a row holds the last evaluation the run logged (the student's FD, the
-    teacher's, their ratio, precision and recall, the sample count) and the last train record's step and time."""
+    teacher's, their ratio, precision and recall, the sample count) and the last train record's step and time.
+    A line cut short by a kill is skipped; the runs' evaluations are drawn against the step, one line per run."""
     from omegaconf import OmegaConf
 
     from conftest import compose_cfg
@@ -180,8 +181,10 @@ def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
         run = tmp_path / "sweep" / method
         run.mkdir(parents=True)
         OmegaConf.save(compose_cfg("benchmark=digits", f"method={method}"), run / "config.yaml", resolve=True)
-        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"kind": "tr')
     result = compare([tmp_path / "sweep"], tmp_path / "out")
+    assert result["curves"] == str(tmp_path / "out" / "comparison_curves.png")
+    assert (tmp_path / "out" / "comparison_curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = {r["method"]: r for r in result["rows"]}
     assert {k: v for k, v in rows["dmd2"].items() if k not in ("run_dir", "fd_ratio")} == {
         "benchmark": "digits", "method": "dmd2", "steps": 200, "train_seconds": 25.0, "fd": 1.2, "teacher_fd": 1.5,

@@ -81,3 +81,17 @@ def test_training_draws_its_curves(gmm_cfg, tmp_path, monkeypatch):
 def test_records_without_a_step_are_ignored(tmp_path, bad):
     (tmp_path / "metrics.jsonl").write_text(bad + "\n" + json.dumps({"step": 1, "kind": "train", "g/loss": 1}) + "\n")
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_comparison_curves_put_each_run_on_each_metric(tmp_path, monkeypatch):
+    """A panel per student metric, a line per run that measured it; losses are not compared."""
+    from stepdistill.eval import curves
+    runs = {"gmm dmd2": curve_panels([{"step": 5, "kind": "train", "generator/loss": 1.0},
+                                      {"step": 5, "kind": "eval", "student_sliced_w2": 0.3, "student_mmd": 0.1}]),
+            "gmm dmd": curve_panels([{"step": 5, "kind": "eval", "student_sliced_w2": 0.2}]),
+            "gmm sid": []}
+    drawn = {}
+    monkeypatch.setattr(curves, "draw_panels", lambda panels, out: drawn.update(out=out, panels=panels) or str(out))
+    assert curves.save_comparison_curves(tmp_path / "c.png", runs) == str(tmp_path / "c.png")
+    assert [(p.title, p.series) for p in drawn["panels"]] == [
+        ("sliced_w2", {"gmm dmd2": ([5], [0.3]), "gmm dmd": ([5], [0.2])}), ("mmd", {"gmm dmd2": ([5], [0.1])})]

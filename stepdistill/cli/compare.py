@@ -8,7 +8,9 @@ Each entry of `runs` is a run folder or a folder of run folders (a Hydra multiru
   * image benchmarks: the last evaluation the run logged: the student's FD and the teacher's (same samples),
     their ratio, and the student's precision and recall where the benchmark measures them (digits).
 Every row also gives the run's training time (seconds of the last logged train step) and its step count.
-Writes DIR/comparison.md, DIR/comparison.json and (points benchmarks) DIR/comparison.png, and prints the table.
+Writes DIR/comparison.md, DIR/comparison.json, (points benchmarks) DIR/comparison.png and, where the runs evaluated
+during training, DIR/comparison_curves.png (each student metric against the step, one line per run), and prints
+the table.
 """
 from __future__ import annotations
 
@@ -49,11 +51,11 @@ def run_label(cfg) -> str:
 
 def logged(run_dir: Path) -> tuple[dict, dict]:
     """The last train record and the last evaluation record of metrics.jsonl."""
+    from ..eval.curves import read_metrics   # a resumed run's re-logged steps, a line cut by a kill
     train, evaluation = {}, {}
     path = run_dir / "metrics.jsonl"
     if path.is_file():
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
+        for rec in read_metrics(path):
             if rec.get("kind") == "train" and "seconds" in rec:
                 train = rec
             elif rec.get("kind") == "eval":
@@ -107,13 +109,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
+    from ..eval.curves import run_panels, save_comparison_curves
     from ..eval.grids import save_gmm_scatter_grid
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, panels = [], {}
+    rows, panels, curves = [], {}, []
     for run_dir in find_runs(entries):
         row, drawn = compare_run(run_dir, num_samples, seed)
         rows.append(row)
+        curves.append((f"{row['benchmark']} {row['method']}", run_dir, run_panels(run_dir)))
         if drawn is not None:
             samples, mixture = drawn
             title = f"{row['method']}: {row['modes_covered']}/{mixture.means.shape[0]}, HQ {row['high_quality_fraction']:.2f}"
@@ -123,6 +127,10 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md")}
+    labels = [label for label, _, _ in curves]   # runs of one method (a sweep over a setting) by folder name too
+    curves = {label if labels.count(label) == 1 else f"{label} ({run_dir.name})": p for label, run_dir, p in curves}
+    if figure := save_comparison_curves(out / "comparison_curves.png", curves):
+        result["curves"] = figure
     if panels:
         names = sorted(panels)
         result["figure"] = save_gmm_scatter_grid(out / "comparison.png", [panels[n][1] for n in names],
@@ -139,7 +147,8 @@ def main(cfg: DictConfig) -> None:
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     result = compare(runs, cfg.out, cfg.get("num_samples"), int(cfg.seed))
     print(result["table"])
-    print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else ""))
+    print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else "")
+          + (f"\ncurves: {result['curves']}" if "curves" in result else ""))
 
 
 if __name__ == "__main__":

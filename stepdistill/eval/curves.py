@@ -97,13 +97,30 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     return panels + [p for p in evals.values() if p.series]
 
 
-def save_training_curves(run_dir, path=None, cols: int = 4) -> str | None:
+def run_panels(run_dir) -> list[Panel]:
+    source = Path(run_dir) / "metrics.jsonl"
+    return curve_panels(read_metrics(source)) if source.is_file() else []
+
+
+def save_training_curves(run_dir, path=None) -> str | None:
     """Draw RUN/metrics.jsonl into RUN/curves.png (or `path`); None when there is nothing to draw yet."""
+    return draw_panels(run_panels(run_dir), Path(path) if path else Path(run_dir) / "curves.png")
+
+
+def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
+    """One panel per student metric, one line per run (`runs`: label -> its `run_panels`): how each run got to
+    the figures of a comparison table. Losses are left out (each method's are on its own scale)."""
+    merged: dict[str, Panel] = {}
+    for label, panels in runs.items():
+        for p in panels:
+            if "student" in p.series:
+                merged.setdefault(p.title, Panel(p.title)).series[label] = p.series["student"]
+    return draw_panels(list(merged.values()), Path(path))
+
+
+def draw_panels(panels: list[Panel], out: Path, cols: int = 4) -> str | None:
     from matplotlib.figure import Figure
 
-    run_dir = Path(run_dir)
-    source = run_dir / "metrics.jsonl"
-    panels = curve_panels(read_metrics(source)) if source.is_file() else []
     if not panels:
         return None
     cols = min(cols, len(panels))
@@ -126,10 +143,9 @@ def save_training_curves(run_dir, path=None, cols: int = 4) -> str | None:
             ax.legend(fontsize="x-small")
     for ax in axes[len(panels):]:
         ax.set_axis_off()
-    out = Path(path) if path else run_dir / "curves.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=80)
     return str(out)
 
 
-__all__ = ["Panel", "read_metrics", "curve_panels", "save_training_curves"]
+__all__ = ["Panel", "read_metrics", "curve_panels", "run_panels", "save_training_curves", "save_comparison_curves"]
