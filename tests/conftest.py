@@ -29,7 +29,7 @@ def compose_cfg(*overrides, config_name="train"):
 # Small, fast gmm settings shared by end-to-end tests.
 GMM_FAST = ["benchmark=gmm", "benchmark.network.width=64", "benchmark.network.depth=2", "trainer.batch_size=64",
             "method.critic_warmup_steps=4", "eval.every=0", "eval.final=false", "trainer.progress=false",
-            "trainer.num_threads=2", "logger.every=5"]
+            "trainer.num_threads=2", "logger.every=5", "logger.curves=false"]   # drawn in test_curves.py
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def gmm_cfg():
 
 
 DIGITS_FAST = ["benchmark=digits", "trainer.batch_size=8", "eval.every=0", "eval.final=false",
-               "trainer.progress=false"]
+               "trainer.progress=false", "logger.curves=false"]
 
 
 def digits_cfg(*overrides):

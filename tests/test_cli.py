@@ -237,10 +237,15 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
     (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "steps=1", "warmup=0", "method.nope=1"],
      "benchmark=gmm method=dmd2 failed: To append to your config use +method.nope=1"),
     (["stepdistill.cli.teacher", "benchmark=digits", "teacher.steps=0"], "stepdistill-teacher: error: teacher.steps=0"),
+    # "no" is a string to Hydra, and a string is true: the run resumed (the default is read with the group choices)
+    (["stepdistill.cli.train", "benchmark=gmm", "trainer.resume=no"], "error: trainer.resume=no: an on/off setting"),
+    (["stepdistill.cli.train", "generator=four_step", "generator.per_sample_step=maybe"],
+     "error: generator.per_sample_step=maybe: an on/off setting takes true or false"),
+    (["stepdistill.cli.evaluate", "run_dir=D", "every_step=yes"], "stepdistill-eval: error: every_step=yes: an on/off"),
 ])
 def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
-    """Each app checks its counts before it loads anything, and the bench names an unknown method (or a child's
-    failure) in one line rather than a launcher traceback."""
+    """Each app checks its counts and on/off settings before it loads anything, and the bench names an unknown
+    method (or a child's failure) in one line rather than a launcher traceback."""
     args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
     proc = run_cli("-m", *args, f"hydra.run.dir={tmp_path / 'h'}" if "bench" not in args[0] else "x=1", check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]

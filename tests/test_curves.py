@@ -68,7 +68,7 @@ def test_training_draws_its_curves(gmm_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(curves, "save_training_curves",
                         lambda run_dir, save=curves.save_training_curves: drawn.append(run_dir) or save(run_dir))
     result = train(gmm_cfg("trainer.max_steps=6", "eval.every=3", "eval.num_samples=64", "eval.batch_size=64",
-                           "logger.every=1"), tmp_path / "on")
+                           "logger.every=1", "logger.curves=true"), tmp_path / "on")
     assert (tmp_path / "on" / "curves.png").is_file() and drawn == [tmp_path / "on"] * 2   # at step 3, at the end
     assert f"curves:       {tmp_path / 'on' / 'curves.png'}" in summary(result)
     titles = [p.title for p in curve_panels(read_metrics(tmp_path / "on" / "metrics.jsonl"))]

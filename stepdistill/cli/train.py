@@ -11,6 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import CONF_DIR, set_threads, user_errors
+from .flag_types import check_flag_overrides
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -77,6 +78,7 @@ def summary(result: dict) -> str:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
+    check_flag_overrides(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)
     if result["main_process"]:
