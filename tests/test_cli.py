@@ -234,6 +234,8 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
     (["stepdistill.cli.evaluate", "run_dir=D", "num_samples=1"], "error: num_samples=1: need an integer >= 2"),
     (["stepdistill.cli.bench", "methods=dmd2,nope"], "stepdistill-bench: error: unknown method 'nope': use one of"),
     (["stepdistill.cli.bench", "benchmark=gmm", "steps=0"], "stepdistill-bench: error: steps=0"),
+    (["stepdistill.cli.bench", "benchmark=gmm", "batch_size=8"], "stepdistill-bench: error: unknown setting 'batch_size'"),
+    (["stepdistill.cli.compare", "runs=[D]", "num_samples=-1"], "stepdistill-compare: error: num_samples=-1: need an"),
     (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "steps=1", "warmup=0", "method.nope=1"],
      "benchmark=gmm method=dmd2 failed: To append to your config use +method.nope=1"),
     (["stepdistill.cli.teacher", "benchmark=digits", "teacher.steps=0"], "stepdistill-teacher: error: teacher.steps=0"),
@@ -247,7 +249,8 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
     """Each app checks its counts and on/off settings before it loads anything, and the bench names an unknown
     method (or a child's failure) in one line rather than a launcher traceback."""
     args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
-    proc = run_cli("-m", *args, f"hydra.run.dir={tmp_path / 'h'}" if "bench" not in args[0] else "x=1", check=False)
+    hydra_dir = [] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"]   # the bench is not a Hydra app
+    proc = run_cli("-m", *args, *hydra_dir, check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 

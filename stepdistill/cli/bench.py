@@ -160,6 +160,10 @@ def main(argv=None) -> None:
     if "one" in args:  # child process: one method, JSON out
         print(json.dumps(bench_one(args["benchmark"], args["one"], int(args["steps"]), int(args["warmup"]), extra)))
         return
+    unknown = sorted(set(args) - {"benchmark", "methods", "steps", "warmup"})
+    if unknown:   # a training setting needs its group's prefix (trainer.batch_size=...), or it would be ignored
+        sys.exit(f"stepdistill-bench: error: unknown setting {unknown[0]!r}: use benchmark=, methods=, steps=, "
+                 "warmup= or a training override with its group (e.g. trainer.batch_size=128)")
     benchmarks = args.get("benchmark", "gmm,digits").split(",")
     methods = args.get("methods", "dmd,dmd2").split(",")
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..checks import at_least, or_default
 from . import CONF_DIR, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
@@ -72,7 +73,7 @@ def compare_run(run_dir: Path, num_samples: int | None, seed: int) -> tuple[dict
     if cfg.benchmark.name.startswith("gmm"):
         from ..eval.gmm_metrics import gmm_metrics
         from .sample import sample_student
-        n = int(num_samples or cfg.eval.num_samples)
+        n = int(or_default(num_samples, cfg.eval.num_samples))
         samples, _ = sample_student(run_dir, n, seed=seed)
         mixture = _mixture(cfg)
         metrics = gmm_metrics(samples, mixture, seed=seed)
@@ -145,7 +146,8 @@ def main(cfg: DictConfig) -> None:
     if not cfg.get("runs"):
         raise ValueError("give runs=[DIR,...] (run folders or sweep folders) and out=DIR")
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
-    result = compare(runs, cfg.out, cfg.get("num_samples"), int(cfg.seed))
+    n = cfg.get("num_samples")
+    result = compare(runs, cfg.out, None if n is None else at_least("num_samples", n, 2), int(cfg.seed))
     print(result["table"])
     print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else "")
           + (f"\ncurves: {result['curves']}" if "curves" in result else ""))
