@@ -14,7 +14,7 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
-    assert any("image/png" in o.get("data", {}) for o in outputs)  # the teacher-vs-student plot
+    assert sum("image/png" in o.get("data", {}) for o in outputs) == 2  # the training curves, the samples' plot
 
 
 def _execute(name, tmp_path):
