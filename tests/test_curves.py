@@ -34,7 +34,7 @@ def test_panels_hold_the_losses_norms_and_student_metrics():
         {"step": 10, "kind": "train", "critic/loss": 0.9, "generator/loss": 0.5, "generator/loss_dm": 0.2,
          "generator/grad_norm": "inf", "lr_generator": 1e-4, "seconds": 2.0},
         {"step": 10, "kind": "eval", "student_fd": 3.0, "student_fd_bootstrap_std": 0.2, "student_fd_num_samples": 100,
-         "student_mode_std_ratio": "nan", "figure": "x.png"},
+         "student_fd_bootstrap_resamples": 50, "student_pr_k": 3, "student_mode_std_ratio": "nan", "figure": "x.png"},
         {"step": 20, "kind": "eval", "student_fd": 2.0, "student_fd_bootstrap_std": 0.1, "teacher_fd": 1.5,
          "student_mode_std_ratio": 0.9},
         {"step": 20, "kind": "eval", "student_fd": 9.0, "source": "stepdistill-eval"},

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SKIP_TRAIN = ("seconds", "lr_generator", "stopped_by", "processes", "weight_spread_across_processes")
+BOOKKEEPING = ("num_", "resamples", "pr_k")   # in an evaluation key: the counts behind a metric, not a metric
 
 
 @dataclass
@@ -78,7 +79,7 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     # the training's own evaluations: `stepdistill-eval` records (a `source`) may change steps or settings
     for r in (r for r in records if r.get("kind") == "eval" and "source" not in r):
         for key, value in r.items():
-            if not key.startswith("student_") or "num_" in key:
+            if not key.startswith("student_") or any(b in key for b in BOOKKEEPING):
                 continue
             metric = key[len("student_"):]
             if metric.endswith("_bootstrap_std"):
