@@ -105,6 +105,18 @@ def test_config_differences_lists_changed_settings_first():
         "method.gan.enabled: True -> (unset)", "seed: (unset) -> 0"]
 
 
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(gmm_cfg, tmp_path):
+    """Training again in a run folder without trainer.resume left the earlier run's later steps beside the new
+    ones, so sample, eval, export and a resume took the earlier run's weights with the new config."""
+    train(gmm_cfg("trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.export=false"), tmp_path)
+    kept = {f: (tmp_path / f).read_bytes() for f in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(ValueError, match=r"holds checkpoints of an earlier run \(steps \[2, 4\]\): continue it with "
+                                         r"trainer.resume=true, or train in another hydra.run.dir"):
+        train(gmm_cfg("trainer.max_steps=2", "trainer.checkpoint_every=2", "trainer.export=false"), tmp_path)
+    assert {f: (tmp_path / f).read_bytes() for f in kept} == kept
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000002", "step_0000004"]
+
+
 def test_kill_mid_save_keeps_previous_checkpoint(gmm_cfg, tmp_path, monkeypatch):
     train(gmm_cfg("trainer.max_steps=10", "trainer.checkpoint_every=10", "trainer.export=false"), tmp_path)
     root = tmp_path / "checkpoints"

@@ -21,6 +21,16 @@ def write_config(cfg: DictConfig, run_dir: Path) -> None:
     os.replace(tmp, run_dir / "config.yaml")
 
 
+def refuse_earlier_checkpoints(run_dir: Path) -> None:
+    """A fresh run in a folder holding another run's checkpoints would leave them beside its own: the latest step
+    (what sample, eval, export and a later resume take) could be the other run's."""
+    from ..train.checkpoint import checkpoint_step, list_checkpoints
+    earlier = [checkpoint_step(c) for c in list_checkpoints(run_dir / "checkpoints")]
+    if earlier:
+        raise ValueError(f"{run_dir} holds checkpoints of an earlier run (steps {earlier}): continue it with "
+                         "trainer.resume=true, or train in another hydra.run.dir")
+
+
 def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     """Train, export and report; the Python entry point (notebooks call this with a composed config)."""
     from ..export.export import export_run
@@ -29,6 +39,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
 
     run_dir = Path(run_dir)
     set_threads(cfg.trainer.get("num_threads"), "trainer.num_threads")
+    if not cfg.trainer.get("resume"):
+        refuse_earlier_checkpoints(run_dir)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # detach from Hydra's runtime
     if "hydra" in cfg:
         del cfg["hydra"]
