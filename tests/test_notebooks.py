@@ -33,7 +33,7 @@ def test_method_comparison_notebook_executes(tmp_path, monkeypatch):
     shown = [o.get("data", {}) for o in outputs]
     table = next(d["text/markdown"] for d in shown if "text/markdown" in d)
     assert all(f"| gmm | {m} |" in table for m in ("dmd2", "sid", "scm"))   # a row per method
-    assert sum("image/png" in d for d in shown) == 2   # the comparison figure and the loss curves
+    assert sum("image/png" in d for d in shown) == 3   # the comparison figure, its metric curves, the losses
 
 
 def test_export_notebook_executes(tmp_path, monkeypatch):
