@@ -60,8 +60,8 @@ def test_curves_png_is_drawn_from_the_run_folder(tmp_path):
 
 
 def test_training_draws_its_curves(gmm_cfg, tmp_path, monkeypatch):
-    """Every evaluation redraws RUN/curves.png and the end of the run draws it once more; the CLI's summary names
-    it. `logger.curves=false` draws nothing."""
+    """Every evaluation redraws RUN/curves.png and the end of the run draws it once more, unless the run ended in
+    an evaluation; the CLI's summary names it. `logger.curves=false` draws nothing."""
     import stepdistill.eval.curves as curves
     from stepdistill.cli.train import summary, train
     drawn = []
@@ -73,8 +73,12 @@ def test_training_draws_its_curves(gmm_cfg, tmp_path, monkeypatch):
     assert f"curves:       {tmp_path / 'on' / 'curves.png'}" in summary(result)
     titles = [p.title for p in curve_panels(read_metrics(tmp_path / "on" / "metrics.jsonl"))]
     assert {"critic losses", "generator losses", "high_quality_fraction"} <= set(titles)
+    # a run that ends in its final evaluation draws once at the end: the close has nothing new to draw
+    train(gmm_cfg("trainer.max_steps=2", "eval.final=true", "eval.num_samples=64", "eval.batch_size=64",
+                  "logger.curves=true"), tmp_path / "final")
+    assert drawn[2:] == [tmp_path / "final"]
     result = train(gmm_cfg("trainer.max_steps=2", "logger.curves=false"), tmp_path / "off")
-    assert not (tmp_path / "off" / "curves.png").exists() and "curves:" not in summary(result) and len(drawn) == 2
+    assert not (tmp_path / "off" / "curves.png").exists() and "curves:" not in summary(result) and len(drawn) == 3
 
 
 @pytest.mark.parametrize("bad", ["[1, 2]", "{\"kind\": \"train\"}"])

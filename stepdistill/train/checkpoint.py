@@ -69,11 +69,13 @@ def save_checkpoint(root: Path, step: int, modules: dict[str, torch.nn.Module | 
     else:
         os.replace(tmp, final)
     _fsync(root)
-    for stale in list_checkpoints(root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(stale, ignore_errors=True)
+    found = list_checkpoints(root)
+    stale = found[:-keep] if keep > 0 else []
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
     for leftover in root.glob(".tmp_step_*"):   # from saves killed before their rename: never checkpoints
         shutil.rmtree(leftover, ignore_errors=True)
-    listed = set(list_checkpoints(root))   # a step moved aside counts only while its own folder is missing
+    listed = set(found[len(stale):])   # a step moved aside counts only while its own folder is missing
     for aside in root.glob(".old_step_*"):   # from rewrites killed after their rename: replaced by now, or stale
         if aside not in listed:
             shutil.rmtree(aside, ignore_errors=True)

@@ -21,7 +21,8 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, backend: str = "console", project: str = "stepdistill", config=None,
                  console: bool = True, resume: bool = False, curves: bool = True):
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.curves = curves   # redraw RUN/curves.png after each evaluation and at close"
+        self.curves = curves   # redraw RUN/curves.png after each evaluation and at close
+        self._undrawn = False  # records logged since curves.png was last drawn
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if not resume and self.path.exists():
             self.path.unlink()
@@ -42,6 +43,7 @@ class MetricsLogger:
         rec = {"step": int(step), "kind": kind, **{k: _clean(v) for k, v in row.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
+        self._undrawn = True
         if self.console:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             log.info("[%s %d] %s", kind, step, shown)
@@ -56,6 +58,7 @@ class MetricsLogger:
 
     def draw_curves(self) -> str | None:
         from ..eval.curves import save_training_curves
+        self._undrawn = False
         try:
             return save_training_curves(self.path.parent)
         except Exception as e:   # noqa: BLE001 - a figure must not end a run that has trained (it is redrawn later)
@@ -63,7 +66,7 @@ class MetricsLogger:
             return None
 
     def close(self) -> None:
-        if self.curves:
+        if self.curves and self._undrawn:   # a run ending in its final evaluation has just drawn it
             self.draw_curves()
         if self._wandb is not None:
             self._wandb.finish()
