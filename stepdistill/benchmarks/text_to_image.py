@@ -128,7 +128,7 @@ class TextToImageBenchmark(Benchmark):
         self.data_shape = (unet.config.in_channels, res // self.vae_scale, res // self.vae_scale)
         self.guidance = non_negative("benchmark.guidance", or_default(cfg.get("guidance"), 1.0))
         self.teacher_steps = at_least("benchmark.teacher_steps", or_default(cfg.get("teacher_steps"), 25))
-        at_least("benchmark.num_real", or_default(cfg.get("num_real"), 256))
+        self.num_real = at_least("benchmark.num_real", or_default(cfg.get("num_real"), 256))
 
     @property
     def conditional(self) -> bool:
@@ -211,7 +211,7 @@ class TextToImageBenchmark(Benchmark):
         images = (self.cfg.get("data") or {}).get("images")
         if images:
             return self.image_latents(images)
-        n = int(or_default(self.cfg.get("num_real"), 256))
+        n = self.num_real
         key = digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape, *self.prompts)
 
         def sample() -> dict:

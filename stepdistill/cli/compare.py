@@ -50,24 +50,21 @@ def run_label(cfg) -> str:
     return label + (f" {steps}-step" if steps > 1 else "")
 
 
-def logged(run_dir: Path) -> tuple[dict, dict]:
-    """The last train record and the last evaluation record of metrics.jsonl."""
-    from ..eval.curves import read_metrics   # a resumed run's re-logged steps, a line cut by a kill
+def logged(records: list[dict]) -> tuple[dict, dict]:
+    """The last train record and the last evaluation record of a run's metrics."""
     train, evaluation = {}, {}
-    path = run_dir / "metrics.jsonl"
-    if path.is_file():
-        for rec in read_metrics(path):
-            if rec.get("kind") == "train" and "seconds" in rec:
-                train = rec
-            elif rec.get("kind") == "eval":
-                evaluation = rec
+    for rec in records:
+        if rec.get("kind") == "train" and "seconds" in rec:
+            train = rec
+        elif rec.get("kind") == "eval":
+            evaluation = rec
     return train, evaluation
 
 
-def compare_run(run_dir: Path, num_samples: int | None, seed: int) -> tuple[dict, object]:
+def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, seed: int) -> tuple[dict, object]:
     """One table row, plus the re-drawn student samples for points benchmarks (else None)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    train, evaluation = logged(run_dir)
+    train, evaluation = logged(records)
     row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run_dir": str(run_dir),
            "steps": int(train.get("step", cfg.trainer.max_steps)), "train_seconds": train.get("seconds")}
     if cfg.benchmark.name.startswith("gmm"):
@@ -110,15 +107,16 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
-    from ..eval.curves import run_panels, save_comparison_curves
+    from ..eval.curves import curve_panels, run_records, save_comparison_curves
     from ..eval.grids import save_gmm_scatter_grid
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, panels, curves = [], {}, []
+    rows, panels, run_curves = [], {}, []
     for run_dir in find_runs(entries):
-        row, drawn = compare_run(run_dir, num_samples, seed)
+        records = run_records(run_dir)   # a resumed run's re-logged steps, a line cut by a kill: read_metrics
+        row, drawn = compare_run(run_dir, records, num_samples, seed)
         rows.append(row)
-        curves.append((f"{row['benchmark']} {row['method']}", run_dir, run_panels(run_dir)))
+        run_curves.append((f"{row['benchmark']} {row['method']}", run_dir, curve_panels(records)))
         if drawn is not None:
             samples, mixture = drawn
             title = f"{row['method']}: {row['modes_covered']}/{mixture.means.shape[0]}, HQ {row['high_quality_fraction']:.2f}"
@@ -128,8 +126,9 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
     result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md")}
-    labels = [label for label, _, _ in curves]   # runs of one method (a sweep over a setting) by folder name too
-    curves = {label if labels.count(label) == 1 else f"{label} ({run_dir.name})": p for label, run_dir, p in curves}
+    labels = [label for label, _, _ in run_curves]   # runs of one method (a sweep over a setting): by folder too
+    curves = {label if labels.count(label) == 1 else f"{label} ({run_dir.name})": run_panels
+              for label, run_dir, run_panels in run_curves}
     if figure := save_comparison_curves(out / "comparison_curves.png", curves):
         result["curves"] = figure
     if panels:

@@ -15,14 +15,16 @@ def check_flag_overrides(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    groups, values = [], []
+    group_choices, values = [], []   # benchmark=gmm picks a group's file; trainer.resume=no sets a value
     for override in hc.overrides.task:
         key = override.split("=", 1)[0].lstrip("+~")
-        (groups if key in hc.runtime.choices else values).append(key)
+        if key in hc.runtime.choices:
+            group_choices.append(override)
+        else:
+            values.append(key)
     if not values:
         return
-    defaults = compose(config_name=hc.job.config_name,
-                       overrides=[o for o in hc.overrides.task if o.split("=", 1)[0].lstrip("+~") in groups])
+    defaults = compose(config_name=hc.job.config_name, overrides=group_choices)
     for key in values:
         default, value = OmegaConf.select(defaults, key), OmegaConf.select(cfg, key)
         if isinstance(default, bool) and not isinstance(value, bool) and value not in (0, 1):

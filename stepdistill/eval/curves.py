@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SKIP_TRAIN = ("seconds", "lr_generator", "stopped_by", "processes", "weight_spread_across_processes")
+SKIP_TRAIN = ("step", "kind", "seconds", "lr_generator", "stopped_by", "processes", "weight_spread_across_processes")
 BOOKKEEPING = ("num_", "resamples", "pr_k")   # in an evaluation key: the counts behind a metric, not a metric
 
 
@@ -67,7 +67,7 @@ def curve_panels(records: list[dict]) -> list[Panel]:
         if r.get("kind") != "train":
             continue
         for key, value in r.items():
-            if key in ("step", "kind") or key in SKIP_TRAIN:
+            if key in SKIP_TRAIN:
                 continue
             role, _, name = key.rpartition("/")
             if name.endswith("grad_norm"):
@@ -98,18 +98,19 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     return panels + [p for p in evals.values() if p.series]
 
 
-def run_panels(run_dir) -> list[Panel]:
+def run_records(run_dir) -> list[dict]:
+    """RUN/metrics.jsonl as `read_metrics` reads it; none before the run has logged anything."""
     source = Path(run_dir) / "metrics.jsonl"
-    return curve_panels(read_metrics(source)) if source.is_file() else []
+    return read_metrics(source) if source.is_file() else []
 
 
 def save_training_curves(run_dir, path=None) -> str | None:
     """Draw RUN/metrics.jsonl into RUN/curves.png (or `path`); None when there is nothing to draw yet."""
-    return draw_panels(run_panels(run_dir), Path(path) if path else Path(run_dir) / "curves.png")
+    return draw_panels(curve_panels(run_records(run_dir)), Path(path) if path else Path(run_dir) / "curves.png")
 
 
 def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
-    """One panel per student metric, one line per run (`runs`: label -> its `run_panels`): how each run got to
+    """One panel per student metric, one line per run (`runs`: label -> its `curve_panels`): how each run got to
     the figures of a comparison table. Losses are left out (each method's are on its own scale)."""
     merged: dict[str, Panel] = {}
     for label, panels in runs.items():
@@ -149,4 +150,4 @@ def draw_panels(panels: list[Panel], out: Path, cols: int = 4) -> str | None:
     return str(out)
 
 
-__all__ = ["Panel", "read_metrics", "curve_panels", "run_panels", "save_training_curves", "save_comparison_curves"]
+__all__ = ["Panel", "read_metrics", "run_records", "curve_panels", "save_training_curves", "save_comparison_curves"]

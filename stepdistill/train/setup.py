@@ -8,8 +8,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..benchmarks.base import shared_base
-from ..checks import non_negative
 from ..benchmarks.registry import build_benchmark
+from ..checks import non_negative
 from ..methods import method_class
 from ..roles import Roles
 from .checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint
