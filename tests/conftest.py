@@ -2,6 +2,9 @@ import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# A subprocess that aborts (SIGABRT, SIGSEGV: a two-process run's gloo threads once did, rarely) prints every
+# thread's Python stack to its stderr, which the failing test's message shows.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 # The Triton kernels run on CPU tensors in Triton's interpreter; it must be on before triton is imported.
 try:
     import torch as _torch

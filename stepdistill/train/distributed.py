@@ -8,6 +8,8 @@ the same before building roles) and identical averaged gradients, the ranks' wei
 """
 from __future__ import annotations
 
+import gc
+
 import torch
 import torch.distributed as dist
 
@@ -52,11 +54,17 @@ def any_process(flag: bool, device) -> bool:
 
 
 def leave_together() -> None:
-    """Every process waits for the others, then leaves the process group; at the end of every run. A process
-    that exits with its process group still up can abort on the way out (gloo's threads: "terminate called
-    without an active exception", seen in a two-process test), and the launcher kills the remaining processes as
-    soon as one exits with a failure status (an abort, or a stop signal's status)."""
+    """Every process frees the run's networks, waits for the others, then leaves the process group; at the end
+    of every run. A process that exits with its process group still up can abort on the way out (gloo's threads:
+    "terminate called without an active exception", seen in two-process tests), and the launcher kills the
+    remaining processes as soon as one exits with a failure status (an abort, or a stop signal's status).
+
+    The collection comes first because FSDP's hooks tie every sharded network into reference cycles that outlive
+    `train()` (measured: ~80 modules and ~4000 objects per process at this point), and they hold the process group
+    and its gloo work. Left to the interpreter's shutdown, they are torn down after the group is destroyed, in
+    whatever order finalisation takes, which is where gloo's worker threads can abort the process."""
     if is_distributed():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
