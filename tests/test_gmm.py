@@ -193,6 +193,33 @@ def test_mlp_time_scale_rescales_the_time_input(tmp_path):
     torch.testing.assert_close(TimeMLP.from_pretrained(tmp_path)(x, t), net(x, t))
 
 
+def test_generator_fourier_scale_shapes_the_generator_only(tmp_path):
+    """`benchmark.network.generator_fourier_scale`: the generator and each step expert take their input features
+    at that frequency (the same random directions, scaled), the critic keeps `fourier_scale`; every trainable
+    weight is the same draw whatever the scale, and the exported generator rebuilds its features."""
+    from conftest import compose_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.networks.mlp import TimeMLP
+
+    def roles(*overrides):
+        cfg = compose_cfg("benchmark=gmm", "benchmark.network.width=32", "generator=four_step",
+                          "generator.step_experts=true", *overrides)
+        torch.manual_seed(0)
+        return build_benchmark(cfg.benchmark).build_roles(cfg.method, cfg.generator, cfg.model)
+
+    base, low = roles(), roles("benchmark.network.generator_fourier_scale=0.5")
+    torch.testing.assert_close(low["fake_score"].net.fourier, base["fake_score"].net.fourier, rtol=0, atol=0)
+    assert len(low["generator"].step_denoisers) == 4
+    for den_base, den_low in zip(base["generator"].step_denoisers, low["generator"].step_denoisers):
+        torch.testing.assert_close(den_low.net.fourier, 0.5 * den_base.net.fourier, rtol=0, atol=0)
+        for (name, a), (_, b) in zip(den_base.net.named_parameters(), den_low.net.named_parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    net = low["generator"].step_denoisers[0].net
+    net.save_pretrained(tmp_path)
+    assert TimeMLP.from_pretrained(tmp_path).config.fourier_scale == 0.5
+
+
 def test_mlp_student_and_gan_head_run_in_float64():
     """`.double()` works on the MLP students and the GAN head (float64 gradient checks): the time embedding and
     the head's input take the weights' dtype, and float64 agrees with float32."""

@@ -54,8 +54,13 @@ class Benchmark:
 
     # --- roles -------------------------------------------------------------------------------------------
     def make_student_denoiser(self) -> Denoiser:
-        """A fresh trainable denoiser for the generator or the fake score."""
+        """A fresh trainable denoiser for the fake score (and, unless overridden below, the generator)."""
         raise NotImplementedError
+
+    def make_generator_denoiser(self) -> Denoiser:
+        """A fresh trainable denoiser for the generator and its step experts; made like the fake score's unless a
+        benchmark shapes its generator differently."""
+        return self.make_student_denoiser()
 
     def student_denoiser(self, backbone):
         """A denoiser like the teacher's around another backbone (shared-base mode's adapter views)."""
@@ -70,7 +75,7 @@ class Benchmark:
         if shared:
             fake, gen = self.shared_base_students(model_cfg, generator_cfg)
         else:
-            fake, gen = self.make_student_denoiser(), self.make_student_denoiser()
+            fake, gen = self.make_student_denoiser(), self.make_generator_denoiser()
         # a method without a critic (sCM) would carry a whole unused copy of the teacher: it is dropped here. It
         # is still made first, so from-scratch students draw the same initial weights whatever the method.
         if fake_score:
@@ -114,7 +119,7 @@ class Benchmark:
                              "set one of them to false")
         if int(generator_cfg.steps) < 2:
             raise ValueError("generator.step_experts needs a few-step generator (generator.steps >= 2)")
-        return [self.make_student_denoiser() for _ in range(int(generator_cfg.steps) - 1)]
+        return [self.make_generator_denoiser() for _ in range(int(generator_cfg.steps) - 1)]
 
     def shared_base_students(self, model_cfg, generator_cfg):
         """Shared-base mode: the fake score and the generator are LoRA adapters on the teacher's own network."""
