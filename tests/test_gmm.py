@@ -195,8 +195,9 @@ def test_mlp_time_scale_rescales_the_time_input(tmp_path):
 
 def test_generator_fourier_scale_shapes_the_generator_only(tmp_path):
     """`benchmark.network.generator_fourier_scale`: the generator and each step expert take their input features
-    at that frequency (the same random directions, scaled), the critic keeps `fourier_scale`; every trainable
-    weight is the same draw whatever the scale, and the exported generator rebuilds its features."""
+    at that frequency (the same random directions, scaled), the critic keeps `fourier_scale` (null: the generator's
+    too); every trainable weight is the same draw whatever the scale, and the exported generator rebuilds its
+    features. DMD2's gmm preset sets 0.5."""
     from conftest import compose_cfg
 
     from stepdistill.benchmarks.registry import build_benchmark
@@ -208,8 +209,10 @@ def test_generator_fourier_scale_shapes_the_generator_only(tmp_path):
         torch.manual_seed(0)
         return build_benchmark(cfg.benchmark).build_roles(cfg.method, cfg.generator, cfg.model)
 
-    base, low = roles(), roles("benchmark.network.generator_fourier_scale=0.5")
+    key = "benchmark.network.generator_fourier_scale"
+    base, low = roles(f"{key}=null"), roles(f"{key}=0.5")
     torch.testing.assert_close(low["fake_score"].net.fourier, base["fake_score"].net.fourier, rtol=0, atol=0)
+    torch.testing.assert_close(base["generator"].denoiser.net.fourier, base["fake_score"].net.fourier, rtol=0, atol=0)
     assert len(low["generator"].step_denoisers) == 4
     for den_base, den_low in zip(base["generator"].step_denoisers, low["generator"].step_denoisers):
         torch.testing.assert_close(den_low.net.fourier, 0.5 * den_base.net.fourier, rtol=0, atol=0)
