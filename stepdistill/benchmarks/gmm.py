@@ -45,17 +45,16 @@ class GMMBenchmark(Benchmark):
 
     def make_student_denoiser(self, fourier_scale: float | None = None):
         nc = self.cfg.network
-        scale = float(nc.get("fourier_scale", 1.0)) if fourier_scale is None else fourier_scale
+        scale = nc.get("fourier_scale", 1.0) if fourier_scale is None else fourier_scale
         net = TimeMLP(self.mixture.dim, int(nc.width), int(nc.depth), fourier_features=int(nc.get("fourier_features", 0)),
-                      fourier_scale=scale, time_scale=float(nc.get("time_scale", 1.0)))
+                      fourier_scale=float(scale), time_scale=float(nc.get("time_scale", 1.0)))
         return NetworkDenoiser(net, self.schedule, "edm", sigma_data=self.sigma_data)
 
     def make_generator_denoiser(self):
         # `generator_fourier_scale`: the generator's input features at their own frequency (null: the critic's).
         # A generator maps noise to 8 modes through 8 angular sectors; lower input frequencies split the noise into
         # fewer pieces, so fewer boundaries leave samples on bridges between modes (README, gmm results)
-        scale = self.cfg.network.get("generator_fourier_scale")
-        return self.make_student_denoiser(None if scale is None else float(scale))
+        return self.make_student_denoiser(self.cfg.network.get("generator_fourier_scale"))
 
     def as_fake_score(self, den):
         # `fake_score_from_teacher`: the critic starts as the exact teacher and learns a residual (DMD's
