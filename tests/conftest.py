@@ -22,6 +22,22 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from stepdistill.cli import CONF_DIR  # noqa: E402
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest(tmp_path_factory):
+    """Temporary files of the suite's subprocesses (torchrun's, the notebook kernels', the CLIs') go under pytest's
+    base temp, which pytest prunes, rather than into /tmp, where every run used to leave ~30 directories behind."""
+    import tempfile
+    tmp = str(tmp_path_factory.mktemp("tmpdir"))
+    saved = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"], tempfile.tempdir = tmp, tmp
+    yield
+    tempfile.tempdir = saved[1]
+    if saved[0] is None:
+        del os.environ["TMPDIR"]
+    else:
+        os.environ["TMPDIR"] = saved[0]
+
+
 def compose_cfg(*overrides, config_name="train"):
     from hydra import compose, initialize_config_dir
 

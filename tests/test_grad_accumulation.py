@@ -2,6 +2,8 @@
 the step's RNG state and keeps its rows of each draw (batch_split), so K micro-batches compute the update one batch
 of the same global size gives, up to float summation order."""
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +153,4 @@ def test_bench_reports_the_micro_batch_activations():
     rows = [bench_one("gmm", "dmd2", 2, 1, [*common, f"trainer.grad_accum_steps={k}"]) for k in (1, 4)]
     assert rows[1]["generator_saved_mb"] / rows[0]["generator_saved_mb"] == pytest.approx(0.25, rel=0.05)
     assert "| 64 = 4 x 16 |" in table(rows).splitlines()[3]
+    assert not list(Path(tempfile.gettempdir()).glob("stepdistill-bench-*"))   # its run directories are removed

@@ -289,6 +289,19 @@ def test_backward_simulation_can_train_chosen_steps_only():
         FewStepGenerator(den, steps=4, train_steps=[5])
 
 
+def _dm_levels_by_exit_step(gmm_cfg, *overrides):
+    """One 4-step DMD2 generator loss on 512 samples: each sample's exit step k and its DM noise level t."""
+    run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.enabled=false", *overrides))
+    gen, teacher = run.roles["generator"], run.roles["teacher"]
+    ks, ts = [], []
+    forward, x0 = gen.forward, teacher.x0
+    gen.forward = lambda *a, **kw: (lambda r: (ks.append(r[1]), r)[1])(forward(*a, **kw))
+    teacher.x0 = lambda x_t, t, *a, **kw: (ts.append(t), x0(x_t, t, *a, **kw))[1]
+    torch.manual_seed(0)
+    run.method.loss("generator", {"noise": torch.randn(512, 2), "cond": None}, 0)
+    return ks[0], ts[0]
+
+
 def test_dm_noise_level_below_each_samples_step_input(gmm_cfg):
     """method.dm_below_step_input: a sample that exits at step k is scored at a DM noise level no higher than step
     k's input level t_k; without it every step draws from the whole [t_min, t_max]."""
@@ -297,24 +310,33 @@ def test_dm_noise_level_below_each_samples_step_input(gmm_cfg):
     assert VPSchedule().fraction_at(259.0) == pytest.approx(259 / 999, abs=1e-4)
     edm = EDMSchedule()
     assert float(edm.t_from_fraction(torch.tensor(edm.fraction_at(2.5)))) == pytest.approx(2.5, rel=1e-3)
-    seen = {}
-    for capped in (True, False):
-        run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.enabled=false",
-                                f"method.dm_below_step_input={capped}"))
-        gen, teacher = run.roles["generator"], run.roles["teacher"]
-        ks, ts = [], []
-        forward, x0 = gen.forward, teacher.x0
-        gen.forward = lambda *a, **kw: (lambda r: (ks.append(r[1]), r)[1])(forward(*a, **kw))
-        teacher.x0 = lambda x_t, t, *a, **kw: (ts.append(t), x0(x_t, t, *a, **kw))[1]
-        torch.manual_seed(0)
-        run.method.loss("generator", {"noise": torch.randn(512, 2), "cond": None}, 0)
-        seen[capped] = (ks[0], ts[0])
-    (k, t), (k_free, t_free) = seen[True], seen[False]
+    k, t = _dm_levels_by_exit_step(gmm_cfg, "method.dm_below_step_input=true")
+    k_free, t_free = _dm_levels_by_exit_step(gmm_cfg)
     caps = torch.tensor([999.0, 759.0, 499.0, 259.0])[k - 1]
     assert torch.all(t <= caps) and torch.all(t >= 0.02 * 999 - 0.5)
     for step, cap in zip((1, 2, 3, 4), (0.98 * 999, 759, 499, 259)):   # each step fills its own range
         assert t[k == step].max() > cap - 0.1 * 999 and t[k == step].min() < 0.1 * 999
     assert (t_free[k_free == 4] > 259).float().mean() > 0.5   # the plain draw ignores the exit step
+
+
+@pytest.mark.parametrize("below", [False, True])
+def test_dm_noise_level_above_the_next_steps_input(gmm_cfg, below):
+    """method.dm_above_next_input: a sample that exits at step k < 4 is scored at DM noise levels no lower than
+    step k+1's input level (the level the chain re-noises it to); the last step keeps the whole range. With
+    dm_below_step_input too, step k's range is Phased DMD's [t_(k+1), t_k]."""
+    k, t = _dm_levels_by_exit_step(gmm_cfg, "method.dm_above_next_input=true", f"method.dm_below_step_input={below}")
+    ranges = {1: (759, 0.98 * 999), 2: (499, 759 if below else 0.98 * 999),
+              3: (259, 499 if below else 0.98 * 999), 4: (0.02 * 999, 259 if below else 0.98 * 999)}
+    for step, (lo, hi) in ranges.items():
+        here = t[k == step]
+        assert here.numel() > 50 and here.min() >= lo - 0.5 and here.max() <= hi + 0.5
+        assert here.min() < lo + 0.1 * (hi - lo) and here.max() > hi - 0.1 * (hi - lo)   # it fills that range
+
+
+def test_dm_above_next_input_needs_room_between_steps(gmm_cfg):
+    with pytest.raises(ValueError, match="exit step 1's DM noise range .* is empty: space the generator's timesteps"):
+        build_run(gmm_cfg("method=dmd2", "generator=four_step", "generator.steps=2", "generator.timesteps=[999,990]",
+                          "method.dm_above_next_input=true"))
 
 
 def test_dm_below_step_input_needs_room_above_t_min(gmm_cfg):

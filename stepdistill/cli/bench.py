@@ -14,6 +14,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +69,12 @@ def saved_activation_bytes(run, batches) -> int:
 
 
 def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    # The trainer needs a run directory; nothing it writes there is a result, so none is left behind in /tmp.
+    with tempfile.TemporaryDirectory(prefix="stepdistill-bench-") as run_dir:
+        return _bench_in(run_dir, benchmark, method, steps, warmup, overrides)
+
+
+def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     from hydra import compose, initialize_config_dir
 
     from ..networks.gmm import GMMDenoiser
@@ -79,9 +86,8 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
     with initialize_config_dir(CONF_DIR, version_base=None):
         cfg = compose("train", overrides=[f"benchmark={benchmark}", f"method={method}", "eval.every=0",
                                           "method.critic_warmup_steps=0", *overrides])
-    import tempfile
     run = build_run(cfg)
-    trainer = Trainer(run, tempfile.mkdtemp(prefix="stepdistill-bench-"))
+    trainer = Trainer(run, run_dir)
     pairs = None
     if "reg_noise" in run.method.batch_keys:
         pairs = make_regression_pairs(run.benchmark, 256, 0)

@@ -13,7 +13,12 @@ students (methods/step_critic.py explains why), `gan.step_aware` does the same f
 input noise level t_k. What the noise levels above t_k measure (the layout, the class) was settled by the steps
 before k, from whose output step k starts: their gradient can only make step k override its input. Phased DMD
 (Fan et al. 2025) restricts each phase's score matching to its own noise subinterval for a like reason. On digits
-it made the last step worse (README, results).
+it made the last step worse (README, results). `dm_above_next_input` is the other half of Phased DMD's
+subinterval: a sample that exits at step k < K is scored at DM noise levels no lower than step k+1's input level,
+since the chain re-noises step k's output to that level before step k+1 reads it. What lies below it never
+reaches the sample, and without the bound the early steps' gradients there train the shared network on detail
+the last step alone should shape. The last step keeps the whole range. Both switches together give each step k
+< K Phased DMD's [t_{k+1}, t_k].
 """
 from __future__ import annotations
 
@@ -60,18 +65,31 @@ class DMD2(Method):
         self.batch_keys = ("noise", "cond") + (("real", "real_cond") if self.use_gan else ())
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
-        if cfg.get("dm_below_step_input", False):
-            # per exit step k, the highest DM noise level: step k's input level as a fraction of the range
-            gen = models["generator"]
-            t_caps = [min(float(cfg.t_max), gen.schedule.fraction_at(t)) for t in gen.timesteps]
-            if min(t_caps) <= float(cfg.t_min):
-                raise ValueError(f"method.dm_below_step_input: the last step's input noise level ({min(t_caps):.3f} "
-                                 f"of the range) is not above method.t_min={cfg.t_min}: lower t_min")
-            self.dm_t_caps = torch.tensor(t_caps)
-        else:
-            self.dm_t_caps = None
+        self.dm_t_ranges = self._dm_noise_ranges(models["generator"], cfg)
         self.gan = DiffusionGAN(models["fake_score"], models["gan_head"], cfg.gan.feature_module,
                                 (cfg.gan.t_min, cfg.gan.t_max)) if self.use_gan else None
+
+    @staticmethod
+    def _dm_noise_ranges(gen, cfg):
+        """Per exit step k, the (lowest, highest) DM noise level as fractions of the range, shape (K, 2); None
+        when every step draws from the whole [t_min, t_max]."""
+        below, above = bool(cfg.get("dm_below_step_input", False)), bool(cfg.get("dm_above_next_input", False))
+        if not (below or above):
+            return None
+        t_min, t_max = float(cfg.t_min), float(cfg.t_max)
+        levels = [gen.schedule.fraction_at(t) for t in gen.timesteps]   # each step's input level
+        his = [min(t_max, lv) for lv in levels] if below else [t_max] * len(levels)
+        # step k's output is re-noised to step k+1's input level before anything reads it; the last step's is the
+        # sample, scored over the whole range
+        los = [max(t_min, lv) for lv in levels[1:]] + [t_min] if above else [t_min] * len(levels)
+        for k, (lo, hi) in enumerate(zip(los, his), 1):
+            if not lo < hi:
+                names = " and ".join(n for n, on in (("dm_below_step_input", below), ("dm_above_next_input", above))
+                                     if on)
+                hint = "lower t_min" if below and not above else "space the generator's timesteps further apart"
+                raise ValueError(f"method.{names}: exit step {k}'s DM noise range [{lo:.3f}, {hi:.3f}] of the "
+                                 f"range is empty: {hint}")
+        return torch.tensor(list(zip(los, his)))
 
     def _fake_sees_steps(self, steps):
         """The context in which the fake score sees each sample's exit step (a no-op unless step-aware)."""
@@ -98,9 +116,10 @@ class DMD2(Method):
         self.kept_samples.keep(x, batch["cond"], steps)
         fake = _InContext(m["fake_score"], lambda: self._fake_sees_steps(steps)) if self.step_aware else m["fake_score"]
         stats: dict = {}
-        t_max = c.t_max if self.dm_t_caps is None else self.dm_t_caps.to(x.device)[steps - 1]
+        ranges = self.dm_t_ranges
+        t_range = (c.t_min, c.t_max) if ranges is None else ranges.to(x.device)[steps - 1].unbind(1)
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
-                              (c.t_min, t_max), self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps),
+                              t_range, self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps),
                               draws=int(c.get("dm_draws", 1)))
         logs.update(stats)
         logs["loss_dm"] = loss.item()
