@@ -45,8 +45,24 @@ def test_panels_hold_the_losses_norms_and_student_metrics():
     assert panels["generator losses"].series == {"loss": ([10], [0.5]), "loss_dm": ([10], [0.2])}
     assert panels["gradient norm"].series == {"critic/grad_norm": ([5], [2.0])}   # a non-finite norm is not drawn
     fd = panels["fd"]
-    assert fd.series == {"student": ([10, 20], [3.0, 2.0])} and fd.reference == 1.5 and fd.spread == [0.2, 0.1]
+    assert fd.series == {"student": ([10, 20], [3.0, 2.0])} and fd.reference == 1.5
+    assert fd.spread == {"student": [0.2, 0.1]} and fd.reference_label == "teacher"
     assert panels["mode_std_ratio"].series == {"student": ([20], [0.9])} and panels["mode_std_ratio"].reference is None
+
+
+def test_evaluations_of_different_sample_counts_are_separate_series():
+    """A final evaluation of more samples (eval.final_num_samples) than the periodic ones: an FD's bias depends on
+    the count, so each count is its own line, and the teacher's line (from the final one) names its count."""
+    records = [
+        {"step": 10, "kind": "eval", "student_fd": 3.0, "student_fd_bootstrap_std": 0.3, "student_fd_num_samples": 1000},
+        {"step": 20, "kind": "eval", "student_fd": 2.5, "student_fd_bootstrap_std": 0.3, "student_fd_num_samples": 1000},
+        {"step": 30, "kind": "eval", "student_fd": 1.0, "student_fd_bootstrap_std": 0.1, "student_fd_num_samples": 5000,
+         "teacher_fd": 0.7, "teacher_fd_num_samples": 5000},
+    ]
+    (fd,) = curve_panels(records)
+    assert fd.series == {"student, 1000 samples": ([10, 20], [3.0, 2.5]), "student, 5000 samples": ([30], [1.0])}
+    assert fd.spread == {"student, 1000 samples": [0.3, 0.3], "student, 5000 samples": [0.1]}
+    assert fd.reference == 0.7 and fd.reference_label == "teacher, 5000 samples"
 
 
 def test_curves_png_is_drawn_from_the_run_folder(tmp_path):

@@ -35,3 +35,24 @@ def test_wheel_contents(tmp_path):
         assert module in names, module
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "stepdistill").rglob("*.py")}
     assert sources <= names
+
+
+def test_the_kernels_folder_does_not_hide_hugging_face_s_kernels_package():
+    """From the repository root (`python -m pytest`) the root is on sys.path and kernels/ would be found as a
+    top-level `kernels`, hiding the installed package of that name that transformers imports (peft and diffusers'
+    LoRA loaders then fail to import). It hands the name over: to that package, or to nothing."""
+    code = ("try:\n    import kernels\n    print(kernels.__file__)\nexcept ModuleNotFoundError:\n    print('none')\n"
+            "import stepdistill.kernels\nprint(stepdistill.kernels.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=True).stdout.split()
+    assert out[0] != str(ROOT / "kernels" / "__init__.py")
+    assert out[1] == str(ROOT / "kernels" / "__init__.py")
+
+
+def test_hand_over_without_another_package_is_module_not_found():
+    import pytest
+
+    from stepdistill.kernels._hand_over import hand_over
+    with pytest.raises(ModuleNotFoundError) as err:
+        hand_over("no_package_of_this_name")
+    assert err.value.name == "no_package_of_this_name"

@@ -18,8 +18,10 @@ def _weights(run_dir, step):
 
 @pytest.mark.parametrize("method", ["dmd2", "dmd"])
 def test_gmm_end_to_end(gmm_cfg, tmp_path, method):
-    cfg = gmm_cfg(f"method={method}", "trainer.max_steps=30", "eval.final=true", "eval.num_samples=256",
-                  "eval.batch_size=256", "method.regression.num_pairs=64" if method == "dmd" else "seed=0")
+    # periodic evaluations at eval.num_samples, the final one at eval.final_num_samples (teacher too)
+    cfg = gmm_cfg(f"method={method}", "trainer.max_steps=30", "eval.final=true", "eval.every=20", "eval.num_samples=100",
+                  "eval.final_num_samples=256", "eval.batch_size=256",
+                  "method.regression.num_pairs=64" if method == "dmd" else "seed=0")
     result = train(cfg, tmp_path)
     for f in ("config.yaml", "metrics.jsonl", "export/model_index.json", "checkpoints/step_0000030/generator.safetensors"):
         assert (tmp_path / f).exists(), f
@@ -30,6 +32,8 @@ def test_gmm_end_to_end(gmm_cfg, tmp_path, method):
     import json
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["kind"] == "eval" and rows[-1]["step"] == 30
+    assert rows[-1]["student_num_samples"] == rows[-1]["teacher_num_samples"] == 256
+    assert [r["student_num_samples"] for r in rows if r["kind"] == "eval" and r["step"] == 20] == [100]
     assert any(r["kind"] == "train" and r["step"] == 30 for r in rows)
 
 
@@ -359,6 +363,7 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("trainer.checkpoint_every=2.5", "trainer.checkpoint_every=2.5: need an integer >= 0"),
     ("eval.final=true eval.num_samples=1", "eval.num_samples=1: an evaluation needs at least 2 samples"),
     ("eval.batch_size=0", "eval.batch_size=0: need an integer >= 1"),
+    ("eval.final_num_samples=1", "eval.final_num_samples=1: need an integer >= 2"),
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: need an integer >= 1"),
     ("optim.generator.grad_clip=-1", "optim.generator.grad_clip=-1: need a number >= 0"),
     ("optim.critic.warmup_steps=-1", "optim.critic.warmup_steps=-1: need an integer >= 0"),

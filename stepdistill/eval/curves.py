@@ -22,7 +22,8 @@ class Panel:
     title: str
     series: dict[str, tuple[list[int], list[float]]] = field(default_factory=dict)
     reference: float | None = None          # the teacher's value of an evaluation metric
-    spread: list[float] | None = None       # bootstrap std per point of the (single) student series
+    reference_label: str = "teacher"
+    spread: dict[str, list[float]] | None = None   # bootstrap std per point, per series that has it
 
 
 def read_metrics(path) -> list[dict]:
@@ -59,6 +60,15 @@ def _add(series: dict, name: str, step: int, value) -> None:
         values.append(x)
 
 
+def _sample_count(record: dict, who: str) -> int | None:
+    """The number of samples behind an evaluation record's `who` (student or teacher) metrics: every metric of
+    one evaluation scores the same samples."""
+    for key, value in record.items():
+        if key.startswith(f"{who}_") and key.endswith("num_samples") and (x := _number(value)) is not None:
+            return int(x)
+    return None
+
+
 def curve_panels(records: list[dict]) -> list[Panel]:
     """What `save_training_curves` draws, as data: the panels of `read_metrics`'s records."""
     losses: dict[str, Panel] = {}
@@ -75,25 +85,35 @@ def curve_panels(records: list[dict]) -> list[Panel]:
             elif "loss" in name:
                 _add(losses.setdefault(role, Panel(f"{role or 'train'} losses")).series, name, r["step"], value)
     evals: dict[str, Panel] = {}
-    spreads: dict[str, dict[int, float]] = {}
+    spreads: dict[tuple[str, str], dict[int, float]] = {}
     # the training's own evaluations: `stepdistill-eval` records (a `source`) may change steps or settings
-    for r in (r for r in records if r.get("kind") == "eval" and "source" not in r):
+    runs = [r for r in records if r.get("kind") == "eval" and "source" not in r]
+    # an FD's bias depends on its sample count: evaluations of different counts (a larger final one,
+    # eval.final_num_samples) are separate series, and the teacher's line says its count
+    counts = {n for r in runs if (n := _sample_count(r, "student")) is not None}
+    for r in runs:
+        n = _sample_count(r, "student")
+        series = f"student, {n} samples" if len(counts) > 1 and n is not None else "student"
         for key, value in r.items():
             if not key.startswith("student_") or any(b in key for b in BOOKKEEPING):
                 continue
             metric = key[len("student_"):]
             if metric.endswith("_bootstrap_std"):
                 if (x := _number(value)) is not None:
-                    spreads.setdefault(metric[:-len("_bootstrap_std")], {})[r["step"]] = x
+                    spreads.setdefault((metric[:-len("_bootstrap_std")], series), {})[r["step"]] = x
                 continue
             panel = evals.setdefault(metric, Panel(metric))
-            _add(panel.series, "student", r["step"], value)
+            _add(panel.series, series, r["step"], value)
             teacher = _number(r.get(f"teacher_{metric}"))
             if teacher is not None:
                 panel.reference = teacher
-    for metric, panel in evals.items():
-        if metric in spreads and "student" in panel.series:
-            panel.spread = [spreads[metric].get(s, 0.0) for s in panel.series["student"][0]]
+                if len(counts) > 1:
+                    panel.reference_label = f"teacher, {_sample_count(r, 'teacher')} samples"
+    for (metric, series), by_step in spreads.items():
+        panel = evals.get(metric)
+        if panel is not None and series in panel.series:
+            panel.spread = panel.spread or {}
+            panel.spread[series] = [by_step.get(s, 0.0) for s in panel.series[series][0]]
     panels = [p for p in (*losses.values(), grads) if p.series]
     return panels + [p for p in evals.values() if p.series]
 
@@ -132,12 +152,12 @@ def draw_panels(panels: list[Panel], out: Path, cols: int = 4) -> str | None:
     for ax, panel in zip(axes, panels):
         for name, (steps, values) in panel.series.items():
             marker = "o" if len(steps) < 30 else None   # evaluations are few: show where they were taken
-            if panel.spread is not None:
-                ax.errorbar(steps, values, yerr=panel.spread, marker=marker, ms=3, capsize=2, label=name)
+            if panel.spread and name in panel.spread:
+                ax.errorbar(steps, values, yerr=panel.spread[name], marker=marker, ms=3, capsize=2, label=name)
             else:
                 ax.plot(steps, values, marker=marker, ms=3, lw=1, label=name)
         if panel.reference is not None:
-            ax.axhline(panel.reference, color="k", ls="--", lw=1, label="teacher")
+            ax.axhline(panel.reference, color="k", ls="--", lw=1, label=panel.reference_label)
         ax.set_title(panel.title, fontsize="medium")
         ax.set_xlabel("step", fontsize="small")
         ax.tick_params(labelsize="small")

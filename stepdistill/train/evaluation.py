@@ -59,11 +59,12 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None,
-                 score: bool = True) -> dict:
+                 score: bool = True, num_samples: int | None = None) -> dict:
         """`score=False` samples (student, and teacher if asked) and stops there: the other processes of a
-        sharded run, whose forwards rank 0's sampling needs."""
+        sharded run, whose forwards rank 0's sampling needs. `num_samples`: this evaluation's sample count
+        (default `eval.num_samples`), drawn from the same seed."""
         bm = self.run.benchmark
-        outputs, noise, cond, _ = self._sample_chain(steps, every_step=False)
+        outputs, noise, cond, _ = self._sample_chain(steps, every_step=False, num_samples=num_samples)
         samples = outputs[-1]
         teacher = self.teacher_samples(noise, cond) if teacher_reference else None
         if not score:
@@ -92,10 +93,11 @@ class Evaluator:
             self.run.benchmark.save_figure(samples, cond, fig)
         return metrics
 
-    def _sample_chain(self, steps: int | None, every_step: bool):
+    def _sample_chain(self, steps: int | None, every_step: bool, num_samples: int | None = None):
         """The student's K-step chain from the fixed eval noise, in eval mode: (every step's x0 output, or just
         the sample's, the noise, the conditions, the timesteps)."""
-        bm, n, seed = self.run.benchmark, int(self.cfg.num_samples), int(self.cfg.seed)
+        bm, seed = self.run.benchmark, int(self.cfg.seed)
+        n = int(self.cfg.num_samples if num_samples is None else num_samples)
         student = self.run.student()
         was_training = student.training
         student.eval()
@@ -131,8 +133,10 @@ class Evaluator:
         return metrics
 
     def teacher_samples(self, noise, cond):
-        if "samples" not in self._teacher_cache:
+        """The teacher's samples from the eval noise, computed once per sample count."""
+        n = noise.shape[0]
+        if n not in self._teacher_cache:
             with torch.random.fork_rng(devices=[]):
-                self._teacher_cache["samples"] = teacher_sample_batched(self.run.benchmark, noise, cond,
-                                                                        batch_size=int(self.cfg.batch_size))
-        return self._teacher_cache["samples"]
+                self._teacher_cache[n] = teacher_sample_batched(self.run.benchmark, noise, cond,
+                                                                batch_size=int(self.cfg.batch_size))
+        return self._teacher_cache[n]

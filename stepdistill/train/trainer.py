@@ -85,6 +85,8 @@ class Trainer:
         if (int(self.cfg.eval.every) > 0 or self.cfg.eval.final) and int(self.cfg.eval.num_samples) < 2:
             raise ValueError(f"eval.num_samples={self.cfg.eval.num_samples}: an evaluation needs at least 2 samples "
                              "(or turn evaluations off: eval.every=0 eval.final=false)")
+        if self.cfg.eval.get("final_num_samples") is not None:
+            at_least("eval.final_num_samples", self.cfg.eval.final_num_samples, 2)   # null: eval.num_samples
         if not 0 <= float(tc.ema_decay) <= 1:
             raise ValueError(f"trainer.ema_decay={tc.ema_decay}: need a decay in [0, 1] (0.999 averages ~1000 updates)")
         if int(tc.batch_size) % shards:
@@ -289,12 +291,13 @@ class Trainer:
             self.logger.close()
         return {"train_seconds": time.time() - t0, "stopped_by": name, "stopped_at_step": self.step}
 
-    def _evaluate(self, teacher_reference: bool = False) -> dict:
+    def _evaluate(self, teacher_reference: bool = False, num_samples: int | None = None) -> dict:
         """Rank 0 evaluates and logs. Sharded networks (trainer=fsdp) need every process in each forward: all
         sample the same fixed noise, rank 0 alone scores and writes."""
         if not (self.main or self.fsdp):
             return {}
-        metrics = self.evaluator.evaluate(self.step, teacher_reference=teacher_reference, score=self.main)
+        metrics = self.evaluator.evaluate(self.step, teacher_reference=teacher_reference, score=self.main,
+                                          num_samples=num_samples)
         if self.main:
             self.logger.log(self.step, metrics, kind="eval")
         return metrics
@@ -353,7 +356,7 @@ class Trainer:
                 self.logger.log(self.step, {"processes": self.world, "weight_spread_across_processes": spread},
                                 kind="train")
         if ec.final:
-            result.update(self._evaluate(teacher_reference=bool(ec.teacher_reference)))
+            result.update(self._evaluate(bool(ec.teacher_reference), ec.get("final_num_samples")))
         if not self.main:
             return result
         self.logger.close()
