@@ -109,9 +109,14 @@ def test_comparison_curves_put_each_run_on_each_metric(tmp_path, monkeypatch):
     runs = {"gmm dmd2": curve_panels([{"step": 5, "kind": "train", "generator/loss": 1.0},
                                       {"step": 5, "kind": "eval", "student_sliced_w2": 0.3, "student_mmd": 0.1}]),
             "gmm dmd": curve_panels([{"step": 5, "kind": "eval", "student_sliced_w2": 0.2}]),
-            "gmm sid": []}
+            "gmm sid": [],
+            # a larger final evaluation: one line per sample count
+            "gmm sim": curve_panels([{"step": 5, "kind": "eval", "student_sliced_w2": 0.4, "student_num_samples": 100},
+                                     {"step": 9, "kind": "eval", "student_sliced_w2": 0.1, "student_num_samples": 900}])}
     drawn = {}
     monkeypatch.setattr(curves, "draw_panels", lambda panels, out: drawn.update(out=out, panels=panels) or str(out))
     assert curves.save_comparison_curves(tmp_path / "c.png", runs) == str(tmp_path / "c.png")
     assert [(p.title, p.series) for p in drawn["panels"]] == [
-        ("sliced_w2", {"gmm dmd2": ([5], [0.3]), "gmm dmd": ([5], [0.2])}), ("mmd", {"gmm dmd2": ([5], [0.1])})]
+        ("sliced_w2", {"gmm dmd2": ([5], [0.3]), "gmm dmd": ([5], [0.2]), "gmm sim, 100 samples": ([5], [0.4]),
+                       "gmm sim, 900 samples": ([9], [0.1])}),
+        ("mmd", {"gmm dmd2": ([5], [0.1])})]

@@ -135,8 +135,10 @@ def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
     merged: dict[str, Panel] = {}
     for label, panels in runs.items():
         for p in panels:
-            if "student" in p.series:
-                merged.setdefault(p.title, Panel(p.title)).series[label] = p.series["student"]
+            for name, points in p.series.items():   # "student", or "student, N samples" per sample count
+                if name == "student" or name.startswith("student, "):
+                    counted = name.removeprefix("student").removeprefix(", ")
+                    merged.setdefault(p.title, Panel(p.title)).series[f"{label}, {counted}" if counted else label] = points
     return draw_panels(list(merged.values()), Path(path))
 
 
