@@ -87,11 +87,11 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     evals: dict[str, Panel] = {}
     spreads: dict[tuple[str, str], dict[int, float]] = {}
     # the training's own evaluations: `stepdistill-eval` records (a `source`) may change steps or settings
-    runs = [r for r in records if r.get("kind") == "eval" and "source" not in r]
+    evaluations = [r for r in records if r.get("kind") == "eval" and "source" not in r]
     # an FD's bias depends on its sample count: evaluations of different counts (a larger final one,
     # eval.final_num_samples) are separate series, and the teacher's line says its count
-    counts = {n for r in runs if (n := _sample_count(r, "student")) is not None}
-    for r in runs:
+    counts = {n for r in evaluations if (n := _sample_count(r, "student")) is not None}
+    for r in evaluations:
         n = _sample_count(r, "student")
         series = f"student, {n} samples" if len(counts) > 1 and n is not None else "student"
         for key, value in r.items():
@@ -138,7 +138,8 @@ def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
             for name, points in p.series.items():   # "student", or "student, N samples" per sample count
                 if name == "student" or name.startswith("student, "):
                     counted = name.removeprefix("student").removeprefix(", ")
-                    merged.setdefault(p.title, Panel(p.title)).series[f"{label}, {counted}" if counted else label] = points
+                    line = f"{label}, {counted}" if counted else label
+                    merged.setdefault(p.title, Panel(p.title)).series[line] = points
     return draw_panels(list(merged.values()), Path(path))
 
 
