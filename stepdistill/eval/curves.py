@@ -87,12 +87,11 @@ def curve_panels(records: list[dict]) -> list[Panel]:
     evals: dict[str, Panel] = {}
     spreads: dict[tuple[str, str], dict[int, float]] = {}
     # the training's own evaluations: `stepdistill-eval` records (a `source`) may change steps or settings
-    evaluations = [r for r in records if r.get("kind") == "eval" and "source" not in r]
+    evaluations = [(r, _sample_count(r, "student")) for r in records if r.get("kind") == "eval" and "source" not in r]
     # an FD's bias depends on its sample count: evaluations of different counts (a larger final one,
     # eval.final_num_samples) are separate series, and the teacher's line says its count
-    counts = {n for r in evaluations if (n := _sample_count(r, "student")) is not None}
-    for r in evaluations:
-        n = _sample_count(r, "student")
+    counts = {n for _, n in evaluations if n is not None}
+    for r, n in evaluations:
         series = f"student, {n} samples" if len(counts) > 1 and n is not None else "student"
         for key, value in r.items():
             if not key.startswith("student_") or any(b in key for b in BOOKKEEPING):
@@ -137,9 +136,7 @@ def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
         for p in panels:
             for name, points in p.series.items():   # "student", or "student, N samples" per sample count
                 if name == "student" or name.startswith("student, "):
-                    counted = name.removeprefix("student").removeprefix(", ")
-                    line = f"{label}, {counted}" if counted else label
-                    merged.setdefault(p.title, Panel(p.title)).series[line] = points
+                    merged.setdefault(p.title, Panel(p.title)).series[label + name[len("student"):]] = points
     return draw_panels(list(merged.values()), Path(path))
 
 
