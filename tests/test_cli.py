@@ -244,6 +244,14 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
     (["stepdistill.cli.train", "generator=four_step", "generator.per_sample_step=maybe"],
      "error: generator.per_sample_step=maybe: an on/off setting takes true or false"),
     (["stepdistill.cli.evaluate", "run_dir=D", "every_step=yes"], "stepdistill-eval: error: every_step=yes: an on/off"),
+    # a count or a rate given as text was int()'s or torch's error without the setting's name
+    (["stepdistill.cli.train", "benchmark=gmm", "trainer.batch_size=abc"],
+     "stepdistill-train: error: trainer.batch_size=abc: need an integer (the default is 256)"),
+    (["stepdistill.cli.train", "benchmark=gmm", "optim.generator.lr=fast"],
+     "error: optim.generator.lr=fast: need a number (the default is 0.0003)"),
+    (["stepdistill.cli.train", "benchmark=gmm", "trainer.max_steps=1e4"], "error: trainer.max_steps=1e4: need an integer"),
+    (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "trainer.batch_size=abc"],
+     "stepdistill-bench: error: trainer.batch_size=abc: need an integer (the default is 256)"),
 ])
 def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
     """Each app checks its counts and on/off settings before it loads anything, and the bench names an unknown
@@ -252,6 +260,36 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
     hydra_dir = [] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"]   # the bench is not a Hydra app
     proc = run_cli("-m", *args, *hydra_dir, check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_override_types_follow_the_defaults():
+    """A value fits its setting when it has the default's type; null always passes (the setting's own check
+    decides), ints pass for a float setting, and settings with a string, list or null default are not checked."""
+    from stepdistill.cli.override_types import type_error
+    fits = [(True, False), (True, 0), (True, 1), (256, 512), (256, None), (3e-4, 1), (3e-4, 1e-5), (3e-4, float("inf")),
+            ("dmd2", 3), (None, "x"), ([1, 2], "x")]
+    for default, value in fits:
+        assert type_error("k", str(value), default, value) is None, (default, value)
+    refused = [(True, "no", "an on/off setting takes true or false"), (True, 2, "an on/off"),
+               (256, "abc", "need an integer (the default is 256)"), (256, 2.5, "need an integer"),
+               (256, 1e4, "need an integer"), (256, True, "need an integer"),
+               (3e-4, "fast", "need a number (the default is 0.0003)"), (3e-4, False, "need a number")]
+    for default, value, message in refused:
+        assert message in (type_error("k", "T", default, value) or ""), (default, value)
+    assert type_error("optim.generator.lr", "fast", 3e-4, "fast").startswith("optim.generator.lr=fast: ")
+
+
+def test_negative_learning_rate_names_its_setting(tmp_path):
+    """torch's "Invalid learning rate: -1" did not say which role's lr it was."""
+    from hydra import compose, initialize_config_dir
+
+    from stepdistill.cli import CONF_DIR
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["benchmark=gmm", "optim.critic.lr=-1", "eval.every=0"])
+    with pytest.raises(ValueError, match=r"^optim.critic.lr=-1: need a number >= 0$"):
+        Trainer(build_run(cfg), tmp_path)
 
 
 def test_at_least():

@@ -160,6 +160,25 @@ def table(rows: list[dict]) -> str:
                               f"{r['generator_saved_mb']:.1f}"] for r in rows])
 
 
+def check_bench_overrides(benchmarks, methods, overrides: list[str]) -> None:
+    """Each training override's type against its default under every benchmark/method pair, before any child
+    runs: `trainer.batch_size=abc` ended a child in a traceback whose last line did not name the setting."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    from .override_types import check_values, split_overrides
+    values = split_overrides(overrides)[1]   # the bench takes its group choices as benchmark= and methods= only
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        for bm in benchmarks:
+            for m in methods:
+                choices = [f"benchmark={bm}", f"method={m}"]
+                try:
+                    cfg = compose("train", overrides=[*choices, *overrides])
+                except HydraException:   # e.g. an unknown key: the child's run ends with Hydra's own advice
+                    continue
+                check_values(compose("train", overrides=choices), cfg, values)
+
+
 def main(argv=None) -> None:
     args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." not in a.split("=")[0])
     extra = [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." in a.split("=")[0]]
@@ -181,6 +200,10 @@ def main(argv=None) -> None:
         for name in names:
             if name not in known:
                 sys.exit(f"stepdistill-bench: error: unknown {group} {name!r}: use one of {', '.join(known)}")
+    try:
+        check_bench_overrides(benchmarks, methods, extra)
+    except ValueError as e:
+        sys.exit(f"stepdistill-bench: error: {e}")
     rows = []
     for bm in benchmarks:
         for m in methods:

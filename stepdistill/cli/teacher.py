@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least
 from . import CONF_DIR, set_threads, user_errors
-from .flag_types import check_flag_overrides
+from .override_types import check_override_types
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -23,7 +23,7 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
-    check_flag_overrides(cfg)
+    check_override_types(cfg)
     set_threads(cfg.get("num_threads"), "num_threads")
     name = cfg.benchmark.name
     if name in ("gmm", "gmm_unbalanced"):

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import CONF_DIR, set_threads, user_errors
-from .flag_types import check_flag_overrides
+from .override_types import check_override_types
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -90,7 +90,7 @@ def summary(result: dict) -> str:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
-    check_flag_overrides(cfg)
+    check_override_types(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)
     if result["main_process"]:

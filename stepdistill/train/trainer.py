@@ -123,8 +123,10 @@ class Trainer:
             clip = non_negative(f"optim.{phase}.grad_clip", oc.get("grad_clip", 0) or 0)
             self.grad_clip[phase] = clip if clip > 0 else float("inf")   # 0 = no clipping
             params = self.phase_params[phase] = run.roles.parameters_of(names)
-            opt = make_adamw(params, float(oc.get("optimism", 0.0)), lr=oc.lr, betas=tuple(oc.betas),
-                             weight_decay=oc.weight_decay)
+            # torch's own messages ("Invalid learning rate: -1") do not say which role's setting it was
+            opt = make_adamw(params, float(oc.get("optimism", 0.0)), lr=non_negative(f"optim.{phase}.lr", oc.lr),
+                             betas=tuple(oc.betas),
+                             weight_decay=non_negative(f"optim.{phase}.weight_decay", oc.weight_decay))
             self.optimizers[phase] = opt
             self.schedulers[phase] = torch.optim.lr_scheduler.LambdaLR(
                 opt, lr_lambda(int(oc.get("warmup_steps", 0)), updates[phase], self.cfg.optim.schedule,
