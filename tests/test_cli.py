@@ -250,6 +250,10 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
     (["stepdistill.cli.train", "benchmark=gmm", "optim.generator.lr=fast"],
      "error: optim.generator.lr=fast: need a number (the default is 0.0003)"),
     (["stepdistill.cli.train", "benchmark=gmm", "trainer.max_steps=1e4"], "error: trainer.max_steps=1e4: need an integer"),
+    (["stepdistill.cli.sample", "benchmark=gmm", "num_samples=4", "seed=x", "out=x.npz"],
+     "stepdistill-sample: error: seed=x: need an integer (the default is 0)"),
+    (["stepdistill.cli.export", "run_dir=D", "num_threads=two"], "stepdistill-export: error: num_threads=two: need an"),
+    (["stepdistill.cli.compare", "runs=[D]", "seed=abc"], "stepdistill-compare: error: seed=abc: need an integer"),
     (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "trainer.batch_size=abc"],
      "stepdistill-bench: error: trainer.batch_size=abc: need an integer (the default is 256)"),
 ])
