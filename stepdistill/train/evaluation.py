@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import at_least
+from ..checks import at_least, or_default
 from .checkpoint import step_dir_name
 
 
@@ -97,7 +97,7 @@ class Evaluator:
         """The student's K-step chain from the fixed eval noise, in eval mode: (every step's x0 output, or just
         the sample's, the noise, the conditions, the timesteps)."""
         bm, seed = self.run.benchmark, int(self.cfg.seed)
-        n = int(self.cfg.num_samples if num_samples is None else num_samples)
+        n = int(or_default(num_samples, self.cfg.num_samples))
         student = self.run.student()
         was_training = student.training
         student.eval()
