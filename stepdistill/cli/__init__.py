@@ -15,11 +15,14 @@ USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
 
 
 def user_errors(app: str):
-    """Bad input ends in one line saying what to change, not a traceback."""
+    """Bad input ends in one line saying what to change, not a traceback. Around a Hydra app's main(cfg), the
+    command line's values are first checked against their settings' types (override_types.py), so every app
+    checks them and none can forget to."""
     def wrap(fn):
         @functools.wraps(fn)
         def inner(*args, **kwargs):
             try:
+                _check_hydra_overrides(args)
                 return fn(*args, **kwargs)
             except USER_ERRORS as e:
                 if os.environ.get("STEPDISTILL_TRACEBACK"):
@@ -30,6 +33,15 @@ def user_errors(app: str):
                 sys.exit(2)
         return inner
     return wrap
+
+
+def _check_hydra_overrides(args) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig
+
+    from .override_types import check_override_types
+    if args and isinstance(args[0], DictConfig) and HydraConfig.initialized():
+        check_override_types(args[0])
 
 
 def set_threads(n, key: str = "num_threads") -> None:

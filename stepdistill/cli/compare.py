@@ -22,7 +22,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least, or_default
 from . import CONF_DIR, set_threads, user_errors
-from .override_types import check_override_types
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
 IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall")
@@ -142,7 +141,6 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="compare")
 @user_errors("stepdistill-compare")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg)
     set_threads(cfg.get("num_threads"))
     if not cfg.get("runs"):
         raise ValueError("give runs=[DIR,...] (run folders or sweep folders) and out=DIR")

@@ -18,7 +18,6 @@ from omegaconf import DictConfig
 
 from ..checks import at_least
 from . import CONF_DIR, pipe_table, set_threads, user_errors
-from .override_types import check_override_types
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
@@ -49,7 +48,6 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-eval")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg)
     set_threads(cfg.get("num_threads"))
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")

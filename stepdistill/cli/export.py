@@ -8,7 +8,6 @@ import hydra
 from omegaconf import DictConfig
 
 from . import CONF_DIR, set_threads, user_errors
-from .override_types import check_override_types
 
 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
@@ -17,7 +16,6 @@ def main(cfg: DictConfig) -> None:
     from ..export.export import export_run
     from ..train.setup import load_run
 
-    check_override_types(cfg)
     set_threads(cfg.get("num_threads"))
     if not cfg.get("run_dir"):
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")

@@ -15,7 +15,6 @@ from omegaconf import DictConfig
 
 from ..checks import at_least
 from . import CONF_DIR, set_threads, user_errors
-from .override_types import check_override_types
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
@@ -59,7 +58,6 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-sample")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg)
     set_threads(cfg.get("num_threads"))
     if cfg.num_samples is None or cfg.out is None:
         raise ValueError("give num_samples=N and out=FILE.npz")

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least
 from . import CONF_DIR, set_threads, user_errors
-from .override_types import check_override_types
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
@@ -23,7 +22,6 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg)
     set_threads(cfg.get("num_threads"), "num_threads")
     name = cfg.benchmark.name
     if name in ("gmm", "gmm_unbalanced"):

@@ -11,7 +11,6 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from . import CONF_DIR, set_threads, user_errors
-from .override_types import check_override_types
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -90,7 +89,6 @@ def summary(result: dict) -> str:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
-    check_override_types(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(cfg, run_dir)
     if result["main_process"]:
