@@ -3,7 +3,9 @@
 Per method (each in a fresh process, so peak memory is its own): network evaluations per iteration (forward
 calls of any backbone or GAN head, teacher included, counting a CFG call's doubled batch as one call), seconds per
 iteration, the share of iteration time spent outside network forward/backward (forward time from hooks around
-each backbone; the whole backward pass is counted as network time), peak memory (CUDA peak allocated on a
+each backbone; the whole backward pass is counted as network time) and the part of that share the update itself
+takes (`optimizer`: zero_grad, gradient clipping, the optimizer step and the generator's EMA; the rest is the
+method's own tensor ops, the batch source and Python), peak memory (CUDA peak allocated on a
 GPU, else the process's peak resident set) and the activations one generator-phase loss keeps for backward
 (`saved_activation_bytes`: what backpropagating through the teacher costs SiD and SIM, device-independent; one
 micro-batch's under `trainer.grad_accum_steps`).
@@ -44,6 +46,51 @@ def _count_and_time(nets):
     handles = [h for n in nets for h in (n.register_forward_pre_hook(pre),
                                          n.register_forward_hook(post, always_call=True))]
     return stats, handles
+
+
+def _time_update(trainer):
+    """Seconds spent in the update after backward: zero_grad, clipping, the optimizer step and the EMA. Returns
+    the stats and a function that takes the timers out again (bench_one also runs inside other processes)."""
+    from ..train import trainer as trainer_module
+    stats = {"seconds": 0.0, "depth": 0}
+
+    def timed(fn):
+        def run(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                stats["seconds"] += time.perf_counter() - t0
+        return run
+
+    def pre(*_):
+        if stats["depth"] == 0:
+            stats["t0"] = time.perf_counter()
+        stats["depth"] += 1
+
+    def post(*_):
+        stats["depth"] -= 1
+        if stats["depth"] == 0:
+            stats["seconds"] += time.perf_counter() - stats["t0"]
+
+    # the step through torch's step hooks, not a wrapper: an LR scheduler warns when optimizer.step is replaced
+    # after it was built. Nested: OptimisticAdamW's step calls AdamW's, and both may run the hooks.
+    handles = [h for opt in trainer.optimizers.values()
+               for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
+    patched = [(opt, "zero_grad") for opt in trainer.optimizers.values()]
+    patched += [(trainer.ema, "update")] if trainer.ema is not None else []
+    clip = trainer_module.clip_gradients
+    for obj, name in patched:   # instance attributes over the class's methods
+        setattr(obj, name, timed(getattr(obj, name)))
+    trainer_module.clip_gradients = timed(clip)
+
+    def undo():
+        for h in handles:
+            h.remove()
+        for obj, name in patched:
+            delattr(obj, name)
+        trainer_module.clip_gradients = clip
+    return stats, undo
 
 
 def saved_activation_bytes(run, batches) -> int:
@@ -122,6 +169,7 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
         backward["seconds"] += time.perf_counter() - t0
 
     trainer.accelerator.backward = timed_backward
+    update, untime_update = _time_update(trainer)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -134,6 +182,7 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     total = time.perf_counter() - t0
     for h in handles:
         h.remove()
+    untime_update()
     # one "iteration" = one generator update and its critic updates
     period = int(cfg.method.get("critic_steps", 1)) + 1
     net_time = stats["seconds"] + backward["seconds"]
@@ -142,6 +191,7 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
             "network_evals_per_iteration": stats["calls"] / steps * period,
             "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
+            "optimizer_share": update["seconds"] / total,
             "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device),
             "batch_size": int(cfg.trainer.batch_size), "grad_accum_steps": accum}
 
@@ -152,11 +202,12 @@ def _batch(row: dict) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets", "peak MB",
-            "gen. saved MB")
+    head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets",
+            "of it optimizer", "peak MB", "gen. saved MB")
     return pipe_table(head, [[r["benchmark"], r["method"], _batch(r), str(r["updates_per_iteration"]),
                               f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
-                              f"{100 * r['outside_network_share']:.1f}%", f"{r['peak_memory_mb']:.0f}",
+                              f"{100 * r['outside_network_share']:.1f}%", f"{100 * r['optimizer_share']:.1f}%",
+                              f"{r['peak_memory_mb']:.0f}",
                               f"{r['generator_saved_mb']:.1f}"] for r in rows])
 
 
