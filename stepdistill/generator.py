@@ -10,7 +10,7 @@ actually see.
 
 Step experts (`generator.step_experts`): one network per step instead of one shared by all K (Phased DMD's
 mixture of experts), so step k's updates cannot move the other steps. On digits every step ended worse than
-with one shared network, which learns each step from the others' updates too (README, results).
+with one shared network, which learns each step from the others' updates too (docs/results.md).
 `denoiser` is step 1's network; `later_experts[i]` serves step i+2.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ class FewStepGenerator(nn.Module):
         `step` (1-based) fixes k for the whole batch. With `per_sample_step` each sample draws its own k, so
         every batch (and so every critic update) sees outputs of all K steps; otherwise one k is drawn per
         batch, as DMD2's reference code does (one k per iteration, shared by all GPUs). On digits the two gave
-        the same 4-step FD within the spread between runs (README, results).
+        the same 4-step FD within the spread between runs (docs/results.md).
         """
         n, allowed = noise.shape[0], torch.tensor(self.train_steps, device=noise.device)
         if step is not None:

@@ -53,7 +53,7 @@ class GMMBenchmark(Benchmark):
     def make_generator_denoiser(self):
         # `generator_fourier_scale`: the generator's input features at their own frequency (null: the critic's).
         # A generator maps noise to 8 modes through 8 angular sectors; lower input frequencies split the noise into
-        # fewer pieces, so fewer boundaries leave samples on bridges between modes (README, gmm results)
+        # fewer pieces, so fewer boundaries leave samples on bridges between modes (docs/results.md, gmm)
         return self.make_student_denoiser(self.cfg.network.get("generator_fourier_scale"))
 
     def as_fake_score(self, den):

@@ -13,7 +13,7 @@ students (methods/step_critic.py explains why), `gan.step_aware` does the same f
 input noise level t_k. What the noise levels above t_k measure (the layout, the class) was settled by the steps
 before k, from whose output step k starts: their gradient can only make step k override its input. Phased DMD
 (Fan et al. 2025) restricts each phase's score matching to its own noise subinterval for a like reason. On digits
-it made the last step worse (README, results). `dm_above_next_input` is the other half of Phased DMD's
+it made the last step worse (docs/results.md). `dm_above_next_input` is the other half of Phased DMD's
 subinterval: a sample that exits at step k < K is scored at DM noise levels no lower than step k+1's input level,
 since the chain re-noises step k's output to that level before step k+1 reads it. What lies below it never
 reaches the sample, and without the bound the early steps' gradients there train the shared network on detail
