@@ -26,63 +26,55 @@ from ..checks import at_least
 from . import CONF_DIR, pipe_table
 
 
-def _count_and_time(nets):
-    stats = {"calls": 0, "seconds": 0.0}
-    depth = {"d": 0}
+class _Timer:
+    """Seconds inside the outermost of nested enter/exit pairs, and how many outermost pairs there were: a network
+    called inside another (a critic that wraps the exact teacher) is timed and counted once."""
 
-    def pre(_m, _i):
-        if depth["d"] == 0:
-            stats["t0"] = time.perf_counter()
-        depth["d"] += 1
+    def __init__(self):
+        self.seconds, self.calls, self._depth, self._t0 = 0.0, 0, 0, 0.0
 
-    def post(_m, _i, _o):
-        depth["d"] -= 1
-        if depth["d"] == 0:
-            stats["calls"] += 1
-            stats["seconds"] += time.perf_counter() - stats["t0"]
+    def enter(self, *_):
+        if self._depth == 0:
+            self._t0 = time.perf_counter()
+        self._depth += 1
 
-    # always_call: DMD2's GAN cuts the critic's forward at its bottleneck by raising; the post hook must still
-    # close that call, or the nesting count never returns to zero and later calls go uncounted
-    handles = [h for n in nets for h in (n.register_forward_pre_hook(pre),
-                                         n.register_forward_hook(post, always_call=True))]
-    return stats, handles
+    def exit(self, *_):
+        self._depth -= 1
+        if self._depth == 0:
+            self.calls += 1
+            self.seconds += time.perf_counter() - self._t0
 
-
-def _time_update(trainer):
-    """Seconds spent in the update after backward: zero_grad, clipping, the optimizer step and the EMA. Returns
-    the stats and a function that takes the timers out again (bench_one also runs inside other processes)."""
-    from ..train import trainer as trainer_module
-    stats = {"seconds": 0.0, "depth": 0}
-
-    def timed(fn):
-        def run(*a, **kw):
-            t0 = time.perf_counter()
+    def wrap(self, fn):
+        def timed(*a, **kw):
+            self.enter()
             try:
                 return fn(*a, **kw)
             finally:
-                stats["seconds"] += time.perf_counter() - t0
-        return run
+                self.exit()
+        return timed
 
-    def pre(*_):
-        if stats["depth"] == 0:
-            stats["t0"] = time.perf_counter()
-        stats["depth"] += 1
 
-    def post(*_):
-        stats["depth"] -= 1
-        if stats["depth"] == 0:
-            stats["seconds"] += time.perf_counter() - stats["t0"]
+def _time_networks(nets, timer: _Timer) -> list:
+    # always_call: DMD2's GAN cuts the critic's forward at its bottleneck by raising; the post hook must still
+    # close that call, or the nesting count never returns to zero and later calls go uncounted
+    return [h for n in nets for h in (n.register_forward_pre_hook(timer.enter),
+                                      n.register_forward_hook(timer.exit, always_call=True))]
 
+
+def _time_update(trainer, timer: _Timer):
+    """Time the update after backward (zero_grad, clipping, the optimizer step, the EMA) into `timer`; returns a
+    function that takes the timers out again (bench_one also runs inside other processes)."""
+    from ..train import trainer as trainer_module
     # the step through torch's step hooks, not a wrapper: an LR scheduler warns when optimizer.step is replaced
     # after it was built. Nested: OptimisticAdamW's step calls AdamW's, and both may run the hooks.
     handles = [h for opt in trainer.optimizers.values()
-               for h in (opt.register_step_pre_hook(pre), opt.register_step_post_hook(post))]
+               for h in (opt.register_step_pre_hook(timer.enter), opt.register_step_post_hook(timer.exit))]
     patched = [(opt, "zero_grad") for opt in trainer.optimizers.values()]
     patched += [(trainer.ema, "update")] if trainer.ema is not None else []
     clip = trainer_module.clip_gradients
     for obj, name in patched:   # instance attributes over the class's methods
-        setattr(obj, name, timed(getattr(obj, name)))
-    trainer_module.clip_gradients = timed(clip)
+        setattr(obj, name, timer.wrap(getattr(obj, name)))
+    trainer_module.clip_gradients = timer.wrap(clip)
 
     def undo():
         for h in handles:
@@ -90,7 +82,7 @@ def _time_update(trainer):
         for obj, name in patched:
             delattr(obj, name)
         trainer_module.clip_gradients = clip
-    return stats, undo
+    return undo
 
 
 def saved_activation_bytes(run, batches) -> int:
@@ -148,28 +140,12 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
         trainer.train_step(batches)
         trainer.step += 1
     saved = saved_activation_bytes(run, batches)
-    stats, handles = _count_and_time(nets)
+    forward, backward, update = _Timer(), _Timer(), _Timer()
+    handles = _time_networks(nets, forward)
     if isinstance(teacher, GMMDenoiser):  # the analytic teacher has no network: count and time its exact x0
-        exact = teacher._x0_single
-
-        def timed_exact(*a):
-            t0 = time.perf_counter()
-            out = exact(*a)
-            stats["calls"] += 1
-            stats["seconds"] += time.perf_counter() - t0
-            return out
-
-        teacher._x0_single = timed_exact
-    backward = {"seconds": 0.0}
-    real_backward = trainer.accelerator.backward
-
-    def timed_backward(loss, **kw):
-        t0 = time.perf_counter()
-        real_backward(loss, **kw)
-        backward["seconds"] += time.perf_counter() - t0
-
-    trainer.accelerator.backward = timed_backward
-    update, untime_update = _time_update(trainer)
+        teacher._x0_single = forward.wrap(teacher._x0_single)
+    trainer.accelerator.backward = backward.wrap(trainer.accelerator.backward)
+    untime_update = _time_update(trainer, update)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -185,13 +161,13 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     untime_update()
     # one "iteration" = one generator update and its critic updates
     period = int(cfg.method.get("critic_steps", 1)) + 1
-    net_time = stats["seconds"] + backward["seconds"]
+    net_time = forward.seconds + backward.seconds
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
-            "network_evals_per_iteration": stats["calls"] / steps * period,
+            "network_evals_per_iteration": forward.calls / steps * period,
             "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
-            "optimizer_share": update["seconds"] / total,
+            "optimizer_share": update.seconds / total,
             "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device),
             "batch_size": int(cfg.trainer.batch_size), "grad_accum_steps": accum}
 
