@@ -146,19 +146,21 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
         teacher._x0_single = forward.wrap(teacher._x0_single)
     trainer.accelerator.backward = backward.wrap(trainer.accelerator.backward)
     untime_update = _time_update(trainer, update)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batches)
-        trainer.step += 1
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
-    untime_update()
+    try:   # clip_gradients is patched module-wide: restore it even if a step fails
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(batches)
+            trainer.step += 1
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        total = time.perf_counter() - t0
+        for h in handles:
+            h.remove()
+    finally:
+        untime_update()
     # one "iteration" = one generator update and its critic updates
     period = int(cfg.method.get("critic_steps", 1)) + 1
     net_time = forward.seconds + backward.seconds
