@@ -149,6 +149,25 @@ def test_bench_prints_a_table(tmp_path):
         assert 0 < optimizer <= outside   # the update is part of the time outside the networks
 
 
+def test_bench_timer_counts_a_nested_call_once_and_closes_on_errors():
+    """A network called inside another (a critic wrapping the exact teacher) is one evaluation, timed once; a call
+    that raises (DMD2's GAN cuts the critic's forward at its bottleneck) still closes its interval."""
+    import time
+
+    from stepdistill.cli.bench import _Timer
+    timer = _Timer()
+    inner = timer.wrap(lambda: time.sleep(0.01))
+    timer.wrap(lambda: (inner(), time.sleep(0.01)))()
+    assert timer.calls == 1 and 0.02 <= timer.seconds < 1.0
+
+    def cut():
+        raise StopIteration
+    with pytest.raises(StopIteration):
+        timer.wrap(cut)()
+    timer.wrap(lambda: None)()
+    assert timer.calls == 3 and timer.seconds < 1.0   # both later calls closed: none left the timer open
+
+
 def test_experiment_presets_compose():
     from hydra import compose, initialize_config_dir
     from hydra.errors import MissingConfigException
