@@ -1,6 +1,9 @@
 """Setting checks shared by the apps, the trainer and the methods: a bad value is a one-line ValueError that
-names the setting (the console scripts print it as `stepdistill-APP: error: ...`)."""
+names the setting (the console scripts print it as `stepdistill-APP: error: ...`). Nothing here imports torch:
+the apps check their input with these before the heavy imports, so a usage error answers at once (~0.3 s)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 
 def at_least(key: str, value, least: int = 1) -> int:
@@ -29,3 +32,13 @@ def or_default(value, default):
     """`value` unless it is unset (None): `value or default` would also replace a meaningful 0 (guidance 0 is the
     unconditional model) or hide a bad one (0 sampler steps)."""
     return default if value is None else value
+
+
+def run_folder(run_dir) -> Path:
+    """`run_dir` as the folder of a stepdistill-train run (it holds config.yaml), else a one-line error."""
+    if not run_dir:
+        raise ValueError("give run_dir=D (a stepdistill-train run folder)")
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} not found: run_dir= must be a stepdistill-train run folder")
+    return Path(run_dir)

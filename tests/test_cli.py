@@ -287,6 +287,27 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["stepdistill.cli.export"], "stepdistill-export: error: give run_dir=D"),
+    (["stepdistill.cli.export", "run_dir=D"], "config.yaml not found: run_dir= must be a stepdistill-train run"),
+    (["stepdistill.cli.evaluate", "run_dir=D"], "stepdistill-eval: error: "),
+    (["stepdistill.cli.sample", "run_dir=D", "num_samples=4", "out=x.npz"], "stepdistill-sample: error: "),
+    (["stepdistill.cli.compare"], "stepdistill-compare: error: give runs="),
+    (["stepdistill.cli.teacher", "benchmark=gmm"], "the gmm teacher is analytic"),
+    (["stepdistill.cli.bench", "benchmark=nope"], "stepdistill-bench: error: unknown benchmark 'nope'"),
+])
+def test_usage_errors_answer_before_torch_loads(tmp_path, args, message):
+    """A missing or mistyped run folder, or a setting an app cannot take, is answered before torch and diffusers
+    are imported (~4 s of start-up): stepdistill-export used to load both, ~8 s, before saying run_dir= was missing."""
+    args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
+    hydra_dir = [] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"]
+    report = ("import atexit, runpy, sys; atexit.register(lambda: print('loaded:', sorted({'torch', 'diffusers'} & "
+              "set(sys.modules)))); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
+    proc = run_cli("-c", report, *args, *hydra_dir, check=False)
+    assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "loaded: []" in proc.stdout, proc.stdout
+
+
 def test_override_types_follow_the_defaults():
     """A value fits its setting when it has the default's type; null always passes (the setting's own check
     decides), ints pass for a float setting, and settings with a string, list or null default are not checked."""

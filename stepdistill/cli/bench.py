@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from ..checks import at_least
 from . import CONF_DIR, pipe_table
 
@@ -89,6 +87,8 @@ def saved_activation_bytes(run, batches) -> int:
     """Bytes autograd keeps for backward in one generator-phase loss (each storage once, parameters excluded):
     the activation memory a method pays, which is what backpropagating through the teacher and the critic (SiD,
     SIM) adds, measured the same way on any device."""
+    import torch
+
     params = {p.untyped_storage().data_ptr() for p in run.roles.parameters()}
     seen: set = set()
 
@@ -114,6 +114,7 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
 
 
 def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+    import torch
     from hydra import compose, initialize_config_dir
 
     from ..networks.gmm import GMMDenoiser

@@ -141,12 +141,13 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="compare")
 @user_errors("stepdistill-compare")
 def main(cfg: DictConfig) -> None:
-    set_threads(cfg.get("num_threads"))
-    if not cfg.get("runs"):
+    if not cfg.get("runs"):   # the input first, before torch loads (set_threads)
         raise ValueError("give runs=[DIR,...] (run folders or sweep folders) and out=DIR")
     runs = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     n = cfg.get("num_samples")
-    result = compare(runs, cfg.out, None if n is None else at_least("num_samples", n, 2), int(cfg.seed))
+    n = None if n is None else at_least("num_samples", n, 2)
+    set_threads(cfg.get("num_threads"))
+    result = compare(runs, cfg.out, n, int(cfg.seed))
     print(result["table"])
     print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else "")
           + (f"\ncurves: {result['curves']}" if "curves" in result else ""))

@@ -16,7 +16,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..checks import at_least
+from ..checks import at_least, run_folder
 from . import CONF_DIR, pipe_table, set_threads, user_errors
 
 
@@ -48,16 +48,16 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-eval")
 def main(cfg: DictConfig) -> None:
-    set_threads(cfg.get("num_threads"))
-    if not cfg.get("run_dir"):
-        raise ValueError("give run_dir=D (a stepdistill-train run folder)")
-    # the run's own evaluation settings, changed by this command's eval.* overrides and num_samples=N
+    # the input first, before torch and diffusers load: a wrong count or path fails at once. The run's own
+    # evaluation settings, changed by this command's eval.* overrides and num_samples=N:
     overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("eval.")]
     if cfg.get("num_samples") is not None:
         overrides.append(f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}")   # a covariance needs 2
     steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
+    run_dir = run_folder(cfg.get("run_dir"))
+    set_threads(cfg.get("num_threads"))
     every_step = bool(cfg.get("every_step", False))
-    metrics = evaluate_run(cfg.run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"))
+    metrics = evaluate_run(run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"))
     print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
 
 

@@ -13,7 +13,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from ..checks import at_least
+from ..checks import at_least, run_folder
 from . import CONF_DIR, set_threads, user_errors
 
 
@@ -58,15 +58,17 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-sample")
 def main(cfg: DictConfig) -> None:
-    set_threads(cfg.get("num_threads"))
+    # the input first, before torch and diffusers load: a wrong path or count fails at once
     if cfg.num_samples is None or cfg.out is None:
         raise ValueError("give num_samples=N and out=FILE.npz")
     n = at_least("num_samples", cfg.num_samples)
-    if cfg.get("run_dir"):
-        steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
-        samples, labels = sample_student(cfg.run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"))
+    key = "steps" if cfg.get("run_dir") else "teacher_steps"
+    steps = None if cfg.get(key) is None else at_least(key, cfg[key])
+    run_dir = run_folder(cfg.run_dir) if cfg.get("run_dir") else None
+    set_threads(cfg.get("num_threads"))
+    if run_dir:
+        samples, labels = sample_student(run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"))
     else:
-        steps = None if cfg.get("teacher_steps") is None else at_least("teacher_steps", cfg.teacher_steps)
         samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed))
     path = write_npz(cfg.out, samples, labels)
     print(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} to {path}")

@@ -22,10 +22,12 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
-    set_threads(cfg.get("num_threads"), "num_threads")
     name = cfg.benchmark.name
-    if name in ("gmm", "gmm_unbalanced"):
+    if name in ("gmm", "gmm_unbalanced"):   # checked before torch loads (set_threads): the answer is immediate
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
+    if name not in ("tiny_sd", "tiny_sdxl", "digits"):
+        raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits, tiny_sd or tiny_sdxl")
+    set_threads(cfg.get("num_threads"), "num_threads")
     if name in ("tiny_sd", "tiny_sdxl"):
         from ..benchmarks.tiny_sd_teacher import build_tiny_sd, build_tiny_sdxl
         out = Path(cfg.out or HydraConfig.get().runtime.output_dir)
@@ -33,8 +35,6 @@ def main(cfg: DictConfig) -> None:
         print(f"{name} teacher (random weights, a diffusers pipeline folder): {out}  "
               f"(use benchmark={name} benchmark.teacher.path={out})")
         return
-    if name != "digits":
-        raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits, tiny_sd or tiny_sdxl")
     from ..benchmarks.digits_teacher import measure_teacher_quality, train_digits_teacher, update_teacher_info
     from ..networks.digits_features import save_feature_net, train_feature_net
 

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..benchmarks.base import shared_base
 from ..benchmarks.registry import build_benchmark
-from ..checks import non_negative
+from ..checks import non_negative, run_folder
 from ..methods import method_class
 from ..roles import Roles
 from .checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint
@@ -92,11 +92,8 @@ def checkpoint_roles(roles: Roles) -> dict:
 
 def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint: str | None = None) -> Run:
     """Rebuild a finished (or running) run from its config.yaml and its latest checkpoint."""
-    run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: run_dir= must be a stepdistill-train run folder")
-    cfg = OmegaConf.load(cfg_file)
+    run_dir = run_folder(run_dir)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
     if overrides:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     ckpt = find_checkpoint(run_dir, checkpoint)
