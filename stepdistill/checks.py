@@ -38,7 +38,7 @@ def run_folder(run_dir) -> Path:
     """`run_dir` as the folder of a stepdistill-train run (it holds config.yaml), else a one-line error."""
     if not run_dir:
         raise ValueError("give run_dir=D (a stepdistill-train run folder)")
-    cfg_file = Path(run_dir) / "config.yaml"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"{cfg_file} not found: run_dir= must be a stepdistill-train run folder")
-    return Path(run_dir)
+    folder = Path(run_dir)
+    if not (folder / "config.yaml").is_file():
+        raise FileNotFoundError(f"{folder / 'config.yaml'} not found: run_dir= must be a stepdistill-train run folder")
+    return folder

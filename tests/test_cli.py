@@ -246,6 +246,13 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
         app(RuntimeError("a bug"))
 
 
+def app_args(args, tmp_path):
+    """An app's command line with `=D` as a run folder that does not exist and `out=x` inside tmp_path, and the
+    Hydra apps' own folder there too (the bench is not a Hydra app)."""
+    args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
+    return args + ([] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"])
+
+
 @pytest.mark.parametrize("args, message", [
     (["stepdistill.cli.sample", "run_dir=D", "num_samples=0", "out=x.npz"], "stepdistill-sample: error: num_samples=0"),
     (["stepdistill.cli.sample", "run_dir=D", "num_samples=4", "steps=0", "out=x.npz"], "error: steps=0: need an"),
@@ -281,9 +288,7 @@ def test_user_errors_end_in_one_line(error, line, capsys, monkeypatch):
 def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
     """Each app checks its counts and on/off settings before it loads anything, and the bench names an unknown
     method (or a child's failure) in one line rather than a launcher traceback."""
-    args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
-    hydra_dir = [] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"]   # the bench is not a Hydra app
-    proc = run_cli("-m", *args, *hydra_dir, check=False)
+    proc = run_cli("-m", *app_args(args, tmp_path), check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
@@ -299,11 +304,9 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
 def test_usage_errors_answer_before_torch_loads(tmp_path, args, message):
     """A missing or mistyped run folder, or a setting an app cannot take, is answered before torch and diffusers
     are imported (~4 s of start-up): stepdistill-export used to load both, ~8 s, before saying run_dir= was missing."""
-    args = [a.replace("=D", f"={tmp_path / 'no_run'}").replace("out=x", f"out={tmp_path}/x") for a in args]
-    hydra_dir = [] if "bench" in args[0] else [f"hydra.run.dir={tmp_path / 'h'}"]
     report = ("import atexit, runpy, sys; atexit.register(lambda: print('loaded:', sorted({'torch', 'diffusers'} & "
               "set(sys.modules)))); sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__')")
-    proc = run_cli("-c", report, *args, *hydra_dir, check=False)
+    proc = run_cli("-c", report, *app_args(args, tmp_path), check=False)
     assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "loaded: []" in proc.stdout, proc.stdout
 
