@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import batch_split
-from .denoiser import NetworkDenoiser, _bcast
+from .denoiser import NetworkDenoiser
 
 LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
 
@@ -49,6 +49,7 @@ class FewStepGenerator(nn.Module):
         sched = denoiser.schedule
         self.lcm_boundary = sched.discrete if lcm_boundary is None else lcm_boundary
         self.timestep_scaling = timestep_scaling
+        self._boundary_cache: dict = {}   # (t, timestep_scaling) -> (c_skip, c_out), see _boundary_at
         if timesteps is None:
             timesteps = self.default_timesteps(steps)
         ts = [float(t) for t in timesteps]
@@ -112,9 +113,17 @@ class FewStepGenerator(nn.Module):
         tt = torch.full((x_t.shape[0],), float(t), device=x_t.device)
         x0 = self.denoiser_at(t).x0(x_t, tt, cond)
         if self.lcm_boundary:
-            c_skip, c_out = self.boundary_scalings(tt)
-            x0 = _bcast(c_skip, x0) * x_t + _bcast(c_out, x0) * x0
+            c_skip, c_out = self._boundary_at(float(t))
+            x0 = c_skip * x_t.to(x0.dtype) + c_out * x0
         return x0
+
+    def _boundary_at(self, t: float) -> tuple[float, float]:
+        """`boundary_scalings` at one timestep, as Python numbers: computed once per timestep in float32 as a batch
+        of them would be (the same values), not as a dozen small tensor ops per step."""
+        key = (t, self.timestep_scaling)
+        if key not in self._boundary_cache:
+            self._boundary_cache[key] = tuple(float(c) for c in self.boundary_scalings(torch.tensor([t])))
+        return self._boundary_cache[key]
 
     def start(self, noise: torch.Tensor) -> torch.Tensor:
         """Pure noise -> the first step's input (EDM scales unit noise by sigma_max)."""

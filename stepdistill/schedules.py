@@ -32,6 +32,10 @@ class NoiseSchedule:
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha(t), sigma(t)) together: a discrete schedule looks both up with one index."""
+        return self.alpha(t), self.sigma(t)
+
     def t_from_fraction(self, u: torch.Tensor) -> torch.Tensor:
         """Map u in [0, 1] (0 = least noise, 1 = most) to native time."""
         raise NotImplementedError
@@ -50,7 +54,8 @@ class NoiseSchedule:
         return self.t_from_fraction(u)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return _bcast(self.alpha(t), x0) * x0 + _bcast(self.sigma(t), x0) * noise
+        a, s = self.alpha_sigma(t)
+        return _bcast(a, x0) * x0 + _bcast(s, x0) * noise
 
     def ode_timesteps(self, steps: int) -> torch.Tensor:
         """Descending times for a `steps`-step ODE sampler, from the noisiest level towards clean data."""
@@ -110,24 +115,31 @@ class VPSchedule(NoiseSchedule):
         self.beta_start, self.beta_end = beta_start, beta_end
         betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float64
-        # alpha and sigma per timestep, computed in float64 once and looked up per call: the same values as
-        # sqrt-then-cast on every call, in one indexing op instead of five (a gmm step makes ~30 such calls)
-        self._tables = {"cpu": (self.alphas_cumprod.sqrt().float(), (1.0 - self.alphas_cumprod).sqrt().float())}
+        # alpha and sigma per timestep (columns of one (T, 2) table), computed in float64 once and looked up per
+        # call: the same values as sqrt-then-cast on every call, in one indexing op instead of five per value
+        # (a gmm step makes ~30 such lookups, and its small ops are a visible share of it)
+        table = torch.stack([self.alphas_cumprod.sqrt(), (1.0 - self.alphas_cumprod).sqrt()], dim=1).float()
+        self._tables = {"cpu": table}
 
-    def _index(self, t: torch.Tensor) -> torch.Tensor:
+    def index(self, t: torch.Tensor) -> torch.Tensor:
+        """The integer timestep (a long tensor) of each (float) t: the row of any per-timestep table."""
         return t.detach().round().long().clamp(0, self.num_train_timesteps - 1)
 
-    def _table(self, device, which: int) -> torch.Tensor:
+    def table(self, device) -> torch.Tensor:
+        """(alpha, sigma) per timestep, shape (T, 2), on `device` (copied once per device)."""
         key = str(device)
         if key not in self._tables:
-            self._tables[key] = tuple(v.to(device) for v in self._tables["cpu"])
-        return self._tables[key][which]
+            self._tables[key] = self._tables["cpu"].to(device)
+        return self._tables[key]
 
     def alpha(self, t):
-        return self._table(t.device, 0)[self._index(t)]
+        return self.table(t.device)[self.index(t), 0]
 
     def sigma(self, t):
-        return self._table(t.device, 1)[self._index(t)]
+        return self.table(t.device)[self.index(t), 1]
+
+    def alpha_sigma(self, t):
+        return self.table(t.device)[self.index(t)].unbind(-1)
 
     def t_from_fraction(self, u):
         return (u * (self.num_train_timesteps - 1)).round()

@@ -187,6 +187,27 @@ def test_x0_from_direct_network_call(pred):
         torch.testing.assert_close(den.raw(x, t, cond), out)
 
 
+@pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2", "scaled_linear"])
+def test_edm_coefficient_table_gives_the_computed_values(beta_schedule):
+    """On a VP schedule in float32 the EDM scalings come from a per-timestep table; they must equal the formula
+    applied to the looked-up alpha and sigma bit for bit, so a run gives the same weights as without the table."""
+    from stepdistill.prediction import edm_coefficients
+    sched = VPSchedule(beta_schedule=beta_schedule)
+    den = NetworkDenoiser(TinyCondNet(), sched, prediction_type="edm", sigma_data=0.37)
+    t = torch.arange(0.0, 1000.0).flip(0)
+    like = torch.zeros(1000, 1, 2, 2)
+    rows = den._edm_rows(t, like)
+    a, s = (v.reshape(-1, 1, 1, 1) for v in sched.alpha_sigma(t))
+    for got, want in zip(rows, (a, s, *edm_coefficients(a, s, 0.37))):
+        assert got.shape == (1000, 1, 1, 1) and torch.equal(got, want)
+    # float64 and explicit (alpha, sigma) take the formula in their own precision
+    rows64 = den._edm_rows(t, like.double())
+    assert rows64[2].dtype == torch.float64
+    torch.testing.assert_close(rows64[2].float(), rows[2])
+    given = (torch.full((1000,), 0.6), torch.full((1000,), 0.8))
+    assert torch.equal(den._edm_rows(t, like, given)[2], edm_coefficients(given[0], given[1], 0.37)[0].reshape(-1, 1, 1, 1))
+
+
 # ---------------------------------------------------------------- eps / score / velocity
 @pytest.mark.parametrize("pred", PRED_TYPES)
 @pytest.mark.parametrize("guidance", [1.0, 3.0])

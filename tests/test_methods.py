@@ -233,6 +233,25 @@ def test_lcm_boundary_matches_diffusers():
         assert math.isclose(float(ours[1]), float(c_out), rel_tol=1e-6)
 
 
+def test_boundary_condition_uses_the_batch_scalings_exactly():
+    """denoise() applies the LCM boundary scalings as Python numbers cached per timestep: the same float32 values
+    as the per-sample tensors, so the output is unchanged bit for bit."""
+    from stepdistill.networks.mlp import TimeMLP
+    from stepdistill.schedules import _bcast
+    from stepdistill.denoiser import NetworkDenoiser
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0), steps=4)
+    x = torch.randn(64, 2)
+    for t in gen.timesteps:
+        tt = torch.full((64,), float(t))
+        with torch.no_grad():
+            x0 = gen.denoiser.x0(x, tt)
+            c_skip, c_out = gen.boundary_scalings(tt)
+            want = _bcast(c_skip, x0) * x + _bcast(c_out, x0) * x0
+            got = gen.denoise(x, t)
+        assert torch.equal(got, want)
+
+
 def test_lpips_regression_distance_from_local_backbone(tmp_path):
     import torchvision
     from stepdistill.methods.lpips_distance import LPIPSDistance

@@ -176,3 +176,11 @@ def test_generator_timesteps_stay_in_the_schedules_range(sched, inside, outside)
     FewStepGenerator(den, inside, 2)
     with pytest.raises(ValueError, match="each must lie in the schedule's range"):
         FewStepGenerator(den, outside, 1)
+
+
+@pytest.mark.parametrize("sched", _all_schedules(), ids=lambda s: s.kind)
+def test_alpha_sigma_together_are_alpha_and_sigma_exactly(sched):
+    """The one-lookup pair (the denoisers' and add_noise's path) gives the same values, bit for bit."""
+    t = sched.t_from_fraction(torch.linspace(0, 1, 1001))
+    a, s = sched.alpha_sigma(t)
+    assert torch.equal(a, sched.alpha(t)) and torch.equal(s, sched.sigma(t))

@@ -92,5 +92,5 @@ class GMMDenoiser(Denoiser):
         self.dummy = torch.nn.Parameter(torch.zeros(()), requires_grad=False)  # gives the module a device
 
     def _x0_single(self, x_t, t, cond, alpha_sigma=None):
-        a, s = alpha_sigma if alpha_sigma is not None else (self.schedule.alpha(t), self.schedule.sigma(t))
+        a, s = alpha_sigma if alpha_sigma is not None else self.schedule.alpha_sigma(t)
         return self.mixture.posterior_mean(x_t, a, s)

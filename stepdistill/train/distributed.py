@@ -8,6 +8,7 @@ the same before building roles) and identical averaged gradients, the ranks' wei
 """
 from __future__ import annotations
 
+import functools
 import gc
 
 import torch
@@ -99,5 +100,11 @@ def weight_spread(params: list[torch.nn.Parameter]) -> float:
 
 def is_sharded(t: torch.Tensor) -> bool:
     """A parameter or gradient sharded by FSDP (trainer=fsdp): a DTensor."""
+    return isinstance(t, _dtensor_type())
+
+
+@functools.cache
+def _dtensor_type() -> type:
+    # imported on first use (not with this module) and looked up once: is_sharded runs per parameter per update
     from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    return DTensor

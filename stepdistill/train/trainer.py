@@ -275,10 +275,11 @@ class Trainer:
             with batch_split.micro_batch(i, k):
                 with self.accelerator.autocast():
                     out = self.method.loss(phase, batch_source(), self.step)
-                finite = all_finite(bool(torch.isfinite(out.loss)), self.device) and finite
+                loss = out.loss.item()   # one read of the loss for the check and the log (small ops count on the gmm)
+                finite = all_finite(math.isfinite(loss), self.device) and finite
                 if finite:   # the micro-batches' mean is the whole batch's loss
                     self.accelerator.backward(out.loss / k if k > 1 else out.loss)
-            logs.append({"loss": out.loss.item(), **out.logs})
+            logs.append({"loss": loss, **out.logs})
             del out
         return finite, logs[0] if k == 1 else {key: sum(row[key] for row in logs) / k for key in logs[0]}
 
