@@ -45,6 +45,53 @@ def compose_cfg(*overrides, config_name="train"):
         return compose(config_name, overrides=list(overrides))
 
 
+def run_app(module, *args, check=True):
+    """An app (`module`: stepdistill.cli.sample, .evaluate, .export, .train, .teacher) run in this process: the
+    console script's Hydra main with these arguments, without a new interpreter's ~4 s of importing torch and
+    diffusers. Returns what subprocess.run(capture_output=True, text=True) would: returncode, stdout, stderr. The
+    console scripts themselves run as subprocesses in test_cli.py (test_usage_errors_answer_before_torch_loads, the
+    multirun, the training runs)."""
+    import contextlib
+    import importlib
+    import io
+    import logging
+    import subprocess
+    import sys
+
+    from hydra.core.hydra_config import HydraConfig
+    app = importlib.import_module(module)
+    out, err, threads, argv = io.StringIO(), io.StringIO(), torch.get_num_threads(), sys.argv
+    hydra_config = HydraConfig.instance()
+    # the apps' Hydra logging configs add handlers (stepdistill-train's) or disable every existing logger (the
+    # others'): the loggers are put back as they were, or later tests' caplog would see nothing
+    loggers = [logging.getLogger(), *(lg for lg in logging.root.manager.loggerDict.values()
+                                      if isinstance(lg, logging.Logger))]
+    saved = [(lg, lg.handlers[:], lg.level, lg.disabled, lg.propagate) for lg in loggers]
+    outside_hydra = hydra_config.cfg   # None: code called after this one must not see this run's Hydra config
+    sys.argv, code = [module, *args], 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            app.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)   # the apps set their own thread count
+        for lg, handlers, level, disabled, propagate in saved:
+            for h in lg.handlers:
+                if h not in handlers:
+                    h.close()
+            lg.handlers[:], lg.level, lg.disabled, lg.propagate = handlers, level, disabled, propagate
+        for lg in logging.root.manager.loggerDict.values():   # loggers made during the app: enabled, as usual
+            if isinstance(lg, logging.Logger) and lg not in loggers:
+                lg.disabled = False
+        hydra_config.cfg = outside_hydra
+    proc = subprocess.CompletedProcess([module, *args], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"exit {code}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
 # Small, fast gmm settings shared by end-to-end tests.
 GMM_FAST = ["benchmark=gmm", "benchmark.network.width=64", "benchmark.network.depth=2", "trainer.batch_size=64",
             "method.critic_warmup_steps=4", "eval.every=0", "eval.final=false", "trainer.progress=false",

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_app
 
 FAST = ["benchmark=gmm", "benchmark.network.width=32", "benchmark.network.depth=2", "trainer.batch_size=32",
         "method.critic_warmup_steps=2", "eval.every=0", "eval.final=false", "trainer.progress=false",
@@ -47,7 +48,7 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
     from omegaconf import OmegaConf
     for row in rows:
         npz = tmp_path / "s.npz"
-        run_cli("-m", "stepdistill.cli.sample", f"run_dir='{row['run_dir']}'", "num_samples=300", f"out={npz}")
+        run_app("stepdistill.cli.sample", f"run_dir='{row['run_dir']}'", "num_samples=300", f"out={npz}")
         with np.load(npz) as f:
             ref = gmm_metrics(torch.from_numpy(f["samples"]), _mixture(OmegaConf.load(Path(row["run_dir"]) / "config.yaml")))
         assert row["mode_mass_error"] == pytest.approx(ref["mode_mass_error"], rel=1e-5)
@@ -59,11 +60,11 @@ def test_sample_student_and_teacher(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("-m", "stepdistill.train", *FAST, "trainer.max_steps=4", f"hydra.run.dir={run_dir}")
     out = tmp_path / "s.npz"
-    run_cli("-m", "stepdistill.cli.sample", f"run_dir={run_dir}", "num_samples=20", f"out={out}", "steps=2")
+    run_app("stepdistill.cli.sample", f"run_dir={run_dir}", "num_samples=20", f"out={out}", "steps=2")
     with np.load(out) as f:
         assert f["samples"].shape == (20, 2) and f["samples"].dtype == np.float32 and "labels" not in f
     # each step's output along a 2-step chain, scored: a table row per step, the row logged with its source
-    proc = run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", "every_step=true", "steps=2",
+    proc = run_app("stepdistill.cli.evaluate", f"run_dir={run_dir}", "every_step=true", "steps=2",
                    "num_samples=50")
     rows = [line for line in proc.stdout.splitlines() if line[:4] in ("1 | ", "2 | ")]
     assert [r.split(" | ")[1] for r in rows] == ["999", "499"], proc.stdout
@@ -72,18 +73,18 @@ def test_sample_student_and_teacher(tmp_path):
     # eval.* settings of the run changed for one evaluation, and recorded with it
     seeds = {}
     for seed in (7, 8):
-        run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", f"eval.seed={seed}", "num_samples=60")
+        run_app("stepdistill.cli.evaluate", f"run_dir={run_dir}", f"eval.seed={seed}", "num_samples=60")
         seeds[seed] = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
         assert seeds[seed]["eval_overrides"] == [f"eval.seed={seed}", "eval.num_samples=60"]
         assert seeds[seed]["student_num_samples"] == 60
     assert seeds[7]["teacher_sliced_w2"] != seeds[8]["teacher_sliced_w2"]   # another set of evaluation noise
-    proc = run_cli("-m", "stepdistill.cli.evaluate", f"run_dir={run_dir}", "eval.fid.inception_weights=/no/w.pth",
+    proc = run_app("stepdistill.cli.evaluate", f"run_dir={run_dir}", "eval.fid.inception_weights=/no/w.pth",
                    check=False)
     assert proc.returncode == 2 and "eval.fid.inception_weights needs an image benchmark" in proc.stderr
     # stepdistill-export: the latest checkpoint in diffusers format (this run trained with trainer.export=false);
     # the exported pipeline samples what stepdistill-sample does for the same seed
     assert not (run_dir / "export").exists()
-    proc = run_cli("-m", "stepdistill.cli.export", f"run_dir={run_dir}")
+    proc = run_app("stepdistill.cli.export", f"run_dir={run_dir}")
     assert f"exported to {run_dir / 'export'}" in proc.stdout
     # loaded in a fresh process, as a user would: importing stepdistill.pipelines is all it takes
     load = ("import sys, numpy, torch; from stepdistill.pipelines import PointsFewStepPipeline; "
@@ -93,10 +94,10 @@ def test_sample_student_and_teacher(tmp_path):
     from stepdistill.cli.sample import sample_student
     ours, _ = sample_student(run_dir, 20, seed=5)
     torch.testing.assert_close(torch.from_numpy(np.load(tmp_path / "pipe.npy")), ours, atol=1e-5, rtol=1e-5)
-    proc = run_cli("-m", "stepdistill.cli.export", check=False)
+    proc = run_app("stepdistill.cli.export", check=False)
     assert proc.returncode == 2 and "stepdistill-export: error: give run_dir=D" in proc.stderr
     out_t = tmp_path / "t.npz"
-    run_cli("-m", "stepdistill.cli.sample", "benchmark=gmm", "teacher_steps=16", "num_samples=30", f"out={out_t}")
+    run_app("stepdistill.cli.sample", "benchmark=gmm", "teacher_steps=16", "num_samples=30", f"out={out_t}")
     with np.load(out_t) as f:
         assert f["samples"].shape == (30, 2) and f["samples"].dtype == np.float32
 
@@ -116,7 +117,7 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["generator.steps=0", *FAST], "generator.steps=0: a generator takes at least 1 step"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
-    proc = run_cli("-m", "stepdistill.train", *args, f"hydra.run.dir={tmp_path}", check=False)
+    proc = run_app("stepdistill.cli.train", *args, f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode != 0
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -126,14 +127,14 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
     """`stepdistill-teacher benchmark=digits` at toy settings: both networks are written and the teacher's
     settings and measured quality are recorded next to its weights."""
     import json
-    run_cli("-m", "stepdistill.cli.teacher", "benchmark=digits", "features.steps=20", "teacher.steps=20",
+    run_app("stepdistill.cli.teacher", "benchmark=digits", "features.steps=20", "teacher.steps=20",
             "quality.guidances=[1.0,2.0]", "quality.steps=2", f"out={tmp_path}", f"hydra.run.dir={tmp_path}/h")
     info = json.loads((tmp_path / "digits_teacher" / "stepdistill_teacher.json").read_text())
     assert info["training"]["steps"] == 20 and set(info["quality"]["by_guidance"]) == {"1.0", "2.0"}
     assert info["default_guidance"] in (1.0, 2.0) and info["quality"]["num_samples"] == 1797
     assert (tmp_path / "digits_features.safetensors").is_file()
     assert (tmp_path / "digits_teacher" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
-    proc = run_cli("-m", "stepdistill.cli.teacher", "benchmark=gmm", f"hydra.run.dir={tmp_path}/g", check=False)
+    proc = run_app("stepdistill.cli.teacher", "benchmark=gmm", f"hydra.run.dir={tmp_path}/g", check=False)
     assert proc.returncode != 0 and "analytic" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -390,6 +391,6 @@ def test_sample_eval_and_export_take_an_earlier_checkpoint(tmp_path, gmm_cfg):
     pipe = PointsFewStepPipeline.from_pretrained(tmp_path / "export4")
     torch.testing.assert_close(pipe(batch_size=50, generator=torch.Generator().manual_seed(3)), step4,
                                atol=1e-5, rtol=1e-5)
-    proc = run_cli("-m", "stepdistill.cli.sample", f"run_dir={run_dir}", "checkpoint=3", "num_samples=5",
+    proc = run_app("stepdistill.cli.sample", f"run_dir={run_dir}", "checkpoint=3", "num_samples=5",
                    f"out={tmp_path}/x.npz", check=False)
     assert proc.returncode == 2 and "checkpoint=3:" in proc.stderr and "it has steps [4, 8]" in proc.stderr

@@ -206,14 +206,11 @@ def test_custom_timesteps_round_trip(tmp_path):
 
 
 def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):
-    env_cmd = [sys.executable, "-m", "stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path / 'tiny'}",
-               f"hydra.run.dir={tmp_path / 'h'}"]
-    subprocess.run(env_cmd, check=True, capture_output=True, timeout=300)
+    from conftest import run_app
+    run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path / 'tiny'}", f"hydra.run.dir={tmp_path / 'h'}")
     assert (tmp_path / "tiny" / "model_index.json").is_file()
-    subprocess.run([sys.executable, "-m", "stepdistill.cli.sample", "benchmark=tiny_sd",
-                    f"benchmark.teacher.path={tmp_path / 'tiny'}", "teacher_steps=2", "num_samples=3",
-                    f"out={tmp_path / 's.npz'}", f"hydra.run.dir={tmp_path / 'h2'}"], check=True, capture_output=True,
-                   timeout=300)
+    run_app("stepdistill.cli.sample", "benchmark=tiny_sd", f"benchmark.teacher.path={tmp_path / 'tiny'}",
+            "teacher_steps=2", "num_samples=3", f"out={tmp_path / 's.npz'}", f"hydra.run.dir={tmp_path / 'h2'}")
     data = np.load(tmp_path / "s.npz")
     assert data["samples"].shape == (3, 3, 16, 16) and data["samples"].dtype == np.float32
     assert 0 <= data["samples"].min() and data["samples"].max() <= 1
