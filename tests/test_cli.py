@@ -1,4 +1,6 @@
-"""The console scripts as a user runs them: a two-job multirun sweep, sampling, and one-line bad-input errors."""
+"""The console scripts as a user runs them: a two-job multirun sweep, sampling, and one-line bad-input errors.
+Training runs and the start-up checks use real processes; the other app calls run in this process
+(`run_app`, tests/conftest.py), the same Hydra main without ~4 s of imports each."""
 import json
 import os
 import subprocess

@@ -205,7 +205,8 @@ def test_edm_coefficient_table_gives_the_computed_values(beta_schedule):
     assert rows64[2].dtype == torch.float64
     torch.testing.assert_close(rows64[2].float(), rows[2])
     given = (torch.full((1000,), 0.6), torch.full((1000,), 0.8))
-    assert torch.equal(den._edm_rows(t, like, given)[2], edm_coefficients(given[0], given[1], 0.37)[0].reshape(-1, 1, 1, 1))
+    want_c_in = edm_coefficients(given[0], given[1], 0.37)[0].reshape(-1, 1, 1, 1)
+    assert torch.equal(den._edm_rows(t, like, given)[2], want_c_in)
 
 
 # ---------------------------------------------------------------- eps / score / velocity

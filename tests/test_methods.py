@@ -236,9 +236,9 @@ def test_lcm_boundary_matches_diffusers():
 def test_boundary_condition_uses_the_batch_scalings_exactly():
     """denoise() applies the LCM boundary scalings as Python numbers cached per timestep: the same float32 values
     as the per-sample tensors, so the output is unchanged bit for bit."""
+    from stepdistill.denoiser import NetworkDenoiser
     from stepdistill.networks.mlp import TimeMLP
     from stepdistill.schedules import _bcast
-    from stepdistill.denoiser import NetworkDenoiser
     torch.manual_seed(0)
     gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0), steps=4)
     x = torch.randn(64, 2)

@@ -207,7 +207,8 @@ def test_custom_timesteps_round_trip(tmp_path):
 
 def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):
     from conftest import run_app
-    run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path / 'tiny'}", f"hydra.run.dir={tmp_path / 'h'}")
+    run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path / 'tiny'}",
+            f"hydra.run.dir={tmp_path / 'h'}")
     assert (tmp_path / "tiny" / "model_index.json").is_file()
     run_app("stepdistill.cli.sample", "benchmark=tiny_sd", f"benchmark.teacher.path={tmp_path / 'tiny'}",
             "teacher_steps=2", "num_samples=3", f"out={tmp_path / 's.npz'}", f"hydra.run.dir={tmp_path / 'h2'}")
