@@ -1,5 +1,6 @@
 """Multi-process data parallelism on CPU (gloo): `accelerate launch --multi_gpu --num_processes 2` runs two
-ranks that split the global batch and average gradients, so their weights stay identical; rank 0 alone writes."""
+ranks that split the global batch and average gradients, so their weights stay identical; rank 0 alone writes.
+The one-process runs they are compared with run in this process (`run_app`), each set of overrides once."""
 import json
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_app
 from stepdistill.train.checkpoint import latest_checkpoint
 
 FAST = ["benchmark=gmm", "benchmark.network.width=64", "benchmark.network.depth=2", "trainer.batch_size=64",
@@ -25,6 +27,30 @@ def rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Where the tiny_sd teacher and its cached samples are built once, then read by every run and rank."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, cache_dir):
+    """The run directory of a one-process run of these overrides, trained in this process the first time a test
+    asks for it: the plain gmm run is the reference of three tests."""
+    done = {}
+
+    def run(overrides):
+        key = tuple(overrides)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp("one")
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("STEPDISTILL_CACHE", str(cache_dir))
+                run_app("stepdistill.cli.train", *overrides, f"hydra.run.dir={run_dir}")
+            done[key] = run_dir
+        return done[key]
+    return run
+
+
 TINY_SD = ["benchmark=tiny_sd", "benchmark.num_real=16", "benchmark.teacher_steps=4", "trainer.batch_size=4",
            "eval.every=0", "eval.final=false", "trainer.progress=false", "trainer.num_threads=1", "logger.every=10",
            "trainer.max_steps=10", "trainer.export=false"]
@@ -33,15 +59,13 @@ TINY_SD = ["benchmark=tiny_sd", "benchmark.num_real=16", "benchmark.teacher_step
 @pytest.mark.parametrize("overrides", [FAST, FAST + ["method=fdistill", "generator=four_step"], TINY_SD,
                                        FAST + ["trainer=fsdp", "trainer.export=true"], TINY_SD + ["trainer=fsdp"]],
                          ids=["gmm-dmd2", "gmm-fdistill-4step", "tiny_sd-dmd2", "gmm-dmd2-fsdp", "tiny_sd-dmd2-fsdp"])
-def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
+def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, one_process, cache_dir, overrides):
     """The 4-step fdistill run adds per-sample exit steps, re-noising between steps and a batch-normalised
     weight; tiny_sd is the latent text-to-image path (prompt embeddings, cached teacher samples as real data);
     trainer=fsdp shards every network over the two processes (FSDP2 on gloo) and gathers it for checkpoints."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(tmp_path / "cache")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(cache_dir)}
     # one process first: it builds the tiny teacher and fills the cache that both ranks then read
-    single = subprocess.run([sys.executable, "-m", "stepdistill.train", *overrides, f"hydra.run.dir={tmp_path / 'one'}"],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert single.returncode == 0, single.stderr[-3000:]
+    one_dir = one_process(overrides)
     res = subprocess.run(LAUNCH + overrides + [f"hydra.run.dir={tmp_path / 'ddp'}"], capture_output=True, text=True,
                          env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -50,7 +74,7 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
     summary = [r for r in ddp if "processes" in r]
     assert len(summary) == 1 and summary[0]["processes"] == 2
     assert summary[0]["weight_spread_across_processes"] == 0.0     # averaged gradients: identical weights
-    one = rows(tmp_path / "one")[0]
+    one = rows(one_dir)[0]
     step10 = {k: v for k, v in ddp[0].items() if "/" in k}   # every logged loss term and gradient norm
     assert ddp[0]["step"] == one["step"] == 10 and any(k.endswith("/loss") for k in step10)
     assert set(step10) == {k for k in one if "/" in k}
@@ -61,7 +85,7 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, overrides):
     # the final checkpoints hold the same weights (gathered whole from the shards under trainer=fsdp)
     for name in ("generator", "generator_ema", "fake_score"):
         w_ddp, w_one = (load_file(str(latest_checkpoint(d / "checkpoints") / f"{name}.safetensors"))
-                        for d in (tmp_path / "ddp", tmp_path / "one"))
+                        for d in (tmp_path / "ddp", one_dir))
         assert w_ddp.keys() == w_one.keys()
         for k in w_one:
             # Adam turns float-order differences of near-zero gradients into up to ~lr per step
@@ -84,7 +108,7 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
                                                  ("fsdp", ["trainer.grad_accum_steps=2",
                                                            "method.reuse_generator_samples=true"], 6)],
                          ids=["default", "fsdp", "kept-samples", "fsdp-optimism", "fsdp-accumulation"])
-def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer, extra, stop):
+def test_two_process_resume_continues_the_one_process_run(tmp_path, one_process, trainer, extra, stop):
     """`stop` two-process steps, then a two-process resume to 10: the step-10 logs equal 10 straight steps of one
     process (a checkpoint's single RNG state is every rank's). With kept samples, step 5 is a generator phase:
     the checkpoint after 6 steps holds its samples, gathered from both ranks, and each rank resumes its rows. With
@@ -92,15 +116,13 @@ def test_two_process_resume_continues_the_one_process_run(tmp_path, trainer, ext
     gathers and the resume re-shards. With 2 micro-batches per process, FSDP accumulates each micro-batch's
     reduce-scattered gradients, and the kept samples are gathered over micro-batches and ranks, then re-split."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([sys.executable, "-m", "stepdistill.train", *FAST, *extra,
-                               f"hydra.run.dir={tmp_path / 'one'}"], capture_output=True, text=True, env=env, timeout=600)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    straight = one_process(FAST + extra)
     for part in ([f"trainer.max_steps={stop}", f"logger.every={stop}"], ["trainer.resume=true"]):
         res = subprocess.run(LAUNCH + FAST + extra + part + [f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'ddp'}"],
                              capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     resumed = next(r for r in rows(tmp_path / "ddp") if r["step"] == 10 and r["kind"] == "train" and "critic/loss" in r)
-    one = next(r for r in rows(tmp_path / "one") if r["step"] == 10)
+    one = next(r for r in rows(straight) if r["step"] == 10)
     for key in (k for k in one if "/" in k):
         assert resumed[key] == pytest.approx(one[key], rel=1e-5, abs=1e-7), key
 
