@@ -50,7 +50,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         write_config(run.cfg, run_dir)
     result = trainer.fit()
     if cfg.trainer.export and trainer.main and "stopped_by" not in result:
-        from ..export.export import export_run   # imports diffusers (~4 s): only for a run that exports
+        from ..export.export import export_run   # diffusers' pipelines and UNets, ~4 s of imports: only to export
         # sharded networks (trainer=fsdp) hold 1/N of each weight: export plain ones from the final checkpoint
         result["export"] = str(export_run(load_run(run_dir) if trainer.fsdp else run, run_dir / "export"))
     result["run_dir"] = str(run_dir)
