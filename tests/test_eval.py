@@ -162,6 +162,17 @@ def test_mmd_matches_naive_formula():
     assert abs(same) < 0.01 and far > 0.3
 
 
+def test_mmd_kernel_sum_in_row_blocks_is_the_whole_sum():
+    """Blocks of 7 rows over 40 (the last one shorter) give the sum over the whole kernel matrix."""
+    from stepdistill.eval.gmm_metrics import _kernel_sum
+    a = torch.randn(40, 2, generator=gen(13), dtype=torch.float64)
+    b = torch.randn(30, 2, generator=gen(14), dtype=torch.float64)
+    inv = torch.tensor([0.3, 1.1], dtype=torch.float64)
+    d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+    whole = sum(torch.exp(-c * d2).sum() for c in inv.tolist())
+    assert float(_kernel_sum(a, b, inv, block=7)) == pytest.approx(float(whole), rel=1e-12)
+
+
 # ---------------------------------------------------------------- Fréchet distance
 
 class TinyConvFeatures(nn.Module):
