@@ -137,9 +137,11 @@ class FewStepGenerator(nn.Module):
 
     @torch.no_grad()
     def sample(self, noise: torch.Tensor, cond=None, timesteps: list[float] | None = None,
-               generator: torch.Generator | None = None, every_step: bool = False):
+               generator: torch.Generator | None = None, every_step: bool = False,
+               step_noise: list[torch.Tensor] | None = None):
         """K-step sampling; `generator` draws the between-step noise in the order LCMScheduler does.
-        `every_step`: return the list of every step's x0 output (the last is the sample), same draws."""
+        `every_step`: return the list of every step's x0 output (the last is the sample), same draws.
+        `step_noise`: the K-1 between-step noises (each shaped like `noise`), given instead of drawn."""
         ts = self.timesteps if timesteps is None else [float(t) for t in timesteps]
         x, outs = self.start(noise), []
         for k, t in enumerate(ts):
@@ -147,7 +149,12 @@ class FewStepGenerator(nn.Module):
             if every_step:
                 outs.append(x0)
             if k + 1 < len(ts):
-                z = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+                if step_noise is not None:
+                    z = step_noise[k].to(x0.device, x0.dtype)
+                else:   # drawn on the generator's device, then moved, as diffusers' randn_tensor (LCMScheduler)
+                    # does: a CPU generator with a GPU student, and the same draws
+                    z = torch.randn(x0.shape, generator=generator, dtype=x0.dtype,
+                                    device=x0.device if generator is None else generator.device).to(x0.device)
                 x = self.renoise(x0, ts[k + 1], z)
         return outs if every_step else x0
 

@@ -49,6 +49,24 @@ def test_unconditional_unet_exports_to_stock_ddpm_pipeline(tmp_path, steps):
     np.testing.assert_allclose(img, expected, atol=2e-5)
 
 
+def test_few_step_samples_do_not_depend_on_the_chunk_size():
+    """student_sample draws the between-step noise for all N first, as one batch of N does: chunks of 7 give
+    the samples of one chunk, and of the generator's own one-batch sampling from the same RNG state (so
+    training's eval.batch_size, stepdistill-eval and stepdistill-sample agree)."""
+    from stepdistill.networks.mlp import TimeMLP
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0), steps=4)
+    noise = torch.randn(20, 2)
+    chunked = student_sample(gen, noise, None, None, torch.Generator().manual_seed(5), batch_size=7)
+    whole = student_sample(gen, noise, None, None, torch.Generator().manual_seed(5), batch_size=1000)
+    one_batch = gen.sample(noise, None, None, torch.Generator().manual_seed(5))
+    # (chunks of another size run other matrix-product kernels: last-bit differences, not other noise)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole, one_batch, rtol=0, atol=0)
+    steps = student_sample(gen, noise, None, None, torch.Generator().manual_seed(5), batch_size=7, every_step=True)
+    assert len(steps) == 4 and torch.equal(steps[-1], chunked)
+
+
 def test_class_conditional_export_matches_student(tmp_path):
     from omegaconf import OmegaConf
 

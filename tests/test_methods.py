@@ -392,3 +392,23 @@ def test_gan_start_step_trains_the_dm_gradient_alone_first(gmm_cfg):
 def test_fdistill_needs_the_gan_from_the_start(gmm_cfg):
     with pytest.raises(ValueError, match="start_step must be 0"):
         build_run(gmm_cfg("method=fdistill", "method.gan.start_step=10"))
+
+
+def test_gan_losses_are_the_non_saturating_pair_with_the_right_signs():
+    """DMD2's GAN terms: L_G = E softplus(-D(fake)), L_D = E softplus(D(fake)) + E softplus(-D(real)), checked
+    against log(1 + e^x) directly; a descent step on L_D raises the real logits and lowers the fake ones, and
+    one on L_G raises the fake logits (the generator is pushed to be called real)."""
+    from stepdistill.methods.gan import DiffusionGAN
+    real = torch.tensor([0.5, -1.0, 2.0], requires_grad=True)
+    fake = torch.tensor([-0.3, 1.5], requires_grad=True)
+    l_d = DiffusionGAN.discriminator_loss(real, fake)
+    expected_d = (sum(math.log1p(math.exp(f)) for f in (-0.3, 1.5)) / 2
+                  + sum(math.log1p(math.exp(-r)) for r in (0.5, -1.0, 2.0)) / 3)
+    assert l_d.item() == pytest.approx(expected_d, rel=1e-6)
+    l_d.backward()
+    assert (real.grad < 0).all() and (fake.grad > 0).all()   # descent: real logits up, fake logits down
+    fake.grad = None
+    l_g = DiffusionGAN.generator_loss(fake)
+    assert l_g.item() == pytest.approx(sum(math.log1p(math.exp(-f)) for f in (-0.3, 1.5)) / 2, rel=1e-6)
+    l_g.backward()
+    assert (fake.grad < 0).all()

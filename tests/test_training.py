@@ -221,6 +221,24 @@ def test_digits_end_to_end(tmp_path, method):
     assert Path(result["figure"]).is_file()
 
 
+def test_dmd_regression_pairs_come_from_the_guided_teacher_of_the_dm_loss(tmp_path):
+    """DMD's two terms target one teacher: with method.guidance=2 the cached regression pairs are the teacher's
+    ODE samples at CFG scale 2 (the benchmark's own scale is 1), not at the benchmark's default."""
+    from conftest import digits_cfg
+    from stepdistill.train.setup import build_run
+    cfg = digits_cfg("method=dmd", "method.guidance=2.0", "method.regression.num_pairs=4", "trainer.max_steps=1",
+                     "trainer.export=false", "benchmark.teacher_steps=4")
+    train(cfg, tmp_path)
+    pairs = load_file(str(tmp_path / "regression_pairs.safetensors"))
+    bm = build_run(cfg).benchmark
+    assert bm.guidance == 1.0
+    with torch.no_grad():
+        guided = bm.teacher_sample(pairs["noise"], pairs["cond"], guidance=2.0)
+        plain = bm.teacher_sample(pairs["noise"], pairs["cond"])
+    torch.testing.assert_close(pairs["target"], guided, rtol=0, atol=1e-5)
+    assert (pairs["target"] - plain).abs().max() > 1e-2
+
+
 @pytest.mark.slow
 def test_default_run_meets_its_budget(tmp_path):
     """The README's main job: `stepdistill-train` with no arguments (slow: several minutes)."""

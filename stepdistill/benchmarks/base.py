@@ -160,7 +160,9 @@ class Benchmark:
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, *self.data_shape, generator=generator)
 
-    def teacher_sample(self, noise, cond=None, steps: int | None = None) -> torch.Tensor:
+    def teacher_sample(self, noise, cond=None, steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
+        """The teacher's default multi-step ODE sampler; `steps` and the CFG scale `guidance` default to the
+        benchmark's."""
         raise NotImplementedError
 
     # --- output ------------------------------------------------------------------------------------------

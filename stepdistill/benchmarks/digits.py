@@ -60,8 +60,9 @@ class DigitsBenchmark(Benchmark):
         # class-balanced labels for evaluation reproducibility; random for training
         return torch.randint(0, self.num_classes, (n,), generator=generator)
 
-    def teacher_sample(self, noise, cond=None, steps=None):
-        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond, self.guidance)
+    def teacher_sample(self, noise, cond=None, steps=None, guidance=None):
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
+                           self.guidance if guidance is None else float(guidance))
 
     def to_output(self, x):
         return ((x.float() + 1) / 2).clamp(0, 1)

@@ -67,7 +67,7 @@ class GMMBenchmark(Benchmark):
     def sample_real(self, n):
         return self.mixture.sample(n), None
 
-    def teacher_sample(self, noise, cond=None, steps=None):
+    def teacher_sample(self, noise, cond=None, steps=None, guidance=None):   # unconditional: no CFG
         return ddim_sample(self.teacher, noise, int(steps or self.cfg.teacher_steps))
 
     def evaluate(self, samples, labels=None):

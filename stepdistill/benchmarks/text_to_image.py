@@ -201,8 +201,9 @@ class TextToImageBenchmark(Benchmark):
     def eval_labels(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
 
-    def teacher_sample(self, noise, cond=None, steps=None):
-        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond, self.guidance)
+    def teacher_sample(self, noise, cond=None, steps=None, guidance=None):
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
+                           self.guidance if guidance is None else float(guidance))
 
     @cached_property
     def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -130,7 +130,7 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     trainer = Trainer(run, run_dir)
     pairs = None
     if "reg_noise" in run.method.batch_keys:
-        pairs = make_regression_pairs(run.benchmark, 256, 0)
+        pairs = make_regression_pairs(run.benchmark, 256, 0, guidance=float(cfg.method.guidance))
     accum = int(cfg.trainer.get("grad_accum_steps", 1))   # the trainer asks for one micro-batch at a time
     batches = BatchSource(run.benchmark, run.method.batch_keys, int(cfg.trainer.batch_size) // accum, trainer.device,
                           pairs)

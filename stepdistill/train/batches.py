@@ -14,12 +14,16 @@ from ..data.cache import cached_tensors
 from .evaluation import teacher_sample_batched
 
 
-def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256) -> dict:
+def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256,
+                          guidance: float | None = None) -> dict:
+    """`num` teacher ODE noise -> sample pairs; `guidance` is the CFG scale of the teacher the DM loss
+    matches (DMD's `method.guidance`; None = the benchmark's), so both terms target the same distribution."""
     def make() -> dict:
         gen = torch.Generator().manual_seed(seed)
         noise = benchmark.noise(num, gen)
         cond = benchmark.sample_cond(num, gen)
-        target = teacher_sample_batched(benchmark, noise, cond, batch_size=chunk, progress="teacher regression pairs")
+        target = teacher_sample_batched(benchmark, noise, cond, batch_size=chunk, progress="teacher regression pairs",
+                                        guidance=guidance)
         return {"noise": noise, "target": target, **({} if cond is None else {"cond": cond})}
 
     return make() if path is None else cached_tensors(path, make)

@@ -16,19 +16,27 @@ from .checkpoint import step_dir_name
 def student_sample(generator, noise, cond=None, timesteps=None, rng: torch.Generator | None = None,
                    batch_size: int = 1000, every_step: bool = False):
     """Sample the few-step student in chunks; `rng` draws the between-step noise (as LCMScheduler does).
-    `every_step`: a list with every step's x0 output instead (the last is the sample)."""
+    `every_step`: a list with every step's x0 output instead (the last is the sample).
+
+    The between-step noise is drawn for all N samples first, step by step, as one batch of N draws it (the
+    exported pipeline, LCMScheduler): the samples do not depend on `batch_size`, so training's evaluation
+    (eval.batch_size), `stepdistill-eval` and `stepdistill-sample` agree for the same seed and N."""
     device = next(generator.parameters()).device
+    num_steps = len(generator.timesteps if timesteps is None else timesteps)
+    step_noise = [torch.randn(noise.shape, generator=rng, dtype=noise.dtype,
+                              device=noise.device if rng is None else rng.device) for _ in range(num_steps - 1)]
     chunks = []
     for i in range(0, noise.shape[0], batch_size):
         c = None if cond is None else cond[i:i + batch_size].to(device)
-        out = generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng, every_step=every_step)
+        out = generator.sample(noise[i:i + batch_size].to(device), c, timesteps, rng, every_step=every_step,
+                               step_noise=[z[i:i + batch_size] for z in step_noise])
         chunks.append([x.cpu() for x in out] if every_step else [out.cpu()])  # only the sample, unless asked
     per_step = [torch.cat(steps) for steps in zip(*chunks)]
     return per_step if every_step else per_step[-1]
 
 
 def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: int = 1000,
-                           progress: str | None = None) -> torch.Tensor:
+                           progress: str | None = None, guidance: float | None = None) -> torch.Tensor:
     """The teacher's ODE samples in chunks, computed where the teacher lives (a GPU when training runs on one);
     `progress` names a tqdm bar over the chunks. Returns CPU tensors."""
     device = next(benchmark.teacher.parameters()).device
@@ -39,7 +47,7 @@ def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: 
         chunks = tqdm(chunks, desc=progress, leave=False)
     for i in chunks:
         c = None if cond is None else cond[i:i + batch_size].to(device)
-        out.append(benchmark.teacher_sample(noise[i:i + batch_size].to(device), c, steps).cpu())
+        out.append(benchmark.teacher_sample(noise[i:i + batch_size].to(device), c, steps, guidance).cpu())
     return torch.cat(out)
 
 

@@ -318,7 +318,8 @@ class Trainer:
             rc = self.cfg.method.regression
             # every rank makes the same pairs (seeded); rank 0 alone caches them on disk
             pairs = make_regression_pairs(self.run.benchmark, int(rc.num_pairs), int(self.cfg.seed) + 1,
-                                          self.run_dir / "regression_pairs.safetensors" if self.main else None)
+                                          self.run_dir / "regression_pairs.safetensors" if self.main else None,
+                                          guidance=float(self.cfg.method.guidance))
         batches = BatchSource(self.run.benchmark, self.method.batch_keys,
                               int(tc.batch_size) // (self.world * self.accum), self.device, pairs)
         for m in self.run.roles.values():
