@@ -162,6 +162,14 @@ def test_guidance_strategy_errors(gmm_cfg):
         build_run(gmm_cfg("method=sid", "method.fake_train_guidance=2.0"))
     with pytest.raises(ValueError, match="anti needs method.fake_guidance < 1"):
         build_run(digits_cfg("method=sid", "method.cfg_strategy=anti"))
+    # a scale the strategy does not use is an error, not a silent no-op
+    with pytest.raises(ValueError, match="cfg_strategy=zero does not use method.fake_guidance"):
+        build_run(digits_cfg("method=sid", "method.cfg_strategy=zero", "method.fake_guidance=0.5"))
+    with pytest.raises(ValueError, match="cfg_strategy=anti does not use method.fake_train_guidance"):
+        build_run(digits_cfg("method=sid", "method.cfg_strategy=anti", "method.fake_guidance=0.5",
+                             "method.fake_train_guidance=2.0"))
+    with pytest.raises(ValueError, match="fake_cond_dropout=1.5: need a share in"):
+        build_run(digits_cfg("method=sid", "method.fake_cond_dropout=1.5"))
 
 
 def test_guided_denoising_loss_regresses_the_guided_output():
@@ -202,6 +210,36 @@ def test_critic_phase_conditions(overrides, cond_is_null, scale):
     run.method.loss("critic", batch, 0)
     (cond, guidance), = calls
     assert bool((cond == fake.null_class).all()) == cond_is_null and guidance == scale
+
+
+@pytest.mark.parametrize("overrides,share", [((), 0.0), (("method.cfg_strategy=anti", "method.fake_guidance=0.5"), 0.1),
+                                             (("method.fake_train_guidance=1.5",), 0.1),
+                                             (("method.fake_guidance=1.5", "method.fake_cond_dropout=0.3"), 0.3)])
+def test_fake_score_trains_its_unconditional_branch_when_a_fake_scale_reads_it(overrides, share):
+    """With a fake-score CFG scale other than 1 (LSG, Anti-CFG) the generator loss reads the fake score's
+    unconditional branch, so its training drops the condition of ~10% of the rows (SiD-LSG's context dropout) and
+    the null class's embedding gets a gradient; at scales 1 no row is dropped."""
+    from conftest import digits_cfg
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    torch.manual_seed(0)
+    run = build_run(digits_cfg("method=sid", *overrides))
+    fake, conds = run.roles["fake_score"], []
+    original = fake.denoising_loss
+
+    def record(x0, t, cond=None, noise=None, guidance=1.0):
+        conds.append(cond)
+        return original(x0, t, cond, noise, guidance)
+
+    fake.denoising_loss = record
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 400, "cpu")()
+    run.roles.train_only(run.method.phases["critic"])
+    run.method.loss("critic", batch, 0).loss.backward()
+    dropped = (conds[0] == fake.null_class).double().mean().item()
+    assert torch.equal(conds[0][conds[0] != fake.null_class], batch["cond"][conds[0] != fake.null_class])
+    assert dropped == pytest.approx(share, abs=0.05) and (dropped > 0) == (share > 0)
+    null_row = fake.net.class_embedding.weight.grad[fake.null_class]
+    assert (null_row.norm() > 0) == (share > 0)
 
 
 # ------------------------------------------------------------------ SiDA

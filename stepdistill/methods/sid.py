@@ -6,7 +6,10 @@ the fake score's x0-predictions at x_t, the generator minimises (per sample, ele
     w = 1 / mean|x_g - f_real|   (per sample, no gradient through it).
 Unlike DMD's surrogate, the gradient flows through x_t into the teacher's and the critic's *inputs* (their
 parameters stay frozen in this phase): that is SiD's score-identity estimator. Noise levels: t uniform over
-[t_min, t_max] of the schedule's range (SiD: [0, 0.8]); a one-step generator starts at `init_sigma` (SiD: EDM
+[t_min, t_max] of the schedule's range, default [0, 0.8]: SiD's range on EDM's noise ramp, where 0.8 is sigma ~24.4.
+On a VP schedule 0.8 is a lower level (sigma/alpha 3.1 on the cosine schedule, 5.1 on SD's); SiD-LSG's VP code
+uses [0.02, 0.98] (`method.t_min=0.02 method.t_max=0.98`), which on digits gave no better FD (docs/results.md,
+session 34). A one-step generator starts at `init_sigma` (SiD: EDM
 sigma 2.5; the time with the same sigma/alpha on VP and flow schedules, e.g. t = 625 on SD's schedule, see
 Benchmark.build_roles). The critic is trained as in DMD, with the teacher's denoising loss on detached samples,
 alternating 1:1 by default.
@@ -21,6 +24,12 @@ Guidance for conditional teachers (`cfg_strategy`):
         (`fake_guidance` < 1, extrapolating away from the condition). With a fake score equal to the teacher,
         scale 2 - k gives the same score difference f_real - f_fake as LSG's teacher scale k (not the same SiD
         loss: its (f_real - x_g) factor then uses the unguided teacher).
+Under zero and anti the teacher runs without CFG whatever `guidance` says; a fake-score scale they do not use
+must stay 1 (an error otherwise, not a silent no-op).
+Whenever the fake score is evaluated or trained at a CFG scale other than 1, its unconditional branch is part of
+the prediction, so its training drops the condition of a `fake_cond_dropout` share of rows (default 0.1, as
+SiD-LSG's reference turns on context dropout for the fake score in that case); otherwise that branch would stay
+the teacher's copy (or untrained) while the generator loss reads it.
 
 `sid_fewstep` (few-step SiD): the generator's K-step outputs are matched as a uniform mixture. Each sample draws
 k in 1..K, runs k-1 steps without gradient and trains step k (FewStepGenerator's backward simulation), one network
@@ -70,6 +79,13 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     return per_sample.mean(), {"score_gap": diff.flatten(1).norm(dim=1).mean().item()}
 
 
+def with_null_rows(den, cond: torch.Tensor, share: float) -> torch.Tensor:
+    """`cond` with each row replaced by the null condition (label / empty prompt) with probability `share`:
+    classifier-free guidance's condition dropout, drawn for the global batch (batch_split)."""
+    drop = batch_split.rand(cond.shape[0], device=cond.device) < share
+    return torch.where(drop.view(-1, *([1] * (cond.dim() - 1))), den.uncond(cond), cond)
+
+
 class SiD(Method):   # the base class's roles and phases: teacher, fake score, generator; 1:1 alternation
     name = "sid"
 
@@ -90,6 +106,17 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                 raise ValueError(f"method.cfg_strategy=anti needs method.fake_guidance < 1 (negative guidance on the "
                                  f"fake score, e.g. 0.5 or -1), got {cfg.fake_guidance}")
             self.scales = (1.0, float(cfg.fake_guidance), 1.0)
+        unused = [k for k in (("fake_guidance", "fake_train_guidance") if self.strategy == "zero"
+                              else ("fake_train_guidance",) if self.strategy == "anti" else ())
+                  if float(cfg.get(k, 1.0)) != 1.0]
+        if unused:
+            raise ValueError(f"method.cfg_strategy={self.strategy} does not use method.{unused[0]} "
+                             f"(={cfg[unused[0]]}): set it to 1.0, or use method.cfg_strategy=lsg")
+        dropout = cfg.get("fake_cond_dropout")
+        self.fake_cond_dropout = (0.1 if self.scales[1:] != (1.0, 1.0) else 0.0) if dropout is None else float(dropout)
+        if not 0.0 <= self.fake_cond_dropout < 1.0:
+            raise ValueError(f"method.fake_cond_dropout={dropout}: need a share in [0, 1) (null = 0.1 when a fake-score "
+                             "CFG scale is not 1, else 0)")
         if not getattr(models["teacher"], "conditional", False) and (self.strategy != "lsg" or self.scales != (1, 1, 1)):
             raise ValueError(f"method.cfg_strategy={self.strategy} with scales (teacher, fake, fake training) "
                              f"{self.scales} needs a conditional teacher; this one is unconditional: set "
@@ -112,12 +139,21 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                         fake_cond=self.fake_cond(cond), **kw)
 
     def fake_score_loss(self, x_fake, cond, t=None, noise=None) -> torch.Tensor:
-        """The critic's denoising loss on detached samples (t over the whole range), at LSG's training scale and
-        with Zero-CFG's null condition."""
+        """The critic's denoising loss on detached samples (t over the whole range), at LSG's training scale, with
+        Zero-CFG's null condition, and with `fake_cond_dropout` of the rows unconditional."""
         fake = self.models["fake_score"]
         if t is None:
             t = fake.schedule.sample_t(x_fake.shape[0], 0.0, 1.0, device=x_fake.device)
-        return fake.denoising_loss(x_fake.detach(), t, self.fake_cond(cond), noise, guidance=self.scales[2]).mean()
+        return fake.denoising_loss(x_fake.detach(), t, self.fake_train_cond(cond), noise,
+                                   guidance=self.scales[2]).mean()
+
+    def fake_train_cond(self, cond):
+        """The fake score's condition when it is trained: Zero-CFG's null one, else `fake_cond_dropout` of the
+        rows null (no random draw at 0, so runs at CFG scales 1 are unchanged)."""
+        cond = self.fake_cond(cond)
+        if self.fake_cond_dropout > 0 and cond is not None and self.strategy != "zero":
+            cond = with_null_rows(self.models["fake_score"], cond, self.fake_cond_dropout)
+        return cond
 
     def critic_loss(self, batch, step):
         with torch.no_grad():
