@@ -299,6 +299,43 @@ def test_sida_gradient_paths(gmm_cfg):
     assert g.abs().sum() > 0
 
 
+def test_sida_generator_term_is_the_weighted_per_position_gan_loss_and_reaches_the_generator():
+    """On digits (a feature map): the discriminator has one logit per position (the encoder output's channel
+    mean, as SiDA's reference), and the generator loss is L_SiD + λ_G mean_i w_i mean_pos softplus(-D), w_i SiD's
+    own weight; with λ_G the generator's gradient changes (the term is neither dropped nor detached)."""
+    from conftest import digits_cfg
+    from stepdistill.methods.sid import sid_loss
+    from stepdistill.networks.heads import tap_features
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    torch.manual_seed(0)
+    run = build_run(digits_cfg("method=sida", "method.adv.generator_weight=0.5"))
+    m, gen, fake = run.method, run.roles["generator"], run.roles["fake_score"]
+    batch = BatchSource(run.benchmark, m.batch_keys, 4, "cpu")()
+    run.roles.train_only(m.phases["generator"])
+    torch.manual_seed(1)
+    out = m.loss("generator", batch, 0)
+    grads = torch.autograd.grad(out.loss, list(gen.parameters()), allow_unused=True)
+    torch.manual_seed(1)
+    x = gen(batch["noise"], batch["cond"])
+    t, noise = m._noised(x)
+    with tap_features(m.encoder, stop=False) as tap:
+        l_sid, _ = sid_loss(x, run.roles["teacher"], fake, batch["cond"], 1.0, 1.0, 1.2, m.t_range, t, noise)
+    feats = tap["features"]
+    assert feats.dim() == 4 and feats.shape[0] == 4
+    with torch.no_grad():
+        f_real = run.roles["teacher"].x0(fake.schedule.add_noise(x, noise, t), t, batch["cond"])
+        w = 1 / (x - f_real).abs().flatten(1).mean(1)
+    logits = feats.float().mean(dim=1)                      # (4, H, W): one logit per position
+    per_sample = torch.nn.functional.softplus(-logits.clamp(-10, 10)).flatten(1).mean(1)
+    expected = l_sid + 0.5 * (w * per_sample).mean()
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.logs["loss_adv_g"] == pytest.approx((w * per_sample).mean().item(), rel=1e-5)
+    grads_sid = torch.autograd.grad(l_sid, list(gen.parameters()), allow_unused=True)
+    diff = sum((a - b).abs().sum() for a, b in zip(grads, grads_sid) if a is not None and b is not None)
+    assert diff > 1e-6 * sum(a.abs().sum() for a in grads_sid if a is not None)
+
+
 @pytest.mark.parametrize("method", ["sid_fewstep", "sida"])
 def test_sid_variants_train_on_both_benchmarks(gmm_cfg, tmp_path, method):
     from conftest import digits_cfg, train_briefly

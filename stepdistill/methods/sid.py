@@ -64,11 +64,13 @@ def predictions_through_inputs(x, teacher, fake, cond=None, guidance: float = 1.
 
 def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
              alpha: float = 1.2, t_range=(0.0, 0.8), t: torch.Tensor | None = None,
-             noise: torch.Tensor | None = None, normalizer: str = "sample", fake_cond=None) -> tuple[torch.Tensor, dict]:
-    """SiD's generator loss on samples `x` (requiring grad); `t` and `noise` may be given (tests).
+             noise: torch.Tensor | None = None, normalizer: str = "sample", fake_cond=None,
+             with_weight: bool = False):
+    """SiD's generator loss on samples `x` (requiring grad) and its logs; `t` and `noise` may be given (tests).
     `normalizer="batch"` takes the weight's mean|x_g - f_real| over the whole batch (one scalar), as
     `method.normalizer` does for DMD on low-dimensional data. `fake_cond`: the fake score's condition, if not
-    `cond` (Zero-CFG passes the null condition)."""
+    `cond` (Zero-CFG passes the null condition). `with_weight`: also return the weight w (no gradient; shape
+    (N, 1, ...) per sample, or one value), which SiDA puts on its adversarial term too."""
     f_real, f_fake, xf = predictions_through_inputs(x, teacher, fake, cond, guidance, fake_guidance, t_range, t,
                                                     noise, fake_cond)
     dims = tuple(range(1, x.ndim))
@@ -76,7 +78,8 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
         weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer))
     diff = f_real - f_fake
     per_sample = (weight * diff * ((f_real - xf) - alpha * diff)).mean(dim=dims)
-    return per_sample.mean(), {"score_gap": diff.flatten(1).norm(dim=1).mean().item()}
+    logs = {"score_gap": diff.flatten(1).norm(dim=1).mean().item()}
+    return (per_sample.mean(), logs, weight) if with_weight else (per_sample.mean(), logs)
 
 
 def with_null_rows(den, cond: torch.Tensor, share: float) -> torch.Tensor:

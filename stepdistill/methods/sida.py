@@ -1,15 +1,21 @@
 """SiDA: adversarial Score identity Distillation (Zhou et al., ICLR 2025, arXiv 2410.14919).
 
 SiD plus a diffusion-GAN term whose discriminator is the fake score network's own encoder, with no extra
-parameters: D(x_t) is the mean of the encoder's (bottleneck) output over all its elements. Real data are noised
-with the same t and the same noise as the generated samples, so the discriminator compares like with like, and
-the features come from forward passes the SiD losses make anyway:
-  generator  L = L_SiD + λ_G · E softplus(-D(x_t^fake))                 (D from the fake score's call in L_SiD)
-  critic     L = L_denoise + λ_D · [E softplus(D(x_t^fake)) + E softplus(-D(x_t^real))]
-with x_t^fake = a G(z) + s eps in both phases (the critic's denoising loss is taken at that same x_t) and
-x_t^real = a x_real + s eps. λ's are `adv.generator_weight` and `adv.critic_weight`; the generator's GAN gradient
-flows through the (frozen) critic's encoder into x_g, the critic's trains the whole fake score network.
-Guidance strategies and everything else are SiD's (methods/sid.py).
+parameters: D(x_t) is the encoder's (bottleneck) output averaged over its channels, one logit per position (one per
+sample for an MLP's features), as in SiDA's reference code. Real data are noised with the same t and the same noise
+as the generated samples, so the discriminator compares like with like, and the features come from forward passes
+the SiD losses make anyway:
+  generator  L = L_SiD + λ_G · E_i [ w_i · mean_pos softplus(-clip(D(x_t^fake)_i, -10, 10)) ]
+  critic     L = L_denoise + λ_D · [E softplus(D(x_t^fake)) + E softplus(-D(x_t^real))]   (means over positions too)
+with w_i SiD's own per-sample weight 1 / mean|x_g - f_real| (the reference divides both generator terms by it, so
+their balance does not depend on how far a sample is from the teacher's prediction), x_t^fake = a G(z) + s eps in
+both phases (the critic's denoising loss is taken at that same x_t) and x_t^real = a x_real + s eps. λ's are
+`adv.generator_weight` and `adv.critic_weight`; the generator's GAN gradient flows through the (frozen) critic's
+encoder into x_g, the critic's trains the whole fake score network. Left out from the reference: its per-sample
+EDM weight λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target
+space, not EDM's weighted one), and its critic's log-normal EDM noise levels (the critic phase here draws t from
+SiD's [t_min, t_max], as the generator phase does). Guidance strategies and everything else are SiD's
+(methods/sid.py).
 """
 from __future__ import annotations
 
@@ -23,9 +29,14 @@ from .sid import SiD
 
 
 def encoder_logit(features: torch.Tensor, n: int) -> torch.Tensor:
-    """One logit per sample: the mean of the encoder features of the first n rows (a CFG call stacks cond and
-    uncond rows; the conditional half comes first)."""
-    return features[:n].float().flatten(1).mean(1)
+    """The discriminator's logits: the encoder features of the first n rows (a CFG call stacks cond and uncond rows;
+    the conditional half comes first) averaged over channels, one logit per position: (n, H, W) for a feature map,
+    (n,) for an MLP's (n, C) features."""
+    return features[:n].float().mean(1)
+
+
+def per_sample_mean(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).mean(1) if t.dim() > 1 else t
 
 
 class SiDA(SiD):
@@ -48,8 +59,9 @@ class SiDA(SiD):
         x = self.models["generator"](batch["noise"], batch["cond"])
         t, noise = self._noised(x)
         with tap_features(self.encoder, stop=False) as tap:
-            loss_sid, logs = self.sid_term(x, batch["cond"], t=t, noise=noise)
-        loss_adv = F.softplus(-encoder_logit(tap["features"], x.shape[0])).mean()
+            loss_sid, logs, weight = self.sid_term(x, batch["cond"], t=t, noise=noise, with_weight=True)
+        per_sample = per_sample_mean(F.softplus(-encoder_logit(tap["features"], x.shape[0]).clamp(-10.0, 10.0)))
+        loss_adv = (weight.flatten() * per_sample).mean()
         logs.update(loss_sid=loss_sid.item(), loss_adv_g=loss_adv.item())
         return LossOut(loss_sid + self.weights[0] * loss_adv, logs)
 
