@@ -10,7 +10,8 @@ so kl/js/sh/jf weight samples where the teacher is denser than the student (r > 
 The ratio comes from DMD2's GAN discriminator (which is trained here exactly as in DMD2): at the optimum of the
 non-saturating BCE loss its logit is log(p_t / q_t) with p_t the noised distribution of the discriminator's *real*
 samples (the benchmark's data: the exact mixture on the gmm, the real digits, which stand in for the teacher's
-distribution as in the paper), so r = exp(logit), read at the *same* x_t and t at which the scores are evaluated (`DiffusionGAN.logits_noised`). Without gradient, the logit is clipped to
+distribution as in the paper), so r = exp(logit), read at the *same* x_t and t at which the scores are evaluated
+(`DiffusionGAN.logits_noised`). Without gradient, the logit is clipped to
 `log_ratio_clip` = [lo, hi] and the weights are normalised by their batch mean:
     w_i = h(exp(clip(logit_i, lo, hi))) / mean_j h(exp(clip(logit_j, lo, hi)))
 so rkl gives w = 1 exactly, i.e. DMD2 bit for bit. The DM loss draws t in [t_min, t_max] and the discriminator is

@@ -116,10 +116,12 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
             raise ValueError(f"method.cfg_strategy={self.strategy} does not use method.{unused[0]} "
                              f"(={cfg[unused[0]]}): set it to 1.0, or use method.cfg_strategy=lsg")
         dropout = cfg.get("fake_cond_dropout")
-        self.fake_cond_dropout = (0.1 if self.scales[1:] != (1.0, 1.0) else 0.0) if dropout is None else float(dropout)
+        if dropout is None:   # the unconditional branch is read exactly when a fake scale is not 1
+            dropout = 0.1 if self.scales[1:] != (1.0, 1.0) else 0.0
+        self.fake_cond_dropout = float(dropout)
         if not 0.0 <= self.fake_cond_dropout < 1.0:
-            raise ValueError(f"method.fake_cond_dropout={dropout}: need a share in [0, 1) (null = 0.1 when a fake-score "
-                             "CFG scale is not 1, else 0)")
+            raise ValueError(f"method.fake_cond_dropout={dropout}: need a share in [0, 1) (null = 0.1 when a "
+                             "fake-score CFG scale is not 1, else 0)")
         if not getattr(models["teacher"], "conditional", False) and (self.strategy != "lsg" or self.scales != (1, 1, 1)):
             raise ValueError(f"method.cfg_strategy={self.strategy} with scales (teacher, fake, fake training) "
                              f"{self.scales} needs a conditional teacher; this one is unconditional: set "

@@ -79,7 +79,8 @@ class SiDA(SiD):
         fake = m["fake_score"]
         x_t_real = fake.schedule.add_noise(real, noise, t)
         # the encoder alone: the decoder half is never run; real rows get the generated rows' condition dropout
-        feats = features_of(self.encoder, fake.net, fake.raw, x_t_real, t, self.fake_train_cond(batch["real_cond"]))
+        real_cond = self.fake_train_cond(batch["real_cond"])
+        feats = features_of(self.encoder, fake.net, fake.raw, x_t_real, t, real_cond)
         logit_real = encoder_logit(feats, real.shape[0])
         loss_adv = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
         logs = {"loss_fake_score": loss_score.item(), "loss_adv_d": loss_adv.item(),
