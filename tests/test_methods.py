@@ -412,3 +412,13 @@ def test_gan_losses_are_the_non_saturating_pair_with_the_right_signs():
     assert l_g.item() == pytest.approx(sum(math.log1p(math.exp(-f)) for f in (-0.3, 1.5)) / 2, rel=1e-6)
     l_g.backward()
     assert (fake.grad < 0).all()
+
+
+def test_each_method_keeps_its_own_update_ratio_on_digits():
+    """The digits benchmark tunes 2 critic updates per generator update for the DMD2 and SiD families only
+    (conf/benchmark_method/digits_*.yaml): DMD keeps its paper's 1:1 and rCM its 4."""
+    from conftest import compose_cfg
+    expected = {"dmd": 1, "dmd2": 2, "fdistill": 2, "sid": 2, "sida": 2, "sid_fewstep": 2, "sim": 2, "rcm": 4}
+    got = {m: compose_cfg("benchmark=digits", f"method={m}").method.critic_steps for m in expected}
+    assert got == expected
+    assert compose_cfg("benchmark=gmm", "method=rcm").method.critic_steps == 1   # gmm's documented 1:1 for all
