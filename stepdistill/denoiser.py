@@ -69,7 +69,8 @@ class Denoiser(nn.Module):
     @staticmethod
     def _as_batch_t(t, x):
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
-        return t.expand(x.shape[0]) if t.ndim == 0 else t
+        # one time for the whole batch (0-d or shape (1,)) is expanded, so CFG's doubled batch gets one per row
+        return t.expand(x.shape[0]) if t.numel() == 1 else t
 
 
 class NetworkDenoiser(Denoiser):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .checks import at_least
 from .denoiser import Denoiser
 
 
@@ -29,6 +30,7 @@ def ddim_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, cond=None, 
 
     `noise` is a standard normal draw; it is scaled to the marginal at t_max (sigma(t_max) for EDM).
     """
+    at_least("sampler steps", steps)
     sched = denoiser.schedule
     ts = sched.ode_timesteps(steps).to(noise.device)
     t0 = Denoiser._as_batch_t(ts[0], noise)
@@ -50,6 +52,7 @@ def ddim_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, cond=None, 
 @torch.no_grad()
 def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, cond=None, guidance: float = 1.0):
     """Karras Alg. 1 in (y = x/a, tau = s/a); final step to tau = 0 is a plain Euler step."""
+    at_least("sampler steps", steps)
     sched = denoiser.schedule
     ts = sched.ode_timesteps(steps).to(noise.device)
 

@@ -9,12 +9,14 @@ classifier-free guidance, the default guidance and sampler steps.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from .denoiser import NetworkDenoiser
 from .prediction import check_prediction_type
 from .schedules import VPSchedule
 
+log = logging.getLogger("stepdistill")
 SUPPORTED_BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -28,8 +30,19 @@ def scheduler_config(root: Path) -> dict:
 
 
 def vp_schedule(sched_cfg: dict) -> VPSchedule:
-    """The VP schedule a diffusers scheduler config describes (DDPM/DDIM-style betas)."""
-    beta = sched_cfg.get("beta_schedule", "linear")
+    """The VP schedule a diffusers scheduler config describes (DDPM/DDIM-style betas). Settings that would give
+    other alphas_cumprod than the ones built here are an error, not silently dropped."""
+    name = sched_cfg.get("_class_name", "the scheduler")
+    if "beta_schedule" not in sched_cfg:   # flow matching, EDM and consistency schedulers have no betas
+        raise ValueError(f"teacher scheduler {name} has no beta_schedule: UNet teachers need a DDPM-style (betas) "
+                         "VP scheduler config, e.g. DDPMScheduler's or DDIMScheduler's")
+    if sched_cfg.get("trained_betas") is not None:
+        raise ValueError(f"teacher scheduler {name} sets trained_betas, which is not supported: save the teacher "
+                         f"with one of the beta_schedules {SUPPORTED_BETAS}")
+    if sched_cfg.get("rescale_betas_zero_snr"):
+        raise ValueError(f"teacher scheduler {name} sets rescale_betas_zero_snr (a zero terminal SNR schedule), which "
+                         "is not supported: distil a teacher trained on the plain betas")
+    beta = sched_cfg["beta_schedule"]
     if beta not in SUPPORTED_BETAS:
         raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS}")
     return VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta, sched_cfg.get("beta_start", 0.0001),
@@ -60,11 +73,23 @@ def load_unet_teacher(path: str | Path, prediction_type: str | None = None, null
         raise ValueError(f"teacher.prediction_type={prediction_type!r} does not match the teacher's scheduler, "
                          f"which says {native!r}: remove the override or set it to {native!r}")
     unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
+    if unet.config.out_channels != unet.config.in_channels:   # e.g. a learned-variance head (2C outputs)
+        raise ValueError(f"teacher UNet at {unet_dir} maps {unet.config.in_channels} input channels to "
+                         f"{unet.config.out_channels}: only UNets whose output is one prediction per input channel "
+                         "(epsilon, v or sample) are supported")
     info = teacher_info(root)
     if null_class is None:
         null_class = info.get("null_class")
-    if null_class is None and unet.config.num_class_embeds:
-        null_class = unet.config.num_class_embeds - 1  # convention: the last class embedding is "no label"
+    classes = unet.config.num_class_embeds
+    if null_class is None and classes:
+        null_class = classes - 1  # convention: the last class embedding is "no label"
+        log.warning("teacher %s records no null class (stepdistill_teacher.json): CFG takes its last class embedding, "
+                    "%d, as 'no label'; set benchmark.teacher.null_class if it was trained otherwise", root, null_class)
+    elif null_class is not None and not (classes and 0 <= int(null_class) < classes):
+        raise ValueError(f"benchmark.teacher.null_class={null_class}: the teacher UNet has "
+                         f"{classes or 'no'} class embeddings" + (f", use 0..{classes - 1}" if classes else
+                                                                  ", leave it null"))
+    null_class = None if null_class is None else int(null_class)
     for p in unet.parameters():
         p.requires_grad_(False)
     return NetworkDenoiser(unet, schedule, native, null_class=null_class)

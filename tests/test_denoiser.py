@@ -158,7 +158,9 @@ def test_guidance_with_scalar_time():
     with torch.no_grad():
         a = den.x0(x, 500, cond, guidance=3.0)
         b = den.x0(x, torch.full((x.shape[0],), 500.0), cond, guidance=3.0)
+        c = den.x0(x, torch.tensor([500.0]), cond, guidance=3.0)   # shape (1,): CFG's doubled batch failed on it
     torch.testing.assert_close(a, b)
+    torch.testing.assert_close(c, b)
 
 
 # ---------------------------------------------------------------- raw output -> x0 plumbing

@@ -37,6 +37,59 @@ def test_missing_or_wrong_teacher_is_a_clear_error(tmp_path):
         load_unet_teacher(SHIPPED_TEACHER, prediction_type="epsilon")
 
 
+def _teacher_copy(tmp_path, name, scheduler=None, unet=None):
+    """The shipped teacher's folder with its scheduler config edited, or another UNet in it."""
+    import json
+    import shutil
+    root = tmp_path / name
+    shutil.copytree(SHIPPED_TEACHER, root)
+    if unet is not None:
+        shutil.rmtree(root / "unet")
+        unet.save_pretrained(root / "unet")
+    if scheduler is not None:
+        f = root / "scheduler" / "scheduler_config.json"
+        cfg = {k: v for k, v in json.loads(f.read_text()).items() if k not in scheduler or scheduler[k] is not ...}
+        cfg.update({k: v for k, v in scheduler.items() if v is not ...})
+        f.write_text(json.dumps(cfg))
+    return root
+
+
+def test_teacher_scheduler_and_output_the_loader_cannot_honour_are_clear_errors(tmp_path):
+    """diffusers builds alphas_cumprod from more than the beta schedule: trained betas and the zero-terminal-SNR
+    rescale changed the schedule and loaded without a word (the real alpha(999) is 0 under the rescale, the loaded
+    one was 0.0064), and a flow-matching scheduler, with no betas at all, became a linear VP schedule."""
+    flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "beta_schedule": ..., "beta_start": ...,
+            "beta_end": ...}
+    for name, edit, message in [
+            ("trained", {"trained_betas": [0.01] * 1000}, "sets trained_betas"),
+            ("zsnr", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+            ("flow", flow, "FlowMatchEulerDiscreteScheduler has no beta_schedule")]:
+        with pytest.raises(ValueError, match=message):
+            load_unet_teacher(_teacher_copy(tmp_path, name, scheduler=edit))
+    learned_variance = build_digits_unet(out_channels=2)   # epsilon and variance channels, as in improved DDPM
+    with pytest.raises(ValueError, match="maps 1 input channels to 2"):
+        load_unet_teacher(_teacher_copy(tmp_path, "variance", unet=learned_variance))
+    assert load_unet_teacher(_teacher_copy(tmp_path, "as_shipped", scheduler={})).prediction_type == "v_prediction"
+
+
+def test_null_class_from_the_record_the_setting_or_the_convention_with_a_warning(tmp_path, caplog):
+    """A class-conditional teacher without stepdistill_teacher.json (a third party's) gets its last class as CFG's
+    'no label' with a warning, since one trained without label dropout has no such class; the setting overrides
+    it and is checked against the UNet's classes."""
+    assert load_unet_teacher(SHIPPED_TEACHER).null_class == 10 and not caplog.records
+    bare = _teacher_copy(tmp_path, "bare")
+    (bare / "stepdistill_teacher.json").unlink()
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        assert load_unet_teacher(bare).null_class == 10
+    assert "set benchmark.teacher.null_class" in caplog.text
+    assert load_unet_teacher(bare, null_class=3).null_class == 3
+    with pytest.raises(ValueError, match=r"null_class=11: the teacher UNet has 11 class embeddings, use 0\.\.10"):
+        load_unet_teacher(bare, null_class=11)
+    unconditional = _teacher_copy(tmp_path, "unconditional", unet=build_digits_unet(num_class_embeds=None))
+    with pytest.raises(ValueError, match="has no class embeddings, leave it null"):
+        load_unet_teacher(unconditional, null_class=0)
+
+
 def test_benchmark_settings_unset_zero_and_bad():
     """null takes the teacher's recorded default; 0 guidance is the unconditional teacher, not the default (it was,
     through `or`); 0 steps or pixels and a negative scale are one-line errors, as is a feature network path that

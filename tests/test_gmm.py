@@ -147,6 +147,12 @@ def _check_samples(mix, x, min_quality=0.95):
     assert (counts > 0).all(), f"modes missed: {counts.tolist()}"
     # equal weights: every mode gets a fair share (expected 500 each)
     assert counts.min() > 300, counts.tolist()
+    # each mode's spread is the data's: a sampler that stops short of the clean end returns x0-estimates pulled
+    # towards the means (stopped at 30% of the range: 0.12-0.14), which the checks above let through
+    d = torch.cdist(x.double(), mix.means)
+    near = d.min(1).values <= 3 * STD
+    spread = (x.double() - mix.means[d.argmin(1)])[near].std(0)
+    assert ((spread - STD).abs() < 0.02).all(), f"within-mode std {spread.tolist()}, the data's is {STD}"
 
 
 @pytest.mark.parametrize("sched", [VPSchedule(), EDMSchedule(), FlowSchedule()], ids=lambda s: s.kind)
@@ -163,6 +169,18 @@ def test_heun_hits_all_modes(sched):
     mix = eight_modes()
     x = heun_sample(GMMDenoiser(mix, sched), _noise(seed=1), steps=32)
     _check_samples(mix, x)
+
+
+def test_zero_sampler_steps_is_a_clear_error():
+    from conftest import compose_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    den = GMMDenoiser(eight_modes(), VPSchedule())
+    for sampler in (ddim_sample, heun_sample):
+        with pytest.raises(ValueError, match="sampler steps=0: need an integer >= 1"):
+            sampler(den, _noise(8), steps=0)
+    with pytest.raises(ValueError, match="benchmark.teacher_steps=0: need an integer >= 1"):
+        build_benchmark(compose_cfg("benchmark=gmm", "benchmark.teacher_steps=0").benchmark)
 
 
 def test_ddim_follows_unbalanced_weights():

@@ -128,14 +128,25 @@ def test_add_noise_is_alpha_x0_plus_sigma_eps(sched):
     torch.testing.assert_close(sched.add_noise(x0, eps, t), expect)
 
 
-@pytest.mark.parametrize("kind", ["vp", "edm", "flow"])
-def test_make_schedule_round_trips_config(kind):
-    sched = make_schedule(kind)
+@pytest.mark.parametrize("kind,settings", [
+    ("vp", {}),
+    ("vp", dict(num_train_timesteps=500, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)),
+    ("edm", {}), ("edm", dict(sigma_min=0.01, sigma_max=20.0, rho=5.0)),
+    ("flow", {}), ("flow", dict(t_min=0.01, time_scale=1.0))], ids=lambda v: v if isinstance(v, str) else "")
+def test_make_schedule_round_trips_config(kind, settings):
+    """Non-default settings too: a to_config that kept only the kind passed with the defaults (VP's fractions do
+    not depend on its betas at all)."""
+    sched = make_schedule(kind, **settings)
     cfg = sched.to_config()
-    assert cfg["kind"] == kind
+    assert cfg["kind"] == kind and settings.items() <= cfg.items()
     again = make_schedule(**cfg)
+    assert again.to_config() == cfg
     u = torch.linspace(0, 1, 11)
-    torch.testing.assert_close(again.t_from_fraction(u), sched.t_from_fraction(u))
+    t = sched.t_from_fraction(u)
+    torch.testing.assert_close(again.t_from_fraction(u), t)
+    for a, b in zip(again.alpha_sigma(t), sched.alpha_sigma(t)):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(again.net_time(t), sched.net_time(t))
 
 
 # ---------------------------------------------------------------- errors

@@ -28,7 +28,7 @@ class DigitsBenchmark(Benchmark):
         from ..networks.unet import check_resolution
 
         self.path = Path(cfg.teacher.path) if cfg.teacher.get("path") else SHIPPED_TEACHER
-        self.teacher = load_unet_teacher(self.path, cfg.teacher.get("prediction_type"))
+        self.teacher = load_unet_teacher(self.path, cfg.teacher.get("prediction_type"), cfg.teacher.get("null_class"))
         self.info = teacher_info(self.path)
         self.images, self.labels = load_digits_tensor()
         res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), self.images.shape[-1]))
@@ -57,7 +57,7 @@ class DigitsBenchmark(Benchmark):
         return self.images[idx], self.labels[idx]
 
     def sample_cond(self, n, generator=None):
-        # class-balanced labels for evaluation reproducibility; random for training
+        # uniformly random labels (from `generator` where given, so an evaluation's labels are reproducible)
         return torch.randint(0, self.num_classes, (n,), generator=generator)
 
     def teacher_sample(self, noise, cond=None, steps=None, guidance=None):

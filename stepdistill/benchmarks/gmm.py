@@ -23,6 +23,7 @@ class GMMBenchmark(Benchmark):
         means = cfg.get("means") or circle_means(int(cfg.num_modes), float(cfg.radius))
         at_least("benchmark.network.width", cfg.network.width)
         at_least("benchmark.network.depth", cfg.network.depth, 0)
+        at_least("benchmark.teacher_steps", cfg.teacher_steps)
         for key in ("fourier_scale", "generator_fourier_scale"):
             if cfg.network.get(key) is not None and not float(cfg.network[key]) > 0:
                 raise ValueError(f"benchmark.network.{key}={cfg.network[key]}: the input features' frequency scale "
@@ -37,9 +38,11 @@ class GMMBenchmark(Benchmark):
         self.schedule = make_schedule(**cfg.schedule)
         self.teacher = GMMDenoiser(self.mixture, self.schedule)
         self.data_shape = (self.mixture.dim,)
-        # per-coordinate std of the data: EDM preconditioning's sigma_data for the MLP students
+        # the data's per-coordinate root mean square (its std about 0, as EDM's sigma_data is for zero-mean data):
+        # the EDM preconditioning of the MLP students
         if cfg.get("sigma_data") is not None and not float(cfg.sigma_data) > 0:
-            raise ValueError(f"benchmark.sigma_data={cfg.sigma_data}: need a data std > 0 (null = the mixture's)")
+            raise ValueError(f"benchmark.sigma_data={cfg.sigma_data}: need a data scale > 0 (null = the mixture's "
+                             "root mean square)")
         self.sigma_data = float(cfg.get("sigma_data") or math.sqrt(
             float((self.mixture.weights[:, None] * self.mixture.means**2).sum(0).mean()) + float(cfg.std) ** 2))
 
