@@ -6,11 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
+class NonFiniteError(RuntimeError):
+    """Training stopped after `trainer.max_nonfinite_steps` non-finite updates of one phase in a row: the console
+    scripts print its message (what to change) as one line, like a bad setting's."""
+
+
 def at_least(key: str, value, least: int = 1) -> int:
     """`value` as an int >= `least`, else a one-line error naming the setting `key`."""
     try:
         n = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):   # OverflowError: int(inf)
         n = None
     if n is None or n < least or n != float(value):
         raise ValueError(f"{key}={value}: need an integer >= {least}")

@@ -26,10 +26,18 @@ def run_cli(*args, check=True):
 
 
 def test_multirun_gives_each_job_its_own_folder(tmp_path):
-    run_cli("-m", "stepdistill.train", "-m", *FAST, "method=dmd,dmd2", "trainer.max_steps=6",
-            f"hydra.sweep.dir={tmp_path}")
+    # a folder name from ~260 characters of overrides, a path's "/" among them, failed the sweep (a file name has
+    # at most 255 bytes)
+    long = ["optim.generator.lr=2e-4", "optim.critic.lr=1e-3", f"eval.fid.inception_weights={tmp_path}/none.pt"]
+    sweep = ["-m", "stepdistill.train", "-m", *FAST, *long, "method=dmd,dmd2", "trainer.max_steps=6",
+             f"hydra.sweep.dir={tmp_path}"]
+    run_cli(*sweep)
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
-    assert len(jobs) == 2
+    assert len(jobs) == 2 and all(len(job.name) <= 160 for job in jobs)
+    # the same sweep resumed finds its jobs' folders (trainer.resume is left out of their names)
+    proc = run_cli(*sweep, "trainer.resume=true")
+    assert (proc.stdout + proc.stderr).count("nothing to train") == 2
+    assert sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").is_file()) == jobs
     methods = set()
     for job in jobs:
         assert (job / "checkpoints" / "step_0000006" / "generator.safetensors").is_file()
@@ -134,6 +142,7 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
     info = json.loads((tmp_path / "digits_teacher" / "stepdistill_teacher.json").read_text())
     assert info["training"]["steps"] == 20 and set(info["quality"]["by_guidance"]) == {"1.0", "2.0"}
     assert info["default_guidance"] in (1.0, 2.0) and info["quality"]["num_samples"] == 1797
+    assert info["default_sampler_steps"] == 2   # the steps its quality and default guidance were measured at
     assert (tmp_path / "digits_features.safetensors").is_file()
     assert (tmp_path / "digits_teacher" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     proc = run_app("stepdistill.cli.teacher", "benchmark=gmm", f"hydra.run.dir={tmp_path}/g", check=False)

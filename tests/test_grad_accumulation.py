@@ -131,7 +131,7 @@ def test_a_non_finite_micro_batch_skips_the_update(tmp_path):
         phase, logs = t.train_step(batches)
         rng_after.append(torch.get_rng_state())
     assert calls["n"] == 2 and logs is not None
-    assert nan_trainer.nonfinite_in_a_row == 1
+    assert nan_trainer.nonfinite_in_a_row[phase] == 1
     for p, q in zip(nan_trainer.run.roles.parameters(), before):
         assert torch.equal(p, q)
     assert torch.equal(rng_after[0], rng_after[1])

@@ -77,7 +77,7 @@ def test_overflow_backs_the_scale_off_without_stopping_the_run(gmm_cfg, scaled, 
     for role in _weights(tmp_path, 20).values():
         assert all(torch.isfinite(v).all() for v in role.values())
     st = torch.load(tmp_path / "checkpoints/step_0000020/trainer_state.pt", weights_only=True)
-    assert st["grad_scaler"]["scale"] == 2.0 ** 9 and st["nonfinite_in_a_row"] == 0
+    assert st["grad_scaler"]["scale"] == 2.0 ** 9 and not any(st["nonfinite_in_a_row"].values())
     import json
     rows = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"}

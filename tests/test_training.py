@@ -69,6 +69,37 @@ def test_resume_is_exact(gmm_cfg, tmp_path):
     assert torch.equal(st_a["rng_cpu"], st_b["rng_cpu"])
 
 
+def test_resume_takes_the_configured_learning_rates_and_betas(gmm_cfg, tmp_path):
+    """A resume that lowers a learning rate (a second stage) runs at the new rate: loading the optimizer and the LR
+    scheduler had restored the checkpoint's, while config.yaml recorded the new one."""
+    import json
+    common = ["method=dmd2", "trainer.checkpoint_every=3", "eval.every=0", "logger.every=1", "trainer.export=false"]
+    train(gmm_cfg(*common, "trainer.max_steps=6"), tmp_path)
+    train(gmm_cfg(*common, "trainer.max_steps=12", "trainer.resume=true", "optim.generator.lr=1e-5",
+                  "optim.critic.betas=[0.5,0.9]"), tmp_path)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["lr_generator"] for r in rows if "lr_generator" in r}
+    st = torch.load(tmp_path / "checkpoints/step_0000012/trainer_state.pt", weights_only=True)
+    assert st["schedulers"]["generator"]["base_lrs"] == [1e-5]
+    assert st["optimizers"]["critic"]["param_groups"][0]["betas"] == (0.5, 0.9)
+    assert max(lr for step, lr in lrs.items() if step > 6) <= 1e-5 < min(lr for step, lr in lrs.items() if step <= 6)
+
+
+def test_resume_after_a_crash_logs_each_step_once(gmm_cfg, tmp_path):
+    """A run killed after logging steps its last checkpoint does not hold: the resumed run logs them again, and
+    metrics.jsonl (one row per logged step and kind, read by the curves and stepdistill-compare) keeps its own."""
+    import json
+    import shutil
+    common = ["method=dmd2", "trainer.checkpoint_every=5", "eval.every=3", "eval.num_samples=16",
+              "eval.batch_size=16", "logger.every=1", "trainer.export=false", "eval.final=false"]
+    train(gmm_cfg(*common, "trainer.max_steps=8"), tmp_path)
+    shutil.rmtree(tmp_path / "checkpoints/step_0000008")   # as if killed after step 8 was logged, before its save
+    train(gmm_cfg(*common, "trainer.max_steps=8", "trainer.resume=true"), tmp_path)
+    rows = [(r["step"], r["kind"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
+    assert rows == sorted(set(rows), key=rows.index) and [s for s, k in rows if k == "train"] == list(range(1, 9))
+    assert [s for s, k in rows if k == "eval"] == [3, 6]
+
+
 def test_resume_without_checkpoint_is_a_clear_error(gmm_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match="trainer.resume"):
         train(gmm_cfg("trainer.max_steps=5", "trainer.resume=true"), tmp_path)
@@ -204,8 +235,33 @@ def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):
     from stepdistill.train.trainer import NonFiniteError
     cfg = gmm_cfg("trainer.max_steps=20", "optim.critic.lr=1e30", "optim.critic.grad_clip=0",
                   "trainer.max_nonfinite_steps=2", "trainer.export=false")
-    with pytest.raises(NonFiniteError, match="non-finite steps in a row"):
+    with pytest.raises(NonFiniteError, match="2 non-finite critic updates in a row .* lower optim.critic.lr"):
         train(cfg, tmp_path)
+
+
+def test_nonfinite_guard_counts_each_phase_s_own_updates(gmm_cfg, tmp_path):
+    """A critic whose every update is non-finite between finite generator updates: one count shared by the phases
+    went 1, 0, 1, 0 and the run went on without ever training the critic."""
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import NonFiniteError, Trainer
+    cfg = gmm_cfg("method=dmd2", "trainer.max_nonfinite_steps=3", "method.critic_warmup_steps=0")
+    trainer = Trainer(build_run(cfg), tmp_path)
+    loss = trainer.method.loss
+
+    def critic_nan(phase, *args):
+        out = loss(phase, *args)
+        if phase == "critic":
+            out.loss = out.loss * float("nan")
+        return out
+    trainer.method.loss = critic_nan
+    batches = BatchSource(trainer.run.benchmark, trainer.method.batch_keys, 32, trainer.device)
+    phases = []
+    with pytest.raises(NonFiniteError, match="3 non-finite critic updates in a row"):
+        for _ in range(20):
+            phases.append(trainer.train_step(batches)[0])
+            trainer.step += 1
+    assert "generator" in phases and trainer.nonfinite_in_a_row == {"generator": 0, "critic": 3}
 
 
 @pytest.mark.parametrize("method", ["dmd2", "dmd"])
@@ -237,6 +293,25 @@ def test_dmd_regression_pairs_come_from_the_guided_teacher_of_the_dm_loss(tmp_pa
         plain = bm.teacher_sample(pairs["noise"], pairs["cond"])
     torch.testing.assert_close(pairs["target"], guided, rtol=0, atol=1e-5)
     assert (pairs["target"] - plain).abs().max() > 1e-2
+
+
+def test_regression_pairs_cached_in_the_run_folder_follow_the_settings(gmm_cfg, tmp_path):
+    """The pairs' file in the run folder has a fixed name: a rerun there with other pairs settings (after a run that
+    failed before its first checkpoint, which a fresh run may overwrite) read the old pairs. The same settings
+    reuse them."""
+    from stepdistill.train.batches import make_regression_pairs
+    from stepdistill.train.setup import build_run
+    bm = build_run(gmm_cfg("method=dmd")).benchmark
+    path = tmp_path / "regression_pairs.safetensors"
+    first = make_regression_pairs(bm, 8, 0, path)
+    stamp = path.stat().st_mtime_ns
+    assert torch.equal(make_regression_pairs(bm, 8, 0, path)["target"], first["target"])
+    assert path.stat().st_mtime_ns == stamp   # read, not made again
+    assert make_regression_pairs(bm, 16, 0, path)["noise"].shape[0] == 16
+    assert not torch.equal(make_regression_pairs(bm, 16, 1, path)["noise"][:8], first["noise"])
+    other = build_run(gmm_cfg("method=dmd", "benchmark.teacher_steps=8")).benchmark
+    coarse = make_regression_pairs(other, 16, 1, path)["target"]
+    assert (coarse - make_regression_pairs(bm, 16, 1)["target"]).abs().max() > 1e-3
 
 
 @pytest.mark.slow
@@ -279,6 +354,30 @@ def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, p
         assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))
 
 
+def test_wandb_syncs_where_it_has_a_key_and_stays_offline_without(tmp_path, monkeypatch):
+    """`wandb login` stores its key in ~/.netrc, not the environment: a logged-in user's runs were forced offline."""
+    from stepdistill.train.loggers import wandb_mode
+    for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert wandb_mode() == "offline"   # no netrc file
+    netrc.write_text("machine example.com login user password secret\n")
+    netrc.chmod(0o600)
+    assert wandb_mode() == "offline"   # a key for another host
+    netrc.write_text("machine api.wandb.ai login user password 0123456789abcdef\n")
+    assert wandb_mode() is None        # wandb's own choice: online, or a folder's `wandb offline`
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_mode() == "offline"   # a private server's key would sit under its own host
+    monkeypatch.delenv("WANDB_BASE_URL")
+    netrc.unlink()
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert wandb_mode() is None
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert wandb_mode() is None        # wandb reads WANDB_MODE itself
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 100.0, float("inf")])
 def test_clip_gradients_equals_torch(max_norm):
     """Same norm and same gradients as torch's clip_grad_norm_, whether it clips or not."""
@@ -316,7 +415,8 @@ def test_cosine_schedule_ends_each_phase_at_zero(gmm_cfg, tmp_path):
 
 def test_warmup_rises_linearly_over_each_phase_s_own_updates(gmm_cfg, tmp_path):
     """optim.<phase>.warmup_steps=W: the phase's lr is lr * min(1, (n + 1) / W) after n of its own updates (the
-    multiplier LambdaLR applies after each update), then constant; under cosine, times the cosine."""
+    multiplier LambdaLR applies after each update), then constant, or under cosine a cosine from the full rate at
+    the end of the warm-up to 0 at the phase's last update."""
     import json
     import math
     for kind in ("constant", "cosine"):
@@ -329,7 +429,8 @@ def test_warmup_rises_linearly_over_each_phase_s_own_updates(gmm_cfg, tmp_path):
         lrs = [json.loads(line)["lr_generator"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
                if json.loads(line)["kind"] == "train"]
         gen_updates = [0] * 4 + [(s - 4) // 2 for s in range(5, 17)]   # critic, generator, ... after warm-up
-        cosine = (lambda n: 0.5 * (1 + math.cos(math.pi * n / 6))) if kind == "cosine" else (lambda n: 1.0)
+        # 6 generator updates in 16 steps, 3 of them the warm-up's
+        cosine = (lambda n: 0.5 * (1 + math.cos(math.pi * max(n - 3, 0) / 3))) if kind == "cosine" else (lambda n: 1.0)
         assert lrs == pytest.approx([lr0 * min(1.0, (n + 1) / 3) * cosine(n) for n in gen_updates], abs=1e-12), kind
 
 
@@ -354,13 +455,16 @@ def test_lr_drop_step_scales_each_phase_from_its_own_update_count(gmm_cfg, tmp_p
 
 
 def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
-    with pytest.raises(ValueError, match="lr_drop_step must be a trainer step"):
+    with pytest.raises(ValueError, match=r"optim.lr_drop_step=-1: need an integer >= 0"):
         train(gmm_cfg("optim.lr_drop_step=-1", "trainer.max_steps=2"), tmp_path)
 
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.batch_size=0", "trainer.batch_size=0: need at least 1 sample"),
-    ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5: need a decay in [0, 1]"),
+    ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5: need a decay in [0, 1)"),
+    ("trainer.ema_decay=1.0", "trainer.ema_decay=1.0: need a decay in [0, 1)"),
+    ("optim.lr_drop_step=2.5", "optim.lr_drop_step=2.5: need an integer >= 0"),
+    ("eval.final_num_samples=inf", "eval.final_num_samples=inf: need an integer >= 2"),
     ("generator.steps=0", "generator.steps=0: a generator takes at least 1 step"),
     ("generator.timesteps=[999,499]", "has 2 entries but generator.steps=1: set generator.steps=2 too"),
     ("method.t_min=0.99", "method.t_min=0.99, method.t_max=0.98: need 0 <= t_min < t_max <= 1"),
@@ -389,7 +493,7 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("method=scm method.weighting_width=0", "method.weighting_width=0: need an integer >= 1"),
     ("generator.timesteps=[1200]", "generator.timesteps=[1200.0]: each must lie in the schedule's range [0, 999]"),
     ("generator.timesteps=[-5]", "generator.timesteps=[-5.0]: each must lie in the schedule's range [0, 999]"),
-    ("benchmark.sigma_data=0", "benchmark.sigma_data=0: need a data std > 0"),
+    ("benchmark.sigma_data=0", "benchmark.sigma_data=0: need a data scale > 0"),
     ("method.guidance=-2", "method.guidance=-2: need a number >= 0"),
     ("benchmark.network.generator_fourier_scale=0", "benchmark.network.generator_fourier_scale=0: the input features'"),
     ("benchmark.network.fourier_scale=-1", "benchmark.network.fourier_scale=-1: the input features' frequency scale"),

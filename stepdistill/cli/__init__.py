@@ -6,12 +6,34 @@ import os
 import sys
 from pathlib import Path
 
+from ..checks import NonFiniteError
+
 CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+
+
+def job_dirname(overrides: str) -> str:
+    """A sweep job's folder name from its command-line overrides (`hydra.sweep.subdir` in train.yaml): a path's
+    "/" becomes "_" so the name is one folder, and a name past 160 characters is cut, a hash of the whole kept so
+    that two jobs never share a folder (a file name has at most 255 bytes: 15 overrides failed the sweep)."""
+    import hashlib
+    name = overrides.replace("/", "_")
+    if len(name) > 160:
+        name = f"{name[:140]}-{hashlib.sha1(overrides.encode()).hexdigest()[:12]}"
+    return name
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+    if not OmegaConf.has_resolver("stepdistill_dirname"):
+        OmegaConf.register_new_resolver("stepdistill_dirname", job_dirname)
+
+
+_register_resolvers()
 
 # ImportError: an optional dependency a setting needs (pyarrow for parquet prompts, torch-fidelity for Inception
 # FID), whose message names the install; OSError: a path that cannot be written or read (missing folder, no
 # permission, a full disk); STEPDISTILL_TRACEBACK=1 shows the traceback of any of these
-USER_ERRORS = (ValueError, OSError, KeyError, ImportError)
+USER_ERRORS = (ValueError, OSError, KeyError, ImportError, NonFiniteError)
 
 
 def user_errors(app: str):

@@ -48,10 +48,12 @@ def main(cfg: DictConfig) -> None:
     save_feature_net(net, out / "digits_features.safetensors")
     report = train_digits_teacher(out / "digits_teacher", steps=tc.steps, batch_size=tc.batch_size, lr=tc.lr,
                                   seed=cfg.seed, **OmegaConf.to_container(tc.extra))
-    # Record the teacher's quality next to its weights; its default guidance is the scale with the lowest FD.
+    # Record the teacher's quality next to its weights; its default guidance is the scale with the lowest FD, and its
+    # default sampler the steps that FD was measured at.
     quality = measure_teacher_quality(out / "digits_teacher", guidances=tuple(cfg.quality.guidances),
                                       steps=cfg.quality.steps, feature_net=net)
-    report = update_teacher_info(out / "digits_teacher", default_guidance=quality["best_guidance"], quality=quality)
+    report = update_teacher_info(out / "digits_teacher", default_guidance=quality["best_guidance"],
+                                 default_sampler_steps=int(cfg.quality.steps), quality=quality)
     print(json.dumps({"features": feat_report, "teacher": report}, indent=2, default=str))
     print(f"teacher: {out / 'digits_teacher'}  (use benchmark.teacher.path={out / 'digits_teacher'} "
           f"benchmark.feature_net={out / 'digits_features.safetensors'})")

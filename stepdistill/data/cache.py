@@ -3,11 +3,15 @@ safetensors write every cached or resumable file goes through."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger("stepdistill")
 
 
 def cache_dir() -> Path:
@@ -36,18 +40,26 @@ def model_key(path: str | Path) -> str:
     return digest(root, files_stamp(files, root))
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Write through a temporary sibling and a rename: a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
-def cached_tensors(path: Path, compute) -> dict[str, torch.Tensor]:
-    """`path`'s tensors if it exists, else `compute()`'s, saved there first."""
+def cached_tensors(path: Path, compute, key: str | None = None) -> dict[str, torch.Tensor]:
+    """`path`'s tensors if it exists (and was saved under `key`, when one is given), else `compute()`'s, saved
+    there first. A file under a path that does not name its inputs (a run folder's) needs the key: the run's
+    settings may have changed since it was written."""
     if path.is_file():
-        return load_file(str(path))
+        if key is None:
+            return load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            saved = (f.metadata() or {}).get("key")
+        if saved == key:
+            return load_file(str(path))
+        log.info("%s was made with other settings: made again", path)
     tensors = compute()
-    save_tensors(tensors, path)
+    save_tensors(tensors, path, None if key is None else {"key": key})
     return tensors

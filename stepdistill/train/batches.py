@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from .. import batch_split
-from ..data.cache import cached_tensors
+from ..data.cache import cached_tensors, digest
 from .evaluation import teacher_sample_batched
 
 
@@ -26,7 +27,13 @@ def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = No
                                         guidance=guidance)
         return {"noise": noise, "target": target, **({} if cond is None else {"cond": cond})}
 
-    return make() if path is None else cached_tensors(path, make)
+    if path is None:
+        return make()
+    # the cache sits in the run folder under a fixed name: keyed on everything the pairs depend on, so a rerun
+    # in that folder with other settings (pairs, seed, CFG scale, teacher, its sampler) makes them again
+    settings = OmegaConf.to_yaml(benchmark.cfg) if getattr(benchmark, "cfg", None) is not None else ""
+    key = digest(num, seed, guidance, chunk, settings, benchmark.config_record())
+    return cached_tensors(path, make, key)
 
 
 class BatchSource:

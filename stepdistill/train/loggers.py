@@ -17,6 +17,21 @@ def _clean(v):
     return v
 
 
+def wandb_mode() -> str | None:
+    """"offline" where wandb has no API key to sync with, else None: wandb's own choice (WANDB_MODE, a folder's
+    `wandb offline`, or online). The key may be in WANDB_API_KEY or in the netrc file `wandb login` writes."""
+    if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY"):
+        return None
+    import netrc
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        found = netrc.netrc(os.environ.get("NETRC") or None).authenticators(host)
+    except (OSError, netrc.NetrcParseError):   # no netrc file, or one wandb could not read either
+        found = None
+    return None if found and found[2] else "offline"
+
+
 class MetricsLogger:
     def __init__(self, run_dir: Path, backend: str = "console", project: str = "stepdistill", config=None,
                  console: bool = True, resume: bool = False, curves: bool = True):
@@ -31,13 +46,28 @@ class MetricsLogger:
         self._wandb = self._tb = None
         if backend == "wandb":
             import wandb
-            mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=mode)
+            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode())
         elif backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
         elif backend != "console":
             raise ValueError(f"unknown logger {backend!r}: use logger=console, wandb or tensorboard")
+
+    def drop_after(self, step: int) -> None:
+        """On resume from the checkpoint of `step`: the rows a crashed run logged after it go, since the resumed run
+        logs those steps again (metrics.jsonl holds one row per logged step and kind). Rewritten beside, then
+        renamed, so a kill here leaves the old file."""
+        if not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+        log.info("resume at step %d: %d rows logged after it dropped from %s", step, len(lines) - len(kept),
+                 self.path.name)
 
     def log(self, step: int, row: dict, kind: str = "train") -> None:
         rec = {"step": int(step), "kind": kind, **{k: _clean(v) for k, v in row.items()}}

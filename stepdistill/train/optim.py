@@ -9,8 +9,9 @@ from .distributed import is_sharded
 
 
 def lr_lambda(warmup: int, total: int, kind: str, drop_at: int | None = None, drop_factor: float = 1.0):
-    """The lr multiplier at a phase's update `step`: linear warm-up, then constant or a cosine to 0 over `total`
-    updates, times `drop_factor` from update `drop_at` on (DMD2's second stage runs at a quarter of the lr)."""
+    """The lr multiplier at a phase's update `step`: linear warm-up, then constant or a cosine to 0 over the
+    `total - warmup` updates after it (the usual cosine-with-warm-up: it starts at the full rate where the warm-up
+    ends), times `drop_factor` from update `drop_at` on (DMD2's second stage runs at a quarter of the lr)."""
     if kind not in ("constant", "cosine"):
         raise ValueError(f"unknown optim.schedule {kind!r}: use constant or cosine")
 
@@ -19,7 +20,8 @@ def lr_lambda(warmup: int, total: int, kind: str, drop_at: int | None = None, dr
         if drop_at is not None and step >= drop_at:
             w *= drop_factor
         if kind == "cosine":
-            return w * 0.5 * (1 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+            done = max(step - warmup, 0) / max(total - warmup, 1)
+            return w * 0.5 * (1 + math.cos(math.pi * min(done, 1.0)))
         return w
     return f
 

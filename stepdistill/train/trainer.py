@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .. import batch_split
-from ..checks import at_least, non_negative
+from ..checks import NonFiniteError, at_least, non_negative
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
@@ -34,10 +34,6 @@ from .setup import Run, checkpoint_roles
 from .stop_signals import StopRequest
 
 log = logging.getLogger("stepdistill")
-
-
-class NonFiniteError(RuntimeError):
-    pass
 
 
 def _accelerator(mixed_precision: str) -> Accelerator:
@@ -87,8 +83,10 @@ class Trainer:
                              "(or turn evaluations off: eval.every=0 eval.final=false)")
         if self.cfg.eval.get("final_num_samples") is not None:
             at_least("eval.final_num_samples", self.cfg.eval.final_num_samples, 2)   # null: eval.num_samples
-        if not 0 <= float(tc.ema_decay) <= 1:
-            raise ValueError(f"trainer.ema_decay={tc.ema_decay}: need a decay in [0, 1] (0.999 averages ~1000 updates)")
+        # 1 would freeze the EMA at the initial generator, which evaluation, sampling and export then use
+        if not 0 <= float(tc.ema_decay) < 1:
+            raise ValueError(f"trainer.ema_decay={tc.ema_decay}: need a decay in [0, 1) (0 = no EMA; 0.999 averages "
+                             "~1000 updates)")
         if int(tc.batch_size) % shards:
             into = f" x {self.accum} micro-batches (trainer.grad_accum_steps)" if self.accum > 1 else ""
             raise ValueError(f"trainer.batch_size={tc.batch_size} does not split over {self.world} processes{into}: "
@@ -108,11 +106,12 @@ class Trainer:
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
         drop_step = self.cfg.optim.get("lr_drop_step")   # a trainer step; each phase drops at its own update count
-        drop_factor = float(self.cfg.optim.get("lr_drop_factor", 1.0))
-        if drop_step is not None and (int(drop_step) < 0 or drop_factor <= 0):
-            raise ValueError(f"optim.lr_drop_step must be a trainer step >= 0 and optim.lr_drop_factor > 0; got "
-                             f"{drop_step} and {drop_factor}")
-        drops = phase_update_counts(self.method, int(drop_step)) if drop_step is not None else {}
+        if drop_step is not None:
+            drop_step = at_least("optim.lr_drop_step", drop_step, 0)
+        drop_factor = non_negative("optim.lr_drop_factor", self.cfg.optim.get("lr_drop_factor", 1.0))
+        if drop_factor == 0:
+            raise ValueError("optim.lr_drop_factor=0 would stop training at optim.lr_drop_step: need a factor > 0")
+        drops = phase_update_counts(self.method, drop_step) if drop_step is not None else {}
         # read once: OmegaConf lookups in the step loop were ~3% of a gmm step
         self.grad_clip: dict[str, float] = {}
         for phase, names in self.method.phases.items():
@@ -135,7 +134,8 @@ class Trainer:
         self.max_nonfinite = int(tc.max_nonfinite_steps)
         self.ema = EMA(run.roles["generator_ema"], run.roles["generator"]) if "generator_ema" in run.roles else None
         self.step = 0
-        self.nonfinite_in_a_row = 0
+        # per phase: with one count, a phase that always fails between finite updates of the other never stopped
+        self.nonfinite_in_a_row = dict.fromkeys(self.method.phases, 0)
         self.resumed_from: Path | None = None
         self.saved_step: int | None = None   # the step of the last checkpoint written or loaded
         self.evaluator = Evaluator(run, self.run_dir)
@@ -187,7 +187,10 @@ class Trainer:
             st = self._load_checkpoint(ckpt)
         except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:   # another config's roles or shapes
             raise ValueError(mismatch_message(ckpt, self.run_dir / "config.yaml", self.cfg, e)) from e
-        self.step, self.nonfinite_in_a_row = int(st["step"]), int(st["nonfinite_in_a_row"])
+        self.step = int(st["step"])
+        counts = st["nonfinite_in_a_row"]   # one int for every phase in checkpoints written before the per-phase count
+        self.nonfinite_in_a_row = {p: int(counts.get(p, 0) if isinstance(counts, dict) else counts)
+                                   for p in self.method.phases}
         if self.accelerator.scaler is not None and st.get("grad_scaler"):   # fp16: the loss scale goes on
             self.accelerator.scaler.load_state_dict(st["grad_scaler"])
         self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
@@ -195,6 +198,8 @@ class Trainer:
         if st["rng_cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
         self.resumed_from, self.saved_step = ckpt, self.step
+        if self.main:
+            self.logger.drop_after(self.step)
         log.info("resumed from %s at step %d", ckpt, self.step)
 
     def _load_checkpoint(self, ckpt: Path) -> dict:
@@ -209,7 +214,24 @@ class Trainer:
                 o.load_state_dict(st["optimizers"][k])
         for k, s in self.schedulers.items():
             s.load_state_dict(st["schedulers"][k])
+        self._apply_configured_hyperparameters()
         return st
+
+    def _apply_configured_hyperparameters(self) -> None:
+        """After a resume, the configured learning rate, betas and weight decay, not the checkpoint's: loading an
+        optimizer and an LR scheduler restores the values they were built with, so a resume that changes
+        `optim.*.lr` (a second stage at a lower rate) would silently run at the old one while config.yaml records
+        the new. Unchanged settings give the same values (the rate is the scheduler's own base x multiplier)."""
+        for phase, opt in self.optimizers.items():
+            oc, sched = self.cfg.optim[phase], self.schedulers[phase]
+            lr = float(oc.lr)
+            if sched.base_lrs[0] != lr:
+                log.info("resume: optim.%s.lr %g (the checkpoint's was %g)", phase, lr, sched.base_lrs[0])
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            for group, fn in zip(opt.param_groups, sched.lr_lambdas):
+                group.update(initial_lr=lr, lr=lr * fn(sched.last_epoch), betas=tuple(float(b) for b in oc.betas),
+                             weight_decay=float(oc.weight_decay))
+            sched._last_lr = [g["lr"] for g in opt.param_groups]
 
     # --- one step ------------------------------------------------------------------------------------------
     def train_step(self, batch_source: BatchSource) -> tuple[str, dict | None]:
@@ -244,15 +266,15 @@ class Trainer:
             return phase, None
         if not finite:  # skip the update, keep the weights, stop after several in a row
             opt.zero_grad(set_to_none=True)
-            self.nonfinite_in_a_row += 1
-            log.warning("non-finite %s loss/gradient at step %d: update skipped (%d in a row)", phase, self.step,
-                        self.nonfinite_in_a_row)
-            if self.nonfinite_in_a_row >= self.max_nonfinite:
-                raise NonFiniteError(f"{self.max_nonfinite} non-finite steps in a row (last at step {self.step}, "
-                                     f"phase {phase}): lower optim.*.lr, set optim.*.grad_clip, or use "
+            self.nonfinite_in_a_row[phase] += 1
+            log.warning("non-finite %s loss/gradient at step %d: update skipped (%d %s updates in a row)", phase,
+                        self.step, self.nonfinite_in_a_row[phase], phase)
+            if self.nonfinite_in_a_row[phase] >= self.max_nonfinite:
+                raise NonFiniteError(f"{self.max_nonfinite} non-finite {phase} updates in a row (last at step "
+                                     f"{self.step}): lower optim.{phase}.lr, set optim.{phase}.grad_clip, or use "
                                      "trainer.mixed_precision=no")
             return phase, None
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row[phase] = 0
         opt.step()
         self.schedulers[phase].step()
         if phase == "generator" and self.ema is not None:
