@@ -22,9 +22,11 @@ from . import batch_split
 from .denoiser import NetworkDenoiser
 
 LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
+LCM_ORIGINAL_STEPS = 50   # LCMScheduler's original_inference_steps, as lcm_timesteps asks it
 
 
-def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_inference_steps: int = 50) -> list[int]:
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000,
+                  original_inference_steps: int = LCM_ORIGINAL_STEPS) -> list[int]:
     """The timesteps diffusers' LCMScheduler.set_timesteps(steps) picks, asked of LCMScheduler itself so an
     exported student sampled by stock diffusers runs at exactly the timesteps it was trained at."""
     from diffusers import LCMScheduler
@@ -95,12 +97,23 @@ class FewStepGenerator(nn.Module):
         return len(self.timesteps)
 
     def default_timesteps(self, steps: int) -> list[float]:
+        """The schedule's own `steps`-step timesteps: LCMScheduler's on a discrete schedule, else the ODE grid's."""
         if int(steps) < 1:
             raise ValueError(f"steps={steps}: a student samples in at least 1 step")
         sched = self.denoiser.schedule
         if sched.discrete:
+            if int(steps) > LCM_ORIGINAL_STEPS:   # LCMScheduler picks its K timesteps among these many
+                raise ValueError(f"steps={steps}: a student on a discrete schedule samples in at most "
+                                 f"{LCM_ORIGINAL_STEPS} steps (LCMScheduler's original_inference_steps)")
             return [float(t) for t in lcm_timesteps(steps, sched.num_train_timesteps)]
         return sched.ode_timesteps(steps).tolist()
+
+    def sampling_timesteps(self, steps: int | None = None) -> list[float]:
+        """The timesteps of a `steps`-step sampling: the trained ones at the trained count (or None), which need
+        not be the schedule's default ones (SiD's one step at sigma 2.5, `generator.timesteps`); else the default's."""
+        if steps is None or int(steps) == self.num_steps:
+            return list(self.timesteps)
+        return self.default_timesteps(steps)
 
     def boundary_scalings(self, t: torch.Tensor):
         """LCMScheduler.get_scalings_for_boundary_condition_discrete."""
@@ -125,10 +138,11 @@ class FewStepGenerator(nn.Module):
             self._boundary_cache[key] = tuple(float(c) for c in self.boundary_scalings(torch.tensor([t])))
         return self._boundary_cache[key]
 
-    def start(self, noise: torch.Tensor) -> torch.Tensor:
-        """Pure noise -> the first step's input (EDM scales unit noise by sigma_max)."""
+    def start(self, noise: torch.Tensor, t0: float | None = None) -> torch.Tensor:
+        """Pure noise -> the input of a first step at `t0` (None: the trained first timestep). EDM scales unit noise
+        by that sigma: sampled at other timesteps than the trained ones, by the sampled first one."""
         if self.schedule.kind == "edm":
-            return noise * self.timesteps[0]
+            return noise * float(self.timesteps[0] if t0 is None else t0)
         return noise
 
     def renoise(self, x0, t_next: float, noise):
@@ -143,7 +157,7 @@ class FewStepGenerator(nn.Module):
         `every_step`: return the list of every step's x0 output (the last is the sample), same draws.
         `step_noise`: the K-1 between-step noises (each shaped like `noise`), given instead of drawn."""
         ts = self.timesteps if timesteps is None else [float(t) for t in timesteps]
-        x, outs = self.start(noise), []
+        x, outs = self.start(noise, ts[0]), []
         for k, t in enumerate(ts):
             x0 = self.denoise(x, t, cond)
             if every_step:

@@ -10,6 +10,7 @@ schedule's range (u=0 cleanest, u=1 noisiest) through ``t_from_fraction`` so the
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -204,4 +205,10 @@ SCHEDULES = {"vp": VPSchedule, "edm": EDMSchedule, "flow": FlowSchedule}
 def make_schedule(kind: str = "vp", **kwargs) -> NoiseSchedule:
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule kind {kind!r}: use one of {sorted(SCHEDULES)}")
+    # another kind's settings left in (`benchmark.schedule={kind: edm}` merges into the VP defaults): one line
+    accepted = list(inspect.signature(SCHEDULES[kind]).parameters)
+    extra = sorted(set(kwargs) - set(accepted))
+    if extra:
+        raise ValueError(f"schedule kind {kind!r} has no setting {', '.join(extra)} (its settings: "
+                         f"{', '.join(accepted)}): drop them, e.g. '~benchmark.schedule.{extra[0]}'")
     return SCHEDULES[kind](**kwargs)

@@ -96,3 +96,188 @@ def test_gmm_run_export_matches_sample_cli(gmm_cfg, tmp_path):
     assert labels is None
     theirs = pipe(batch_size=50, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)
+
+
+def _cfg():
+    from omegaconf import OmegaConf
+    return OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})
+
+
+def test_export_replaces_only_an_earlier_export_or_an_empty_folder(tmp_path, monkeypatch):
+    """The folder the export replaces is deleted: never the run folder or one holding it, nor unrelated files."""
+    from stepdistill.export import export_run
+    run = _Run(FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), steps=1), _cfg())
+    run_dir = tmp_path / "runs" / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("x")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ValueError, match="is not an earlier export .*pick an empty or new folder"):
+        export_run(run, tmp_path / "mine")
+    monkeypatch.chdir(tmp_path / "mine")   # out=. : refused, not "PosixPath('.') has an empty name"
+    with pytest.raises(ValueError, match="pick an empty or new folder"):
+        export_run(run, ".")
+    for out in (run_dir, run_dir.parent, tmp_path / "runs" / "r" / ".." / "r"):
+        with pytest.raises(ValueError, match="would replace the run folder"):
+            export_run(run, out, run_dir)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and (run_dir / "config.yaml").is_file()
+    # the default run_dir/export, again over the earlier export; an empty folder
+    assert export_run(run, run_dir / "export", run_dir) == run_dir / "export"
+    assert export_run(run, run_dir / "export", run_dir) == run_dir / "export"
+    (tmp_path / "empty").mkdir()
+    assert (export_run(run, tmp_path / "empty") / "stepdistill_student.json").is_file()
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "export"]
+
+
+@pytest.mark.parametrize("timesteps", [[759], [999, 600]])
+def test_unconditional_unet_at_other_timesteps_exports_to_a_pipeline_that_takes_them(tmp_path, timesteps):
+    """Stock DDPMPipeline samples LCMScheduler's K-step timesteps only: a student trained at others (SiD's one
+    step, generator.timesteps) exports to UnconditionalFewStepPipeline, which samples at the trained ones."""
+    import json
+
+    from stepdistill.export import export_run
+    gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), timesteps=timesteps)
+    out = export_run(_Run(gen, _cfg()), tmp_path / "export")
+    info = json.loads((out / "stepdistill_student.json").read_text())
+    assert info["pipeline"] == "UnconditionalFewStepPipeline" and info["trained_timesteps"] == timesteps
+    assert info["load"] == "from stepdistill.pipelines import UnconditionalFewStepPipeline"
+    from stepdistill.pipelines import UnconditionalFewStepPipeline
+    pipe = UnconditionalFewStepPipeline.from_pretrained(out)
+    g = torch.Generator().manual_seed(7)   # as stepdistill-sample's steps=K
+    ours = student_sample(gen, torch.randn(3, 1, 8, 8, generator=g), None, gen.sampling_timesteps(len(timesteps)), g)
+    for k in (None, len(timesteps)):
+        theirs = pipe(batch_size=3, num_inference_steps=k, generator=torch.Generator().manual_seed(7))
+        torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=2e-5, rtol=0)
+
+
+def test_the_trained_step_count_samples_at_the_trained_timesteps():
+    gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), timesteps=[755])
+    assert gen.sampling_timesteps(None) == gen.sampling_timesteps(1) == [755.0]
+    assert gen.sampling_timesteps(2) == [999.0, 499.0]   # other counts: LCMScheduler's
+
+
+def test_more_steps_than_lcm_picks_from_are_refused_in_one_line():
+    gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), steps=1)
+    with pytest.raises(ValueError, match=r"steps=60: a student on a discrete schedule samples in at most 50 steps"):
+        gen.default_timesteps(60)   # not diffusers' message about `strength`
+
+
+def test_pipelines_take_the_output_types_they_name():
+    from diffusers import LCMScheduler
+    from PIL import Image
+
+    from stepdistill.pipelines import ClassConditionalFewStepPipeline
+    pipe = ClassConditionalFewStepPipeline(tiny_unet(11), LCMScheduler(), [999])
+    pt = pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(1))
+    arr = pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(1), output_type="np")
+    pil = pipe(class_labels=[0, 3], generator=torch.Generator().manual_seed(1), output_type="pil")
+    assert isinstance(pt, torch.Tensor) and pt.shape == (2, 1, 8, 8) and arr.shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(arr, pt.permute(0, 2, 3, 1).numpy())
+    assert len(pil) == 2 and all(isinstance(im, Image.Image) and im.size == (8, 8) for im in pil)
+    np.testing.assert_array_equal(np.asarray(pil[1]), (arr[1, :, :, 0] * 255).round().astype(np.uint8))
+    with pytest.raises(ValueError, match="output_type='latent': use one of pt, np, pil"):
+        pipe(class_labels=[0], output_type="latent")
+
+
+@pytest.mark.parametrize("kind", ["vp", "edm"])
+def test_points_pipeline_runs_in_bf16(tmp_path, kind):
+    from stepdistill.export import export_run
+    from stepdistill.networks.mlp import TimeMLP
+    from stepdistill.pipelines import PointsFewStepPipeline
+    from stepdistill.schedules import make_schedule
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2, fourier_features=8), make_schedule(kind), "edm",
+                                           sigma_data=2.0), steps=2)
+    pipe = PointsFewStepPipeline.from_pretrained(export_run(_Run(gen, _cfg()), tmp_path / "export"))
+    fp32 = pipe(batch_size=64, generator=torch.Generator().manual_seed(2))
+    bf16 = pipe.to(torch.bfloat16)(batch_size=64, generator=torch.Generator().manual_seed(2))
+    assert bf16.dtype == torch.float32   # the x0 arithmetic stays float32; only the network runs in bf16
+    err = (bf16 - fp32).abs()   # bf16's 8-bit mantissa through two steps: ~1.5% of the samples' size on average
+    assert err.mean() < 0.05 * fp32.abs().mean() and err.max() < 0.15 * fp32.abs().max()
+
+
+@pytest.fixture(scope="module")
+def gmm_run_at_700(tmp_path_factory):
+    """A 1-step gmm student trained at timestep 700 (not LCM's 999), exported at the end of training."""
+    from conftest import GMM_FAST, compose_cfg
+
+    from stepdistill.cli.train import train
+    run_dir = tmp_path_factory.mktemp("gmm700")
+    train(compose_cfg(*GMM_FAST, "trainer.max_steps=2", "generator.timesteps=[700]"), run_dir)
+    return run_dir
+
+
+def test_steps_at_the_trained_count_sample_the_trained_timesteps(gmm_run_at_700):
+    """steps=K for the trained K (stepdistill-sample, stepdistill-eval, the pipeline's num_inference_steps) is
+    the trained timesteps, as no steps= is; another K is LCMScheduler's K-step timesteps."""
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.pipelines import PointsFewStepPipeline
+    from stepdistill.train.evaluation import Evaluator
+    from stepdistill.train.setup import load_run
+    default, _ = sample_student(gmm_run_at_700, 40, seed=3)
+    one, _ = sample_student(gmm_run_at_700, 40, steps=1, seed=3)
+    torch.testing.assert_close(one, default, rtol=0, atol=0)
+    evaluator = Evaluator(load_run(gmm_run_at_700), gmm_run_at_700)
+    assert evaluator._sample_chain(1, every_step=False)[3] == [700.0]
+    assert evaluator._sample_chain(2, every_step=False)[3] == [999.0, 499.0]
+    pipe = PointsFewStepPipeline.from_pretrained(gmm_run_at_700 / "export")
+    two, _ = sample_student(gmm_run_at_700, 40, steps=2, seed=3)
+    for k, ours in ((1, default), (2, two)):
+        theirs = pipe(batch_size=40, num_inference_steps=k, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_export_cli_refuses_the_run_folder(gmm_run_at_700):
+    from conftest import run_app
+    proc = run_app("stepdistill.cli.export", f"run_dir={gmm_run_at_700}", f"out={gmm_run_at_700}", check=False)
+    assert proc.returncode == 2 and "stepdistill-export: error: out=" in proc.stderr
+    assert "would replace the run folder" in proc.stderr and (gmm_run_at_700 / "config.yaml").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run_dir=D", "teacher_steps=3"], "teacher_steps= counts the teacher's ODE steps"),
+    (["benchmark=gmm", "steps=3"], "steps= counts a trained student's steps (with run_dir=D): the teacher's"),
+])
+def test_sample_refuses_the_step_count_of_the_other_mode(tmp_path, args, message):
+    """The count that does not apply would be ignored: refused, naming the one that does."""
+    from conftest import run_app
+    proc = run_app("stepdistill.cli.sample", *args, "num_samples=4", f"out={tmp_path / 'x.npz'}", check=False)
+    assert proc.returncode == 2 and f"stepdistill-sample: error: {message}" in proc.stderr
+    assert not (tmp_path / "x.npz").exists()
+
+
+@pytest.mark.parametrize("kind", ["edm", "flow"])
+def test_gmm_run_on_a_continuous_schedule_exports_and_matches_sample_cli(gmm_cfg, tmp_path, kind):
+    """Training ends with an export on any schedule; the pipeline steps as FewStepGenerator.sample does."""
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.cli.train import train
+    from stepdistill.pipelines import PointsFewStepPipeline
+    result = train(gmm_cfg("trainer.max_steps=3", "generator=four_step", f"benchmark.schedule.kind={kind}",
+                           "~benchmark.schedule.num_train_timesteps", "~benchmark.schedule.beta_schedule"), tmp_path)
+    pipe = PointsFewStepPipeline.from_pretrained(result["export"])
+    assert pipe.scheduler is None and pipe.config.schedule["kind"] == kind
+    for k in (None, 2):
+        samples, _ = sample_student(tmp_path, 50, steps=k, seed=5)
+        theirs = pipe(batch_size=50, num_inference_steps=k, generator=torch.Generator().manual_seed(5))
+        torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)
+
+
+def test_edm_student_sampled_off_its_timesteps_starts_at_the_sampled_sigma(gmm_cfg, tmp_path):
+    """A 1-step EDM student trained at sigma 2.5 (SiD's one step) sampled in 2 steps starts from noise at the
+    2-step grid's first sigma, 80: FewStepGenerator scaled it by the trained 2.5 and then denoised it as sigma 80."""
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.cli.train import train
+    from stepdistill.pipelines import PointsFewStepPipeline
+    result = train(gmm_cfg("trainer.max_steps=2", "benchmark.schedule.kind=edm", "generator.timesteps=[2.5]",
+                           "~benchmark.schedule.num_train_timesteps", "~benchmark.schedule.beta_schedule"), tmp_path)
+    from stepdistill.train.setup import load_run
+    student = load_run(tmp_path).student()
+    noise = torch.randn(16, 2, generator=torch.Generator().manual_seed(0))
+    ts = student.sampling_timesteps(2)
+    assert ts[0] == pytest.approx(80.0)
+    first = student.denoise(noise * ts[0], ts[0], None)   # the 2-step chain's first x0, from noise at sigma 80
+    torch.testing.assert_close(student.sample(noise, timesteps=ts, every_step=True)[0], first)
+    pipe = PointsFewStepPipeline.from_pretrained(result["export"])
+    samples, _ = sample_student(tmp_path, 50, steps=2, seed=5)
+    theirs = pipe(batch_size=50, num_inference_steps=2, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)

@@ -195,3 +195,10 @@ def test_alpha_sigma_together_are_alpha_and_sigma_exactly(sched):
     t = sched.t_from_fraction(torch.linspace(0, 1, 1001))
     a, s = sched.alpha_sigma(t)
     assert torch.equal(a, sched.alpha(t)) and torch.equal(s, sched.sigma(t))
+
+
+def test_another_kinds_settings_are_a_clear_error():
+    """`benchmark.schedule={kind: edm}` merges into the VP defaults: a TypeError traceback before."""
+    with pytest.raises(ValueError, match=r"schedule kind 'edm' has no setting beta_schedule, num_train_timesteps "
+                                         r"\(its settings: sigma_min, sigma_max, rho\)"):
+        make_schedule("edm", num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")

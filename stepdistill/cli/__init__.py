@@ -36,6 +36,39 @@ _register_resolvers()
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError, NonFiniteError)
 
 
+def unknown_group_choice(args: list[str]) -> str | None:
+    """The one-line error for a config group choice on the command line that conf/ has no file for
+    (`method=foo`), else None. Hydra's own answer is 12-18 lines (the search path, a hint about
+    HYDRA_FULL_ERROR); this one names the group's choices. Sweep lists (`method=dmd,dmd2`) are checked item by
+    item; sweep functions (`glob(...)`, `range(...)`) and deletions (`~group`) are left to Hydra."""
+    conf = Path(CONF_DIR)
+    for arg in args:
+        key, sep, value = arg.lstrip("+").partition("=")
+        group = key.split("@")[0]
+        if not sep or arg.startswith("~") or "(" in value or not (conf / group).is_dir():
+            continue
+        choices = sorted(p.stem for p in (conf / group).glob("*.yaml"))
+        for choice in value.split(","):
+            if choice not in choices and choice != "null":
+                return f"unknown {group} {choice!r}: use {group}= one of {', '.join(choices)}"
+    return None
+
+
+def checked_groups(app: str):
+    """Outside `@hydra.main`: the command line's config group choices are checked (above) before the Hydra app
+    composes its config, which happens before the app's own error handling (user_errors) runs."""
+    def wrap(hydra_main):
+        @functools.wraps(hydra_main)
+        def entry():
+            msg = unknown_group_choice(sys.argv[1:])
+            if msg:
+                print(f"{app}: error: {msg}", file=sys.stderr)
+                sys.exit(2)
+            return hydra_main()
+        return entry
+    return wrap
+
+
 def user_errors(app: str):
     """Bad input ends in one line saying what to change, not a traceback. Around a Hydra app's main(cfg), the
     command line's values are first checked against their settings' types (override_types.py), so every app

@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least, or_default
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
 IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall")
@@ -138,6 +138,7 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     return result
 
 
+@checked_groups("stepdistill-compare")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="compare")
 @user_errors("stepdistill-compare")
 def main(cfg: DictConfig) -> None:

@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, pipe_table, set_threads, user_errors
+from . import CONF_DIR, checked_groups, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
@@ -45,6 +45,7 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
     return metrics
 
 
+@checked_groups("stepdistill-eval")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-eval")
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
@@ -40,7 +40,7 @@ def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_s
     run = load_run(run_dir, checkpoint=checkpoint)
     student = run.student()
     noise, cond, gen = eval_inputs(run.benchmark, num_samples, seed)
-    ts = None if steps is None else student.default_timesteps(int(steps))
+    ts = None if steps is None else student.sampling_timesteps(int(steps))   # the trained ones at the trained count
     x = student_sample(student, noise, cond, ts, gen, batch_size)
     return run.benchmark.to_output(x), run.benchmark.eval_labels(num_samples)
 
@@ -55,6 +55,7 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
     return bm.to_output(x), bm.eval_labels(num_samples)
 
 
+@checked_groups("stepdistill-sample")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-sample")
 def main(cfg: DictConfig) -> None:
@@ -63,6 +64,13 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("give num_samples=N and out=FILE.npz")
     n = at_least("num_samples", cfg.num_samples)
     key = "steps" if cfg.get("run_dir") else "teacher_steps"
+    # the other count would be ignored: refused, naming the one that applies
+    if cfg.get("run_dir") and cfg.get("teacher_steps") is not None:
+        raise ValueError("teacher_steps= counts the teacher's ODE steps (benchmark=NAME, no run_dir=): "
+                         "a student's sampling steps are steps=K")
+    if not cfg.get("run_dir") and cfg.get("steps") is not None:
+        raise ValueError("steps= counts a trained student's steps (with run_dir=D): "
+                         "the teacher's ODE steps are teacher_steps=K")
     steps = None if cfg.get(key) is None else at_least(key, cfg[key])
     run_dir = run_folder(cfg.run_dir) if cfg.get("run_dir") else None
     set_threads(cfg.get("num_threads"))

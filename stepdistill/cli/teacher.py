@@ -14,11 +14,12 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
+@checked_groups("stepdistill-teacher")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:

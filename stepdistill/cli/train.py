@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, set_threads, user_errors
+from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -52,7 +52,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if cfg.trainer.export and trainer.main and "stopped_by" not in result:
         from ..export.export import export_run   # diffusers' pipelines and UNets, ~4 s of imports: only to export
         # sharded networks (trainer=fsdp) hold 1/N of each weight: export plain ones from the final checkpoint
-        result["export"] = str(export_run(load_run(run_dir) if trainer.fsdp else run, run_dir / "export"))
+        result["export"] = str(export_run(load_run(run_dir) if trainer.fsdp else run, run_dir / "export", run_dir))
     result["run_dir"] = str(run_dir)
     result["main_process"] = trainer.main
     return result
@@ -86,6 +86,7 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+@checked_groups("stepdistill-train")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:

@@ -1,9 +1,11 @@
 """Write the student as a diffusers folder (DESIGN §5): stock `DDPMPipeline` + `LCMScheduler` for an
-unconditional UNet2DModel, `ClassConditionalFewStepPipeline` for a class-conditional one,
-`PointsFewStepPipeline` for MLP students, and a stock `StableDiffusionPipeline` / `StableDiffusionXLPipeline`
-(the teacher's VAE, text encoders and tokenizers, the student's UNet, an LCMScheduler) for text-to-image
-students. A step-experts student's networks go in as one `StepExpertsModel` where the single network would.
-The folder is written beside its target and renamed into place.
+unconditional UNet2DModel trained at LCMScheduler's K-step timesteps (`UnconditionalFewStepPipeline` for one
+trained at others: DDPMPipeline takes no timesteps), `ClassConditionalFewStepPipeline` for a class-conditional
+one, `PointsFewStepPipeline` for MLP students (on any schedule), and a stock `StableDiffusionPipeline` /
+`StableDiffusionXLPipeline` (the teacher's VAE, text encoders and tokenizers, the student's UNet, an LCMScheduler)
+for text-to-image students. A step-experts student's networks go in as one `StepExpertsModel` where the single
+network would. The folder is written beside its target and renamed into place; it replaces only an earlier export
+or an empty folder.
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ from pathlib import Path
 
 from diffusers import DDPMPipeline, LCMScheduler
 
+from ..generator import LCM_ORIGINAL_STEPS, lcm_timesteps
 from ..networks.lora import diffusers_unet, has_lora, lora_state_dict, merged_copy
 from ..networks.mlp import TimeMLP
 from ..networks.shared_base import AdapterView
 from ..networks.text_unet import TextConditionedUNet
-from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline
+from ..pipelines import ClassConditionalFewStepPipeline, PointsFewStepPipeline, UnconditionalFewStepPipeline
 from ..pipelines.step_experts import StepExpertsModel
+
+STUDENT_JSON = "stepdistill_student.json"   # in every export: what export_folder may replace
 
 
 def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
@@ -52,7 +57,7 @@ def student_lora(unet) -> tuple[dict, int] | None:
 def build_pipeline(student, benchmark=None):
     den = student.denoiser
     net = den.net
-    ts = [int(t) for t in student.timesteps]
+    ts = trained_timesteps(student)
     if isinstance(net, TextConditionedUNet):
         if student.step_experts:
             raise ValueError("text-to-image students export to stock SD pipelines, which take one UNet: "
@@ -71,6 +76,9 @@ def build_pipeline(student, benchmark=None):
                                        scheduler=lcm_scheduler_for(student, den.prediction_type), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
     if isinstance(net, TimeMLP):
+        if not student.schedule.discrete:   # no LCMScheduler: the pipeline rebuilds the schedule and steps natively
+            return PointsFewStepPipeline(step_experts_or(student, net), None, ts,
+                                         den.prediction_type, den.sigma_data, student.schedule.to_config())
         return PointsFewStepPipeline(step_experts_or(student, net), lcm_scheduler_for(student, "sample"), ts,
                                      den.prediction_type, den.sigma_data)
     if type(net).__name__ != "UNet2DModel":
@@ -78,7 +86,15 @@ def build_pipeline(student, benchmark=None):
     scheduler = lcm_scheduler_for(student, den.prediction_type)
     if net.config.num_class_embeds:
         return ClassConditionalFewStepPipeline(step_experts_or(student, plain_unet(net)), scheduler, ts)
-    return DDPMPipeline(unet=step_experts_or(student, plain_unet(net)), scheduler=scheduler)
+    unet = step_experts_or(student, plain_unet(net))
+    if len(ts) <= LCM_ORIGINAL_STEPS and ts == lcm_timesteps(len(ts), student.schedule.num_train_timesteps):
+        return DDPMPipeline(unet=unet, scheduler=scheduler)   # num_inference_steps=K samples the trained timesteps
+    return UnconditionalFewStepPipeline(unet, scheduler, ts)
+
+
+def trained_timesteps(student) -> list:
+    """The student's timesteps as written to the export: integers on a discrete schedule, else floats (EDM sigmas)."""
+    return [int(t) if student.schedule.discrete else float(t) for t in student.timesteps]
 
 
 def step_experts_or(student, net):
@@ -89,8 +105,22 @@ def step_experts_or(student, net):
     return StepExpertsModel.from_experts([net, *later], [int(t) for t in student.timesteps])
 
 
-def export_run(run, out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
+def export_folder(out_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """`out_dir` resolved, if the export may replace it: not the run folder or one holding it, and either new, empty
+    or an earlier export (everything in it is deleted)."""
+    out, run = Path(out_dir).resolve(), None if run_dir is None else Path(run_dir).resolve()
+    if run is not None and (out == run or out in run.parents):
+        raise ValueError(f"out={out_dir} would replace the run folder {run}: export to a new folder, "
+                         "or leave out= unset for its export/")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / STUDENT_JSON).is_file())):
+        raise ValueError(f"out={out_dir} exists and is not an earlier export (no {STUDENT_JSON}): "
+                         "pick an empty or new folder")
+    return out
+
+
+def export_run(run, out_dir: str | Path, run_dir: str | Path | None = None) -> Path:
+    """Write `run`'s student to `out_dir` (see export_folder; `run_dir`: the run's folder, which is never replaced)."""
+    out_dir = export_folder(out_dir, run_dir)
     student = run.student()
     pipe = build_pipeline(student, getattr(run, "benchmark", None))
     tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
@@ -99,7 +129,7 @@ def export_run(run, out_dir: str | Path) -> Path:
     lora = student_lora(diffusers_unet(student.denoiser)) if hasattr(pipe, "save_lora_weights") else None
     if lora:  # also the adapter alone: teacher_pipe.load_lora_weights(export_dir) makes the student
         type(pipe).save_lora_weights(tmp, unet_lora_layers=lora[0], safe_serialization=True)
-    info = {"pipeline": type(pipe).__name__, "trained_timesteps": [int(t) for t in student.timesteps],
+    info = {"pipeline": type(pipe).__name__, "trained_timesteps": trained_timesteps(student),
             "benchmark": run.cfg.benchmark.name, "method": run.cfg.method.name,
             "load": (f"from diffusers import {type(pipe).__name__}" if type(pipe).__module__.startswith("diffusers")
                      else f"from stepdistill.pipelines import {type(pipe).__name__}")}
@@ -109,7 +139,7 @@ def export_run(run, out_dir: str | Path) -> Path:
     if isinstance(student.denoiser.net, TextConditionedUNet):
         info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "
                           "# the trained timesteps; the student needs no CFG")
-    (tmp / "stepdistill_student.json").write_text(json.dumps(info, indent=2))
+    (tmp / STUDENT_JSON).write_text(json.dumps(info, indent=2))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

@@ -1,17 +1,24 @@
-"""Few-step pipelines: a class-conditional UNet2DModel student and a low-dimensional (MLP) student."""
+"""Few-step pipelines: UNet2DModel students (unconditional or class-conditional) and low-dimensional (MLP) ones."""
 from __future__ import annotations
 
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, ModelMixin
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..generator import nearest_index
 from ..prediction import edm_coefficients, x0_from_output
+from ..schedules import make_schedule
+from .step_experts import StepExpertsModel
+
+OUTPUT_TYPES = ("pt", "np", "pil")
 
 
 class _FewStep(DiffusionPipeline):
     def _timesteps(self, num_inference_steps, timesteps):
-        if timesteps is None and num_inference_steps is None:
-            timesteps = list(self.config.trained_timesteps)  # the student's own training timesteps
+        """`timesteps`, else the trained ones (no count given, or the trained count: a student need not be trained
+        at LCMScheduler's K-step timesteps), else LCMScheduler's K-step ones."""
+        if timesteps is None and num_inference_steps in (None, len(self.config.trained_timesteps)):
+            timesteps = list(self.config.trained_timesteps)
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=[int(t) for t in timesteps])
         else:
@@ -24,52 +31,101 @@ class _FewStep(DiffusionPipeline):
         return x
 
 
-class ClassConditionalFewStepPipeline(_FewStep):
-    """`pipe(class_labels=[...], num_inference_steps=K or timesteps=[...])` -> images in [0, 1] (N, C, H, W)."""
-
+class _ImageFewStep(_FewStep):
     def __init__(self, unet: ModelMixin, scheduler: LCMScheduler, trained_timesteps: list[int] | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(trained_timesteps=list(trained_timesteps or [999]))
 
+    def _images(self, n, labels, num_inference_steps, timesteps, generator, output_type):
+        if output_type not in OUTPUT_TYPES:   # before sampling
+            raise ValueError(f"output_type={output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+        cfg = self.unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
+        x = randn_tensor((n, cfg.in_channels, *size), generator=generator, device=self.device, dtype=self.unet.dtype)
+        ts = self._timesteps(num_inference_steps, timesteps)
+        x = self._loop(x, lambda x, t: self.unet(x, t, class_labels=labels).sample, ts, generator)
+        images = (x.float() / 2 + 0.5).clamp(0, 1)
+        if output_type == "pt":
+            return images
+        images = images.cpu().permute(0, 2, 3, 1).numpy()
+        return images if output_type == "np" else self.numpy_to_pil(images)
+
+
+class ClassConditionalFewStepPipeline(_ImageFewStep):
+    """`pipe(class_labels=[...], num_inference_steps=K or timesteps=[...])` -> images in [0, 1]: (N, C, H, W)
+    (`output_type="pt"`), (N, H, W, C) numpy (`"np"`) or a list of PIL images (`"pil"`)."""
+
     @torch.no_grad()
     def __call__(self, class_labels, num_inference_steps: int | None = None, timesteps=None,
                  generator: torch.Generator | None = None, output_type: str = "pt"):
         labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
-        cfg = self.unet.config
-        size = cfg.sample_size if isinstance(cfg.sample_size, (list, tuple)) else (cfg.sample_size,) * 2
-        x = randn_tensor((labels.numel(), cfg.in_channels, *size), generator=generator, device=self.device,
-                         dtype=self.unet.dtype)
-        ts = self._timesteps(num_inference_steps, timesteps)
-        x = self._loop(x, lambda x, t: self.unet(x, t, class_labels=labels).sample, ts, generator)
-        images = (x.float() / 2 + 0.5).clamp(0, 1)
-        return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+        return self._images(labels.numel(), labels, num_inference_steps, timesteps, generator, output_type)
+
+
+class UnconditionalFewStepPipeline(_ImageFewStep):
+    """`pipe(batch_size=N, num_inference_steps=K or timesteps=[...])` -> images as ClassConditionalFewStepPipeline's.
+
+    For an unconditional UNet2DModel trained at other timesteps than LCMScheduler's: stock `DDPMPipeline` (the
+    export of the others) cannot be given timesteps."""
+
+    @torch.no_grad()
+    def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, timesteps=None,
+                 generator: torch.Generator | None = None, output_type: str = "pt"):
+        return self._images(batch_size, None, num_inference_steps, timesteps, generator, output_type)
 
 
 class PointsFewStepPipeline(_FewStep):
     """A few-step student on vectors (e.g. the GMM benchmark): `pipe(batch_size=N)` -> (N, dim) samples.
 
-    The scheduler is an LCMScheduler with prediction_type="sample": the network's native output is turned into
-    x0 here (stepdistill's prediction types, e.g. EDM preconditioning), then LCM's boundary condition applies.
+    On a discrete VP schedule the scheduler is an LCMScheduler with prediction_type="sample": the network's native
+    output is turned into x0 here (stepdistill's prediction types, e.g. EDM preconditioning), then LCM's boundary
+    condition applies. On another schedule (EDM, flow; `schedule` holds its `to_config()`) there is no
+    scheduler: the pipeline steps as `FewStepGenerator.sample` does.
     """
 
-    def __init__(self, net: ModelMixin, scheduler: LCMScheduler, trained_timesteps: list[int] | None = None,
-                 prediction_type: str = "edm", sigma_data: float = 0.5):
+    _optional_components = ["scheduler"]   # None off a discrete schedule
+
+    # `scheduler` has no default: diffusers loads only the arguments without one as components
+    def __init__(self, net: ModelMixin, scheduler: LCMScheduler | None, trained_timesteps: list | None = None,
+                 prediction_type: str = "edm", sigma_data: float = 0.5, schedule: dict | None = None):
         super().__init__()
         self.register_modules(net=net, scheduler=scheduler)
         self.register_to_config(trained_timesteps=list(trained_timesteps or [999]), prediction_type=prediction_type,
-                                sigma_data=sigma_data)
+                                sigma_data=sigma_data, schedule=schedule)
 
     def _x0(self, x, t):
-        ac = self.scheduler.alphas_cumprod.to(x.device)[int(t)]
-        a, s = ac.sqrt().float(), (1 - ac).sqrt().float()
+        net, t_in = self.net, torch.full((x.shape[0],), float(t), device=x.device)
+        if self.config.schedule is None:   # the LCMScheduler's discrete VP schedule: t indexes it
+            ac = self.scheduler.alphas_cumprod.to(x.device)[int(t)]
+            a, s = ac.sqrt().float(), (1 - ac).sqrt().float()
+        else:
+            sched = make_schedule(**self.config.schedule)
+            a, s = (v.float()[:, None] for v in sched.alpha_sigma(t_in))
+            t_in = sched.net_time(t_in)
+            if isinstance(net, StepExpertsModel):   # routed by t itself: the network's time input is not t here
+                net = net.experts[nearest_index(self.config.trained_timesteps, float(t))]
         x_in = x * edm_coefficients(a, s, self.config.sigma_data)[0] if self.config.prediction_type == "edm" else x
-        t_in = torch.full((x.shape[0],), float(t), device=x.device)
-        out = self.net(x_in, t_in).float()
+        out = net(x_in.to(net.dtype), t_in).float()   # the x0 arithmetic in float32 whatever the net's dtype
         return x0_from_output(out, x.float(), a, s, self.config.prediction_type, self.config.sigma_data)
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, num_inference_steps: int | None = None, timesteps=None,
                  generator: torch.Generator | None = None):
         x = randn_tensor((batch_size, self.net.config.dim), generator=generator, device=self.device)
-        return self._loop(x, self._x0, self._timesteps(num_inference_steps, timesteps), generator)
+        if self.config.schedule is None:
+            return self._loop(x, self._x0, self._timesteps(num_inference_steps, timesteps), generator)
+        sched = make_schedule(**self.config.schedule)
+        if timesteps is None:   # as FewStepGenerator.sampling_timesteps
+            trained = list(self.config.trained_timesteps)
+            timesteps = (trained if num_inference_steps in (None, len(trained))
+                         else sched.ode_timesteps(int(num_inference_steps)).tolist())
+        ts = [float(t) for t in timesteps]
+        if sched.kind == "edm":   # unit noise -> the first step's sigma, as FewStepGenerator.start
+            x = x * ts[0]
+        for k, t in enumerate(self.progress_bar(ts)):   # no LCM boundary condition off a discrete schedule
+            x0 = self._x0(x, t)
+            if k + 1 < len(ts):   # re-noised to the next timestep with fresh noise
+                z = randn_tensor(x0.shape, generator=generator, device=self.device, dtype=x0.dtype)
+                x = sched.add_noise(x0, z, torch.full((x0.shape[0],), ts[k + 1], device=self.device))
+        return x0

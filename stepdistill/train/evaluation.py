@@ -111,7 +111,7 @@ class Evaluator:
         student.eval()
         with torch.random.fork_rng(devices=[]):
             noise, cond, gen = eval_inputs(bm, n, seed)
-            ts = student.timesteps if steps is None else student.default_timesteps(steps)
+            ts = student.sampling_timesteps(steps)   # the trained timesteps at the trained count
             outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step)
             outputs = outputs if every_step else [outputs]
         student.train(was_training)
