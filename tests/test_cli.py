@@ -135,6 +135,23 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+def test_group_choices_checked_before_hydra_composes(tmp_path):
+    """Every choice of a sweep list is checked; a command that adds config folders, which may hold more choices
+    (a user's own experiment), is left to Hydra."""
+    from stepdistill.cli import unknown_group_choice
+    assert unknown_group_choice(["-m", "method=dmd,dmd2", "+experiment=sid_from_scratch", "trainer.max_steps=3",
+                                 "~experiment", "method=glob(*)", "benchmark.name=other"]) is None
+    assert "unknown generator 'two_step'" in unknown_group_choice(["generator=two_step"])
+    (tmp_path / "experiment").mkdir()
+    (tmp_path / "experiment" / "mine.yaml").write_text("# @package _global_\ntrainer: {max_steps: 2}\n")
+    assert "unknown experiment 'mine'" in unknown_group_choice(["experiment=mine"])
+    for extra in (["--config-dir", str(tmp_path)], [f"hydra.searchpath=[file://{tmp_path}]"]):
+        assert unknown_group_choice(["experiment=mine", *extra]) is None
+    proc = run_app("stepdistill.cli.train", "--config-dir", str(tmp_path), *FAST, "experiment=mine",
+                   f"hydra.run.dir={tmp_path}/run")
+    assert proc.returncode == 0 and (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
+
+
 def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
     """`stepdistill-teacher benchmark=digits` at toy settings: both networks are written and the teacher's
     settings and measured quality are recorded next to its weights."""

@@ -354,6 +354,18 @@ def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, p
         assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))
 
 
+def test_a_resumed_run_continues_its_wandb_run(gmm_cfg, tmp_path, monkeypatch):
+    """Each resume started a new wandb run; the run folder now keeps its wandb run's id and resumes it."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    common = ["logger=wandb", "trainer.export=false", "eval.every=0", "eval.final=false"]
+    train(gmm_cfg(*common, "trainer.max_steps=3"), tmp_path)
+    run_id = (tmp_path / "wandb_run_id").read_text()
+    train(gmm_cfg(*common, "trainer.max_steps=6", "trainer.resume=true"), tmp_path)
+    assert (tmp_path / "wandb_run_id").read_text() == run_id
+    runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(f"-{run_id}" in name for name in runs), runs   # wandb may add "-1"
+
+
 def test_wandb_syncs_where_it_has_a_key_and_stays_offline_without(tmp_path, monkeypatch):
     """`wandb login` stores its key in ~/.netrc, not the environment: a logged-in user's runs were forced offline."""
     from stepdistill.train.loggers import wandb_mode

@@ -40,8 +40,11 @@ def unknown_group_choice(args: list[str]) -> str | None:
     """The one-line error for a config group choice on the command line that conf/ has no file for
     (`method=foo`), else None. Hydra's own answer is 12-18 lines (the search path, a hint about
     HYDRA_FULL_ERROR); this one names the group's choices. Sweep lists (`method=dmd,dmd2`) are checked item by
-    item; sweep functions (`glob(...)`, `range(...)`) and deletions (`~group`) are left to Hydra."""
+    item; sweep functions (`glob(...)`, `range(...)`) and deletions (`~group`) are left to Hydra, as is every
+    choice when the command adds config folders (`--config-dir`, `hydra.searchpath`) that may hold more."""
     conf = Path(CONF_DIR)
+    if any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in args):
+        return None
     for arg in args:
         key, sep, value = arg.lstrip("+").partition("=")
         group = key.split("@")[0]

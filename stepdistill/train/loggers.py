@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import uuid
 from pathlib import Path
 
 log = logging.getLogger("stepdistill")
@@ -46,7 +47,12 @@ class MetricsLogger:
         self._wandb = self._tb = None
         if backend == "wandb":
             import wandb
-            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode())
+            # one wandb run per run folder: a resume continues it (its id is kept beside metrics.jsonl)
+            id_file = Path(run_dir) / "wandb_run_id"
+            run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file.write_text(run_id)
+            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode(), id=run_id,
+                                     resume="allow")
         elif backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
