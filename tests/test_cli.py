@@ -152,6 +152,28 @@ def test_group_choices_checked_before_hydra_composes(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
 
 
+def test_sample_and_eval_take_a_device(tmp_path):
+    """`device=` (sample and eval): auto is the GPU where torch sees one; a GPU it does not see, or an unknown
+    name, is one line. Sampling always ran on the CPU, on a GPU machine too."""
+    from stepdistill.cli import pick_device
+    assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and pick_device("cpu") == "cpu"
+    args = ["benchmark=gmm", "teacher_steps=4", "num_samples=8"]
+    run_app("stepdistill.cli.sample", *args, "device=cpu", f"out={tmp_path / 'cpu.npz'}")
+    run_app("stepdistill.cli.sample", *args, f"out={tmp_path / 'auto.npz'}")
+    with np.load(tmp_path / "cpu.npz") as a, np.load(tmp_path / "auto.npz") as b:
+        np.testing.assert_allclose(a["samples"], b["samples"], atol=1e-5)
+    bad = [("device=tpu", "device=tpu: use auto, cpu, cuda or cuda:N")]
+    if not torch.cuda.is_available():
+        bad.append(("device=cuda", "device=cuda: torch sees no such GPU here: use device=cpu (or auto)"))
+    for app in ("stepdistill.cli.sample", "stepdistill.cli.evaluate"):
+        for override, message in bad:
+            extra = ["run_dir=" + str(tmp_path)] if app.endswith("evaluate") else []
+            if extra:
+                (tmp_path / "config.yaml").write_text("seed: 0\n")   # a run folder, so the device is what fails
+            proc = run_app(app, *args, override, *extra, f"out={tmp_path / 'x.npz'}", check=False)
+            assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
 def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
     """`stepdistill-teacher benchmark=digits` at toy settings: both networks are written and the teacher's
     settings and measured quality are recorded next to its weights."""

@@ -1,4 +1,5 @@
 """Export -> load -> sample gives the same samples as stepdistill's own sampler for the same noise."""
+import json
 import subprocess
 import sys
 
@@ -29,6 +30,9 @@ def test_unconditional_unet_exports_to_stock_ddpm_pipeline(tmp_path, steps):
     gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), steps=steps)
     cfg = OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})
     out = export_run(_Run(gen, cfg), tmp_path / "export")
+    # its default of 1000 steps is more than LCMScheduler takes: the export says how to call it
+    assert json.loads((out / "stepdistill_student.json").read_text())["sample"].startswith(
+        f"pipe(num_inference_steps={steps})")
     # the pipeline draws the initial noise and the between-step noise from one generator, in that order
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(3, 1, 8, 8, generator=g)
@@ -177,6 +181,9 @@ def test_pipelines_take_the_output_types_they_name():
     np.testing.assert_array_equal(np.asarray(pil[1]), (arr[1, :, :, 0] * 255).round().astype(np.uint8))
     with pytest.raises(ValueError, match="output_type='latent': use one of pt, np, pil"):
         pipe(class_labels=[0], output_type="latent")
+    with pytest.raises(ValueError, match=r"class_labels must lie in 0\.\.10 \(the UNet's 11 class embeddings\), "
+                                         r"got 0\.\.11"):
+        pipe(class_labels=[0, 11])   # was a bare IndexError
 
 
 @pytest.mark.parametrize("kind", ["vp", "edm"])

@@ -102,6 +102,22 @@ def _check_hydra_overrides(args) -> None:
         check_override_types(args[0])
 
 
+def pick_device(name) -> str:
+    """`device=`: auto is the GPU where torch sees one, else the CPU; a GPU torch does not see is a one-line error."""
+    import torch
+
+    name = str(name or "auto")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return name
+    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+        if not torch.cuda.is_available() or torch.device(name).index not in (None, *range(torch.cuda.device_count())):
+            raise ValueError(f"device={name}: torch sees no such GPU here: use device=cpu (or auto)")
+        return name
+    raise ValueError(f"device={name}: use auto, cpu, cuda or cuda:N")
+
+
 def set_threads(n, key: str = "num_threads") -> None:
     """torch's thread count; 0 or null leaves torch's default (one per core)."""
     import torch

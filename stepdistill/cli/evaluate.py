@@ -17,18 +17,19 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, checked_groups, pipe_table, set_threads, user_errors
+from . import CONF_DIR, checked_groups, pick_device, pipe_table, set_threads, user_errors
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
-                 every_step: bool = False, checkpoint=None) -> dict:
-    """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or folder), logged at its step."""
+                 every_step: bool = False, checkpoint=None, device: str | None = None) -> dict:
+    """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or folder), logged at its step; the
+    networks on `device` (None: the CPU)."""
     from ..train.checkpoint import checkpoint_step
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
     from ..train.setup import load_run
 
-    run = load_run(run_dir, overrides, checkpoint)
+    run = load_run(run_dir, overrides, checkpoint, device)
     step = checkpoint_step(run.checkpoint)   # not trainer.max_steps: a stopped run's latest step is earlier
     evaluator = Evaluator(run, Path(run_dir))
     if every_step:
@@ -58,7 +59,8 @@ def main(cfg: DictConfig) -> None:
     run_dir = run_folder(cfg.get("run_dir"))
     set_threads(cfg.get("num_threads"))
     every_step = bool(cfg.get("every_step", False))
-    metrics = evaluate_run(run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"))
+    metrics = evaluate_run(run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"),
+                           device=pick_device(cfg.get("device")))
     print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
 
 

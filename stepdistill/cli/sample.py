@@ -14,7 +14,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, checked_groups, set_threads, user_errors
+from . import CONF_DIR, checked_groups, pick_device, set_threads, user_errors
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
@@ -32,12 +32,14 @@ def write_npz(out: str | Path, samples, labels=None) -> Path:
     return out
 
 
-def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000, checkpoint=None):
-    """`checkpoint`: a step number or a checkpoint folder; None = the run's latest."""
+def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000, checkpoint=None,
+                   device: str | None = None):
+    """`checkpoint`: a step number or a checkpoint folder; None = the run's latest. `device`: where the student
+    runs (None: the CPU); the noise is drawn on the CPU, so the samples are the same up to the device's arithmetic."""
     from ..train.evaluation import eval_inputs, student_sample
     from ..train.setup import load_run
 
-    run = load_run(run_dir, checkpoint=checkpoint)
+    run = load_run(run_dir, checkpoint=checkpoint, device=device)
     student = run.student()
     noise, cond, gen = eval_inputs(run.benchmark, num_samples, seed)
     ts = None if steps is None else student.sampling_timesteps(int(steps))   # the trained ones at the trained count
@@ -45,11 +47,14 @@ def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_s
     return run.benchmark.to_output(x), run.benchmark.eval_labels(num_samples)
 
 
-def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000):
+def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000,
+                   device: str | None = None):
     from ..benchmarks.registry import build_benchmark
     from ..train.evaluation import eval_inputs, teacher_sample_batched
 
     bm = build_benchmark(cfg.benchmark)
+    if device is not None:
+        bm.teacher.to(device)
     noise, cond, _ = eval_inputs(bm, num_samples, seed)
     x = teacher_sample_batched(bm, noise, cond, steps, batch_size)
     return bm.to_output(x), bm.eval_labels(num_samples)
@@ -74,10 +79,12 @@ def main(cfg: DictConfig) -> None:
     steps = None if cfg.get(key) is None else at_least(key, cfg[key])
     run_dir = run_folder(cfg.run_dir) if cfg.get("run_dir") else None
     set_threads(cfg.get("num_threads"))
+    device = pick_device(cfg.get("device"))
     if run_dir:
-        samples, labels = sample_student(run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"))
+        samples, labels = sample_student(run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"),
+                                         device=device)
     else:
-        samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed))
+        samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed), device=device)
     path = write_npz(cfg.out, samples, labels)
     print(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} to {path}")
 

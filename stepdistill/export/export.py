@@ -136,6 +136,8 @@ def export_run(run, out_dir: str | Path, run_dir: str | Path | None = None) -> P
     if lora:
         info["lora"] = {"weights": "pytorch_lora_weights.safetensors", "rank": lora[1],
                         "apply": "teacher_pipe.load_lora_weights(export_dir) (optionally teacher_pipe.fuse_lora())"}
+    if isinstance(pipe, DDPMPipeline):   # its own default, 1000 steps, is more than an LCMScheduler takes
+        info["sample"] = f"pipe(num_inference_steps={len(info['trained_timesteps'])})  # the trained timesteps"
     if isinstance(student.denoiser.net, TextConditionedUNet):
         info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "
                           "# the trained timesteps; the student needs no CFG")

@@ -90,8 +90,10 @@ def checkpoint_roles(roles: Roles) -> dict:
     return {n: m for n, m in roles.items() if n not in Roles.FROZEN}
 
 
-def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint: str | None = None) -> Run:
-    """Rebuild a finished (or running) run from its config.yaml and its latest checkpoint."""
+def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint: str | None = None,
+             device: str | None = None) -> Run:
+    """Rebuild a finished (or running) run from its config.yaml and its latest checkpoint, on `device` (None: the
+    CPU)."""
     run_dir = run_folder(run_dir)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     if overrides:
@@ -101,6 +103,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
     load_checkpoint(ckpt, checkpoint_roles(run.roles))
     for m in run.roles.values():
         m.eval()
+    if device is not None:   # the teacher among the roles: its samples (teacher references) are made there too
+        run.roles.to(device)
     run.checkpoint = ckpt
     return run
 
