@@ -60,7 +60,8 @@ class ClassConditionalFewStepPipeline(_ImageFewStep):
     def __call__(self, class_labels, num_inference_steps: int | None = None, timesteps=None,
                  generator: torch.Generator | None = None, output_type: str = "pt"):
         labels = torch.as_tensor(class_labels, device=self.device).long().reshape(-1)
-        n = self.unet.config.num_class_embeds
+        cfg = self.unet.config   # a StepExpertsModel keeps its experts' config under expert_config
+        n = cfg.get("num_class_embeds") or (cfg.get("expert_config") or {}).get("num_class_embeds")
         if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < n):   # not a bare IndexError
             raise ValueError(f"class_labels must lie in 0..{n - 1} (the UNet's {n} class embeddings), got "
                              f"{int(labels.min())}..{int(labels.max())}")
