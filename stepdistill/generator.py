@@ -192,19 +192,24 @@ class FewStepGenerator(nn.Module):
             return self._run_to_step(noise, cond, ks, return_steps)
         x, idx = self.start(noise), torch.arange(noise.shape[0], device=noise.device)
         outs, out_idx = [], []
-        for i, t in enumerate(self.timesteps):
+        last = max(self.train_steps)
+        for i, t in enumerate(self.timesteps[:last]):
             here = ks[idx] == i + 1
             if here.any():  # these samples stop at step i+1: the trained step, with gradient
                 outs.append(self.denoise(x[here], t, _take(cond, here)))
                 out_idx.append(idx[here])
             idx, x, cond = idx[~here], x[~here], _take(cond, ~here)
-            if idx.numel() == 0:
+            if i + 1 == last:
                 break
-            with torch.no_grad():  # the rest run this step without gradient and are re-noised with fresh noise,
-                # drawn for the whole batch and taken at their rows: a sample's noise does not depend on which
-                # of its neighbours stopped earlier, or on how the batch is split over processes
-                x0 = self.denoise(x, t, cond)
-                x = self.renoise(x0, self.timesteps[i + 1], batch_split.randn_like(noise)[idx])
+            # the rest run this step without gradient and are re-noised with fresh noise, drawn for the whole batch
+            # and taken at their rows: a sample's noise does not depend on which of its neighbours stopped earlier,
+            # or on how the batch is split over processes. Drawn even where none of this process's rows go on, so
+            # every process (and every micro-batch) makes the draws one process makes for the global batch.
+            z = batch_split.randn_like(noise)
+            if idx.numel():
+                with torch.no_grad():
+                    x0 = self.denoise(x, t, cond)
+                    x = self.renoise(x0, self.timesteps[i + 1], z[idx])
         out, order = torch.cat(outs), torch.cat(out_idx)
         out = out[torch.argsort(order)]
         return (out, ks) if return_steps else out

@@ -140,3 +140,8 @@ def test_fsdp_refuses_what_it_cannot_shard():
     check_fsdp_supported(compose_cfg("trainer=fsdp", "benchmark=tiny_sd", "trainer.mixed_precision=bf16"))
     with pytest.raises(ValueError, match="generator.step_experts=false"):
         check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.step_experts=true"))
+    # per-sample exit steps: each process would run the sharded forwards its own rows need
+    with pytest.raises(ValueError, match="set generator.per_sample_step=false"):
+        check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step"))
+    check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.per_sample_step=false"))
+    check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.train_steps=[4]"))

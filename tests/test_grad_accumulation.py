@@ -40,6 +40,46 @@ def test_micro_batches_take_their_rows_of_each_global_draw():
             pass
 
 
+def test_per_sample_exit_steps_make_the_global_draws_whatever_a_shard_holds():
+    """Backward simulation with per-sample exit steps: a process (or micro-batch) whose rows had all exited stopped
+    drawing the global batch's between-step noise, so its RNG, and every draw after it, left the one-process run's
+    (13 of 20 seeds at a global batch of 4). Outputs and the next draw must match one process on every shard."""
+    from stepdistill.generator import FewStepGenerator
+    from stepdistill.networks.mlp import TimeMLP
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.schedules import VPSchedule
+    torch.manual_seed(0)
+    gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 16, 2), VPSchedule(), "edm", sigma_data=2.0), steps=4)
+
+    def run(rank, world, seed):
+        batch_split.set_split(rank, world)
+        torch.manual_seed(seed)
+        out, ks = gen(batch_split.randn(4 // world, 2), None, return_steps=True)
+        return out, ks, torch.rand(1)
+    try:
+        for seed in range(20):
+            one = run(0, 1, seed)
+            two = [run(r, 2, seed) for r in range(2)]
+            torch.testing.assert_close(torch.cat([two[0][0], two[1][0]]), one[0])
+            assert torch.equal(torch.cat([two[0][1], two[1][1]]), one[1])
+            assert all(torch.equal(t[2], one[2]) for t in two), f"seed {seed}: exit steps {one[1].tolist()}"
+    finally:
+        batch_split.set_split(0, 1)
+
+
+def test_a_parameter_without_gradient_on_every_process_keeps_none(monkeypatch):
+    """average_gradients gave a parameter that no process had a gradient for a zero one, which AdamW then moved by
+    weight decay and momentum (a step expert the batch did not train), while one process skips it."""
+    from stepdistill.train import distributed
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t: t.mul_(2))   # two processes with the same grads
+    used, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    used.grad = torch.tensor([1.0, 2.0, 3.0])
+    distributed.average_gradients([used, unused])
+    assert torch.equal(used.grad, torch.tensor([1.0, 2.0, 3.0])) and unused.grad is None
+
+
 def _train(cfg, run_dir):
     train(cfg, run_dir)
     return {str(r["step"]): r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())

@@ -20,19 +20,24 @@ def is_distributed() -> bool:
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Mean of each parameter's gradient over the processes (a missing gradient counts as zero). Sharded
-    parameters (trainer=fsdp) are skipped: FSDP's reduce-scatter has averaged them already."""
+    """Mean of each parameter's gradient over the processes (a gradient missing on some processes counts as zero
+    there). A parameter with no gradient on any process keeps none: AdamW skips it, as it does on one process (a
+    zero gradient would still move it by weight decay and momentum). Sharded parameters (trainer=fsdp) are skipped:
+    FSDP's reduce-scatter has averaged them already."""
     params = [p for p in params if not is_sharded(p)]
     if not is_distributed() or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    # one buffer: the gradients, then one "has a gradient" flag per parameter (summed: > 0 where any process had one)
+    has = torch.tensor([float(p.grad is not None) for p in params], device=grads[0].device)
+    flat = torch.cat([*(g.reshape(-1).float() for g in grads), has])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat[:-len(params)] /= dist.get_world_size()
+    anywhere = flat[-len(params):].tolist()
     offset = 0
-    for p, g in zip(params, grads):
+    for p, g, had in zip(params, grads, anywhere):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
+        p.grad = flat[offset:offset + n].view_as(g).to(g.dtype) if had > 0 else None
         offset += n
 
 

@@ -49,6 +49,14 @@ def check_fsdp_supported(cfg) -> None:
     if cfg.generator.get("step_experts"):
         raise ValueError("trainer=fsdp does not shard step experts (one network per step): set "
                          "generator.step_experts=false or use the default trainer")
+    g = cfg.generator
+    exits = g.get("train_steps") or range(int(g.get("steps", 1)))
+    if g.get("per_sample_step") and len(exits) > 1:
+        # each process runs the forwards its own rows need: sharded forwards would then differ between processes,
+        # and their all-gathers would wait for each other
+        raise ValueError("trainer=fsdp with generator.per_sample_step=true: a process's forwards would depend on its "
+                         "rows' exit steps; set generator.per_sample_step=false (one exit step per batch, as DMD2's "
+                         "code) or use the default trainer")
 
 
 def shard_roles(roles, device: torch.device, world: int, wrap=WRAP_DEFAULT,
