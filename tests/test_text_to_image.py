@@ -39,6 +39,8 @@ def test_prompt_files(tmp_path):
         load_prompts(tmp_path / "q.csv", "text")
     with pytest.raises(FileNotFoundError, match="data.prompts="):
         load_prompts(tmp_path / "missing.txt")
+    (tmp_path / "bom.csv").write_text("\ufeffprompt,id\na fish,1\n", encoding="utf-8")   # as a spreadsheet saves it
+    assert load_prompts(tmp_path / "bom.csv") == ["a fish"]
 
 
 def test_parquet_prompts(tmp_path):
@@ -74,6 +76,24 @@ def test_embedding_cache_encodes_each_prompt_once(tmp_path):
     other = EmbeddingCache("model-b", tmp_path)       # another model does not see model-a's embeddings
     other.get(["ab"], encode)
     assert other.encoded == 1
+
+
+def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path):
+    """The embedding cache was keyed on the text encoder alone (a changed tokenizer reused stale embeddings), and the
+    teacher samples standing in for real data ignored the negative prompt, CFG's unconditional branch."""
+    import shutil
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    teacher = tmp_path / "teacher"
+    shutil.copytree(build_benchmark(compose_cfg(*TINY).benchmark).path, teacher)
+    local = [*TINY, "benchmark=text_to_image", f"benchmark.teacher.path={teacher}"]
+    first = build_benchmark(compose_cfg(*local).benchmark)
+    config = teacher / "tokenizer" / "tokenizer_config.json"
+    config.write_text(config.read_text() + "\n")   # the same tokenizer, but its files changed
+    again = build_benchmark(compose_cfg(*local).benchmark)
+    assert again.embedding_cache.file != first.embedding_cache.file
+    negative = build_benchmark(compose_cfg(*local, "benchmark.negative_prompt='a blurry photo'").benchmark)
+    assert negative.teacher_samples_key(16) != again.teacher_samples_key(16)
 
 
 def test_gaussian_frechet_distance_against_scipy():
@@ -242,14 +262,15 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("name", ["tiny_sd", "tiny_sdxl"])
-def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path, name):
+@pytest.mark.parametrize("name,alpha", [("tiny_sd", 4), ("tiny_sdxl", 4), ("tiny_sd", 8)])
+def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path, name, alpha):
+    """alpha 8 at rank 4: the saved weights alone loaded at alpha = rank, half the adapter's strength."""
     from stepdistill.export import export_run
     from stepdistill.networks.lora import diffusers_unet
     from stepdistill.train.setup import build_run
     from stepdistill.train.trainer import Trainer
-    run = build_run(compose_cfg(*TINY, f"benchmark={name}", "generator.lora_rank=4", "trainer.max_steps=3", "eval.every=0",
-                                "eval.final=false", "method.critic_steps=1"))
+    run = build_run(compose_cfg(*TINY, f"benchmark={name}", "generator.lora_rank=4", f"generator.lora_alpha={alpha}",
+                                "trainer.max_steps=3", "eval.every=0", "eval.final=false", "method.critic_steps=1"))
     unet = diffusers_unet(run.roles["generator"].denoiser)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
@@ -414,6 +435,9 @@ def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
     Trainer(run, tmp_path).fit()
     with pytest.raises(ValueError, match="model.gradient_checkpointing needs diffusers UNets"):
         build_run(compose_cfg("benchmark=gmm", "model.gradient_checkpointing=true"))
+    # the shared UNet's recomputation in backward would run whichever adapter was switched on last
+    with pytest.raises(ValueError, match="model.gradient_checkpointing with model.shared_base=true"):
+        build_run(compose_cfg(*TINY, "model.shared_base=true", "model.gradient_checkpointing=true"))
     cfg = compose_cfg("experiment=sd15_dmd2", "benchmark.teacher.path=/models/sd15")
     assert (cfg.benchmark.name, cfg.benchmark.guidance, cfg.method.critic_steps) == ("text_to_image", 1.75, 10)
     assert cfg.optim.generator.lr == cfg.optim.critic.lr == 1e-5 and cfg.model.gradient_checkpointing

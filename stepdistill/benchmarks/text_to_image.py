@@ -108,9 +108,9 @@ class TextToImageBenchmark(Benchmark):
         data = cfg.get("data") or {}
         self.prompts = (load_prompts(data["prompts"], data.get("prompt_column")) if data.get("prompts")
                         else list(TOKENIZER_PROMPTS))
-        encoders = [model_key(self.path / "text_encoder")] + ([model_key(self.path / "text_encoder_2")]
-                                                              if self.sdxl else [])
-        self.embedding_cache = EmbeddingCache("-".join(encoders))
+        # the tokenizers too: a changed vocabulary or model_max_length changes every embedding
+        parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if self.sdxl else [])
+        self.embedding_cache = EmbeddingCache("-".join(model_key(self.path / p) for p in parts))
         self.prompt_embeddings = self.embedding_cache.get(self.prompts, self.encode_prompts)
         negative = str(cfg.get("negative_prompt") or "")
         if self.sdxl and not negative and self.force_zeros_for_empty_prompt:   # as SDXL's own pipeline does
@@ -205,6 +205,12 @@ class TextToImageBenchmark(Benchmark):
         return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
                            self.guidance if guidance is None else float(guidance))
 
+    def teacher_samples_key(self, n: int) -> str:
+        """The cache key of `n` teacher samples standing in for real data: everything they depend on, the negative
+        prompt (CFG's unconditional branch) included."""
+        return digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape,
+                      self.cfg.get("negative_prompt") or "", *self.prompts)
+
     @cached_property
     def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Real latents with their conds: the VAE latents of `benchmark.data.images` if set, else teacher ODE
@@ -213,7 +219,7 @@ class TextToImageBenchmark(Benchmark):
         if images:
             return self.image_latents(images)
         n = self.num_real
-        key = digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape, *self.prompts)
+        key = self.teacher_samples_key(n)
 
         def sample() -> dict:
             from ..train.evaluation import teacher_sample_batched

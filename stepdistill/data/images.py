@@ -25,7 +25,7 @@ def load_image_folder(folder: str | Path) -> list[tuple[Path, str]]:
         raise FileNotFoundError(f"benchmark.data.images={folder} is not a folder of images")
     captions: dict[str, str] = {}
     if (folder / "metadata.csv").is_file():
-        with (folder / "metadata.csv").open(newline="", encoding="utf-8") as f:
+        with (folder / "metadata.csv").open(newline="", encoding="utf-8-sig") as f:   # a byte-order mark too
             captions = {row["file_name"]: row.get("text") or "" for row in csv.DictReader(f)}
     elif (folder / "metadata.jsonl").is_file():
         for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():

@@ -32,7 +32,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
         col = _pick_column(column, names, path)
         prompts = [str(p) for p in table.column(col).to_pylist() if p is not None]
     elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
+        with path.open(newline="", encoding="utf-8-sig") as f:   # -sig: a spreadsheet's byte-order mark
             reader = csv.DictReader(f)
             col = _pick_column(column, reader.fieldnames or [], path)
             prompts = [row[col] for row in reader if row.get(col)]

@@ -44,14 +44,17 @@ def plain_unet(unet):
     return merged_copy(unet) if has_lora(unet) else unet
 
 
-def student_lora(unet) -> tuple[dict, int] | None:
-    """The student's adapter weights (diffusers keys) and rank, or None for a full-weight student."""
+def student_lora(unet) -> tuple[dict, int, dict] | None:
+    """The student's adapter weights (diffusers keys), rank and peft config (as a dict), or None for a full-weight
+    student."""
     if isinstance(unet, AdapterView):
-        base = unet.shared.unet
-        return lora_state_dict(base, unet.adapter), int(base.peft_config[unet.adapter].r)
-    if has_lora(unet):
-        return lora_state_dict(unet), int(unet.peft_config["default"].r)
-    return None
+        base, name = unet.shared.unet, unet.adapter
+    elif has_lora(unet):
+        base, name = unet, "default"
+    else:
+        return None
+    config = base.peft_config[name]
+    return lora_state_dict(base, name), int(config.r), config.to_dict()
 
 
 def build_pipeline(student, benchmark=None):
@@ -128,7 +131,10 @@ def export_run(run, out_dir: str | Path, run_dir: str | Path | None = None) -> P
     pipe.save_pretrained(tmp, safe_serialization=True)
     lora = student_lora(diffusers_unet(student.denoiser)) if hasattr(pipe, "save_lora_weights") else None
     if lora:  # also the adapter alone: teacher_pipe.load_lora_weights(export_dir) makes the student
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora[0], safe_serialization=True)
+        # with the adapter's config: without it load_lora_weights takes alpha = rank, and an adapter trained with
+        # another lora_alpha loads at rank / alpha of its strength
+        type(pipe).save_lora_weights(tmp, unet_lora_layers=lora[0], safe_serialization=True,
+                                     unet_lora_adapter_metadata=lora[2])
     info = {"pipeline": type(pipe).__name__, "trained_timesteps": trained_timesteps(student),
             "benchmark": run.cfg.benchmark.name, "method": run.cfg.method.name,
             "load": (f"from diffusers import {type(pipe).__name__}" if type(pipe).__module__.startswith("diffusers")

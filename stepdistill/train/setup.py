@@ -56,7 +56,11 @@ def enable_gradient_checkpointing(roles: Roles) -> None:
     found = False
     for den in (roles["fake_score"], *roles["generator"].step_denoisers):
         net = diffusers_unet(den)
-        net = net.shared.unet if isinstance(net, AdapterView) else net
+        if isinstance(net, AdapterView):
+            # the recomputation in backward runs the shared UNet with whichever adapter a later call switched to
+            # (the teacher's, the fake score's), not the one its forward used
+            raise ValueError("model.gradient_checkpointing with model.shared_base=true: the backward's recomputation "
+                             "would run another role's adapter; set one of them to false")
         if getattr(net, "_supports_gradient_checkpointing", False):
             net.enable_gradient_checkpointing()
             found = True
