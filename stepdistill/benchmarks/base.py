@@ -13,6 +13,7 @@ from ..generator import FewStepGenerator
 from ..methods.gan import probe_feature_shape
 from ..networks.heads import ClassifierHead
 from ..roles import Roles
+from ..samplers import ddim_sample
 
 
 def shared_base(model_cfg) -> bool:
@@ -161,9 +162,10 @@ class Benchmark:
         return torch.randn(n, *self.data_shape, generator=generator)
 
     def teacher_sample(self, noise, cond=None, steps: int | None = None, guidance: float | None = None) -> torch.Tensor:
-        """The teacher's default multi-step ODE sampler; `steps` and the CFG scale `guidance` default to the
-        benchmark's."""
-        raise NotImplementedError
+        """The teacher's default multi-step ODE sampler (DDIM); `steps` and the CFG scale `guidance` default to the
+        benchmark's `teacher_steps` and `guidance`."""
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
+                           self.guidance if guidance is None else float(guidance))
 
     # --- output ------------------------------------------------------------------------------------------
     def to_output(self, x: torch.Tensor) -> torch.Tensor:

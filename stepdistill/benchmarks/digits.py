@@ -9,7 +9,6 @@ import torch
 
 from ..checks import at_least, non_negative, or_default
 from ..denoiser import NetworkDenoiser
-from ..samplers import ddim_sample
 from ..teachers import load_unet_teacher, teacher_info
 from .base import Benchmark
 
@@ -59,10 +58,6 @@ class DigitsBenchmark(Benchmark):
     def sample_cond(self, n, generator=None):
         # uniformly random labels (from `generator` where given, so an evaluation's labels are reproducible)
         return torch.randint(0, self.num_classes, (n,), generator=generator)
-
-    def teacher_sample(self, noise, cond=None, steps=None, guidance=None):
-        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
-                           self.guidance if guidance is None else float(guidance))
 
     def to_output(self, x):
         return ((x.float() + 1) / 2).clamp(0, 1)

@@ -23,7 +23,6 @@ from ..checks import at_least, non_negative, or_default
 from ..data.cache import cache_dir, cached_tensors, digest, files_stamp, model_key
 from ..data.prompts import EmbeddingCache, load_prompts
 from ..networks.text_unet import SDXLConditionedUNet, TextConditionedUNet, TextDenoiser, pack_sdxl_cond
-from ..samplers import ddim_sample
 from ..teachers import scheduler_config, vp_schedule
 from .base import Benchmark
 from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd, build_tiny_sdxl
@@ -200,10 +199,6 @@ class TextToImageBenchmark(Benchmark):
 
     def eval_labels(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
-
-    def teacher_sample(self, noise, cond=None, steps=None, guidance=None):
-        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps), cond,
-                           self.guidance if guidance is None else float(guidance))
 
     def teacher_samples_key(self, n: int) -> str:
         """The cache key of `n` teacher samples standing in for real data: everything they depend on, the negative

@@ -14,11 +14,17 @@ OUTPUT_TYPES = ("pt", "np", "pil")
 
 
 class _FewStep(DiffusionPipeline):
-    def _timesteps(self, num_inference_steps, timesteps):
-        """`timesteps`, else the trained ones (no count given, or the trained count: a student need not be trained
-        at LCMScheduler's K-step timesteps), else LCMScheduler's K-step ones."""
+    def _given_or_trained(self, num_inference_steps, timesteps) -> list | None:
+        """`timesteps`, else the trained ones when no count or the trained count is asked for (a student need not be
+        trained at the schedule's K-step timesteps, as FewStepGenerator.sampling_timesteps), else None: the
+        schedule's own K-step ones."""
         if timesteps is None and num_inference_steps in (None, len(self.config.trained_timesteps)):
-            timesteps = list(self.config.trained_timesteps)
+            return list(self.config.trained_timesteps)
+        return timesteps
+
+    def _timesteps(self, num_inference_steps, timesteps):
+        """LCMScheduler's timesteps for the call: given, trained, or its own K-step ones."""
+        timesteps = self._given_or_trained(num_inference_steps, timesteps)
         if timesteps is not None:
             self.scheduler.set_timesteps(timesteps=[int(t) for t in timesteps])
         else:
@@ -98,6 +104,7 @@ class PointsFewStepPipeline(_FewStep):
         self.register_modules(net=net, scheduler=scheduler)
         self.register_to_config(trained_timesteps=list(trained_timesteps or [999]), prediction_type=prediction_type,
                                 sigma_data=sigma_data, schedule=schedule)
+        self._schedule = None if schedule is None else make_schedule(**schedule)   # built once, not per step
 
     def _x0(self, x, t):
         net, t_in = self.net, torch.full((x.shape[0],), float(t), device=x.device)
@@ -105,7 +112,7 @@ class PointsFewStepPipeline(_FewStep):
             ac = self.scheduler.alphas_cumprod.to(x.device)[int(t)]
             a, s = ac.sqrt().float(), (1 - ac).sqrt().float()
         else:
-            sched = make_schedule(**self.config.schedule)
+            sched = self._schedule
             a, s = (v.float()[:, None] for v in sched.alpha_sigma(t_in))
             t_in = sched.net_time(t_in)
             if isinstance(net, StepExpertsModel):   # routed by t itself: the network's time input is not t here
@@ -120,11 +127,10 @@ class PointsFewStepPipeline(_FewStep):
         x = randn_tensor((batch_size, self.net.config.dim), generator=generator, device=self.device)
         if self.config.schedule is None:
             return self._loop(x, self._x0, self._timesteps(num_inference_steps, timesteps), generator)
-        sched = make_schedule(**self.config.schedule)
-        if timesteps is None:   # as FewStepGenerator.sampling_timesteps
-            trained = list(self.config.trained_timesteps)
-            timesteps = (trained if num_inference_steps in (None, len(trained))
-                         else sched.ode_timesteps(int(num_inference_steps)).tolist())
+        sched = self._schedule
+        timesteps = self._given_or_trained(num_inference_steps, timesteps)
+        if timesteps is None:   # the ODE grid's K steps, as FewStepGenerator.default_timesteps off a discrete schedule
+            timesteps = sched.ode_timesteps(int(num_inference_steps)).tolist()
         ts = [float(t) for t in timesteps]
         if sched.kind == "edm":   # unit noise -> the first step's sigma, as FewStepGenerator.start
             x = x * ts[0]

@@ -221,16 +221,17 @@ class Trainer:
         """After a resume, the configured learning rate, betas and weight decay, not the checkpoint's: loading an
         optimizer and an LR scheduler restores the values they were built with, so a resume that changes
         `optim.*.lr` (a second stage at a lower rate) would silently run at the old one while config.yaml records
-        the new. Unchanged settings give the same values (the rate is the scheduler's own base x multiplier)."""
+        the new. The configured values are the optimizer's `defaults` (built from this config; a state dict does not
+        load them). Unchanged settings give the same values (the rate is the scheduler's own base x multiplier)."""
         for phase, opt in self.optimizers.items():
-            oc, sched = self.cfg.optim[phase], self.schedulers[phase]
-            lr = float(oc.lr)
+            sched, built = self.schedulers[phase], opt.defaults
+            lr = built["lr"]
             if sched.base_lrs[0] != lr:
                 log.info("resume: optim.%s.lr %g (the checkpoint's was %g)", phase, lr, sched.base_lrs[0])
             sched.base_lrs = [lr] * len(opt.param_groups)
             for group, fn in zip(opt.param_groups, sched.lr_lambdas):
-                group.update(initial_lr=lr, lr=lr * fn(sched.last_epoch), betas=tuple(float(b) for b in oc.betas),
-                             weight_decay=float(oc.weight_decay))
+                group.update(initial_lr=lr, lr=lr * fn(sched.last_epoch), betas=built["betas"],
+                             weight_decay=built["weight_decay"])
             sched._last_lr = [g["lr"] for g in opt.param_groups]
 
     # --- one step ------------------------------------------------------------------------------------------
