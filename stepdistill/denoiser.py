@@ -20,10 +20,11 @@ class Denoiser(nn.Module):
     schedule: NoiseSchedule
     conditional: bool = False
 
-    def coeffs(self, t: torch.Tensor, like: torch.Tensor, alpha_sigma=None):
-        """(alpha, sigma) at t broadcast against `like`; `alpha_sigma` (two (N,) tensors) replaces the schedule's."""
+    def coeffs(self, t: torch.Tensor, like: torch.Tensor, alpha_sigma=None, dtype: torch.dtype | None = None):
+        """(alpha, sigma) at t broadcast against `like`, in `dtype` (default: like's); `alpha_sigma` (two (N,)
+        tensors) replaces the schedule's."""
         a, s = alpha_sigma if alpha_sigma is not None else self.schedule.alpha_sigma(t)
-        return _bcast(a, like), _bcast(s, like)
+        return _bcast(a, like, dtype), _bcast(s, like, dtype)
 
     def _x0_single(self, x_t, t, cond, alpha_sigma=None):
         raise NotImplementedError
@@ -103,14 +104,14 @@ class NetworkDenoiser(Denoiser):
         if self.prediction_type == "edm":
             if c_in is None:
                 c_in = self._edm_rows(t, x_t, alpha_sigma)[2]
-            x_in = c_in * x_t
+            x_in = (c_in * x_t).to(x_t.dtype)   # the network gets x_t's precision
         t_net = self.schedule.net_time(t)
         if _is_diffusers_unet(self.net):
             return self.net(x_in, t_net, class_labels=cond).sample
         return self.net(x_in, t_net, cond)
 
     def _edm_rows(self, t, like, alpha_sigma=None):
-        """(alpha, sigma, c_in, c_skip, c_out) at t, broadcast against `like` and in its dtype.
+        """(alpha, sigma, c_in, c_skip, c_out) at t, broadcast against `like`, in fp32 or like's dtype if wider.
 
         For float32 on a VP schedule the five are read off a per-timestep table computed once, with the
         same float32 ops as below, so the values are the same: one lookup instead of ~15 small tensor ops per
@@ -122,20 +123,18 @@ class NetworkDenoiser(Denoiser):
                 self._edm_tables[key] = torch.stack([a, s, *edm_coefficients(a, s, self.sigma_data)], dim=1)
             rows = self._edm_tables[key][self.schedule.index(t)]
             return tuple(_bcast(c, like) for c in rows.unbind(-1))
-        a, s = self.coeffs(t, like, alpha_sigma)
+        a, s = self.coeffs(t, like, alpha_sigma, dtype=torch.promote_types(like.dtype, torch.float32))
         return (a, s, *edm_coefficients(a, s, self.sigma_data))
 
     def _x0_single(self, x_t, t, cond, alpha_sigma=None):
         dt = torch.promote_types(x_t.dtype, torch.float32)  # at least fp32 math, float64 stays float64
         if self.prediction_type == "edm":  # the EDM coefficients once for the input and the output scaling
-            a, s, c_in, c_skip, c_out = self._edm_rows(t, x_t, alpha_sigma)
-            if a.dtype != dt:   # the output scaling in fp32; the input scaling in x_t's own precision, as raw()
-                c_skip, c_out = edm_coefficients(a.to(dt), s.to(dt), self.sigma_data)[1:]
+            a, s, c_in, c_skip, c_out = self._edm_rows(t, x_t, alpha_sigma)   # in dt
             out = self.raw(x_t, t, cond, c_in=c_in).to(dt)
             return self._edm_skip(x_t.to(dt), t, cond, c_skip, alpha_sigma) + c_out * out
-        a, s = self.coeffs(t, x_t, alpha_sigma)
-        out = self.raw(x_t, t, cond, alpha_sigma).to(dt)
-        return x0_from_output(out, x_t.to(dt), a.to(dt), s.to(dt), self.prediction_type, self.sigma_data)
+        a, s = self.coeffs(t, x_t, alpha_sigma, dtype=dt)   # fp32 from the schedule: alpha(999) = 0.0064 has
+        out = self.raw(x_t, t, cond, alpha_sigma).to(dt)     # three digits in fp16, and x0 divides by it
+        return x0_from_output(out, x_t.to(dt), a, s, self.prediction_type, self.sigma_data)
 
     def _edm_skip(self, x_t, t, cond, c_skip, alpha_sigma=None):
         """The part of an EDM x0-prediction the backbone does not make: c_skip x_t (teacher_residual.py puts the

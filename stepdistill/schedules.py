@@ -18,9 +18,9 @@ import torch
 from . import batch_split
 
 
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample vector (N,) to broadcast against a batch (N, ...)."""
-    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+def _bcast(v: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Reshape a per-sample vector (N,) to broadcast against a batch (N, ...), in `dtype` (default: like's)."""
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(dtype or like.dtype)
 
 
 class NoiseSchedule:
@@ -39,6 +39,10 @@ class NoiseSchedule:
 
     def t_from_fraction(self, u: torch.Tensor) -> torch.Tensor:
         """Map u in [0, 1] (0 = least noise, 1 = most) to native time."""
+        raise NotImplementedError
+
+    def fraction_of(self, t: torch.Tensor) -> torch.Tensor:
+        """The inverse of `t_from_fraction`, elementwise (a discrete schedule's integer t: its grid point)."""
         raise NotImplementedError
 
     def net_time(self, t: torch.Tensor) -> torch.Tensor:
@@ -145,6 +149,9 @@ class VPSchedule(NoiseSchedule):
     def t_from_fraction(self, u):
         return (u * (self.num_train_timesteps - 1)).round()
 
+    def fraction_of(self, t):
+        return t.float() / (self.num_train_timesteps - 1)
+
     def to_config(self):
         return dict(kind="vp", num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
                     beta_start=self.beta_start, beta_end=self.beta_end)
@@ -167,6 +174,10 @@ class EDMSchedule(NoiseSchedule):
     def t_from_fraction(self, u):
         r = 1.0 / self.rho
         return (self.sigma_min**r + u * (self.sigma_max**r - self.sigma_min**r)) ** self.rho
+
+    def fraction_of(self, t):
+        r = 1.0 / self.rho
+        return (t.float() ** r - self.sigma_min**r) / (self.sigma_max**r - self.sigma_min**r)
 
     def net_time(self, t):
         return t.float().log() / 4  # EDM's c_noise
@@ -191,6 +202,9 @@ class FlowSchedule(NoiseSchedule):
 
     def t_from_fraction(self, u):
         return self.t_min + u * (1.0 - self.t_min)
+
+    def fraction_of(self, t):
+        return (t.float() - self.t_min) / (1.0 - self.t_min)
 
     def net_time(self, t):
         return t.float() * self.time_scale

@@ -189,6 +189,43 @@ def test_x0_from_direct_network_call(pred):
         torch.testing.assert_close(den.raw(x, t, cond), out)
 
 
+class HalfOutput(nn.Module):
+    """A network that answers in float16, as one run in half precision does."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = TinyCondNet()
+
+    def forward(self, x, t, cond):
+        return self.net(x.float(), t, cond).half()
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "edm"])
+def test_half_precision_inputs_get_fp32_coefficients(pred):
+    """x0 is fp32 math on the fp16 x_t and output, with alpha and sigma taken from the schedule in fp32: cast to
+    fp16 first, alpha(999) = 0.0064 kept three digits, and x0 = (x_t - sigma eps) / alpha was off by ~5e-4. The
+    network still gets x_t in fp16."""
+    from stepdistill.prediction import edm_coefficients
+    sched = VPSchedule()
+    den = NetworkDenoiser(HalfOutput(), sched, prediction_type=pred, sigma_data=SIGMA_DATA, null_class=NULL)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([999.0, 990.0, 700.0])
+    x = torch.randn(3, 1, 8, 8, generator=g).half()
+    cond = torch.tensor([1, 2, 3])
+    a, s = _ab(sched, t)
+    with torch.no_grad():
+        if pred == "edm":
+            c_in, c_skip, c_out = edm_coefficients(a, s, SIGMA_DATA)
+            out = den.net((c_in * x.float()).half(), t, cond).float()
+            expect = c_skip * x.float() + c_out * out
+        else:
+            out = den.net(x, t, cond).float()
+            expect = (x.float() - s * out) / a if pred == "epsilon" else a * x.float() - s * out
+        got = den.x0(x, t, cond)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2", "scaled_linear"])
 def test_edm_coefficient_table_gives_the_computed_values(beta_schedule):
     """On a VP schedule in float32 the EDM scalings come from a per-timestep table; they must equal the formula

@@ -1,5 +1,7 @@
 """Export -> load -> sample gives the same samples as stepdistill's own sampler for the same noise."""
+import contextlib
 import json
+import logging
 import subprocess
 import sys
 
@@ -136,7 +138,8 @@ def test_export_replaces_only_an_earlier_export_or_an_empty_folder(tmp_path, mon
 @pytest.mark.parametrize("timesteps", [[759], [999, 600]])
 def test_unconditional_unet_at_other_timesteps_exports_to_a_pipeline_that_takes_them(tmp_path, timesteps):
     """Stock DDPMPipeline samples LCMScheduler's K-step timesteps only: a student trained at others (SiD's one
-    step, generator.timesteps) exports to UnconditionalFewStepPipeline, which samples at the trained ones."""
+    step, generator.timesteps) exports to UnconditionalFewStepPipeline, which samples at the trained ones, without
+    LCMScheduler's warnings about custom timesteps (which it keeps for timesteps a user gives)."""
     import json
 
     from stepdistill.export import export_run
@@ -149,9 +152,30 @@ def test_unconditional_unet_at_other_timesteps_exports_to_a_pipeline_that_takes_
     pipe = UnconditionalFewStepPipeline.from_pretrained(out)
     g = torch.Generator().manual_seed(7)   # as stepdistill-sample's steps=K
     ours = student_sample(gen, torch.randn(3, 1, 8, 8, generator=g), None, gen.sampling_timesteps(len(timesteps)), g)
-    for k in (None, len(timesteps)):
-        theirs = pipe(batch_size=3, num_inference_steps=k, generator=torch.Generator().manual_seed(7))
-        torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=2e-5, rtol=0)
+    with _records("diffusers.schedulers.scheduling_lcm") as warnings:
+        for k in (None, len(timesteps)):
+            theirs = pipe(batch_size=3, num_inference_steps=k, generator=torch.Generator().manual_seed(7))
+            torch.testing.assert_close(theirs, (ours / 2 + 0.5).clamp(0, 1), atol=2e-5, rtol=0)
+        assert warnings == []
+        pipe(batch_size=1, timesteps=[801, 400])
+        assert "The first timestep on the custom timestep schedule is 801" in warnings[0]
+
+
+@contextlib.contextmanager
+def _records(name: str):
+    """The messages logger `name` emits at WARNING and above (diffusers' loggers do not propagate to pytest's)."""
+    messages = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)   # whatever verbosity an earlier test left diffusers at
+    try:
+        yield messages
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def test_the_trained_step_count_samples_at_the_trained_timesteps():

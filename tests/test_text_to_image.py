@@ -96,6 +96,20 @@ def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path):
     assert negative.teacher_samples_key(16) != again.teacher_samples_key(16)
 
 
+def test_model_key_changes_on_a_same_size_rewrite_within_one_second(tmp_path):
+    """Cache keys stamp files by size and mtime: a rewrite that keeps the size, in the same second, must show."""
+    import os
+    from stepdistill.data.cache import model_key
+    weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.parent.mkdir()
+    weights.write_bytes(b"a" * 64)
+    os.utime(weights, ns=(1_700_000_000_100_000_000,) * 2)
+    before = model_key(tmp_path / "unet")
+    weights.write_bytes(b"b" * 64)
+    os.utime(weights, ns=(1_700_000_000_600_000_000,) * 2)
+    assert model_key(tmp_path / "unet") != before
+
+
 def test_gaussian_frechet_distance_against_scipy():
     from scipy import linalg
 
@@ -142,6 +156,15 @@ def test_bad_text_to_image_inputs(tmp_path):
         build_benchmark(compose_cfg(*TINY, "benchmark.resolution=18").benchmark)
     with pytest.raises(ValueError, match="teacher.prediction_type='v_prediction' does not match"):
         build_benchmark(compose_cfg(*TINY, "benchmark.teacher.prediction_type=v_prediction").benchmark)
+    # An SD3/Flux-style VAE (shifted latents): our latent maps and the SD/SDXL exports would ignore the shift.
+    import json
+    import shutil
+    from stepdistill.benchmarks.tiny_sd_teacher import build_tiny_sd
+    shifted = shutil.copytree(build_tiny_sd(tmp_path / "tiny"), tmp_path / "shifted")
+    vae_config = json.loads((shifted / "vae" / "config.json").read_text())
+    (shifted / "vae" / "config.json").write_text(json.dumps({**vae_config, "shift_factor": 0.1159}))
+    with pytest.raises(ValueError, match=r"sets \{'shift_factor': 0.1159\}: benchmark=text_to_image supports"):
+        build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={shifted}").benchmark)
 
 
 EXPORT_CHECK = r"""

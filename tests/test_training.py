@@ -354,6 +354,15 @@ def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, p
         assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))
 
 
+@pytest.mark.parametrize("backend, folder", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
+def test_a_resume_that_fails_leaves_no_logger_files(gmm_cfg, tmp_path, monkeypatch, backend, folder):
+    """wandb and TensorBoard start with the first row: a resume with nothing to resume wrote their files."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    with pytest.raises(FileNotFoundError, match="trainer.resume=true but"):
+        train(gmm_cfg(f"logger={backend}", "trainer.max_steps=3", "trainer.resume=true"), tmp_path)
+    assert not (tmp_path / folder).exists() and not (tmp_path / "wandb_run_id").exists()
+
+
 def test_a_resumed_run_continues_its_wandb_run(gmm_cfg, tmp_path, monkeypatch):
     """Each resume started a new wandb run; the run folder now keeps its wandb run's id and resumes it."""
     monkeypatch.setenv("WANDB_MODE", "offline")

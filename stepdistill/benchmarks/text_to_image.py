@@ -88,6 +88,13 @@ class TextToImageBenchmark(Benchmark):
             p.requires_grad_(False)
         self.vae = AutoencoderKL.from_pretrained(self.path / "vae", use_safetensors=True).eval()
         self.vae.requires_grad_(False)
+        # SD3/Flux-style VAEs shift their latents, and some SDXL variants normalise them per channel; our latent
+        # maps (encode, decode) and the exported SD/SDXL pipelines use the scaling factor alone.
+        shifted = {k: self.vae.config.get(k) for k in ("shift_factor", "latents_mean", "latents_std")
+                   if self.vae.config.get(k) not in (None, 0, 0.0)}
+        if shifted:
+            raise ValueError(f"{self.path / 'vae'} sets {shifted}: benchmark={cfg.name} supports VAEs scaled by "
+                             "scaling_factor alone (SD1.x/2.x, SDXL); use such a teacher")
         self.text_encoder = CLIPTextModel.from_pretrained(self.path / "text_encoder", use_safetensors=True).eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")

@@ -25,11 +25,12 @@ def digest(*parts: object) -> str:
 
 
 def files_stamp(files, root: Path | None = None) -> str:
-    """Names, sizes and mtimes of `files` (relative to `root` when given): changes when any file does."""
+    """Names, sizes and mtimes (in ns: a same-size rewrite within a second must change it) of `files` (relative
+    to `root` when given): changes when any file does."""
     out = []
     for f in files:
         st = f.stat()
-        out.append(f"{f.relative_to(root) if root else f}:{st.st_size}:{int(st.st_mtime)}")
+        out.append(f"{f.relative_to(root) if root else f}:{st.st_size}:{st.st_mtime_ns}")
     return "\n".join(out)
 
 

@@ -1,7 +1,10 @@
 """CLIP score (Hessel et al. 2021) of images against their prompts with a CLIP model from a local folder
 (`eval.clip.model=PATH`: CLIPModel + CLIPProcessor files from save_pretrained).
 
-score = 100 · max(cos(image embedding, text embedding), 0), averaged over the samples: torchmetrics' definition.
+score = 100 · max(cos(image embedding, text embedding), 0), averaged over the samples: Hessel et al.'s CLIP-S
+per sample, with torchmetrics' weight of 100 instead of the paper's 2.5. torchmetrics (1.9) clamps the mean
+instead of each sample; the two agree unless some cosine is negative, which a trained CLIP seldom gives an image
+and its own prompt.
 Computed here rather than through torchmetrics' CLIPScore, which (1.9) breaks on transformers 5, whose
 get_*_features return output objects instead of tensors.
 """

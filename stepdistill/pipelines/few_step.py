@@ -1,8 +1,12 @@
 """Few-step pipelines: UNet2DModel students (unconditional or class-conditional) and low-dimensional (MLP) ones."""
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler, ModelMixin
+from diffusers.schedulers import scheduling_lcm
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..generator import nearest_index
@@ -11,6 +15,16 @@ from ..schedules import make_schedule
 from .step_experts import StepExpertsModel
 
 OUTPUT_TYPES = ("pt", "np", "pil")
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 class _FewStep(DiffusionPipeline):
@@ -26,7 +40,14 @@ class _FewStep(DiffusionPipeline):
         """LCMScheduler's timesteps for the call: given, trained, or its own K-step ones."""
         timesteps = self._given_or_trained(num_inference_steps, timesteps)
         if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=[int(t) for t in timesteps])
+            timesteps = [int(t) for t in timesteps]
+            if timesteps == [int(t) for t in self.config.trained_timesteps]:
+                # the student's own timesteps: LCMScheduler's warnings that a custom schedule (not starting at 999,
+                # off its 50-step grid) "may give unexpected results" are about other timesteps than trained ones
+                with _quiet(scheduling_lcm.logger):
+                    self.scheduler.set_timesteps(timesteps=timesteps)
+            else:
+                self.scheduler.set_timesteps(timesteps=timesteps)
         else:
             self.scheduler.set_timesteps(num_inference_steps)
         return self.scheduler.timesteps

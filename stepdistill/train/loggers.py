@@ -43,21 +43,26 @@ class MetricsLogger:
         if not resume and self.path.exists():
             self.path.unlink()
         self.console = console
-        self.backend = backend
+        if backend not in ("console", "wandb", "tensorboard"):
+            raise ValueError(f"unknown logger {backend!r}: use logger=console, wandb or tensorboard")
+        self.backend, self.project, self.config, self.resume = backend, project, config, resume
         self._wandb = self._tb = None
-        if backend == "wandb":
+        self._started = False   # wandb/TensorBoard start with the first row: a resume that fails writes nothing
+
+    def _start(self) -> None:
+        self._started = True
+        run_dir = self.path.parent
+        if self.backend == "wandb":
             import wandb
             # one wandb run per run folder: a resume continues it (its id is kept beside metrics.jsonl)
-            id_file = Path(run_dir) / "wandb_run_id"
-            run_id = id_file.read_text().strip() if resume and id_file.is_file() else uuid.uuid4().hex[:8]
+            id_file = run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
-            self._wandb = wandb.init(project=project, dir=str(run_dir), config=config, mode=wandb_mode(), id=run_id,
-                                     resume="allow")
-        elif backend == "tensorboard":
+            self._wandb = wandb.init(project=self.project, dir=str(run_dir), config=self.config, mode=wandb_mode(),
+                                     id=run_id, resume="allow")
+        elif self.backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        elif backend != "console":
-            raise ValueError(f"unknown logger {backend!r}: use logger=console, wandb or tensorboard")
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def drop_after(self, step: int) -> None:
         """On resume from the checkpoint of `step`: the rows a crashed run logged after it go, since the resumed run
@@ -83,6 +88,8 @@ class MetricsLogger:
         if self.console:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
             log.info("[%s %d] %s", kind, step, shown)
+        if not self._started:
+            self._start()
         nums = {f"{kind}/{k}": v for k, v in row.items() if isinstance(v, (int, float))}
         if self._wandb is not None:
             self._wandb.log(nums, step=int(step))
