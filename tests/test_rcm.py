@@ -18,7 +18,9 @@ def test_schedule_is_scm_warmup_then_critic_warmup_then_ttur():
     run = _run("method.warmup_steps=3", "method.critic_warmup_steps=2", "method.critic_steps=2")
     got = [run.method.phase(s) for s in range(11)]
     assert got == ["generator"] * 3 + ["critic"] * 2 + ["critic", "critic", "generator"] * 2
-    assert run.method.phases == {"generator": ("generator", "weighting"), "critic": ("fake_score",)}
+    # rCM's sCM term has no learned weighting (its code: 100 x the summed loss), unlike sCM's default
+    assert run.method.phases == {"generator": ("generator",), "critic": ("fake_score",)}
+    assert run.method.weighting == "uniform" and "weighting" not in run.roles
 
 
 def test_generator_loss_is_scm_plus_weighted_dmd_on_student_samples():
@@ -46,7 +48,9 @@ def test_generator_loss_is_scm_plus_weighted_dmd_on_student_samples():
 
 def test_gradients_reach_only_each_phase_roles():
     run = _run("method.warmup_steps=0")
-    assert_phase_reaches_only(run, "generator", ("generator", "weighting"))   # sCM + DMD through the student
+    assert_phase_reaches_only(run, "generator", ("generator",))   # sCM + DMD through the student
+    run = _run("method.warmup_steps=0", "method.weighting=adaptive")
+    assert_phase_reaches_only(run, "generator", ("generator", "weighting"))
     assert_phase_reaches_only(run, "critic", ("fake_score",))
 
 

@@ -9,7 +9,8 @@ Schedule, as in the reference code: during sCM's tangent warm-up (`warmup_steps`
 alone and the fake score waits; then `critic_warmup_steps` critic-only steps (for a fake score trained from
 scratch; 0 when it starts from the teacher, as in rCM) and the two-time-scale cycle.
 
-Weights: rCM sums both losses over the elements, sCM's scaled by 100 and DMD's by 1. sCM here is the mean over
+Weights: rCM sums both losses over the elements, sCM's scaled by 100 and DMD's by 1, with no learned weighting
+(`method.weighting=uniform`: sCM's adaptive e^-w scaling would rescale the sCM term against the DMD term). sCM here is the mean over
 the elements and DMD is 0.5 mean|x - sg(x - grad)|^2, so the same balance is `dmd_weight` = 2 / 100 = 0.02.
 Our adaptations, each a switch elsewhere in the framework: the student's DMD samples come from the few-step
 generator's backward simulation at its own timesteps (rCM draws 0-3 intermediate times at random), the DMD noise

@@ -7,14 +7,19 @@ as the generated samples, so the discriminator compares like with like, and the 
 the SiD losses make anyway:
   generator  L = L_SiD + λ_G · E_i [ w_i · mean_pos softplus(-clip(D(x_t^fake)_i, -10, 10)) ]
   critic     L = L_denoise + λ_D · [E softplus(D(x_t^fake)) + E softplus(-D(x_t^real))]   (means over positions too)
-with w_i SiD's own per-sample weight 1 / mean|x_g - f_real| (the reference divides both generator terms by it, so
-their balance does not depend on how far a sample is from the teacher's prediction), x_t^fake = a G(z) + s eps in
+with w_i SiD's own per-sample weight 1 / mean|x_g - f_real|, so the two terms' balance does not depend on how far a
+sample is from the teacher's prediction (the reference divides its batch-mean GAN loss by each sample's weight
+factor and sums, which gives every sample's GAN gradient the batch's mean w instead of its own), x_t^fake = a G(z) + s eps in
 both phases (the critic's denoising loss is taken at that same x_t) and x_t^real = a x_real + s eps. λ's are
 `adv.generator_weight` and `adv.critic_weight`; the generator's GAN gradient flows through the (frozen) critic's
 encoder into x_g, the critic's trains the whole fake score network. Left out from the reference: its per-sample
 EDM weight λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target
 space, not EDM's weighted one), and its critic's log-normal EDM noise levels (the critic phase here draws t from
-SiD's [t_min, t_max], as the generator phase does). Guidance strategies and everything else are SiD's
+SiD's [t_min, t_max], as the generator phase does); on the built-in VP benchmarks the two differ little, on an
+EDM teacher the reference's critic sees far lower noise (median sigma 0.30 against ~1). Also left out: its start
+schedule (generator updates after 100k images, the GAN term after 200k). Its λ_G, 0.01 on the summed GAN loss
+against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned on digits
+(conf/method/sida.yaml). Guidance strategies and everything else are SiD's
 (methods/sid.py).
 """
 from __future__ import annotations
