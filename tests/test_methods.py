@@ -422,3 +422,135 @@ def test_each_method_keeps_its_own_update_ratio_on_digits():
     got = {m: compose_cfg("benchmark=digits", f"method={m}").method.critic_steps for m in expected}
     assert got == expected
     assert compose_cfg("benchmark=gmm", "method=rcm").method.critic_steps == 1   # gmm's documented 1:1 for all
+
+
+class _ClassMixture(GMMDenoiser):
+    """Exact class-conditional teacher (as tests/test_sid.py's): label k is component k alone, label K (null) the
+    whole mixture."""
+    conditional = True
+
+    def uncond(self, cond):
+        return torch.full_like(cond, self.mixture.means.shape[0])
+
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
+        a, s = self.schedule.alpha(t).double()[:, None], self.schedule.sigma(t).double()[:, None]
+        out = self.mixture.posterior_mean(x_t, a[:, 0], s[:, 0]).double()
+        k = cond < self.mixture.means.shape[0]
+        mu, var = self.mixture.means[cond[k]], self.mixture.stds[cond[k]][:, None] ** 2
+        out[k] = mu + a[k] * var / (a[k] ** 2 * var + s[k] ** 2) * (x_t[k].double() - a[k] * mu)
+        return out
+
+
+def _guided(den, x_t, t, cond, w):
+    """Classifier-free guidance on the exact x0, written out: uncond + w (cond - uncond)."""
+    c = _ClassMixture._x0_single(den, x_t, t, cond)
+    u = _ClassMixture._x0_single(den, x_t, t, torch.full_like(cond, den.mixture.means.shape[0]))
+    return u + w * (c - u)
+
+
+def test_dmd_guidance_goes_to_the_teacher_and_fake_guidance_to_the_critic():
+    """Catches dmd_loss swapping `guidance` and `fake_guidance` (or applying one scale to both): with exact
+    class-conditional teacher and critic, guidance=3 and fake_guidance=1, x.grad equals
+    (guided(fake, 1) - guided(teacher, 3)) / mean|x - guided(teacher, 3)| / numel on the replayed draws."""
+    sched = VPSchedule()
+    teacher = _ClassMixture(GaussianMixture(circle_means(8, 4.0), 0.25), sched)
+    fake = _ClassMixture(GaussianMixture(circle_means(8, 3.0), 0.8), sched)
+    x = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_(True)
+    cond = torch.arange(32) % 8
+    torch.manual_seed(0)
+    dmd_loss(x, teacher, fake, cond, guidance=3.0, fake_guidance=1.0)[0].backward()
+    torch.manual_seed(0)   # replay the draws: t, then the noise
+    t = sched.sample_t(32, 0.02, 0.98)
+    x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
+    real, fake_x0 = _guided(teacher, x_t, t, cond, 3.0), _guided(fake, x_t, t, cond, 1.0)
+    norm = (x.detach().double() - real).abs().mean(1, keepdim=True)
+    torch.testing.assert_close(x.grad.double(), (fake_x0 - real) / norm / x.numel(), rtol=2e-3, atol=1e-6)
+
+
+def test_dmd2_gan_generator_term_reaches_the_generator_through_the_noised_sample(gmm_cfg):
+    """Catches a `.detach()` on x in DMD2's generator GAN term, and the clean x fed to the discriminator instead of
+    the noised x_t. The generator's parameter gradients with the GAN on, minus those of the DM term alone on the
+    same draws, equal the autograd gradient of generator_weight * mean softplus(-D(x_t, t)) with x_t = a x + s eps
+    noised by hand from the replayed draws (t in [gan.t_min, gan.t_max], drawn after the DM term's t and noise),
+    and the discriminator's input is that x_t."""
+    import torch.nn.functional as F
+    weight = 0.7
+    run = build_run(gmm_cfg("method=dmd2", f"method.gan.generator_weight={weight}"))
+    m, gen, gan_cfg = run.method, run.roles["generator"], run.cfg.method.gan
+    sched, params = gen.schedule, list(gen.parameters())
+    torch.manual_seed(0)
+    batch = {"noise": torch.randn(64, 2), "cond": None, "real": torch.randn(64, 2), "real_cond": None}
+    outs, seen = [], []
+    forward, noised = gen.forward, m.gan.logits_noised
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        outs.append(out[0])
+        return out
+    gen.forward = spy
+    m.gan.logits_noised = lambda x_t, t, cond=None: (seen.append((x_t.detach(), t)), noised(x_t, t, cond))[1]
+    torch.manual_seed(1)
+    full = torch.autograd.grad(m.loss("generator", batch, 0).loss, params)
+    m.gan_start = 10**9   # the same step without the GAN term: the DM term's draws are the same
+    torch.manual_seed(1)
+    dm = torch.autograd.grad(m.loss("generator", batch, 0).loss, params, retain_graph=True)
+    x = outs[-1]
+    t = sched.sample_t(64, float(gan_cfg.t_min), float(gan_cfg.t_max))   # the GAN's draws, replayed
+    x_t = sched.alpha(t)[:, None] * x + sched.sigma(t)[:, None] * torch.randn(64, 2)
+    seen_x_t, seen_t = seen[0]
+    lo, hi = (float(sched.t_from_fraction(torch.tensor(u))) for u in (gan_cfg.t_min, gan_cfg.t_max))
+    assert torch.equal(seen_t, t) and bool(((t >= lo) & (t <= hi)).all())
+    torch.testing.assert_close(seen_x_t, x_t.detach())
+    expected = torch.autograd.grad(weight * F.softplus(-noised(x_t, t)).mean(), params)
+    scale = max(float(e.abs().max()) for e in expected)
+    assert scale > 1e-3 * max(float(d.abs().max()) for d in dm)   # the GAN term is not negligible here
+    for f, d, e in zip(full, dm, expected):
+        torch.testing.assert_close(f - d, e, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_ema_after_a_generator_update_is_decay_times_ema_plus_one_minus_decay_times_generator(gmm_cfg, tmp_path):
+    """Catches the EMA weights swapped (`_foreach_lerp_(ema, params, decay)` instead of `1 - decay`) or the trainer
+    passing 1 - ema_decay: after one generator update through the trainer, from an EMA set apart from the generator,
+    ema_new = d ema_old + (1 - d) generator_new."""
+    from stepdistill.train.batches import BatchSource
+    d = 0.9
+    run = build_run(gmm_cfg("method=dmd2", "method.critic_warmup_steps=0", "method.critic_steps=1",
+                            f"trainer.ema_decay={d}"))
+    trainer = Trainer(run, tmp_path)
+    ema, gen = run.roles["generator_ema"], run.roles["generator"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(torch.randn_like(p))
+    ema_old, gen_old = _snapshot(ema), _snapshot(gen)
+    trainer.step = 1   # 1:1 updates: odd steps are generator steps
+    phase, logs = trainer.train_step(BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu"))
+    assert phase == "generator" and logs is not None and _changed(gen, gen_old)
+    for new, old, g in zip(ema.parameters(), ema_old, gen.parameters()):
+        torch.testing.assert_close(new, d * old + (1 - d) * g.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_dmd_generator_loss_weights_the_regression_term(gmm_cfg):
+    """Catches DMD's generator loss dropping (or squaring, inverting) regression.weight lambda: out.loss equals
+    loss_dm + lambda mean((pred - target)^2), and the gradient reaching the generator's output on the regression
+    pairs is lambda 2 (pred - target) / numel."""
+    from stepdistill.train.batches import BatchSource, make_regression_pairs
+    lam = 0.3
+    run = build_run(gmm_cfg("method=dmd", "method.regression.num_pairs=16", f"method.regression.weight={lam}"))
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu", make_regression_pairs(run.benchmark, 16, 0))()
+    gen, preds = run.roles["generator"], []
+    forward = gen.forward
+
+    def spy(noise, *args, **kwargs):
+        out = forward(noise, *args, **kwargs)
+        if noise is batch["reg_noise"]:
+            out.retain_grad()
+            preds.append(out)
+        return out
+    gen.forward = spy
+    torch.manual_seed(0)
+    out = run.method.loss("generator", batch, 0)
+    out.loss.backward()
+    pred, target = preds[0].detach(), batch["reg_target"]
+    assert out.loss.item() == pytest.approx(out.logs["loss_dm"] + lam * float(((pred - target) ** 2).mean()), rel=1e-5)
+    torch.testing.assert_close(preds[0].grad, lam * 2 * (pred - target) / pred.numel(), rtol=1e-5, atol=1e-8)

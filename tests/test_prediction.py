@@ -74,12 +74,63 @@ def test_x0_from_exact_output_recovers_x0(kind, family):
     _close(x0_from_output(out, x, a, s, kind, sigma_data=SIGMA_DATA), x0, scale)
 
 
-@pytest.mark.parametrize("kind,family", CASES)
+# epsilon, v_prediction and sample targets: against diffusers' DDPMScheduler and their definitions, below
+TARGET_CASES = [("edm", fam) for fam in FAMILIES] + [("flow_velocity", "flow")]
+
+
+@pytest.mark.parametrize("kind,family", TARGET_CASES)
 def test_target_for_is_exact_output(kind, family):
+    """EDM's target from Karras Table 1 on y = x / a; flow's is eps - x0, dx_t/dt
+    (test_flow_velocity_is_time_derivative)."""
     x0, eps, a, s, x = _problem(family, seed=1)
     out = _exact_output(kind, x0, eps, x, a, s)
-    scale = float((1 / s).max()) * 10 if kind in ("flow_velocity", "edm") else 1.0
+    scale = float((1 / s).max()) * 10
     _close(target_for(x0, eps, x, a, s, kind, sigma_data=SIGMA_DATA), out, scale)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("beta_schedule", ["squaredcos_cap_v2", "linear"])
+def test_vp_targets_give_back_x0_through_diffusers_ddpm_step(kind, beta_schedule):
+    """Catches a wrong epsilon, v or sample target (sign, a and s swapped, the other type's target): fed as a
+    perfect network's output to diffusers' DDPMScheduler.step with that prediction_type, the target gives back x0
+    (its pred_original_sample) at every timestep, ends included; the v target is also DDPMScheduler.get_velocity."""
+    from diffusers import DDPMScheduler
+    ddpm = DDPMScheduler(beta_schedule=beta_schedule, prediction_type=kind, clip_sample=False)
+    ddpm.alphas_cumprod = ddpm.alphas_cumprod.double()   # diffusers' own alphas, taken in float64
+    g = torch.Generator().manual_seed(4)
+    ts = torch.cat([torch.tensor([0, 999]), torch.randint(1, 999, (14,), generator=g)])
+    x0 = torch.randn(16, 2, 3, 3, generator=g, dtype=torch.float64)
+    eps = torch.randn(16, 2, 3, 3, generator=g, dtype=torch.float64)
+    x = ddpm.add_noise(x0, eps, ts)
+    ac = ddpm.alphas_cumprod[ts].reshape(16, 1, 1, 1)
+    tgt = target_for(x0, eps, x, ac.sqrt(), (1 - ac).sqrt(), kind)
+    back = torch.cat([ddpm.step(tgt[i:i + 1], int(ts[i]), x[i:i + 1], generator=g).pred_original_sample
+                      for i in range(16)])
+    scale = float((1 - ac).sqrt().max() / ac.sqrt().min()) if kind == "epsilon" else 1.0
+    torch.testing.assert_close(back, x0, rtol=1e-9, atol=1e-10 * scale)
+    if kind == "v_prediction":
+        torch.testing.assert_close(tgt, ddpm.get_velocity(x0, eps, ts), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_v_target_is_the_angular_velocity_on_any_schedule(family):
+    """Catches a wrong v target on EDM and flow schedules (where diffusers has no v): Salimans & Ho's v = d z / d phi
+    for z = cos(phi) x0 + sin(phi) eps, phi = atan2(s, a), times sqrt(a^2 + s^2) (x_t = sqrt(a^2 + s^2) z), by a
+    central difference in phi."""
+    x0, eps, a, s, x = _problem(family, seed=5)
+    phi, r, h = torch.atan2(s, a), (a**2 + s**2).sqrt(), 1e-6
+    dz = ((torch.cos(phi + h) - torch.cos(phi - h)) * x0 + (torch.sin(phi + h) - torch.sin(phi - h)) * eps) / (2 * h)
+    torch.testing.assert_close(target_for(x0, eps, x, a, s, "v_prediction"), r * dz, rtol=1e-7,
+                               atol=1e-7 * float(r.max()))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_epsilon_target_re_noises_to_x_t_and_sample_target_is_x0(family):
+    """The epsilon target is the noise that makes x_t from x0 through the forward process (a x0 + s target = x_t);
+    the sample target is x0 itself."""
+    x0, eps, a, s, x = _problem(family, seed=6)
+    _close(a * x0 + s * target_for(x0, eps, x, a, s, "epsilon"), x, 10.0)
+    _close(target_for(x0, eps, x, a, s, "sample"), x0)
 
 
 @pytest.mark.parametrize("kind", PREDICTION_TYPES)

@@ -229,3 +229,83 @@ def test_scm_gmm_default_run_reaches_the_measured_quality(tmp_path):
     student = run.student()
     two = run.benchmark.evaluate(student_sample(student, noise, cond, student.default_timesteps(2), gen, 4000))
     assert two["modes_covered"] == 8 and two["high_quality_fraction"] >= 0.94
+
+
+def _exact_trigflow_velocity(mix, sd, x, t):
+    """dx_t/dt of the TrigFlow PF-ODE, -tan t (x + sigma_d^2 grad log p_t(x)), the score by autograd of the exact
+    noised mixture density (a = cos t, s = sigma_d sin t)."""
+    xd = x.double().requires_grad_(True)
+    score = torch.autograd.grad(mix.log_prob(xd, torch.cos(t), sd * torch.sin(t)).sum(), xd)[0]
+    return -torch.tan(t)[:, None] * (x.double() + sd**2 * score)
+
+
+@pytest.mark.parametrize("step, w", [(20, 0.0), (5, 0.0), (0, 0.0), (20, 0.7)],
+                         ids=["r=1", "r=0.5", "r=0", "r=1-w=0.7"])
+def test_scm_loss_gradient_is_the_normalised_tangent(step, w):
+    """Catches a sign flip of the r cos t sin t (x_t + sigma_d dF/dt) term, a warm-up r that is not step/warmup_steps,
+    a missing cos t or 1/D, and the adaptive weighting written e^w L - w instead of e^-w L + w (scm.py docstring).
+
+    Independent reference: at F_theta = F^- the loss e^-w ||F_theta - F^- - g/(||g|| + c)||^2 / D + w has
+    d loss / d F_theta = -2 e^-w g_n / (D N) and d loss / d w = (1 - e^-w ||g_n||^2 / D) / N, where at r = 1
+    g = cos t df/dt along the exact PF-ODE (f's central difference), and in general g = A + r (cos t df/dt - A) with
+    A = -cos^2 t (sigma_d F^- - dx_t/dt), sigma_d F^- = (cos t x_t - f(x_t, t)) / sin t."""
+    method, mix = _method(EDMSchedule(), tangent_norm_c=3.0)   # c ~ ||g||: neither the identity nor unit vectors
+    tf, sd, c, n, h = method.trig, method.trig.sigma_data, 3.0, 32, 1e-3
+    with torch.no_grad():
+        method.models["weighting"].mlp[-1].bias.fill_(w)
+    t = torch.linspace(0.2, 1.45, n, dtype=torch.float64)
+    tf.sample_t = lambda *args, **kwargs: t                    # known times instead of the proposal's draws
+    torch.manual_seed(1)
+    batch = {"noise": torch.randn(n, 2), "real": mix.sample(n), "real_cond": None}
+    caught = {}
+    F_student = method.F_student
+
+    def spy(x, s, cond=None):
+        out = F_student(x, s, cond)
+        if out.requires_grad:   # the differentiated F_theta, not the JVP's F^-
+            out.retain_grad()
+            caught["F"] = out
+        return out
+    method.F_student = spy
+
+    def keep_w(module, inputs, out):
+        out.retain_grad()
+        caught["w"] = out
+    method.models["weighting"].register_forward_hook(keep_w)
+    out = method.loss("generator", batch, step)
+    out.loss.backward()
+
+    cos, sin = torch.cos(t)[:, None], torch.sin(t)[:, None]
+    x_t = (cos * batch["real"].double() + sin * sd * batch["noise"].double()).float()
+    v = _exact_trigflow_velocity(mix, sd, x_t, t).float()
+    with torch.no_grad():
+        f = method.consistency(x_t, t).double()
+        df = (method.consistency(x_t + h * v, t + h) - method.consistency(x_t - h * v, t - h)).double() / (2 * h)
+    A = -cos**2 * ((cos * x_t.double() - f) / sin - v.double())
+    r = min(1.0, step / 10)   # SCM_CFG's warmup_steps=10: linear in the step
+    g = A + r * (cos * df - A)
+    g_n = g / (g.norm(dim=1, keepdim=True) + c)
+    L = (g_n**2).sum(1) / 2                                      # ||F_theta - F^- - g_n||^2 / D at F_theta = F^-
+    assert out.logs["tangent_warmup"] == pytest.approx(r)
+    assert out.loss.item() == pytest.approx(float((math.exp(-w) * L + w).mean()), rel=2e-2)
+    torch.testing.assert_close(caught["F"].grad.double(), -2 * math.exp(-w) * g_n / (2 * n),
+                               rtol=3e-2, atol=3e-2 * float(g_n.abs().mean()) / n)
+    torch.testing.assert_close(caught["w"].grad.double(), (1 - math.exp(-w) * L) / n, rtol=1e-2, atol=1e-5)
+
+
+def test_scm_proposal_is_log_normal_in_sigma_d_tan_t():
+    """Catches a proposal that is not log(sigma_d tan t) ~ N(p_mean, p_std^2): sigma_d on the wrong side, p_mean and
+    p_std swapped or not passed on by the loss. The t the loss draws, on EDM (range sigma 0.002-80, 3.7 std either
+    side of p_mean), against the normal CDF: Kolmogorov-Smirnov distance below its 1% critical value 1.63/sqrt(n)."""
+    method, mix = _method(EDMSchedule(), p_mean=-0.6, p_std=1.2)
+    tf, n, drawn = method.trig, 4096, []
+    sample_t = tf.sample_t
+    tf.sample_t = lambda *args, **kwargs: drawn.append(sample_t(*args, **kwargs)) or drawn[-1]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        method.loss("generator", {"noise": torch.randn(n, 2), "real": mix.sample(n), "real_cond": None}, 20)
+    tau = torch.log(tf.sigma_data * torch.tan(drawn[0])).sort().values
+    cdf = torch.distributions.Normal(-0.6, 1.2).cdf(tau)
+    ecdf_hi, ecdf_lo = torch.arange(1, n + 1) / n, torch.arange(n) / n
+    ks = max(float((ecdf_hi - cdf).abs().max()), float((cdf - ecdf_lo).abs().max()))
+    assert ks < 1.63 / math.sqrt(n), ks

@@ -177,3 +177,22 @@ def test_generator_phase_trains_only_the_generator_and_runs_on_both_benchmarks(g
         build_run(gmm_cfg("method=sim", "method.t_max=1.5"))
     with pytest.raises(ValueError, match="unknown method.normalizer"):
         build_run(gmm_cfg("method=sim", "method.normalizer=bogus"))
+
+
+@pytest.mark.parametrize("normalizer", ["sample", "batch"])
+def test_normalizers_divide_by_each_samples_or_the_batchs_denoising_error(sched, teacher, setup, normalizer):
+    """Catches normalizer="sample" silently computing "batch" (or the reverse, or a weight that is not detached):
+    "sample" divides sample i's reference loss by its own mean|x_i - f_p,i|, "batch" the mean loss by one scalar,
+    mean|x - f_p| over the batch; the value and every sample's gradient (the weights carry none)."""
+    fake, x, t, noise = setup
+    xg = x.clone().requires_grad_()
+    loss, _ = sim_loss(xg, teacher, fake, c=C, t=t, noise=noise, normalizer=normalizer)
+    (grad,) = torch.autograd.grad(loss, xg)
+    xr = x.clone().requires_grad_()
+    ref = reference_loss(xr, teacher, fake, sched, t, noise)          # per sample
+    (ref_grad,) = torch.autograd.grad(ref.sum(), xr)                   # row i: d ref_i / d x_i
+    a, s = sched.alpha(t).double(), sched.sigma(t).double()
+    err = (x - teacher.mixture.posterior_mean(a[:, None] * x + s[:, None] * noise, a, s)).abs()
+    w = err.mean(1) if normalizer == "sample" else err.mean().expand(len(x))
+    assert loss.item() == pytest.approx(float((ref.detach() / w).mean()), rel=1e-9)
+    torch.testing.assert_close(grad, ref_grad / w[:, None] / len(x), rtol=1e-7, atol=1e-12)

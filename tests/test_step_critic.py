@@ -149,3 +149,42 @@ def test_step_aware_gan_gradients_stay_in_their_phase(gmm_cfg):
 def test_step_aware_gan_needs_the_step_aware_critic(gmm_cfg):
     with pytest.raises(ValueError, match="step_aware_critic=true"):
         build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.gan.step_aware=true"))
+
+
+def test_dmd2_generator_phase_scores_each_sample_under_its_own_exit_step(gmm_cfg):
+    """Catches DMD2.generator_loss showing the fake score another step than each sample's own (e.g.
+    `_fake_sees_steps(torch.ones_like(steps))`): with a random step embedding, d loss / d x of every sample is the DM
+    gradient (fake.x0 under that sample's exit step - the exact teacher x0) / mean|x - teacher x0| / numel (the
+    gmm's batch normaliser), on the replayed draws of the generator, t and the noise."""
+    run = build_run(gmm_cfg("method=dmd2", "generator=four_step", "method.step_aware_critic=true",
+                            "method.gan.enabled=false"))
+    gen, fake, emb = run.roles["generator"], run.roles["fake_score"], run.roles["critic_step_embedding"]
+    mix, sched, c = run.roles["teacher"].mixture, gen.schedule, run.cfg.method
+    assert run.method.normalizer == "batch" and c.dm_draws == 1
+    with torch.no_grad():
+        emb.table.weight.normal_()
+    outs, forward = [], gen.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if out[0].requires_grad:
+            out[0].retain_grad()
+        outs.append(out)
+        return out
+    gen.forward = spy
+    batch = {"noise": torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), "cond": None}
+    torch.manual_seed(3)
+    run.method.loss("generator", batch, 0).loss.backward()
+    x, ks = outs[0]
+    assert set(ks.tolist()) == {1, 2, 3, 4}
+    torch.manual_seed(3)   # replay: the generator's draws, then the DM term's t and noise
+    with torch.no_grad():
+        gen(batch["noise"], None, return_steps=True)
+    t = sched.sample_t(64, float(c.t_min), float(c.t_max))
+    a, s = sched.alpha(t).double(), sched.sigma(t).double()
+    x_t = (a[:, None] * x.detach().double() + s[:, None] * torch.randn(64, 2).double()).float()
+    real = mix.posterior_mean(x_t, a, s).double()
+    with torch.no_grad(), emb.condition(ks):
+        fake_x0 = fake.x0(x_t, t).double()
+    expected = (fake_x0 - real) / (x.detach().double() - real).abs().mean() / x.numel()
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max()))
