@@ -53,7 +53,10 @@ class FewStepGenerator(nn.Module):
         self.timestep_scaling = timestep_scaling
         self._boundary_cache: dict = {}   # (t, timestep_scaling) -> (c_skip, c_out), see _boundary_at
         if timesteps is None:
-            timesteps = self.default_timesteps(steps)
+            try:
+                timesteps = self.default_timesteps(steps)
+            except ValueError as e:   # "steps=60: ...": here it is the generator's setting
+                raise ValueError(f"generator.{e}") from None
         ts = [float(t) for t in timesteps]
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"generator.timesteps must be strictly decreasing, got {ts}")

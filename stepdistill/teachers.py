@@ -70,7 +70,7 @@ def load_unet_teacher(path: str | Path, prediction_type: str | None = None, null
     schedule = vp_schedule(sched_cfg)
     native = sched_cfg.get("prediction_type", "epsilon")
     if prediction_type is not None and check_prediction_type(prediction_type) != native:
-        raise ValueError(f"teacher.prediction_type={prediction_type!r} does not match the teacher's scheduler, "
+        raise ValueError(f"benchmark.teacher.prediction_type={prediction_type!r} does not match the teacher's scheduler, "
                          f"which says {native!r}: remove the override or set it to {native!r}")
     unet = UNet2DModel.from_pretrained(unet_dir, use_safetensors=True).to(device).eval()
     if unet.config.out_channels != unet.config.in_channels:   # e.g. a learned-variance head (2C outputs)

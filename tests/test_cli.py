@@ -1,6 +1,7 @@
 """The console scripts as a user runs them: a two-job multirun sweep, sampling, and one-line bad-input errors.
 Training runs and the start-up checks use real processes; the other app calls run in this process
 (`run_app`, tests/conftest.py), the same Hydra main without ~4 s of imports each."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -127,12 +128,34 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["benchmark.teacher.prediction_type=epsilon", *DIGITS_FAST], "does not match the teacher's scheduler"),
     (["benchmark.resolution=7", *DIGITS_FAST], "benchmark.resolution=8"),
     (["generator.steps=0", *FAST], "generator.steps=0: a generator takes at least 1 step"),
+    (["generator.steps=60", *FAST], "generator.steps=60: a student on a discrete schedule samples in at most 50"),
+    (["trainer.max_steps=0", *FAST], "trainer.max_steps=0: need an integer >= 1"),
+    # Hydra's six lines suggested +trainer.max_step=10, which runs with the typo ignored
+    (["trainer.max_step=10", *FAST], "unknown setting 'trainer.max_step': did you mean trainer.max_steps?"),
+    pytest.param(["attention.backend=xformers", *DIGITS_FAST], "attention.backend=xformers needs xformers installed",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="has xformers")),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, args, message):
     """One line on stderr, exit status 2 (an unknown group choice was Hydra's 12-18 lines with status 1)."""
     proc = run_app("stepdistill.cli.train", *args, f"hydra.run.dir={tmp_path}", check=False)
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
+    """A setting no conf/ file has is named with the nearest ones, in every app; a run folder Hydra cannot make
+    (a file on its path) is one line, not Hydra's traceback."""
+    from stepdistill.cli import unknown_setting
+    assert unknown_setting(["num_sample=10"]) == "unknown setting 'num_sample': did you mean num_samples or eval.num_samples?"
+    assert unknown_setting(["+trainer.extra=1", "hydra.job.chdir=true", "generator.timesteps.0=999", "method=dmd",
+                            "benchmark.schedule={kind: edm}", "trainer.max_steps=3"]) is None
+    proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_sample=10", f"out={tmp_path / 'a.npz'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
+    (tmp_path / "afile").write_text("")
+    proc = run_app("stepdistill.cli.train", *FAST, f"hydra.run.dir={tmp_path / 'afile' / 'run'}", check=False)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert f"hydra.run.dir={tmp_path / 'afile' / 'run'} cannot be made (Not a directory)" in proc.stderr
 
 
 def test_group_choices_checked_before_hydra_composes(tmp_path):

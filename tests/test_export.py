@@ -190,6 +190,37 @@ def test_more_steps_than_lcm_picks_from_are_refused_in_one_line():
         gen.default_timesteps(60)   # not diffusers' message about `strength`
 
 
+@pytest.mark.parametrize("kind", ["class_conditional", "unconditional", "points_vp", "points_edm"])
+def test_pipelines_refuse_step_counts_their_scheduler_cannot_take(tmp_path, kind):
+    """num_inference_steps=0 was LCMScheduler's ZeroDivisionError, 51 its message about `strength`; now one line
+    each, with the wording of stepdistill-sample's steps=K (FewStepGenerator.default_timesteps)."""
+    from diffusers import LCMScheduler
+
+    from stepdistill.pipelines import (ClassConditionalFewStepPipeline, PointsFewStepPipeline,
+                                       UnconditionalFewStepPipeline)
+    if kind == "class_conditional":
+        pipe, args = ClassConditionalFewStepPipeline(tiny_unet(11), LCMScheduler(), [999]), {"class_labels": [0, 1, 2]}
+    elif kind == "unconditional":
+        pipe, args = UnconditionalFewStepPipeline(tiny_unet(), LCMScheduler(), [999]), {"batch_size": 3}
+    else:
+        from stepdistill.export import export_run
+        from stepdistill.networks.mlp import TimeMLP
+        from stepdistill.schedules import make_schedule
+        gen = FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2, fourier_features=8), make_schedule(kind[7:]), "edm",
+                                               sigma_data=2.0), steps=1)
+        pipe = PointsFewStepPipeline.from_pretrained(export_run(_Run(gen, _cfg()), tmp_path / "export"))
+        args = {"batch_size": 3}
+    for k in (0, -1, 2.5):
+        with pytest.raises(ValueError, match=rf"^num_inference_steps={k}: a student samples in a whole number of "
+                                             r"steps, at least 1$"):
+            pipe(**args, num_inference_steps=k)
+    if kind != "points_edm":   # LCMScheduler's: the EDM grid takes any count
+        with pytest.raises(ValueError, match=r"^num_inference_steps=51: a student on a discrete schedule samples in "
+                                             r"at most 50 steps \(LCMScheduler's original_inference_steps\)$"):
+            pipe(**args, num_inference_steps=51)
+    pipe._check_steps(50 if kind != "points_edm" else 60)   # the bound itself is taken
+
+
 def test_pipelines_take_the_output_types_they_name():
     from diffusers import LCMScheduler
     from PIL import Image

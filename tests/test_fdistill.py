@@ -109,6 +109,60 @@ def test_gradient_is_dmd_gradient_scaled_by_exact_ratio_weights(divergence):
         assert torch.all(w[order][1:] >= w[order][:-1])
 
 
+def _by_hand(logits, t, divergence, clip, bins, previous=None, ema=0.0):
+    """f-distill's two normalisations, written out in float64: r / its noise-level bin's mean r, then h / mean h."""
+    r = logits.double().clamp(*clip).exp()
+    index = (t.double() / 999 * bins).floor().long().clamp(max=bins - 1)   # VP: fraction = t / 999
+    means = torch.ones(bins, dtype=torch.float64) if previous is None else previous.double().clone()
+    for b in index.unique():
+        means[b] = ema * means[b] + (1 - ema) * r[index == b].mean()
+    h = H[divergence](r / means[index])
+    return h / h.mean(), means
+
+
+@pytest.mark.parametrize("divergence", ["kl", "js", "jf"])
+def test_ratio_is_normalised_per_noise_level_then_weights_per_batch(gmm_cfg, divergence):
+    """FastGen's f-distill divides each density ratio by the mean ratio of its noise-level bin before h (its
+    `ratio_normalization`, 10 bins); the discriminator's logit is read as log p / q (not q / p); the bins' means
+    follow `ratio_ema` and travel in the method's state."""
+    run = build_run(gmm_cfg("method=fdistill", f"method.divergence={divergence}", "method.ratio_ema=0.5"))
+    logits = torch.tensor([-4.0, -1.0, 0.5, 2.0, -0.3, 1.2, 3.5, 0.0])
+    t = torch.tensor([10.0, 95.0, 99.0, 400.0, 410.0, 420.0, 980.0, 999.0])   # bins 0, 0, 0, 4, 4, 4, 9, 9
+    run.method.gan.logits_noised = lambda x_t, t_, cond: logits   # a stand-in discriminator
+    run.method.bin_means.fill_(2.0)
+    logs = {}
+    weight_fn = run.method.dm_weight_fn({"cond": None}, logs)
+    w = weight_fn(torch.zeros(8, 2), t)
+    want, means = _by_hand(logits, t, divergence, (-3.0, 3.0), 10, torch.full((10,), 2.0), ema=0.5)
+    torch.testing.assert_close(w.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(run.method.bin_means, means)
+    assert run.method.bin_means[1].item() == 2.0   # a bin without samples keeps its mean
+    # a second batch moves the means on from the first's; the state carries them to a resumed run
+    w2 = weight_fn(torch.zeros(8, 2), t.flip(0))
+    want2, means2 = _by_hand(logits, t.flip(0), divergence, (-3.0, 3.0), 10, means, ema=0.5)
+    torch.testing.assert_close(w2.double(), want2, rtol=1e-6, atol=1e-7)
+    resumed = build_run(gmm_cfg("method=fdistill", f"method.divergence={divergence}", "method.ratio_ema=0.5"))
+    resumed.method.load_state_dict(run.method.state_dict(), "cpu")
+    torch.testing.assert_close(resumed.method.bin_means, means2)
+    # ratio_bins=0: the batch normalisation alone
+    plain = build_run(gmm_cfg("method=fdistill", f"method.divergence={divergence}", "method.ratio_bins=0"))
+    plain.method.gan.logits_noised = lambda x_t, t_, cond: logits
+    w0 = plain.method.dm_weight_fn({"cond": None}, {})(torch.zeros(8, 2), t)
+    h = H[divergence](logits.double().clamp(-3.0, 3.0).exp())
+    torch.testing.assert_close(w0.double(), h / h.mean(), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="method.ratio_bins must be >= 0"):
+        build_run(gmm_cfg("method=fdistill", "method.ratio_ema=1.0"))
+
+
+def test_fraction_of_inverts_t_from_fraction():
+    from stepdistill.schedules import EDMSchedule, FlowSchedule
+    u = torch.linspace(0, 1, 11)
+    for sched in (EDMSchedule(), FlowSchedule()):
+        torch.testing.assert_close(sched.fraction_of(sched.t_from_fraction(u)), u, rtol=0, atol=1e-5)
+    vp = VPSchedule()
+    torch.testing.assert_close(vp.fraction_of(torch.tensor([0.0, 999.0, 333.0])), torch.tensor([0.0, 1.0, 1 / 3]))
+
+
 def test_each_phase_reaches_only_its_roles(gmm_cfg):
     run = build_run(gmm_cfg("method=fdistill", "method.divergence=kl"))
     batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()

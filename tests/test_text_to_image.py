@@ -33,11 +33,11 @@ def test_prompt_files(tmp_path):
     assert load_prompts(tmp_path / "p.csv") == ["a cat", "a dog, running"]
     (tmp_path / "q.csv").write_text("id,caption\n1,a bird\n")
     assert load_prompts(tmp_path / "q.csv", "caption") == ["a bird"]
-    with pytest.raises(ValueError, match="set data.prompt_column"):
+    with pytest.raises(ValueError, match="set benchmark.data.prompt_column"):
         load_prompts(tmp_path / "q.csv")
-    with pytest.raises(ValueError, match="data.prompt_column='text' is not a column"):
+    with pytest.raises(ValueError, match="benchmark.data.prompt_column='text' is not a column"):
         load_prompts(tmp_path / "q.csv", "text")
-    with pytest.raises(FileNotFoundError, match="data.prompts="):
+    with pytest.raises(FileNotFoundError, match="benchmark.data.prompts="):
         load_prompts(tmp_path / "missing.txt")
     (tmp_path / "bom.csv").write_text("\ufeffprompt,id\na fish,1\n", encoding="utf-8")   # as a spreadsheet saves it
     assert load_prompts(tmp_path / "bom.csv") == ["a fish"]

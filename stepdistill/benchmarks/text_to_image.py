@@ -73,7 +73,7 @@ class TextToImageBenchmark(Benchmark):
         self.prediction_type = sched_cfg.get("prediction_type", "epsilon")
         want = cfg.teacher.get("prediction_type")
         if want and want != self.prediction_type:
-            raise ValueError(f"teacher.prediction_type={want!r} does not match the teacher's scheduler, which says "
+            raise ValueError(f"benchmark.teacher.prediction_type={want!r} does not match the teacher's scheduler, which says "
                              f"{self.prediction_type!r}: remove the override or set it to {self.prediction_type!r}")
         unet = UNet2DConditionModel.from_pretrained(self.path / "unet", use_safetensors=True).eval()
         added = getattr(unet.config, "addition_embed_type", None)

@@ -57,13 +57,76 @@ def unknown_group_choice(args: list[str]) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=1)
+def known_settings() -> frozenset[str]:
+    """Every setting's dotted key in any conf/ file (a group file's keys under its group, `_global_` ones as
+    written): a superset of any one composed config's keys."""
+    import yaml
+    keys = set()
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            if k == "defaults" and not prefix:
+                continue
+            keys.add(prefix + str(k))
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+    conf = Path(CONF_DIR)
+    for f in conf.rglob("*.yaml"):
+        text = f.read_text()
+        rel = f.relative_to(conf).parts
+        prefix = "" if len(rel) == 1 or "@package _global_" in text else ".".join(rel[:-1]) + "."
+        data = yaml.safe_load(text)
+        if isinstance(data, dict):
+            walk(data, prefix)
+    return frozenset(keys)
+
+
+def unknown_setting(args: list[str]) -> str | None:
+    """The one-line error for a `key=value` whose key no conf/ file has (`trainer.max_step=10`), else None.
+    Hydra's answer is six lines that suggest `+trainer.max_step=10`, which runs with the typo ignored; this one
+    names the nearest settings. Additions (`+key`, `++key`), deletions, hydra.* and group choices are left to
+    Hydra, and so is everything when the command adds config folders."""
+    import difflib
+    if any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in args):
+        return None
+    conf, known = Path(CONF_DIR), known_settings()
+    for arg in args:
+        key, sep, _ = arg.partition("=")
+        if (not sep or arg.startswith(("+", "~", "-")) or key.startswith("hydra.") or "@" in key
+                or not key.replace(".", "").replace("_", "").isalnum() or (conf / key.replace(".", "/")).is_dir()):
+            continue
+        if key in known or key.split(".")[-1].isdigit():   # a list element (generator.timesteps.0=...)
+            continue
+        near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
+        hint = f"did you mean {' or '.join(near)}?" if near else "its settings are in the files under conf/"
+        return f"unknown setting {key!r}: {hint}"
+    return None
+
+
+def unwritable_run_dir(args: list[str]) -> str | None:
+    """The one-line error for a `hydra.run.dir` / `hydra.sweep.dir` that cannot be made (a file on its path, no
+    permission), else None: Hydra makes it before the app runs, and its failure is a traceback."""
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "$" in value:
+            continue
+        try:   # made here a moment before Hydra would make it (os.access says yes to root on /proc)
+            Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            return f"{key}={value} cannot be made ({e.strerror}): choose another {key}"
+    return None
+
+
 def checked_groups(app: str):
-    """Outside `@hydra.main`: the command line's config group choices are checked (above) before the Hydra app
-    composes its config, which happens before the app's own error handling (user_errors) runs."""
+    """Outside `@hydra.main`: the command line's config group choices and setting names are checked (above)
+    before the Hydra app composes its config, which happens before the app's own error handling (user_errors)
+    runs."""
     def wrap(hydra_main):
         @functools.wraps(hydra_main)
         def entry():
-            msg = unknown_group_choice(sys.argv[1:])
+            args = sys.argv[1:]
+            msg = unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args)
             if msg:
                 print(f"{app}: error: {msg}", file=sys.stderr)
                 sys.exit(2)
@@ -91,6 +154,22 @@ def user_errors(app: str):
                 sys.exit(2)
         return inner
     return wrap
+
+
+def refuse_unused(app: str, uses, hints: dict[str, str]) -> None:
+    """The command line's settings (Hydra's task overrides, group choices included) that `app` does not use, one
+    top-level key of sample.yaml at a time, are a one-line error rather than silently ignored: `hints[key]` says
+    what to do, else the line names the settings the app takes."""
+    from hydra.core.hydra_config import HydraConfig
+    if not HydraConfig.initialized():
+        return
+    for override in HydraConfig.get().overrides.task:
+        key = override.lstrip("~+").split("=", 1)[0]
+        top = key.split(".")[0].split("@")[0]
+        if top in uses or top == "hydra":
+            continue
+        hint = hints.get(top) or f"{app} does not use {key}= here (it takes {'=, '.join(uses)}=): leave it out"
+        raise ValueError(f"{override}: {hint}")
 
 
 def _check_hydra_overrides(args) -> None:

@@ -5,8 +5,12 @@ Each entry of `runs` is a run folder or a folder of run folders (a Hydra multiru
     against the exact mixture: modes covered, per-mode mass error, HQ fraction, mode width, sliced W2
     (eval/gmm_metrics.py); the figure shows every student's samples over its mixture's density contours, one
     row per benchmark.
-  * image benchmarks: the last evaluation the run logged: the student's FD and the teacher's (same samples),
-    their ratio, and the student's precision and recall where the benchmark measures them (digits).
+  * image benchmarks: the run's latest evaluation at its own sampling (`run_evaluation`): the student's FD and the
+    teacher's (same samples), their ratio, and the student's precision and recall where the benchmark measures
+    them (digits). That is the training's last (final) evaluation, or a later `stepdistill-eval` of the run at its
+    trained step count; never an evaluation at another step count (`stepdistill-eval steps=K`) or of each step
+    along the chain (`every_step=true`), which stepdistill-eval also appends to metrics.jsonl. Which one each row
+    shows is printed below the table (and written under it in comparison.md).
 Every row also gives the run's training time (seconds of the last logged train step) and its step count.
 Writes DIR/comparison.md, DIR/comparison.json, (points benchmarks) DIR/comparison.png and, where the runs evaluated
 during training, DIR/comparison_curves.png (each student metric against the step, one line per run), and prints
@@ -50,21 +54,63 @@ def run_label(cfg) -> str:
     return label + (f" {steps}-step" if steps > 1 else "")
 
 
-def logged(records: list[dict]) -> tuple[dict, dict]:
-    """The last train record and the last evaluation record of a run's metrics."""
-    train, evaluation = {}, {}
+def trained_steps(cfg) -> int:
+    """The student's trained step count: its timesteps' (generator.timesteps), else generator.steps."""
+    timesteps = cfg.generator.get("timesteps")
+    return len(timesteps) if timesteps else int(cfg.generator.get("steps", 1))
+
+
+def at_own_sampling(rec: dict, steps: int | None) -> bool:
+    """An evaluation of the run's samples at its trained step count: the training's own (no `source`), or
+    stepdistill-eval's without steps=K or with the trained K (`student_steps`). Not stepdistill-eval's
+    `every_step` records (each step's output along the chain, no `student_fd`) or its other step counts
+    (source "stepdistill-eval steps=K")."""
+    if rec.get("kind") != "eval":
+        return False
+    if "source" not in rec:
+        return True
+    if rec["source"] != "stepdistill-eval":
+        return False
+    k = rec.get("student_steps")   # none: the trained count (written so before stepdistill-eval recorded it always)
+    return k is None or steps is None or int(k) == steps
+
+
+def run_evaluation(records: list[dict], steps: int | None = None) -> dict:
+    """The evaluation a comparison shows: of those at the run's own sampling (`at_own_sampling`), the one at the
+    latest step; at one step, the training's (its final one, e.g. of eval.final_num_samples) before
+    stepdistill-eval's (maybe of fewer samples or other eval.* settings). {} when there is none."""
+    best: dict = {}
+    for rec in records:
+        if at_own_sampling(rec, steps) and (not best or (rec["step"], "source" not in rec)
+                                            >= (best["step"], "source" not in best)):
+            best = rec
+    return best
+
+
+def describe_evaluation(evaluation: dict, steps: int) -> str:
+    """Which evaluation a row shows, in words."""
+    if not evaluation:
+        return "no evaluation logged"
+    who = "the training's evaluation" if "source" not in evaluation else "stepdistill-eval"
+    n = evaluation.get("student_fd_num_samples")
+    return (f"{who} at step {evaluation['step']}, {steps}-step sampling" + (f", {n} samples" if n else "")
+            + (f" ({' '.join(evaluation['eval_overrides'])})" if evaluation.get("eval_overrides") else ""))
+
+
+def logged(records: list[dict], steps: int | None = None) -> tuple[dict, dict]:
+    """The last train record, and the evaluation at the run's own sampling (`run_evaluation`) of a run's metrics;
+    `steps`: the run's trained step count (None: any stepdistill-eval record without every_step counts)."""
+    train = {}
     for rec in records:
         if rec.get("kind") == "train" and "seconds" in rec:
             train = rec
-        elif rec.get("kind") == "eval":
-            evaluation = rec
-    return train, evaluation
+    return train, run_evaluation(records, steps)
 
 
 def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, seed: int) -> tuple[dict, object]:
     """One table row, plus the re-drawn student samples for points benchmarks (else None)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    train, evaluation = logged(records)
+    train, evaluation = logged(records, trained_steps(cfg))
     row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run_dir": str(run_dir),
            "steps": int(train.get("step", cfg.trainer.max_steps)), "train_seconds": train.get("seconds")}
     if cfg.benchmark.name.startswith("gmm"):
@@ -84,6 +130,12 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, see
             row[key] = evaluation[f"student_{key}"]
     row["num_samples"] = evaluation.get("student_fd_num_samples")
     return row, None
+
+
+def evaluation_notes(rows: list[dict], evaluations: dict) -> list[str]:
+    """One line per image row: which logged evaluation its metrics come from."""
+    return [f"{r['benchmark']} {r['method']} ({r['run_dir']}): {evaluations[r['run_dir']]}"
+            for r in rows if r["run_dir"] in evaluations]
 
 
 def _mixture(cfg):
@@ -111,11 +163,14 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     from ..eval.grids import save_gmm_scatter_grid
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows, panels, run_curves = [], {}, []
+    rows, panels, run_curves, evaluations = [], {}, [], {}
     for run_dir in find_runs(entries):
         records = run_records(run_dir)   # a resumed run's re-logged steps, a line cut by a kill: read_metrics
         row, drawn = compare_run(run_dir, records, num_samples, seed)
         rows.append(row)
+        if drawn is None:   # an image row: its metrics are a logged evaluation's, named below the table
+            steps = trained_steps(OmegaConf.load(run_dir / "config.yaml"))
+            evaluations[row["run_dir"]] = describe_evaluation(run_evaluation(records, steps), steps)
         run_curves.append((f"{row['benchmark']} {row['method']}", run_dir, curve_panels(records)))
         if drawn is not None:
             samples, mixture = drawn
@@ -123,9 +178,10 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
             panels.setdefault(row["benchmark"], (mixture, []))[1].append((title, samples))
     rows.sort(key=lambda r: (r["benchmark"], r["method"]))
     table = markdown_table(rows)
-    (out / "comparison.md").write_text(table + "\n")
+    notes = evaluation_notes(rows, evaluations)
+    (out / "comparison.md").write_text(table + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     (out / "comparison.json").write_text(json.dumps(rows, indent=2))
-    result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md")}
+    result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md"), "evaluations": notes}
     labels = [label for label, _, _ in run_curves]   # runs of one method (a sweep over a setting): by folder too
     curves = {label if labels.count(label) == 1 else f"{label} ({run_dir.name})": run_panels
               for label, run_dir, run_panels in run_curves}
@@ -150,6 +206,8 @@ def main(cfg: DictConfig) -> None:
     set_threads(cfg.get("num_threads"))
     result = compare(runs, cfg.out, n, int(cfg.seed))
     print(result["table"])
+    if result["evaluations"]:
+        print("\nmetrics from:\n" + "\n".join(f"  {n}" for n in result["evaluations"]))
     print(f"\ntable: {result['markdown']}" + (f"\nfigure: {result['figure']}" if "figure" in result else "")
           + (f"\ncurves: {result['curves']}" if "curves" in result else ""))
 

@@ -6,6 +6,13 @@ draws another set of evaluation noise.
 
 `every_step=true` scores each step's x0 output along the K-step sampling chain instead (the last is the sample),
 prints them as a table and writes a sample figure per step: where a multi-step student gains or loses quality.
+
+Each evaluation is appended to the run's metrics.jsonl as a `kind=eval` record with `source`: "stepdistill-eval"
+("stepdistill-eval steps=K" at another step count than the trained one, "stepdistill-eval every_step"), and
+`student_steps`, the count it sampled: curves.png and stepdistill-compare tell it from the training's own. Its sample
+grid is samples/step_XXXXXXX_eval.png (steps=K: step_XXXXXXX_Ksteps_eval.png), beside the grid training wrote for
+that step, and its path is printed (`figure`). teacher_steps=, benchmark=, out= and seed= are refused: it would
+ignore them.
 """
 from __future__ import annotations
 
@@ -17,7 +24,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, checked_groups, pick_device, pipe_table, set_threads, user_errors
+from . import CONF_DIR, checked_groups, pick_device, pipe_table, refuse_unused, set_threads, user_errors
+
+# what stepdistill-eval does not use, and what to do instead; any other unused setting: leave it out
+UNUSED = {
+    "teacher_steps": "stepdistill-eval's teacher reference samples at the run's own benchmark.teacher_steps, as "
+                     "training's evaluations do: leave it out (the student's steps are steps=K; "
+                     "stepdistill-sample benchmark=NAME teacher_steps=K samples a teacher)",
+    "benchmark": "stepdistill-eval evaluates the run on its own benchmark (run_dir=D's config.yaml): leave it out",
+    "out": "stepdistill-eval writes into run_dir=D (metrics.jsonl and samples/): leave it out",
+    "seed": "stepdistill-eval's noise seed is the run's eval.seed: use eval.seed=S",
+}
+EVAL_USES = ("run_dir", "checkpoint", "steps", "num_samples", "every_step", "eval", "device", "num_threads")
 
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
@@ -35,12 +53,20 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
     if every_step:
         metrics = evaluator.evaluate_every_step(step, steps)
     else:
-        metrics = evaluator.evaluate(step, teacher_reference, steps)
+        metrics = evaluator.evaluate(step, teacher_reference, steps, figure_tag="_eval")
+    # who wrote the record (curves.png and stepdistill-compare tell it from the training's own evaluations) and
+    # at which step count: an evaluation at another count than the trained one has its own source, so that
+    # metrics.jsonl's readers (one record per kind, step and source) keep it apart from one at the trained count
+    trained = run.student().num_steps
     metrics["source"] = "stepdistill-eval" + (" every_step" if every_step else "")
+    if not every_step and steps is not None and int(steps) != trained:
+        metrics["source"] += f" steps={int(steps)}"
     if overrides:   # what this evaluation changed against the run's own settings
         metrics["eval_overrides"] = list(overrides)
     if steps is not None:
         metrics["student_steps"] = int(steps)
+    elif not every_step:
+        metrics["student_steps"] = trained
     # curves.png draws the training's own evaluations; this one (maybe at other steps or settings) is not one
     MetricsLogger(Path(run_dir), "console", resume=True, console=False, curves=False).log(step, metrics, kind="eval")
     return metrics
@@ -53,15 +79,23 @@ def main(cfg: DictConfig) -> None:
     # the input first, before torch and diffusers load: a wrong count or path fails at once. The run's own
     # evaluation settings, changed by this command's eval.* overrides and num_samples=N:
     overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("eval.")]
+    # as stepdistill-train refuses it (the value an integer already: override_types.py)
+    if any(o.startswith("eval.num_samples=") for o in overrides) and int(cfg.eval.num_samples) < 2:
+        raise ValueError(f"eval.num_samples={cfg.eval.num_samples}: an evaluation needs at least 2 samples")
     if cfg.get("num_samples") is not None:
         overrides.append(f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}")   # a covariance needs 2
     steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)
     run_dir = run_folder(cfg.get("run_dir"))
     set_threads(cfg.get("num_threads"))
+    device = pick_device(cfg.get("device"))
+    refuse_unused("stepdistill-eval", EVAL_USES, UNUSED)   # a setting it would ignore: refused, saying what to do
     every_step = bool(cfg.get("every_step", False))
     metrics = evaluate_run(run_dir, steps, overrides, every_step=every_step, checkpoint=cfg.get("checkpoint"),
-                           device=pick_device(cfg.get("device")))
+                           device=device)
     print(every_step_table(metrics) if every_step else json.dumps(metrics, indent=2))
+    if every_step:
+        figures = metrics["figures"]
+        print(f"figures: {figures[0]}" + (f" .. {figures[-1]}" if len(figures) > 1 else ""))
 
 
 def every_step_table(metrics: dict) -> str:

@@ -1,12 +1,22 @@
 """`stepdistill-export run_dir=D [checkpoint=STEP] [out=DIR]`: write D/export/ (or DIR) in diffusers format from the
-run's latest checkpoint (or the one of that step)."""
+run's latest checkpoint (or the one of that step). Any other setting (steps=, num_samples=, ...) would be ignored,
+and is refused."""
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
 from ..checks import run_folder
-from . import CONF_DIR, checked_groups, set_threads, user_errors
+from . import CONF_DIR, checked_groups, refuse_unused, set_threads, user_errors
+
+EXPORT_USES = ("run_dir", "checkpoint", "out", "num_threads")
+# what stepdistill-export does not use, and what to do instead; any other unused setting: leave it out
+UNUSED = {
+    "steps": "an export holds the student, not a step count: leave it out and choose the steps when sampling "
+             "(pipe(num_inference_steps=K), or stepdistill-sample run_dir=D steps=K)",
+    "teacher_steps": "an export holds the student, not a step count: leave it out and choose the steps when "
+                     "sampling (pipe(num_inference_steps=K))",
+}
 
 
 @checked_groups("stepdistill-export")
@@ -14,6 +24,7 @@ from . import CONF_DIR, checked_groups, set_threads, user_errors
 @user_errors("stepdistill-export")
 def main(cfg: DictConfig) -> None:
     run_dir = run_folder(cfg.get("run_dir"))   # before torch and diffusers load: a wrong path fails at once
+    refuse_unused("stepdistill-export", EXPORT_USES, UNUSED)   # a setting it would ignore: refused, saying what to do
     set_threads(cfg.get("num_threads"))
     from ..export.export import export_folder, export_run
     from ..train.setup import load_run

@@ -3,7 +3,8 @@
   stepdistill-sample run_dir=D num_samples=N out=F.npz [steps=K] [seed=S] [checkpoint=STEP]
   stepdistill-sample benchmark=digits|gmm [teacher_steps=K] num_samples=N out=F.npz
 Writes `samples` (float32; images in [0, 1] as N x C x H x W, points in data space), and `labels` for
-class-conditional or `prompts` for text-conditional benchmarks.
+class-conditional or `prompts` for text-conditional benchmarks. A setting the mode does not use (benchmark= with
+run_dir=, checkpoint= without it, eval.*) is refused rather than ignored.
 """
 from __future__ import annotations
 
@@ -14,7 +15,18 @@ import numpy as np
 from omegaconf import DictConfig
 
 from ..checks import at_least, run_folder
-from . import CONF_DIR, checked_groups, pick_device, set_threads, user_errors
+from . import CONF_DIR, checked_groups, pick_device, refuse_unused, set_threads, user_errors
+
+STUDENT_USES = ("run_dir", "checkpoint", "num_samples", "out", "steps", "seed", "device", "num_threads")
+TEACHER_USES = ("benchmark", "num_samples", "out", "teacher_steps", "seed", "device", "num_threads")
+# what stepdistill-sample does not use, and what to do instead; any other unused setting: leave it out
+UNUSED = {
+    "benchmark": "a run samples its own benchmark (run_dir=D's config.yaml): leave out benchmark= (or leave out "
+                 "run_dir= for that benchmark's teacher samples)",
+    "checkpoint": "checkpoint= picks a trained run's checkpoint (with run_dir=D): a teacher's samples take none",
+    "eval": "eval.* settings are stepdistill-eval's: leave them out",
+    "every_step": "every_step= is stepdistill-eval's: leave it out",
+}
 
 
 def write_npz(out: str | Path, samples, labels=None) -> Path:
@@ -48,16 +60,22 @@ def sample_student(run_dir, num_samples: int, steps=None, seed: int = 0, batch_s
 
 
 def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0, batch_size: int = 1000,
-                   device: str | None = None):
+                   device: str | None = None, benchmark=None):
+    """`benchmark`: `cfg.benchmark` already built (else it is built here)."""
     from ..benchmarks.registry import build_benchmark
     from ..train.evaluation import eval_inputs, teacher_sample_batched
 
-    bm = build_benchmark(cfg.benchmark)
+    bm = benchmark if benchmark is not None else build_benchmark(cfg.benchmark)
     if device is not None:
         bm.teacher.to(device)
     noise, cond, _ = eval_inputs(bm, num_samples, seed)
     x = teacher_sample_batched(bm, noise, cond, steps, batch_size)
     return bm.to_output(x), bm.eval_labels(num_samples)
+
+
+def teacher_sampler_steps(bm, steps=None) -> int:
+    """The teacher sampler's step count: `steps`, else the benchmark's default (as Benchmark.teacher_sample)."""
+    return int(steps or getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
 
 
 @checked_groups("stepdistill-sample")
@@ -77,16 +95,22 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("steps= counts a trained student's steps (with run_dir=D): "
                          "the teacher's ODE steps are teacher_steps=K")
     steps = None if cfg.get(key) is None else at_least(key, cfg[key])
+    refuse_unused("stepdistill-sample", STUDENT_USES if cfg.get("run_dir") else TEACHER_USES, UNUSED)
     run_dir = run_folder(cfg.run_dir) if cfg.get("run_dir") else None
     set_threads(cfg.get("num_threads"))
     device = pick_device(cfg.get("device"))
     if run_dir:
         samples, labels = sample_student(run_dir, n, steps, int(cfg.seed), checkpoint=cfg.get("checkpoint"),
                                          device=device)
-    else:
-        samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed), device=device)
+        what, source = "samples", ""
+    else:   # no run_dir: the teacher of benchmark= (the default one, digits, if not given): said in the line
+        from ..benchmarks.registry import build_benchmark
+        bm = build_benchmark(cfg.benchmark)
+        samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed), device=device, benchmark=bm)
+        what = "teacher samples"
+        source = f"of benchmark {cfg.benchmark.name} ({teacher_sampler_steps(bm, steps)} sampler steps) "
     path = write_npz(cfg.out, samples, labels)
-    print(f"wrote {samples.shape[0]} samples {tuple(samples.shape[1:])} to {path}")
+    print(f"wrote {samples.shape[0]} {what} {tuple(samples.shape[1:])} {source}to {path}")
 
 
 if __name__ == "__main__":

@@ -67,14 +67,15 @@ def summary(result: dict) -> str:
         lines.append(f"curves:       {curves}")
     if "export" in result:
         lines.append(f"export:       {result['export']}  (diffusers from_pretrained)")
-    for key in ("fd", "sliced_w2", "modes_covered", "high_quality_fraction", "precision", "recall", "class_accuracy"):
+    for key in ("fd", "latent_fd", "clip_score", "sliced_w2", "modes_covered", "high_quality_fraction", "precision",
+                "recall", "class_accuracy"):
         s, t = result.get(f"student_{key}"), result.get(f"teacher_{key}")
         if s is not None:
             # the FD's bootstrap spread: how far it would move with another set of as many samples
             pm = {who: f" ± {v:.2g}" if (v := result.get(f"{who}_{key}_bootstrap_std")) is not None else ""
                   for who in ("student", "teacher")}
             extra = f"   teacher ({result.get('teacher_steps')} steps): {t:.4g}{pm['teacher']}" if t is not None else ""
-            ratio = f"   ratio {s / t:.3g}" if key in ("fd", "sliced_w2") and t else ""
+            ratio = f"   ratio {s / t:.3g}" if key in ("fd", "latent_fd", "sliced_w2") and t else ""
             lines.append(f"student {key}: {s:.4g}{pm['student']}{extra}{ratio}")
     if "processes" in result:
         lines.append(f"processes:    {result['processes']} (weight spread across them "

@@ -18,14 +18,14 @@ from .cache import cache_dir, save_tensors
 def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"data.prompts={path} does not exist: give a .txt (one prompt per line), .csv or "
+        raise FileNotFoundError(f"benchmark.data.prompts={path} does not exist: give a .txt (one prompt per line), .csv or "
                                 ".parquet file")
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
-            raise ImportError(f"data.prompts={path} is a parquet file, which needs pyarrow: "
+            raise ImportError(f"benchmark.data.prompts={path} is a parquet file, which needs pyarrow: "
                               "pip install 'stepdistill[parquet]' (or pyarrow), or give a .txt or .csv file") from e
         table = pq.read_table(path)
         names = table.column_names
@@ -40,20 +40,20 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
         prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
-        raise ValueError(f"data.prompts={path} holds no prompts")
+        raise ValueError(f"benchmark.data.prompts={path} holds no prompts")
     return prompts
 
 
 def _pick_column(column: str | None, names: list[str], path: Path) -> str:
     if column:
         if column not in names:
-            raise ValueError(f"data.prompt_column={column!r} is not a column of {path}: it has {names}")
+            raise ValueError(f"benchmark.data.prompt_column={column!r} is not a column of {path}: it has {names}")
         return column
     if "prompt" in names:
         return "prompt"
     if len(names) == 1:
         return names[0]
-    raise ValueError(f"{path} has columns {names}: set data.prompt_column to the one holding the prompts")
+    raise ValueError(f"{path} has columns {names}: set benchmark.data.prompt_column to the one holding the prompts")
 
 
 class EmbeddingCache:

@@ -12,9 +12,14 @@ non-saturating BCE loss its logit is log(p_t / q_t) with p_t the noised distribu
 samples (the benchmark's data: the exact mixture on the gmm, the real digits, which stand in for the teacher's
 distribution as in the paper), so r = exp(logit), read at the *same* x_t and t at which the scores are evaluated
 (`DiffusionGAN.logits_noised`). Without gradient, the logit is clipped to
-`log_ratio_clip` = [lo, hi] and the weights are normalised by their batch mean:
-    w_i = h(exp(clip(logit_i, lo, hi))) / mean_j h(exp(clip(logit_j, lo, hi)))
-so rkl gives w = 1 exactly, i.e. DMD2 bit for bit. The DM loss draws t in [t_min, t_max] and the discriminator is
+`log_ratio_clip` = [lo, hi] and the weights are normalised twice, as in the reference code (NVIDIA FastGen's
+`ratio_normalization`, on by default there):
+    1. r_i = exp(clip(logit_i, lo, hi)) / (the mean r of the batch's samples in t_i's noise-level bin)
+       (`ratio_bins` equal bins of the range's fraction; their means kept with `ratio_ema`, 0 = this batch's):
+       the discriminator is surer at some noise levels than at others, and without it the weights would
+       reweight noise levels rather than samples;
+    2. w_i = h(r_i) / mean_j h(r_j)
+so rkl gives w = 1 exactly, i.e. DMD2 bit for bit. `ratio_bins=0` skips the first. The DM loss draws t in [t_min, t_max] and the discriminator is
 trained on t in [gan.t_min, gan.t_max]: the ratio is only an estimate where the two overlap (a warning says when
 [t_min, t_max] is not inside the discriminator's range; the defaults, [0.02, 0.98] in [0, 1], are).
 Everything else — TTUR, normaliser, guidance / fake_guidance, the GAN terms of both losses, step_aware_critic — is
@@ -45,12 +50,26 @@ def check_divergence(name: str) -> str:
     return name
 
 
-def f_weights(log_ratio: torch.Tensor, divergence: str, clip=(-3.0, 3.0)) -> torch.Tensor:
-    """Per-sample weights h(r) / mean h(r), r = exp(clip(log_ratio)), computed in at least fp32."""
+def f_weights(log_ratio: torch.Tensor, divergence: str, clip=(-3.0, 3.0), binned=None) -> torch.Tensor:
+    """Per-sample weights h(r) / mean h(r), r = exp(clip(log_ratio)), computed in at least fp32. `binned`:
+    (each sample's bin index, the bins' mean ratios): r is divided by its bin's mean first."""
     lo, hi = clip
     l = log_ratio.detach().to(torch.promote_types(log_ratio.dtype, torch.float32)).clamp(lo, hi)
+    if binned is not None:   # log(r / bin mean), so h stays written in the log-ratio
+        index, means = binned
+        l = l - means.to(l.dtype)[index].log()
     h = DIVERGENCES[check_divergence(divergence)](l)
     return h / batch_split.batch_mean(h)  # over the global batch, if split over processes
+
+
+def update_bin_means(means: torch.Tensor, ratio: torch.Tensor, index: torch.Tensor, ema: float) -> None:
+    """The mean ratio per bin, in place: ema · old + (1 - ema) · this batch's, for the bins this batch has
+    samples in (over the global batch: every process gathers it and makes the same update)."""
+    ratio, index = batch_split.gather_rows(ratio.detach()), batch_split.gather_rows(index)
+    count = torch.bincount(index, minlength=means.numel()).to(means.dtype)
+    total = torch.bincount(index, weights=ratio.to(means.dtype), minlength=means.numel())
+    seen = count > 0
+    means[seen] = ema * means[seen] + (1 - ema) * total[seen] / count[seen]
 
 
 class FDistill(DMD2):
@@ -66,6 +85,11 @@ class FDistill(DMD2):
         if not lo < hi:
             raise ValueError(f"method.log_ratio_clip must be [lo, hi] with lo < hi, got {[lo, hi]}")
         self.clip = (lo, hi)
+        bins, self.ratio_ema = int(cfg.get("ratio_bins", 10)), float(cfg.get("ratio_ema", 0.0))
+        if bins < 0 or not 0.0 <= self.ratio_ema < 1.0:
+            raise ValueError(f"method.ratio_bins must be >= 0 (0 = no per-noise-level normalisation) and "
+                             f"method.ratio_ema in [0, 1), got {cfg.get('ratio_bins')} and {cfg.get('ratio_ema')}")
+        self.bin_means = torch.ones(bins, dtype=torch.float64) if bins else None
         if not (gan.t_min <= cfg.t_min and cfg.t_max <= gan.t_max):
             warnings.warn(f"fdistill: the DM loss draws t in [{cfg.t_min}, {cfg.t_max}] but the discriminator is "
                           f"trained on [{gan.t_min}, {gan.t_max}]; outside it the density ratio is extrapolated")
@@ -78,11 +102,33 @@ class FDistill(DMD2):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
             with self._gan_sees_steps(steps):   # with gan.step_aware: each exit step's own density ratio
                 logit = self.gan.logits_noised(x_t, t, batch["cond"]).float()
-            w = f_weights(logit, self.divergence, self.clip)
+            binned = None
+            if self.bin_means is not None:
+                bins = self.bin_means.numel()
+                index = (self.schedule.fraction_of(t) * bins).floor().long().clamp(0, bins - 1)
+                ratio = logit.clamp(*self.clip).double().exp()
+                update_bin_means(self.bin_means, ratio, index, self.ratio_ema)
+                binned = (index, self.bin_means)
+            w = f_weights(logit, self.divergence, self.clip, binned)
             logs.update(fd_log_ratio=logit.mean().item(), fd_weight_max=w.max().item(),
                         fd_clipped=((logit < self.clip[0]) | (logit > self.clip[1])).float().mean().item())
             return w
         return weight_fn
 
+    @property
+    def schedule(self):
+        return self.models["teacher"].schedule
 
-__all__ = ["DIVERGENCES", "FDistill", "check_divergence", "f_weights"]
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.bin_means is not None:   # carried between steps where ratio_ema > 0
+            state["ratio_bin_means"] = self.bin_means.clone()
+        return state
+
+    def load_state_dict(self, state: dict, device) -> None:
+        super().load_state_dict(state, device)
+        if self.bin_means is not None and "ratio_bin_means" in state:
+            self.bin_means.copy_(state["ratio_bin_means"])
+
+
+__all__ = ["DIVERGENCES", "FDistill", "check_divergence", "f_weights", "update_bin_means"]

@@ -34,7 +34,25 @@ class _FewStep(DiffusionPipeline):
         schedule's own K-step ones."""
         if timesteps is None and num_inference_steps in (None, len(self.config.trained_timesteps)):
             return list(self.config.trained_timesteps)
+        if timesteps is None:
+            self._check_steps(num_inference_steps)
         return timesteps
+
+    def _check_steps(self, num_inference_steps) -> None:
+        """A count the scheduler cannot take, as one line (not LCMScheduler's ZeroDivisionError for 0, or its
+        message about `strength` for more than its original_inference_steps); the same bound and wording as
+        FewStepGenerator.default_timesteps (stepdistill-sample's steps=K)."""
+        k = num_inference_steps
+        try:
+            whole = not isinstance(k, bool) and int(k) == k
+        except (TypeError, ValueError, OverflowError):
+            whole = False
+        if not whole or k < 1:
+            raise ValueError(f"num_inference_steps={k}: a student samples in a whole number of steps, at least 1")
+        most = None if self.scheduler is None else self.scheduler.config.get("original_inference_steps")
+        if most is not None and k > most:   # LCMScheduler picks its K timesteps among these many
+            raise ValueError(f"num_inference_steps={k}: a student on a discrete schedule samples in at most "
+                             f"{most} steps (LCMScheduler's original_inference_steps)")
 
     def _timesteps(self, num_inference_steps, timesteps):
         """LCMScheduler's timesteps for the call: given, trained, or its own K-step ones."""
@@ -49,7 +67,7 @@ class _FewStep(DiffusionPipeline):
             else:
                 self.scheduler.set_timesteps(timesteps=timesteps)
         else:
-            self.scheduler.set_timesteps(num_inference_steps)
+            self.scheduler.set_timesteps(int(num_inference_steps))
         return self.scheduler.timesteps
 
     def _loop(self, x, model_fn, timesteps, generator):

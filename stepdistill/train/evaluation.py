@@ -67,10 +67,11 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None,
-                 score: bool = True, num_samples: int | None = None) -> dict:
+                 score: bool = True, num_samples: int | None = None, figure_tag: str = "") -> dict:
         """`score=False` samples (student, and teacher if asked) and stops there: the other processes of a
         sharded run, whose forwards rank 0's sampling needs. `num_samples`: this evaluation's sample count
-        (default `eval.num_samples`), drawn from the same seed."""
+        (default `eval.num_samples`), drawn from the same seed. `figure_tag` ends the sample grid's file name
+        (stepdistill-eval's "_eval": its grid must not replace the one training wrote for this step)."""
         bm = self.run.benchmark
         outputs, noise, cond, _ = self._sample_chain(steps, every_step=False, num_samples=num_samples)
         samples = outputs[-1]
@@ -83,7 +84,7 @@ class Evaluator:
             metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step
         suffix = "" if steps is None else f"_{int(steps)}steps"
-        fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}.png"
+        fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}{figure_tag}.png"
         bm.save_figure(samples, cond, fig, teacher_samples=teacher)
         metrics["figure"] = str(fig)
         return metrics
@@ -94,18 +95,23 @@ class Evaluator:
         as `evaluate`; the last step's are the sample's), keyed `student_step{k}_{metric}`, and a figure per
         step: where a multi-step student gains or loses quality along its chain."""
         outputs, _, cond, ts = self._sample_chain(steps, every_step=True)
-        metrics: dict = {"timesteps": ts}
+        metrics: dict = {"timesteps": ts, "figures": []}
         for k, samples in enumerate(outputs, start=1):
             metrics.update({f"student_step{k}_{key}": v for key, v in self.benchmark_metrics(samples, cond).items()})
             fig = self.run_dir / "samples" / f"{step_dir_name(step)}_{len(ts)}steps_step{k}.png"
             self.run.benchmark.save_figure(samples, cond, fig)
+            metrics["figures"].append(str(fig))
         return metrics
 
     def _sample_chain(self, steps: int | None, every_step: bool, num_samples: int | None = None):
         """The student's K-step chain from the fixed eval noise, in eval mode: (every step's x0 output, or just
         the sample's, the noise, the conditions, the timesteps)."""
         bm, seed = self.run.benchmark, int(self.cfg.seed)
+        # a covariance (FD) needs 2 samples; 0 was an IndexError deep in the sampling
+        key = "eval.num_samples" if num_samples is None else "eval.final_num_samples"
         n = int(or_default(num_samples, self.cfg.num_samples))
+        if n < 2:
+            raise ValueError(f"{key}={n}: an evaluation needs at least 2 samples")
         student = self.run.student()
         was_training = student.training
         student.eval()

@@ -51,7 +51,7 @@ def check_fsdp_supported(cfg) -> None:
                          "generator.step_experts=false or use the default trainer")
     g = cfg.generator
     exits = g.get("train_steps") or range(int(g.get("steps", 1)))
-    if g.get("per_sample_step") and len(exits) > 1:
+    if g.get("per_sample_step", True) and len(exits) > 1:   # the generator's default
         # each process runs the forwards its own rows need: sharded forwards would then differ between processes,
         # and their all-gathers would wait for each other
         raise ValueError("trainer=fsdp with generator.per_sample_step=true: a process's forwards would depend on its "

@@ -45,8 +45,25 @@ def apply_attention_backend(roles: Roles, cfg: DictConfig) -> None:
     """`attention.backend`: route every diffusers attention of every role through stepdistill.kernels."""
     backend = str(cfg.get("attention", {}).get("backend", "diffusers"))
     from ..kernels import set_attention_backend
-    for module in roles.values():
-        set_attention_backend(module, backend)
+    routed = sum(set_attention_backend(module, backend) for module in roles.values())
+    if routed:   # here, not at the first forward (after config.yaml is written), and in one line
+        check_attention_backend(backend)
+
+
+def check_attention_backend(backend: str) -> None:
+    """A backend this machine cannot run is a ValueError naming what to change."""
+    import torch
+
+    from ..kernels.dispatch import triton_available, triton_interpreted, xformers_available
+    if backend == "xformers" and not xformers_available():
+        raise ValueError("attention.backend=xformers needs xformers installed (pip install 'stepdistill[xformers]'): "
+                         "install it or use attention.backend=auto")
+    if backend == "triton" and not triton_available():
+        raise ValueError("attention.backend=triton needs the triton package (pip install triton): install it or use "
+                         "attention.backend=auto")
+    if backend == "triton" and not torch.cuda.is_available() and not triton_interpreted():
+        raise ValueError("attention.backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 for CPU tests, slow): use "
+                         "attention.backend=auto or sdpa on this machine")
 
 
 def enable_gradient_checkpointing(roles: Roles) -> None:

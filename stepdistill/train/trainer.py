@@ -73,7 +73,8 @@ class Trainer:
         shards = self.world * self.accum
         if int(tc.batch_size) < 1:
             raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
-        for key, value in (("trainer.max_steps", tc.max_steps), ("trainer.checkpoint_every", tc.checkpoint_every),
+        at_least("trainer.max_steps", tc.max_steps)   # 0 trained nothing and exported the untrained student
+        for key, value in (("trainer.checkpoint_every", tc.checkpoint_every),
                            ("trainer.keep_checkpoints", tc.keep_checkpoints), ("eval.every", self.cfg.eval.every),
                            ("logger.every", self.cfg.logger.every)):   # 0 = never (keep: all), not below
             at_least(key, value, 0)
