@@ -20,6 +20,7 @@ import torch  # noqa: E402
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from stepdistill.cli import CONF_DIR  # noqa: E402
+from stepdistill.networks.gmm import GMMDenoiser  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -146,3 +147,27 @@ def train_briefly(cfgs, tmp_path):
         run = build_run(cfg)
         Trainer(run, tmp_path / f"{i}_{cfg.benchmark.name}").fit()
         assert all(torch.isfinite(p).all() for p in run.roles["generator"].parameters())
+
+
+class ConditionalMixture(GMMDenoiser):
+    """Exact class-conditional teacher: label k is mixture component k alone, label K (null) the whole mixture."""
+    conditional = True
+
+    def uncond(self, cond):
+        return torch.full_like(cond, self.mixture.means.shape[0])
+
+    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
+        a, s = self.schedule.alpha(t).double()[:, None], self.schedule.sigma(t).double()[:, None]
+        out = self.mixture.posterior_mean(x_t, a[:, 0], s[:, 0]).double()
+        k = cond < self.mixture.means.shape[0]
+        mu, var = self.mixture.means[cond[k]], self.mixture.stds[cond[k]][:, None] ** 2
+        out[k] = mu + a[k] * var / (a[k] ** 2 * var + s[k] ** 2) * (x_t[k].double() - a[k] * mu)
+        return out
+
+
+def guided(den, x_t, t, cond, w):
+    """Classifier-free guidance on a ConditionalMixture's exact x0, written out: uncond + w (cond - uncond)."""
+    null = torch.full_like(cond, den.mixture.means.shape[0])
+    c, u = den._x0_single(x_t, t, cond), den._x0_single(x_t, t, null)
+    return u + w * (c - u)
+

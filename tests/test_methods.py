@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import ConditionalMixture, guided
 from omegaconf import OmegaConf
 
 from stepdistill.generator import FewStepGenerator
@@ -424,37 +425,13 @@ def test_each_method_keeps_its_own_update_ratio_on_digits():
     assert compose_cfg("benchmark=gmm", "method=rcm").method.critic_steps == 1   # gmm's documented 1:1 for all
 
 
-class _ClassMixture(GMMDenoiser):
-    """Exact class-conditional teacher (as tests/test_sid.py's): label k is component k alone, label K (null) the
-    whole mixture."""
-    conditional = True
-
-    def uncond(self, cond):
-        return torch.full_like(cond, self.mixture.means.shape[0])
-
-    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
-        a, s = self.schedule.alpha(t).double()[:, None], self.schedule.sigma(t).double()[:, None]
-        out = self.mixture.posterior_mean(x_t, a[:, 0], s[:, 0]).double()
-        k = cond < self.mixture.means.shape[0]
-        mu, var = self.mixture.means[cond[k]], self.mixture.stds[cond[k]][:, None] ** 2
-        out[k] = mu + a[k] * var / (a[k] ** 2 * var + s[k] ** 2) * (x_t[k].double() - a[k] * mu)
-        return out
-
-
-def _guided(den, x_t, t, cond, w):
-    """Classifier-free guidance on the exact x0, written out: uncond + w (cond - uncond)."""
-    c = _ClassMixture._x0_single(den, x_t, t, cond)
-    u = _ClassMixture._x0_single(den, x_t, t, torch.full_like(cond, den.mixture.means.shape[0]))
-    return u + w * (c - u)
-
-
 def test_dmd_guidance_goes_to_the_teacher_and_fake_guidance_to_the_critic():
     """Catches dmd_loss swapping `guidance` and `fake_guidance` (or applying one scale to both): with exact
     class-conditional teacher and critic, guidance=3 and fake_guidance=1, x.grad equals
     (guided(fake, 1) - guided(teacher, 3)) / mean|x - guided(teacher, 3)| / numel on the replayed draws."""
     sched = VPSchedule()
-    teacher = _ClassMixture(GaussianMixture(circle_means(8, 4.0), 0.25), sched)
-    fake = _ClassMixture(GaussianMixture(circle_means(8, 3.0), 0.8), sched)
+    teacher = ConditionalMixture(GaussianMixture(circle_means(8, 4.0), 0.25), sched)
+    fake = ConditionalMixture(GaussianMixture(circle_means(8, 3.0), 0.8), sched)
     x = (torch.randn(32, 2, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_(True)
     cond = torch.arange(32) % 8
     torch.manual_seed(0)
@@ -462,7 +439,7 @@ def test_dmd_guidance_goes_to_the_teacher_and_fake_guidance_to_the_critic():
     torch.manual_seed(0)   # replay the draws: t, then the noise
     t = sched.sample_t(32, 0.02, 0.98)
     x_t = sched.add_noise(x.detach(), torch.randn_like(x), t)
-    real, fake_x0 = _guided(teacher, x_t, t, cond, 3.0), _guided(fake, x_t, t, cond, 1.0)
+    real, fake_x0 = guided(teacher, x_t, t, cond, 3.0), guided(fake, x_t, t, cond, 1.0)
     norm = (x.detach().double() - real).abs().mean(1, keepdim=True)
     torch.testing.assert_close(x.grad.double(), (fake_x0 - real) / norm / x.numel(), rtol=2e-3, atol=1e-6)
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import ConditionalMixture, guided
 
 from stepdistill.methods.sid import sid_loss
 from stepdistill.networks.gmm import GaussianMixture, GMMDenoiser
@@ -105,28 +106,6 @@ def test_init_sigma_picks_the_same_noise_level_on_every_schedule(gmm_cfg):
 
 
 # ------------------------------------------------------------------ guidance strategies (LSG, Zero-CFG, Anti-CFG)
-
-class ConditionalMixture(GMMDenoiser):
-    """Exact class-conditional teacher: label k is mixture component k alone, label K (null) the whole mixture."""
-    conditional = True
-
-    def uncond(self, cond):
-        return torch.full_like(cond, self.mixture.means.shape[0])
-
-    def _x0_single(self, x_t, t, cond, alpha_sigma=None):
-        a, s = self.schedule.alpha(t).double()[:, None], self.schedule.sigma(t).double()[:, None]
-        out = self.mixture.posterior_mean(x_t, a[:, 0], s[:, 0]).double()
-        k = cond < self.mixture.means.shape[0]
-        mu, var = self.mixture.means[cond[k]], self.mixture.stds[cond[k]][:, None] ** 2
-        out[k] = mu + a[k] * var / (a[k] ** 2 * var + s[k] ** 2) * (x_t[k].double() - a[k] * mu)
-        return out
-
-
-def guided(den, x_t, t, cond, w):
-    null = torch.full_like(cond, 8)
-    c, u = ConditionalMixture._x0_single(den, x_t, t, cond), ConditionalMixture._x0_single(den, x_t, t, null)
-    return u + w * (c - u)
-
 
 @pytest.mark.parametrize("strategy,scales", [("lsg", (2.0, 1.5)), ("zero", (1.0, None)), ("anti", (1.0, 0.5))])
 def test_guidance_strategies_use_the_papers_scales_and_conditions(setup, strategy, scales):

@@ -71,7 +71,7 @@ def test_expert_count_must_match_the_steps():
 def test_bad_configs_are_clear_errors():
     from stepdistill.train.setup import build_run
     with pytest.raises(ValueError, match="generator.steps >= 2"):
-        build_run(digits_cfg("+generator.step_experts=true"))
+        build_run(digits_cfg("generator.step_experts=true"))
     from stepdistill.benchmarks.base import Benchmark
     with pytest.raises(ValueError, match="model.shared_base shares one"):   # (digits takes no shared base at all)
         Benchmark(None).later_experts(OmegaConf.create({"step_experts": True, "steps": 4}), shared=True)

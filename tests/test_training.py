@@ -501,7 +501,7 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("method.gan.generator_weight=-1", "method.gan.generator_weight=-1: need a number >= 0"),
     ("method=dmd method.regression.num_pairs=0", "method.regression.num_pairs=0: need an integer >= 1"),
     ("optim.generator.betas=[0.9]", "optim.generator.betas=[0.9]: give Adam's two decay rates, each in [0, 1)"),
-    ("trainer.max_steps=-3", "trainer.max_steps=-3: need an integer >= 0"),
+    ("trainer.max_steps=-3", "trainer.max_steps=-3: need an integer >= 1"),
     ("eval.every=-5", "eval.every=-5: need an integer >= 0"),
     ("trainer.checkpoint_every=2.5", "trainer.checkpoint_every=2.5: need an integer >= 0"),
     ("eval.final=true eval.num_samples=1", "eval.num_samples=1: an evaluation needs at least 2 samples"),
