@@ -107,10 +107,13 @@ def logged(records: list[dict], steps: int | None = None) -> tuple[dict, dict]:
     return train, run_evaluation(records, steps)
 
 
-def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, seed: int) -> tuple[dict, object]:
-    """One table row, plus the re-drawn student samples for points benchmarks (else None)."""
+def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
+                seed: int) -> tuple[dict, object, str | None]:
+    """One table row; the re-drawn student samples for points benchmarks (else None); for image benchmarks, which
+    logged evaluation the row's metrics come from (else None)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    train, evaluation = logged(records, trained_steps(cfg))
+    steps = trained_steps(cfg)
+    train, evaluation = logged(records, steps)
     row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run_dir": str(run_dir),
            "steps": int(train.get("step", cfg.trainer.max_steps)), "train_seconds": train.get("seconds")}
     if cfg.benchmark.name.startswith("gmm"):
@@ -121,7 +124,7 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, see
         mixture = _mixture(cfg)
         metrics = gmm_metrics(samples, mixture, seed=seed)
         row.update({k: metrics[k] for k in POINT_COLUMNS}, num_samples=n)
-        return row, (samples, mixture)
+        return row, (samples, mixture), None
     row["fd"], row["teacher_fd"] = evaluation.get("student_fd"), evaluation.get("teacher_fd")
     if row.get("fd") is not None and row.get("teacher_fd"):
         row["fd_ratio"] = row["fd"] / row["teacher_fd"]
@@ -129,7 +132,7 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None, see
         if f"student_{key}" in evaluation:
             row[key] = evaluation[f"student_{key}"]
     row["num_samples"] = evaluation.get("student_fd_num_samples")
-    return row, None
+    return row, None, describe_evaluation(evaluation, steps)
 
 
 def evaluation_notes(rows: list[dict], evaluations: dict) -> list[str]:
@@ -166,11 +169,10 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     rows, panels, run_curves, evaluations = [], {}, [], {}
     for run_dir in find_runs(entries):
         records = run_records(run_dir)   # a resumed run's re-logged steps, a line cut by a kill: read_metrics
-        row, drawn = compare_run(run_dir, records, num_samples, seed)
+        row, drawn, source = compare_run(run_dir, records, num_samples, seed)
         rows.append(row)
-        if drawn is None:   # an image row: its metrics are a logged evaluation's, named below the table
-            steps = trained_steps(OmegaConf.load(run_dir / "config.yaml"))
-            evaluations[row["run_dir"]] = describe_evaluation(run_evaluation(records, steps), steps)
+        if source is not None:   # an image row: its metrics are a logged evaluation's, named below the table
+            evaluations[row["run_dir"]] = source
         run_curves.append((f"{row['benchmark']} {row['method']}", run_dir, curve_panels(records)))
         if drawn is not None:
             samples, mixture = drawn
