@@ -22,6 +22,15 @@ def at_least(key: str, value, least: int = 1) -> int:
     return n
 
 
+def eval_sample_count(key: str, value, hint: str = "") -> int:
+    """An evaluation's sample count as an int: a covariance (FD) needs 2 (0 was an IndexError deep in sampling).
+    `hint` ends the one-line error."""
+    n = int(value)
+    if n < 2:
+        raise ValueError(f"{key}={value}: an evaluation needs at least 2 samples{hint}")
+    return n
+
+
 def non_negative(key: str, value) -> float:
     """`value` as a float >= 0 (a loss weight: 0 switches the term off), else a one-line error naming `key`."""
     try:

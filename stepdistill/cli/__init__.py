@@ -36,6 +36,12 @@ _register_resolvers()
 USER_ERRORS = (ValueError, OSError, KeyError, ImportError, NonFiniteError)
 
 
+def adds_config_folders(args: list[str]) -> bool:
+    """The command adds config folders (`--config-dir`, `hydra.searchpath`), which may hold choices and settings
+    conf/ does not: the checks below then leave the command line to Hydra."""
+    return any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in args)
+
+
 def unknown_group_choice(args: list[str]) -> str | None:
     """The one-line error for a config group choice on the command line that conf/ has no file for
     (`method=foo`), else None. Hydra's own answer is 12-18 lines (the search path, a hint about
@@ -43,7 +49,7 @@ def unknown_group_choice(args: list[str]) -> str | None:
     item; sweep functions (`glob(...)`, `range(...)`) and deletions (`~group`) are left to Hydra, as is every
     choice when the command adds config folders (`--config-dir`, `hydra.searchpath`) that may hold more."""
     conf = Path(CONF_DIR)
-    if any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in args):
+    if adds_config_folders(args):
         return None
     for arg in args:
         key, sep, value = arg.lstrip("+").partition("=")
@@ -88,7 +94,7 @@ def unknown_setting(args: list[str]) -> str | None:
     names the nearest settings. Additions (`+key`, `++key`), deletions, hydra.* and group choices are left to
     Hydra, and so is everything when the command adds config folders."""
     import difflib
-    if any(a in ("--config-dir", "-cd") or a.startswith(("--config-dir=", "hydra.searchpath")) for a in args):
+    if adds_config_folders(args):
         return None
     conf, known = Path(CONF_DIR), known_settings()
     for arg in args:

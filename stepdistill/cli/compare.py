@@ -45,19 +45,19 @@ def find_runs(entries) -> list[Path]:
     return runs
 
 
+def trained_steps(cfg) -> int:
+    """The student's trained step count (a run's generator.timesteps, when set, has as many entries: build_roles
+    refuses any other)."""
+    return int(cfg.generator.get("steps", 1))
+
+
 def run_label(cfg) -> str:
     """What distinguishes runs in a comparison: the method, fdistill's divergence, a multi-step student."""
     label = str(cfg.method.name)
     if cfg.method.get("divergence"):
         label += f"({cfg.method.divergence})"
-    steps = int(cfg.generator.get("steps", 1))
+    steps = trained_steps(cfg)
     return label + (f" {steps}-step" if steps > 1 else "")
-
-
-def trained_steps(cfg) -> int:
-    """The student's trained step count: its timesteps' (generator.timesteps), else generator.steps."""
-    timesteps = cfg.generator.get("timesteps")
-    return len(timesteps) if timesteps else int(cfg.generator.get("steps", 1))
 
 
 def at_own_sampling(rec: dict, steps: int | None) -> bool:

@@ -23,7 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ..checks import at_least, run_folder
+from ..checks import at_least, eval_sample_count, run_folder
 from . import CONF_DIR, checked_groups, pick_device, pipe_table, refuse_unused, set_threads, user_errors
 
 # what stepdistill-eval does not use, and what to do instead; any other unused setting: leave it out
@@ -80,8 +80,8 @@ def main(cfg: DictConfig) -> None:
     # evaluation settings, changed by this command's eval.* overrides and num_samples=N:
     overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("eval.")]
     # as stepdistill-train refuses it (the value an integer already: override_types.py)
-    if any(o.startswith("eval.num_samples=") for o in overrides) and int(cfg.eval.num_samples) < 2:
-        raise ValueError(f"eval.num_samples={cfg.eval.num_samples}: an evaluation needs at least 2 samples")
+    if any(o.startswith("eval.num_samples=") for o in overrides):
+        eval_sample_count("eval.num_samples", cfg.eval.num_samples)
     if cfg.get("num_samples") is not None:
         overrides.append(f"eval.num_samples={at_least('num_samples', cfg.num_samples, 2)}")   # a covariance needs 2
     steps = None if cfg.get("steps") is None else at_least("steps", cfg.steps)

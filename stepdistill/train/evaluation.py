@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..checks import at_least, or_default
+from ..checks import at_least, eval_sample_count, or_default
 from .checkpoint import step_dir_name
 
 
@@ -107,11 +107,8 @@ class Evaluator:
         """The student's K-step chain from the fixed eval noise, in eval mode: (every step's x0 output, or just
         the sample's, the noise, the conditions, the timesteps)."""
         bm, seed = self.run.benchmark, int(self.cfg.seed)
-        # a covariance (FD) needs 2 samples; 0 was an IndexError deep in the sampling
         key = "eval.num_samples" if num_samples is None else "eval.final_num_samples"
-        n = int(or_default(num_samples, self.cfg.num_samples))
-        if n < 2:
-            raise ValueError(f"{key}={n}: an evaluation needs at least 2 samples")
+        n = eval_sample_count(key, or_default(num_samples, self.cfg.num_samples))
         student = self.run.student()
         was_training = student.training
         student.eval()

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from .. import batch_split
-from ..checks import NonFiniteError, at_least, non_negative
+from ..checks import NonFiniteError, at_least, eval_sample_count, non_negative
 from .batches import BatchSource, make_regression_pairs
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
@@ -79,9 +79,9 @@ class Trainer:
                            ("logger.every", self.cfg.logger.every)):   # 0 = never (keep: all), not below
             at_least(key, value, 0)
         at_least("trainer.max_nonfinite_steps", tc.max_nonfinite_steps)
-        if (int(self.cfg.eval.every) > 0 or self.cfg.eval.final) and int(self.cfg.eval.num_samples) < 2:
-            raise ValueError(f"eval.num_samples={self.cfg.eval.num_samples}: an evaluation needs at least 2 samples "
-                             "(or turn evaluations off: eval.every=0 eval.final=false)")
+        if int(self.cfg.eval.every) > 0 or self.cfg.eval.final:
+            eval_sample_count("eval.num_samples", self.cfg.eval.num_samples,
+                              " (or turn evaluations off: eval.every=0 eval.final=false)")
         if self.cfg.eval.get("final_num_samples") is not None:
             at_least("eval.final_num_samples", self.cfg.eval.final_num_samples, 2)   # null: eval.num_samples
         # 1 would freeze the EMA at the initial generator, which evaluation, sampling and export then use
