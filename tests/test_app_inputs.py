@@ -67,6 +67,11 @@ def test_eval_writes_its_grid_beside_the_training_grid(gmm_run):
     proc = run_app("stepdistill.cli.evaluate", f"run_dir={gmm_run}", "num_samples=20", "num_threads=1", "steps=2")
     assert json.loads(proc.stdout)["figure"] == str(gmm_run / "samples" / "step_0000003_2steps_eval.png")
     assert grid.read_bytes() == training_grid
+    # a second evaluation of the checkpoint (another noise seed) keeps the first one's grid
+    first = (gmm_run / "samples" / "step_0000003_eval.png").read_bytes()
+    proc = run_app("stepdistill.cli.evaluate", f"run_dir={gmm_run}", "num_samples=20", "num_threads=1", "eval.seed=5")
+    assert json.loads(proc.stdout)["figure"] == str(gmm_run / "samples" / "step_0000003_eval_2.png")
+    assert (gmm_run / "samples" / "step_0000003_eval.png").read_bytes() == first
 
 
 def test_compare_picks_the_evaluation_at_the_runs_own_sampling_among_real_records(gmm_run):

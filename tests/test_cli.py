@@ -132,6 +132,7 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["trainer.max_steps=0", *FAST], "trainer.max_steps=0: need an integer >= 1"),
     # Hydra's six lines suggested +trainer.max_step=10, which runs with the typo ignored
     (["trainer.max_step=10", *FAST], "unknown setting 'trainer.max_step': did you mean trainer.max_steps?"),
+    (["+trainer.max_step=10", *FAST], "unknown setting '+trainer.max_step': no command reads it"),
     pytest.param(["attention.backend=xformers", *DIGITS_FAST], "attention.backend=xformers needs xformers installed",
                  marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="has xformers")),
 ])
@@ -147,8 +148,14 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
     (a file on its path) is one line, not Hydra's traceback."""
     from stepdistill.cli import unknown_setting
     assert unknown_setting(["num_sample=10"]) == "unknown setting 'num_sample': did you mean num_samples or eval.num_samples?"
-    assert unknown_setting(["+trainer.extra=1", "hydra.job.chdir=true", "generator.timesteps.0=999", "method=dmd",
-                            "benchmark.schedule={kind: edm}", "trainer.max_steps=3"]) is None
+    assert unknown_setting(["+teacher.extra.unet_overrides={}", "+benchmark.schedule.rho=5", "hydra.job.chdir=true",
+                            "generator.timesteps.0=999", "method=dmd", "+experiment=sid_from_scratch",
+                            "benchmark.schedule={kind: edm}", "trainer.max_steps=3",
+                            "+method.reuse_generator_samples=true", "++method.critic_warmup_steps=0"]) is None
+    # an addition no command reads was run with the typo ignored
+    assert unknown_setting(["+trainer.max_step=10"]) == ("unknown setting '+trainer.max_step': no command reads it, so "
+                                                         "the addition would be ignored; did you mean trainer.max_steps?")
+    assert unknown_setting(["++eval.evry=5"]).startswith("unknown setting '++eval.evry'")
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_sample=10", f"out={tmp_path / 'a.npz'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
@@ -197,12 +204,17 @@ def test_sample_and_eval_take_a_device(tmp_path):
             assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
-def test_teacher_recipe_runs_and_records_its_quality(tmp_path):
+def test_teacher_recipe_runs_and_records_its_quality(tmp_path, monkeypatch):
     """`stepdistill-teacher benchmark=digits` at toy settings: both networks are written and the teacher's
-    settings and measured quality are recorded next to its weights."""
+    settings and measured quality are recorded next to its weights. With out= its log and settings go there too,
+    not into a dated folder under outputs/ (it made one on every run)."""
     import json
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     run_app("stepdistill.cli.teacher", "benchmark=digits", "features.steps=20", "teacher.steps=20",
-            "quality.guidances=[1.0,2.0]", "quality.steps=2", f"out={tmp_path}", f"hydra.run.dir={tmp_path}/h")
+            "quality.guidances=[1.0,2.0]", "quality.steps=2", f"out={tmp_path}")
+    assert not any((tmp_path / "cwd").iterdir())
+    assert (tmp_path / "teacher.log").is_file() and (tmp_path / ".hydra" / "config.yaml").is_file()
     info = json.loads((tmp_path / "digits_teacher" / "stepdistill_teacher.json").read_text())
     assert info["training"]["steps"] == 20 and set(info["quality"]["by_guidance"]) == {"1.0", "2.0"}
     assert info["default_guidance"] in (1.0, 2.0) and info["quality"]["num_samples"] == 1797
@@ -341,7 +353,9 @@ def app_args(args, tmp_path):
     (["stepdistill.cli.bench", "benchmark=gmm", "batch_size=8"], "stepdistill-bench: error: unknown setting 'batch_size'"),
     (["stepdistill.cli.compare", "runs=[D]", "num_samples=-1"], "stepdistill-compare: error: num_samples=-1: need an"),
     (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "steps=1", "warmup=0", "method.nope=1"],
-     "benchmark=gmm method=dmd2 failed: To append to your config use +method.nope=1"),
+     "stepdistill-bench: error: unknown setting 'method.nope': did you mean method.name"),
+    (["stepdistill.cli.bench", "benchmark=gmm", "methods=dmd2", "trainer.batch_sise=8"],
+     "stepdistill-bench: error: unknown setting 'trainer.batch_sise': did you mean trainer.batch_size"),
     (["stepdistill.cli.teacher", "benchmark=digits", "teacher.steps=0"], "stepdistill-teacher: error: teacher.steps=0"),
     # "no" is a string to Hydra, and a string is true: the run resumed (the default is read with the group choices)
     (["stepdistill.cli.train", "benchmark=gmm", "trainer.resume=no"], "error: trainer.resume=no: an on/off setting"),

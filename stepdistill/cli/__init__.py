@@ -22,10 +22,17 @@ def job_dirname(overrides: str) -> str:
     return name
 
 
+def first_set(*values):
+    """The first value that is not null (`${stepdistill_or:${out},outputs/...}`: oc.select keeps a null)."""
+    return next((v for v in values if v is not None), None)
+
+
 def _register_resolvers() -> None:
     from omegaconf import OmegaConf
     if not OmegaConf.has_resolver("stepdistill_dirname"):
         OmegaConf.register_new_resolver("stepdistill_dirname", job_dirname)
+    if not OmegaConf.has_resolver("stepdistill_or"):
+        OmegaConf.register_new_resolver("stepdistill_or", first_set)
 
 
 _register_resolvers()
@@ -88,25 +95,33 @@ def known_settings() -> frozenset[str]:
     return frozenset(keys)
 
 
+# settings whose keys are free: a dict passed on as keyword arguments, checked by what takes them
+FREE_FORM = ("benchmark.schedule.", "teacher.extra.")
+
+
 def unknown_setting(args: list[str]) -> str | None:
-    """The one-line error for a `key=value` whose key no conf/ file has (`trainer.max_step=10`), else None.
-    Hydra's answer is six lines that suggest `+trainer.max_step=10`, which runs with the typo ignored; this one
-    names the nearest settings. Additions (`+key`, `++key`), deletions, hydra.* and group choices are left to
-    Hydra, and so is everything when the command adds config folders."""
+    """The one-line error for a `key=value` or an addition `+key=value` whose key no conf/ file has
+    (`trainer.max_step=10`), else None. Hydra's answer to the first is six lines that suggest
+    `+trainer.max_step=10`, and an addition runs with the typo ignored, since no app reads the key; this one
+    names the nearest settings. Keys under FREE_FORM, deletions, hydra.* and group choices are left to Hydra,
+    and so is everything when the command adds config folders."""
     import difflib
     if adds_config_folders(args):
         return None
     conf, known = Path(CONF_DIR), known_settings()
     for arg in args:
-        key, sep, _ = arg.partition("=")
-        if (not sep or arg.startswith(("+", "~", "-")) or key.startswith("hydra.") or "@" in key
+        added = arg[:2] if arg.startswith("++") else arg[:1] if arg.startswith("+") else ""
+        key, sep, _ = arg[len(added):].partition("=")
+        if (not sep or key.startswith(("~", "-", "hydra.", *FREE_FORM)) or "@" in key
                 or not key.replace(".", "").replace("_", "").isalnum() or (conf / key.replace(".", "/")).is_dir()):
             continue
         if key in known or key.split(".")[-1].isdigit():   # a list element (generator.timesteps.0=...)
             continue
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
         hint = f"did you mean {' or '.join(near)}?" if near else "its settings are in the files under conf/"
-        return f"unknown setting {key!r}: {hint}"
+        if added:
+            hint = f"no command reads it, so the addition would be ignored; {hint}"
+        return f"unknown setting {added + key!r}: {hint}"
     return None
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from ..checks import at_least
-from . import CONF_DIR, pipe_table
+from . import CONF_DIR, pipe_table, unknown_setting
 
 
 class _Timer:
@@ -230,6 +230,9 @@ def main(argv=None) -> None:
         for name in names:
             if name not in known:
                 sys.exit(f"stepdistill-bench: error: unknown {group} {name!r}: use one of {', '.join(known)}")
+    msg = unknown_setting(extra)   # a misspelt training setting, not Hydra's advice to add it with "+"
+    if msg:
+        sys.exit(f"stepdistill-bench: error: {msg}")
     try:
         check_bench_overrides(benchmarks, methods, extra)
     except ValueError as e:

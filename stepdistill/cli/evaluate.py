@@ -11,7 +11,8 @@ Each evaluation is appended to the run's metrics.jsonl as a `kind=eval` record w
 ("stepdistill-eval steps=K" at another step count than the trained one, "stepdistill-eval every_step"), and
 `student_steps`, the count it sampled: curves.png and stepdistill-compare tell it from the training's own. Its sample
 grid is samples/step_XXXXXXX_eval.png (steps=K: step_XXXXXXX_Ksteps_eval.png), beside the grid training wrote for
-that step, and its path is printed (`figure`). teacher_steps=, benchmark=, out= and seed= are refused: it would
+that step, and its path is printed (`figure`); a later evaluation of the same checkpoint writes _eval_2.png, _eval_3.png
+and so on rather than replacing it. teacher_steps=, benchmark=, out= and seed= are refused: it would
 ignore them.
 """
 from __future__ import annotations

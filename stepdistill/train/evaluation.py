@@ -51,6 +51,17 @@ def teacher_sample_batched(benchmark, noise, cond=None, steps=None, batch_size: 
     return torch.cat(out)
 
 
+def unused_name(folder: Path, names: list[str]) -> str:
+    """The last of `names` with the first suffix ("", "_2", "_3", ...) under which no `folder/{name}{suffix}.png`
+    exists: evaluations of one checkpoint (other eval seeds, sample counts) keep each other's figures."""
+    n = 1
+    while True:
+        suffix = "" if n == 1 else f"_{n}"
+        if not any((folder / f"{name}{suffix}.png").exists() for name in names):
+            return names[-1] + suffix
+        n += 1
+
+
 def eval_inputs(benchmark, n: int, seed: int):
     gen = torch.Generator().manual_seed(seed)
     noise = benchmark.noise(n, gen)
@@ -84,7 +95,8 @@ class Evaluator:
             metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step
         suffix = "" if steps is None else f"_{int(steps)}steps"
-        fig = self.run_dir / "samples" / f"{step_dir_name(step)}{suffix}{figure_tag}.png"
+        name = f"{step_dir_name(step)}{suffix}{figure_tag}"
+        fig = self.run_dir / "samples" / f"{unused_name(self.run_dir / 'samples', [name]) if figure_tag else name}.png"
         bm.save_figure(samples, cond, fig, teacher_samples=teacher)
         metrics["figure"] = str(fig)
         return metrics
@@ -96,9 +108,11 @@ class Evaluator:
         step: where a multi-step student gains or loses quality along its chain."""
         outputs, _, cond, ts = self._sample_chain(steps, every_step=True)
         metrics: dict = {"timesteps": ts, "figures": []}
+        names = [f"{step_dir_name(step)}_{len(ts)}steps_step{k}" for k in range(1, len(ts) + 1)]
+        tag = unused_name(self.run_dir / "samples", names)[len(names[-1]):]   # "" or an earlier run's "_2", "_3"..
         for k, samples in enumerate(outputs, start=1):
             metrics.update({f"student_step{k}_{key}": v for key, v in self.benchmark_metrics(samples, cond).items()})
-            fig = self.run_dir / "samples" / f"{step_dir_name(step)}_{len(ts)}steps_step{k}.png"
+            fig = self.run_dir / "samples" / f"{names[k - 1]}{tag}.png"
             self.run.benchmark.save_figure(samples, cond, fig)
             metrics["figures"].append(str(fig))
         return metrics
