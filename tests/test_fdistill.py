@@ -131,16 +131,15 @@ def test_ratio_is_normalised_per_noise_level_then_weights_per_batch(gmm_cfg, div
     run.method.gan.logits_noised = lambda x_t, t_, cond: logits   # a stand-in discriminator
     run.method.bin_means.fill_(2.0)
     logs = {}
-    weight_fn = run.method.dm_weight_fn({"cond": None}, logs)
-    w = weight_fn(torch.zeros(8, 2), t)
+    w = run.method.dm_weight_fn({"cond": None}, logs, step=0)(torch.zeros(8, 2), t)
     want, means = _by_hand(logits, t, divergence, (-3.0, 3.0), 10, torch.full((10,), 2.0), ema=0.5)
     torch.testing.assert_close(w.double(), want, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(run.method.bin_means, means)
-    assert run.method.bin_means[1].item() == 2.0   # a bin without samples keeps its mean
-    # a second batch moves the means on from the first's; the state carries them to a resumed run
-    w2 = weight_fn(torch.zeros(8, 2), t.flip(0))
+    # the next step's batch moves the means on from the first's; the state carries them to a resumed run
+    w2 = run.method.dm_weight_fn({"cond": None}, logs, step=1)(torch.zeros(8, 2), t.flip(0))
     want2, means2 = _by_hand(logits, t.flip(0), divergence, (-3.0, 3.0), 10, means, ema=0.5)
     torch.testing.assert_close(w2.double(), want2, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(run.method.state_dict()["ratio_bin_means"], means2)
+    assert means2[1].item() == 2.0   # a bin without samples keeps its mean
     resumed = build_run(gmm_cfg("method=fdistill", f"method.divergence={divergence}", "method.ratio_ema=0.5"))
     resumed.method.load_state_dict(run.method.state_dict(), "cpu")
     torch.testing.assert_close(resumed.method.bin_means, means2)
@@ -152,6 +151,39 @@ def test_ratio_is_normalised_per_noise_level_then_weights_per_batch(gmm_cfg, div
     torch.testing.assert_close(w0.double(), h / h.mean(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="method.ratio_bins must be >= 0"):
         build_run(gmm_cfg("method=fdistill", "method.ratio_ema=1.0"))
+
+
+def test_bin_means_move_once_per_step_over_micro_batches_and_draws(gmm_cfg):
+    """`ratio_ema` is a decay per trainer step: the micro-batches of gradient accumulation and the draws of
+    `dm_draws` each call the weight function, and the kept means moved once per call (K micro-batches: ema^K
+    per step). Now they move once, by the mean of all the step's rows, as one batch of them would; each call's
+    weights still divide by the means moved by its own rows (a batch statistic, like the mean of h)."""
+    from stepdistill import batch_split
+    logits = torch.tensor([-1.0, 0.5, 2.0, -0.3, 1.2, 0.1, 0.7, -2.0])
+    t = torch.tensor([10.0, 95.0, 400.0, 410.0, 420.0, 980.0, 999.0, 50.0])
+
+    def method():
+        run = build_run(gmm_cfg("method=fdistill", "method.divergence=kl", "method.ratio_ema=0.5"))
+        # a stand-in discriminator: each row's logit, found by its (distinct) t
+        run.method.gan.logits_noised = lambda x_t, t_, cond: logits[[int((t == v).nonzero()[0]) for v in t_]]
+        return run.method
+
+    whole = method()
+    whole.dm_weight_fn({"cond": None}, {}, step=0)(torch.zeros(8, 2), t)
+    _, want = _by_hand(logits, t, "kl", (-3.0, 3.0), 10, ema=0.5)
+    torch.testing.assert_close(whole.state_dict()["ratio_bin_means"], want)
+    split = method()
+    for i in range(2):   # two micro-batches of 4 rows, then a second draw of the last one
+        with batch_split.micro_batch(i, 2):
+            w = split.dm_weight_fn({"cond": None}, {}, step=0)(torch.zeros(4, 2), t[4 * i:4 * i + 4])
+            torch.testing.assert_close(w.double(), _by_hand(logits[4 * i:4 * i + 4], t[4 * i:4 * i + 4], "kl",
+                                                            (-3.0, 3.0), 10, ema=0.5)[0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(split.state_dict()["ratio_bin_means"], want)
+    draws = method()
+    weight_fn = draws.dm_weight_fn({"cond": None}, {}, step=0)
+    weight_fn(torch.zeros(4, 2), t[:4])
+    weight_fn(torch.zeros(4, 2), t[4:])
+    torch.testing.assert_close(draws.state_dict()["ratio_bin_means"], want)
 
 
 def test_fraction_of_inverts_t_from_fraction():

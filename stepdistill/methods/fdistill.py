@@ -15,7 +15,8 @@ distribution as in the paper), so r = exp(logit), read at the *same* x_t and t a
 `log_ratio_clip` = [lo, hi] and the weights are normalised twice, as in the reference code (NVIDIA FastGen's
 `ratio_normalization`, on by default there):
     1. r_i = exp(clip(logit_i, lo, hi)) / (the mean r of the batch's samples in t_i's noise-level bin)
-       (`ratio_bins` equal bins of the range's fraction; their means kept with `ratio_ema`, 0 = this batch's):
+       (`ratio_bins` equal bins of the range's fraction; their means kept with `ratio_ema`, 0 = this batch's,
+       moved once per trainer step by all its rows, whatever the micro-batches and `dm_draws`):
        the discriminator is surer at some noise levels than at others, and without it the weights would
        reweight noise levels rather than samples;
     2. w_i = h(r_i) / mean_j h(r_j)
@@ -62,14 +63,22 @@ def f_weights(log_ratio: torch.Tensor, divergence: str, clip=(-3.0, 3.0), binned
     return h / batch_split.batch_mean(h)  # over the global batch, if split over processes
 
 
-def update_bin_means(means: torch.Tensor, ratio: torch.Tensor, index: torch.Tensor, ema: float) -> None:
-    """The mean ratio per bin, in place: ema · old + (1 - ema) · this batch's, for the bins this batch has
-    samples in (over the global batch: every process gathers it and makes the same update)."""
+def bin_sums(ratio: torch.Tensor, index: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the ratios, count) per noise-level bin, float64, over the global batch's rows (every process
+    gathers them, so all hold the same sums)."""
     ratio, index = batch_split.gather_rows(ratio.detach()), batch_split.gather_rows(index)
-    count = torch.bincount(index, minlength=means.numel()).to(means.dtype)
-    total = torch.bincount(index, weights=ratio.to(means.dtype), minlength=means.numel())
+    count = torch.bincount(index, minlength=bins).to(torch.float64)
+    return torch.bincount(index, weights=ratio.to(torch.float64), minlength=bins), count
+
+
+def update_bin_means(means: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor], ema: float) -> torch.Tensor:
+    """The mean ratio per bin: ema · old + (1 - ema) · the mean of these rows, for the bins they have samples in
+    (the others keep theirs). Returns a new tensor."""
+    total, count = sums
     seen = count > 0
+    means = means.clone()
     means[seen] = ema * means[seen] + (1 - ema) * total[seen] / count[seen]
+    return means
 
 
 class FDistill(DMD2):
@@ -90,6 +99,11 @@ class FDistill(DMD2):
             raise ValueError(f"method.ratio_bins must be >= 0 (0 = no per-noise-level normalisation) and "
                              f"method.ratio_ema in [0, 1), got {cfg.get('ratio_bins')} and {cfg.get('ratio_ema')}")
         self.bin_means = torch.ones(bins, dtype=torch.float64) if bins else None
+        # the sums of this trainer step's rows, folded into bin_means once per step (at the next step, or when
+        # the state is saved): under gradient accumulation and with dm_draws > 1 the weight function runs several
+        # times per step, and ratio_ema is a decay per step, not per call
+        self._pending: tuple | None = None
+        self._pending_step: int | None = None
         if not (gan.t_min <= cfg.t_min and cfg.t_max <= gan.t_max):
             warnings.warn(f"fdistill: the DM loss draws t in [{cfg.t_min}, {cfg.t_max}] but the discriminator is "
                           f"trained on [{gan.t_min}, {gan.t_max}]; outside it the density ratio is extrapolated")
@@ -98,7 +112,7 @@ class FDistill(DMD2):
             raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
                              "first step: method.gan.start_step must be 0")
 
-    def dm_weight_fn(self, batch, logs: dict, steps=None):
+    def dm_weight_fn(self, batch, logs: dict, steps=None, step: int = 0):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
             with self._gan_sees_steps(steps):   # with gan.step_aware: each exit step's own density ratio
                 logit = self.gan.logits_noised(x_t, t, batch["cond"]).float()
@@ -106,14 +120,26 @@ class FDistill(DMD2):
             if self.bin_means is not None:
                 bins = self.bin_means.numel()
                 index = (self.schedule.fraction_of(t) * bins).floor().long().clamp(0, bins - 1)
-                ratio = logit.clamp(*self.clip).double().exp()
-                update_bin_means(self.bin_means, ratio, index, self.ratio_ema)
-                binned = (index, self.bin_means)
+                sums = bin_sums(logit.clamp(*self.clip).double().exp(), index, bins)
+                self._add_to_step(sums, step)
+                # these rows' weights: the kept means moved by these rows (a batch statistic, like mean h below)
+                binned = (index, update_bin_means(self.bin_means, sums, self.ratio_ema))
             w = f_weights(logit, self.divergence, self.clip, binned)
             logs.update(fd_log_ratio=logit.mean().item(), fd_weight_max=w.max().item(),
                         fd_clipped=((logit < self.clip[0]) | (logit > self.clip[1])).float().mean().item())
             return w
         return weight_fn
+
+    def _add_to_step(self, sums: tuple, step: int) -> None:
+        if step != self._pending_step:   # a new step: the last one's rows go into the kept means first
+            self._fold_pending()
+            self._pending_step = step
+        self._pending = sums if self._pending is None else tuple(a + b for a, b in zip(self._pending, sums))
+
+    def _fold_pending(self) -> None:
+        if self._pending is not None:
+            self.bin_means = update_bin_means(self.bin_means, self._pending, self.ratio_ema)
+            self._pending = None
 
     @property
     def schedule(self):
@@ -122,6 +148,7 @@ class FDistill(DMD2):
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.bin_means is not None:   # carried between steps where ratio_ema > 0
+            self._fold_pending()   # the same means the next step would fold them into
             state["ratio_bin_means"] = self.bin_means.clone()
         return state
 
@@ -129,6 +156,7 @@ class FDistill(DMD2):
         super().load_state_dict(state, device)
         if self.bin_means is not None and "ratio_bin_means" in state:
             self.bin_means.copy_(state["ratio_bin_means"])
+            self._pending = None
 
 
-__all__ = ["DIVERGENCES", "FDistill", "check_divergence", "f_weights", "update_bin_means"]
+__all__ = ["DIVERGENCES", "FDistill", "bin_sums", "check_divergence", "f_weights", "update_bin_means"]
