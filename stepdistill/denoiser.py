@@ -86,6 +86,10 @@ class NetworkDenoiser(Denoiser):
         self.net = net
         self.schedule = schedule
         self.prediction_type = check_prediction_type(prediction_type)
+        if self.prediction_type == "epsilon" and getattr(schedule, "zero_terminal_snr", False):
+            raise ValueError("prediction_type 'epsilon' on a zero-terminal-SNR schedule (rescale_betas_zero_snr: "
+                             "alpha = 0 at the last timestep), where x0 = (x_t - sigma eps) / alpha divides by 0: "
+                             "use 'v_prediction' or 'sample', as zero-terminal-SNR teachers are trained")
         self.sigma_data = sigma_data
         self.null_class = null_class
         self.conditional = null_class is not None

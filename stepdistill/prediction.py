@@ -8,6 +8,8 @@ Every formula holds for any (a, s): VP (a^2 + s^2 = 1), EDM (a = 1) and rectifie
   edm            Karras preconditioning, x0 = c_skip x + c_out F(c_in x); written for general (a, s)
                  by applying EDM to y = x / a with sigma_eff = s / a (stable as a -> 0).
 Score: grad log p_t(x) = -(x - a x0) / s^2 = -eps / s.
+Only epsilon's x0 (and x0_from_score) divides by a: at a zero-terminal-SNR schedule's last timestep (a = 0) the
+others stay finite (v: x0 = -v there), and NetworkDenoiser refuses epsilon on such a schedule.
 """
 from __future__ import annotations
 

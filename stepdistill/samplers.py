@@ -4,7 +4,8 @@
 exact first-order (exponential-integrator) solver of the probability-flow ODE:
     x_{t'} = a' x0_hat + s' eps_hat,   eps_hat = (x_t - a x0_hat) / s.
 ``heun_sample`` is Karras et al. (2022) Algorithm 1 (Heun's 2nd-order method) applied to y = x / a over
-tau = s / a; where tau_max is huge or infinite (cosine VP, flow) the first step is a DDIM step.
+tau = s / a; where tau_max is huge or infinite (cosine VP, flow, a zero-terminal-SNR VP) the first step is a DDIM
+step.
 """
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ def heun_sample(denoiser: Denoiser, noise: torch.Tensor, steps: int, cond=None, 
     a0, s0 = coef(ts[0])
     start = 0
     if bool((a0 <= 1e-3 * s0).any()):
-        # tau = s/a is infinite (flow at t = 1) or huge (cosine VP: ~2e4): Heun's trapezoid over that one
-        # giant interval is badly wrong, so the first step is the exact first-order DDIM update.
+        # tau = s/a is infinite (flow at t = 1, a zero-SNR VP at T-1) or huge (cosine VP: ~2e4): Heun's trapezoid
+        # over that one giant interval is badly wrong, so the first step is the exact first-order DDIM update.
         if steps == 1:
             return denoiser.x0(noise * s0, ts[0], cond, guidance)
         x, _ = ddim_step(denoiser, noise * s0, ts[0], ts[1], cond, guidance)

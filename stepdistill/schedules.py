@@ -103,8 +103,37 @@ def betas_for(beta_schedule: str, num_train_timesteps: int, beta_start: float, b
         f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
         return torch.tensor([min(1 - f((i + 1) / T) / f(i / T), 0.999) for i in range(T)], dtype=torch.float64)
     raise ValueError(
-        f"unknown beta_schedule {beta_schedule!r}: use one of linear, scaled_linear, squaredcos_cap_v2"
+        f"unknown beta_schedule {beta_schedule!r}: use one of linear, scaled_linear, squaredcos_cap_v2 "
+        "(or give the betas themselves as trained_betas)"
     )
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """diffusers' `rescale_zero_terminal_snr` (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed", Algorithm 1), step for step, in the betas' dtype (float64 here): sqrt(alphas_cumprod) shifted so
+    the last is 0 and scaled so the first is unchanged. The last beta becomes 1, so alphas_cumprod[-1] = 0 exactly:
+    alpha(T-1) = 0, sigma(T-1) = 1, pure noise (zero terminal SNR)."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def _trained_betas(trained_betas, num_train_timesteps: int) -> torch.Tensor:
+    """Explicit betas (diffusers' `trained_betas`) as float64, checked: one per training timestep, each in (0, 1],
+    and only the last may be 1 (a zero-terminal-SNR schedule written out as betas)."""
+    betas = torch.as_tensor(trained_betas, dtype=torch.float64).reshape(-1)
+    if betas.numel() != num_train_timesteps:
+        raise ValueError(f"trained_betas has {betas.numel()} entries but num_train_timesteps is "
+                         f"{num_train_timesteps}: give one beta per training timestep")
+    bad = ~(torch.isfinite(betas) & (betas > 0) & (betas <= 1))
+    bad[:-1] |= betas[:-1] == 1
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"trained_betas[{i}] = {float(betas[i])}: each beta must lie in (0, 1), the last in (0, 1]")
+    return betas
 
 
 class VPSchedule(NoiseSchedule):
@@ -114,11 +143,23 @@ class VPSchedule(NoiseSchedule):
     discrete = True
 
     def __init__(self, num_train_timesteps: int = 1000, beta_schedule: str = "squaredcos_cap_v2",
-                 beta_start: float = 0.0001, beta_end: float = 0.02):
+                 beta_start: float = 0.0001, beta_end: float = 0.02, trained_betas=None,
+                 rescale_betas_zero_snr: bool = False):
+        """As diffusers' DDPMScheduler / DDIMScheduler / LCMScheduler build alphas_cumprod: `trained_betas` (T
+        floats) replaces the named `beta_schedule` (then ignored, as diffusers does); `rescale_betas_zero_snr`
+        rescales the betas to zero terminal SNR (`rescale_zero_terminal_snr`) before the cumulative product."""
         self.num_train_timesteps = num_train_timesteps
         self.beta_schedule = beta_schedule
         self.beta_start, self.beta_end = beta_start, beta_end
-        betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+        if trained_betas is not None:
+            betas = _trained_betas(trained_betas, num_train_timesteps)
+            self.trained_betas = [float(b) for b in betas]   # plain floats: to_config goes into YAML / JSON
+        else:
+            betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+            self.trained_betas = None
+        self.rescale_betas_zero_snr = bool(rescale_betas_zero_snr)
+        if self.rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # float64
         # alpha and sigma per timestep (columns of one (T, 2) table), computed in float64 once and looked up per
         # call: the same values as sqrt-then-cast on every call, in one indexing op instead of five per value
@@ -152,9 +193,20 @@ class VPSchedule(NoiseSchedule):
     def fraction_of(self, t):
         return t.float() / (self.num_train_timesteps - 1)
 
+    @property
+    def zero_terminal_snr(self) -> bool:
+        """alphas_cumprod[-1] == 0: at the noisiest timestep alpha = 0 (pure noise), so nothing may divide by it
+        there (an epsilon-prediction x0 = (x_t - sigma eps) / alpha cannot be formed)."""
+        return bool(self.alphas_cumprod[-1] == 0)
+
     def to_config(self):
-        return dict(kind="vp", num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
-                    beta_start=self.beta_start, beta_end=self.beta_end)
+        cfg = dict(kind="vp", num_train_timesteps=self.num_train_timesteps, beta_schedule=self.beta_schedule,
+                   beta_start=self.beta_start, beta_end=self.beta_end)
+        if self.trained_betas is not None:   # only where set: the configs of other schedules stay as they were
+            cfg["trained_betas"] = list(self.trained_betas)
+        if self.rescale_betas_zero_snr:
+            cfg["rescale_betas_zero_snr"] = True
+        return cfg
 
 
 class EDMSchedule(NoiseSchedule):

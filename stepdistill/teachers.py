@@ -30,23 +30,36 @@ def scheduler_config(root: Path) -> dict:
 
 
 def vp_schedule(sched_cfg: dict) -> VPSchedule:
-    """The VP schedule a diffusers scheduler config describes (DDPM/DDIM-style betas). Settings that would give
-    other alphas_cumprod than the ones built here are an error, not silently dropped."""
+    """The VP schedule a diffusers scheduler config describes (DDPM/DDIM-style betas), with alphas_cumprod as
+    diffusers builds them: `trained_betas` in place of the named beta_schedule, and `rescale_betas_zero_snr`'s
+    zero terminal SNR. Settings that would give other alphas_cumprod than the ones built here are an error, not
+    silently dropped; so is an epsilon-prediction teacher on a zero-terminal-SNR schedule (its x0 divides by
+    alpha = 0 at the noisiest timestep)."""
     name = sched_cfg.get("_class_name", "the scheduler")
-    if "beta_schedule" not in sched_cfg:   # flow matching, EDM and consistency schedulers have no betas
+    trained = sched_cfg.get("trained_betas")
+    if "beta_schedule" not in sched_cfg and trained is None:   # flow matching, EDM and consistency schedulers
         raise ValueError(f"teacher scheduler {name} has no beta_schedule: UNet teachers need a DDPM-style (betas) "
                          "VP scheduler config, e.g. DDPMScheduler's or DDIMScheduler's")
-    if sched_cfg.get("trained_betas") is not None:
-        raise ValueError(f"teacher scheduler {name} sets trained_betas, which is not supported: save the teacher "
-                         f"with one of the beta_schedules {SUPPORTED_BETAS}")
-    if sched_cfg.get("rescale_betas_zero_snr"):
-        raise ValueError(f"teacher scheduler {name} sets rescale_betas_zero_snr (a zero terminal SNR schedule), which "
-                         "is not supported: distil a teacher trained on the plain betas")
-    beta = sched_cfg["beta_schedule"]
-    if beta not in SUPPORTED_BETAS:
-        raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS}")
-    return VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta, sched_cfg.get("beta_start", 0.0001),
-                      sched_cfg.get("beta_end", 0.02))
+    beta = sched_cfg.get("beta_schedule", "linear")   # diffusers' default; ignored where trained_betas are given
+    if trained is None and beta not in SUPPORTED_BETAS:
+        raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS} "
+                         "(or save the scheduler with its betas as trained_betas)")
+    zero_snr = bool(sched_cfg.get("rescale_betas_zero_snr", False))
+    try:
+        schedule = VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta, sched_cfg.get("beta_start", 0.0001),
+                              sched_cfg.get("beta_end", 0.02), trained_betas=trained, rescale_betas_zero_snr=zero_snr)
+    except ValueError as e:
+        raise ValueError(f"teacher scheduler {name}: {e}") from None
+    prediction = sched_cfg.get("prediction_type", "epsilon")
+    if schedule.zero_terminal_snr and prediction == "epsilon":
+        why, plain = (("sets rescale_betas_zero_snr", "rescale_betas_zero_snr=false") if zero_snr else
+                      ("has trained_betas ending in 1", "trained_betas whose last is below 1"))
+        raise ValueError(f"teacher scheduler {name} {why} (zero terminal SNR: alpha = 0 at the last timestep) with "
+                         "prediction_type 'epsilon', whose x0 = (x_t - sigma eps) / alpha divides by 0 there: "
+                         "zero-terminal-SNR teachers are trained with v-prediction, so set the scheduler's "
+                         "prediction_type to the one the UNet was trained with ('v_prediction' or 'sample'), or "
+                         f"save it with {plain} if it was trained on those")
+    return schedule
 
 
 def teacher_info(path: str | Path) -> dict:

@@ -55,14 +55,14 @@ def _teacher_copy(tmp_path, name, scheduler=None, unet=None):
 
 
 def test_teacher_scheduler_and_output_the_loader_cannot_honour_are_clear_errors(tmp_path):
-    """diffusers builds alphas_cumprod from more than the beta schedule: trained betas and the zero-terminal-SNR
-    rescale changed the schedule and loaded without a word (the real alpha(999) is 0 under the rescale, the loaded
-    one was 0.0064), and a flow-matching scheduler, with no betas at all, became a linear VP schedule."""
+    """A flow-matching scheduler, with no betas at all, became a linear VP schedule; an epsilon teacher on a zero
+    terminal SNR schedule (alpha(999) = 0) cannot give x0 at the top timestep. (Trained betas and the rescale
+    itself load: tests/test_vp_betas.py.)"""
     flow = {"_class_name": "FlowMatchEulerDiscreteScheduler", "beta_schedule": ..., "beta_start": ...,
             "beta_end": ...}
     for name, edit, message in [
-            ("trained", {"trained_betas": [0.01] * 1000}, "sets trained_betas"),
-            ("zsnr", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
+            ("zsnr_eps", {"rescale_betas_zero_snr": True, "prediction_type": "epsilon"},
+             "sets rescale_betas_zero_snr .* with prediction_type 'epsilon'"),
             ("flow", flow, "FlowMatchEulerDiscreteScheduler has no beta_schedule")]:
         with pytest.raises(ValueError, match=message):
             load_unet_teacher(_teacher_copy(tmp_path, name, scheduler=edit))

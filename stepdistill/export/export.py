@@ -28,13 +28,20 @@ STUDENT_JSON = "stepdistill_student.json"   # in every export: what export_folde
 
 
 def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
+    """The exported LCMScheduler, with the student's alphas_cumprod: its betas (named, or `trained_betas`) and the
+    zero-terminal-SNR rescale where the schedule has them (LCMScheduler builds both as DDPMScheduler does)."""
     sched = student.schedule
     if not sched.discrete:
         raise ValueError(f"export to an LCMScheduler needs a discrete VP schedule, not {sched.kind!r}")
+    extra = {}   # only where set: the scheduler_config.json of other exports stays as it was
+    if getattr(sched, "trained_betas", None) is not None:
+        extra["trained_betas"] = list(sched.trained_betas)
+    if getattr(sched, "rescale_betas_zero_snr", False):
+        extra["rescale_betas_zero_snr"] = True
     return LCMScheduler(num_train_timesteps=sched.num_train_timesteps, beta_schedule=sched.beta_schedule,
                         beta_start=sched.beta_start, beta_end=sched.beta_end, prediction_type=prediction_type,
                         timestep_scaling=student.timestep_scaling, clip_sample=False, set_alpha_to_one=True,
-                        steps_offset=1)  # LCM ignores it; stock SD pipelines warn unless it is 1
+                        steps_offset=1, **extra)  # steps_offset: LCM ignores it; stock SD pipelines warn unless 1
 
 
 def plain_unet(unet):

@@ -45,6 +45,9 @@ class TrigFlow:
             if not bool((self.log_ratio.diff() > 0).all()):
                 raise ValueError("the VP schedule's noise levels must increase strictly with the timestep")
             self.log_ratio_range = (float(self.log_ratio[0]), float(self.log_ratio[-1]))
+            # zero terminal SNR (alphas_cumprod[-1] = 0): the last grid point's log(s / a) is +inf, TrigFlow time
+            # pi / 2; the last interval is interpolated linearly in a / s instead (see _vp_index)
+            self.open_top = bool(torch.isinf(self.log_ratio[-1]))
         t_lo = schedule.final_t().reshape(1).double()
         t_hi = schedule.t_from_fraction(torch.ones(1)).double()
         self.t_min, self.t_max = float(self.from_native(t_lo)), float(self.from_native(t_hi))
@@ -83,6 +86,11 @@ class TrigFlow:
         lr = log_ratio.clamp(self.log_ratio_range[0], self.log_ratio_range[1])
         hi = torch.searchsorted(grid, lr.detach()).clamp(1, len(grid) - 1)
         lo = hi - 1
+        if self.open_top:   # the last interval reaches log(s / a) = inf: linear in a / s = exp(-log_ratio) there,
+            # 0 at its top; (lr - g) / (inf - g) would be 0 throughout, so index T-1 and its slope never reached
+            last = hi == len(grid) - 1
+            frac = torch.where(last, -torch.expm1(grid[lo] - lr), (lr - grid[lo]) / (grid[hi] - grid[lo]))
+            return lo.double() + frac
         return lo.double() + (lr - grid[lo]) / (grid[hi] - grid[lo])
 
     def sample_t(self, n: int, p_mean: float, p_std: float, device=None) -> torch.Tensor:
