@@ -351,3 +351,49 @@ def test_backpropagating_through_the_teacher_keeps_more_activations(gmm_cfg):
         run = build_run(gmm_cfg(f"method={method}", *extra))
         saved[method] = saved_activation_bytes(run, BatchSource(run.benchmark, run.method.batch_keys, 64, "cpu"))
     assert 0 < saved["dmd2"] < saved["sid"]
+
+
+@pytest.mark.parametrize("method", ["sid", "sida"])
+def test_critic_noise_levels_follow_sids_code(gmm_cfg, method):
+    """SiD's code trains its fake score at EDM's log-normal sigma on EDM teachers (ln sigma ~ N(-1.2, 1.2^2), the
+    teacher's own training distribution) and SiD-LSG's at the generator loss's [t_min, t_max] on VP; `reference`
+    picks the one for the teacher's schedule. `full` is DMD's whole range. Checked on the t each critic update
+    hands to the denoising loss, by a Kolmogorov-Smirnov distance to the intended law."""
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+
+    def critic_t(*overrides, n=4000):
+        run = build_run(gmm_cfg(f"method={method}", "trainer.batch_size=4000", *overrides))
+        fake, seen = run.roles["fake_score"], []
+        original = fake.denoising_loss
+
+        def record(x0, t, *args, **kwargs):
+            seen.append(t.double())
+            return original(x0, t, *args, **kwargs)
+
+        fake.denoising_loss = record
+        torch.manual_seed(0)
+        run.method.loss("critic", BatchSource(run.benchmark, run.method.batch_keys, n, "cpu")(), 0)
+        return run.method.critic_noise, torch.cat(seen).sort().values
+
+    def ks(sorted_draws, cdf):
+        n = sorted_draws.numel()
+        return (torch.arange(1, n + 1, dtype=torch.float64) / n - cdf(sorted_draws)).abs().max().item()
+
+    mode, t = critic_t("method.t_min=0.1", "method.t_max=0.5")   # VP: the loss's range, in integer timesteps
+    assert mode == "loss_range" and t.min() >= 100 - 1 and t.max() <= 500 + 1
+    assert ks(t, lambda v: ((v - 99.9) / 399.6).clamp(0, 1)) < 0.03
+    mode, t = critic_t("method.critic_noise=full")
+    assert mode == "full" and t.min() < 30 and t.max() > 970
+    normal = torch.distributions.Normal(-1.2, 1.2)
+    edm = ("benchmark.schedule.kind=edm", "~benchmark.schedule.num_train_timesteps", "~benchmark.schedule.beta_schedule")
+    mode, sigma = critic_t(*edm)
+    assert mode == "lognormal" and sigma.min() >= 0.002 and sigma.max() <= 80
+    assert ks(sigma, lambda v: normal.cdf(v.log())) < 0.03
+    assert ks(sigma, lambda v: torch.distributions.Normal(-1.2, 0.6).cdf(v.log())) > 0.1   # the test can tell
+    mode, sigma = critic_t(*edm, "method.critic_lognormal=[0.5,0.4]")
+    assert ks(sigma, lambda v: torch.distributions.Normal(0.5, 0.4).cdf(v.log())) < 0.03
+    with pytest.raises(ValueError, match="method.critic_noise=lognormal draws EDM sigmas"):
+        build_run(gmm_cfg(f"method={method}", "method.critic_noise=lognormal"))
+    with pytest.raises(ValueError, match="unknown method.critic_noise 'uniform'"):
+        build_run(gmm_cfg(f"method={method}", "method.critic_noise=uniform"))

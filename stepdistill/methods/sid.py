@@ -11,8 +11,11 @@ On a VP schedule 0.8 is a lower level (sigma/alpha 3.1 on the cosine schedule, 5
 uses [0.02, 0.98] (`method.t_min=0.02 method.t_max=0.98`), which on digits gave no better FD (docs/results.md,
 session 34). A one-step generator starts at `init_sigma` (SiD: EDM
 sigma 2.5; the time with the same sigma/alpha on VP and flow schedules, e.g. t = 625 on SD's schedule, see
-Benchmark.build_roles). The critic is trained as in DMD, with the teacher's denoising loss on detached samples,
-alternating 1:1 by default.
+Benchmark.build_roles). The critic is trained with the teacher's denoising loss on detached samples, alternating
+1:1 by default, at the noise levels of SiD's code (`critic_noise=reference`): EDM's log-normal sigma (ln sigma ~
+N(-1.2, 1.2^2), the teacher's own training distribution) on an EDM teacher, as SiD's `SID_EDMLoss`; the generator
+loss's [t_min, t_max] on VP and flow schedules, as SiD-LSG's training loop draws both from one range. `full`
+draws the whole range, as DMD's critic (and this SiD before session 37).
 
 Guidance for conditional teachers (`cfg_strategy`):
   lsg   SiD-LSG (Zhou et al., ICLR 2025): separate CFG scales for the teacher (`guidance`), for evaluating the fake
@@ -44,6 +47,7 @@ from .base import LossOut, Method, check_t_range
 from .distribution_matching import check_normalizer, denoising_error
 
 CFG_STRATEGIES = ("lsg", "zero", "anti")
+CRITIC_NOISE = ("reference", "loss_range", "lognormal", "full")
 
 
 def predictions_through_inputs(x, teacher, fake, cond=None, guidance: float = 1.0, fake_guidance: float = 1.0,
@@ -96,6 +100,7 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
         super().__init__(models, cfg)
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
         self.t_range = check_t_range(cfg)
+        self.critic_noise, self.critic_lognormal = self._check_critic_noise(cfg, models["fake_score"].schedule)
         self.strategy = str(cfg.get("cfg_strategy", "lsg"))
         if self.strategy not in CFG_STRATEGIES:
             raise ValueError(f"unknown method.cfg_strategy {self.strategy!r}: use one of {', '.join(CFG_STRATEGIES)}")
@@ -127,6 +132,36 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                              f"{self.scales} needs a conditional teacher; this one is unconditional: set "
                              "method.cfg_strategy=lsg and method.guidance, fake_guidance, fake_train_guidance to 1.0")
 
+    @staticmethod
+    def _check_critic_noise(cfg, schedule) -> tuple[str, tuple[float, float]]:
+        """`method.critic_noise`, with `reference` resolved to what SiD's code does on this kind of schedule, and
+        `method.critic_lognormal`'s (P_mean, P_std)."""
+        mode = str(cfg.get("critic_noise", "reference"))
+        if mode not in CRITIC_NOISE:
+            raise ValueError(f"unknown method.critic_noise {mode!r}: use one of {', '.join(CRITIC_NOISE)}")
+        if mode == "reference":
+            mode = "lognormal" if schedule.kind == "edm" else "loss_range"
+        if mode == "lognormal" and schedule.kind != "edm":
+            raise ValueError(f"method.critic_noise=lognormal draws EDM sigmas, but this teacher's schedule is "
+                             f"{schedule.kind!r}: use loss_range or full (reference picks loss_range here)")
+        p_mean, p_std = (float(v) for v in cfg.get("critic_lognormal", (-1.2, 1.2)))
+        if mode == "lognormal" and not p_std > 0:
+            raise ValueError(f"method.critic_lognormal=[{p_mean}, {p_std}]: the std of log sigma must be > 0")
+        return mode, (p_mean, p_std)
+
+    def critic_t(self, n: int, device) -> torch.Tensor:
+        """The critic's noise levels (`method.critic_noise`): the generator loss's [t_min, t_max] (SiD-LSG's code
+        on VP), EDM's log-normal sigma, ln sigma ~ N(P_mean, P_std^2) clamped to the schedule's range (SiD's code
+        on EDM: the teacher's own training distribution), or uniform over the whole range (DMD's critic)."""
+        sched = self.models["fake_score"].schedule
+        if self.critic_noise == "full":
+            return sched.sample_t(n, 0.0, 1.0, device=device)
+        if self.critic_noise == "loss_range":
+            return sched.sample_t(n, *self.t_range, device=device)
+        p_mean, p_std = self.critic_lognormal
+        sigma = (batch_split.randn(n, device=device) * p_std + p_mean).exp()
+        return sigma.clamp(sched.sigma_min, sched.sigma_max)
+
     def fake_cond(self, cond):
         """The fake score's condition: the null one under Zero-CFG."""
         return self.models["fake_score"].uncond(cond) if self.strategy == "zero" and cond is not None else cond
@@ -144,11 +179,11 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                         fake_cond=self.fake_cond(cond), **kw)
 
     def fake_score_loss(self, x_fake, cond, t=None, noise=None) -> torch.Tensor:
-        """The critic's denoising loss on detached samples (t over the whole range), at LSG's training scale, with
-        Zero-CFG's null condition, and with `fake_cond_dropout` of the rows unconditional."""
+        """The critic's denoising loss on detached samples (t from `critic_t` unless given), at LSG's training
+        scale, with Zero-CFG's null condition, and with `fake_cond_dropout` of the rows unconditional."""
         fake = self.models["fake_score"]
         if t is None:
-            t = fake.schedule.sample_t(x_fake.shape[0], 0.0, 1.0, device=x_fake.device)
+            t = self.critic_t(x_fake.shape[0], x_fake.device)
         return fake.denoising_loss(x_fake.detach(), t, self.fake_train_cond(cond), noise,
                                    guidance=self.scales[2]).mean()
 

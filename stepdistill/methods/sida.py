@@ -77,7 +77,8 @@ class SiDA(SiD):
         real = batch["real"]
         if real.shape[0] != x.shape[0]:
             raise ValueError(f"sida needs as many real samples as generated ones per batch ({real.shape[0]} vs {x.shape[0]})")
-        t, noise = self._noised(x)
+        # the critic's noise levels (method.critic_noise); the discriminator reads the same x_t
+        t, noise = self.critic_t(x.shape[0], x.device), batch_split.randn_like(x)
         with tap_features(self.encoder, stop=False) as tap:
             loss_score = self.fake_score_loss(x, batch["cond"], t, noise)
         logit_fake = encoder_logit(tap["features"], x.shape[0])
