@@ -12,12 +12,11 @@ sample is from the teacher's prediction (the reference divides its batch-mean GA
 factor and sums, which gives every sample's GAN gradient the batch's mean w instead of its own), x_t^fake = a G(z) + s eps in
 both phases (the critic's denoising loss is taken at that same x_t) and x_t^real = a x_real + s eps. λ's are
 `adv.generator_weight` and `adv.critic_weight`; the generator's GAN gradient flows through the (frozen) critic's
-encoder into x_g, the critic's trains the whole fake score network. Left out from the reference: its per-sample
-EDM weight λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target
-space, not EDM's weighted one), and its critic's log-normal EDM noise levels (the critic phase here draws t from
-SiD's [t_min, t_max], as the generator phase does); on the built-in VP benchmarks the two differ little, on an
-EDM teacher the reference's critic sees far lower noise (median sigma 0.30 against ~1). Also left out: its start
-schedule (generator updates after 100k images, the GAN term after 200k). Its λ_G, 0.01 on the summed GAN loss
+encoder into x_g, the critic's trains the whole fake score network. The critic phase's noise levels are SiD's
+(`method.critic_noise`; by default the reference's: log-normal EDM sigma on an EDM teacher, SiD's [t_min, t_max]
+on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its per-sample EDM weight
+λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target space, not
+EDM's weighted one), and its start schedule (generator updates after 100k images, the GAN term after 200k). Its λ_G, 0.01 on the summed GAN loss
 against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned on digits
 (conf/method/sida.yaml). Guidance strategies and everything else are SiD's
 (methods/sid.py).
