@@ -154,8 +154,16 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
                             "+method.reuse_generator_samples=true", "++method.critic_warmup_steps=0"]) is None
     # an addition no command reads was run with the typo ignored
     assert unknown_setting(["+trainer.max_step=10"]) == ("unknown setting '+trainer.max_step': no command reads it, so "
-                                                         "the addition would be ignored; did you mean trainer.max_steps?")
+                                                         "the addition would be ignored; did you mean trainer.max_steps? (without "
+                                                         "the '+')")
     assert unknown_setting(["++eval.evry=5"]).startswith("unknown setting '++eval.evry'")
+    # a gmm schedule's settings are any schedule kind's (make_schedule checks them against the kind)
+    import inspect
+
+    from stepdistill.cli import SCHEDULE_SETTINGS
+    from stepdistill.schedules import SCHEDULES
+    assert set(SCHEDULE_SETTINGS) == {"kind"} | {p for c in SCHEDULES.values() for p in inspect.signature(c).parameters}
+    assert unknown_setting(["+benchmark.schedule.rhoo=5"]).startswith("unknown setting '+benchmark.schedule.rhoo'")
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_sample=10", f"out={tmp_path / 'a.npz'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
@@ -223,6 +231,18 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path, monkeypatch):
     assert (tmp_path / "digits_teacher" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     proc = run_app("stepdistill.cli.teacher", "benchmark=gmm", f"hydra.run.dir={tmp_path}/g", check=False)
     assert proc.returncode != 0 and "analytic" in proc.stderr and "Traceback" not in proc.stderr
+    # out= is the run folder now: one that cannot be made is one line (Hydra's traceback otherwise), and out= with
+    # install=true (which writes into the package) is refused
+    proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path}/digits_features.safetensors/x",
+                   check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("cannot be made (Not a directory): choose another out")
+    proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", "install=true", f"out={tmp_path}/t", check=False)
+    assert proc.returncode == 2 and "install=true writes into the package's assets" in proc.stderr
+    # a misspelt recipe setting was a TypeError after the feature network had trained
+    proc = run_app("stepdistill.cli.teacher", "benchmark=digits", "+teacher.extra.label_dropot=0.2", f"out={tmp_path}/u",
+                   check=False)
+    assert proc.returncode == 2 and "teacher.extra.label_dropot: the digits teacher recipe takes teacher.extra.{" \
+        in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_bench_prints_a_table(tmp_path):

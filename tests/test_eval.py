@@ -1,5 +1,6 @@
 """Evaluation package: exact GMM metrics, Fréchet distances (custom net + Inception wiring), figures."""
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -464,5 +465,9 @@ def test_every_step_scores_each_output_along_the_sampling_chain(tmp_path):
         assert (tmp_path / "samples" / f"step_0000007_4steps_step{k}.png").is_file()
     assert per_step["student_step4_sliced_w2"] == pytest.approx(final["student_sliced_w2"], rel=1e-9)
     assert per_step["student_step1_sliced_w2"] != pytest.approx(per_step["student_step4_sliced_w2"])
+    # evaluated again, the chain's figures do not replace the first evaluation's
+    again = evaluator.evaluate_every_step(7)["figures"]
+    assert again == [str(tmp_path / "samples" / f"step_0000007_4steps_step{k}_2.png") for k in range(1, 5)]
+    assert all(Path(f).is_file() for f in again) and per_step["figures"][0].endswith("_step1.png")
     table = every_step_table(per_step).splitlines()
     assert len(table) == 2 + 4 + 1 and table[2].startswith("1 | 999 |") and "num_samples 200" in table[-1]

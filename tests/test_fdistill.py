@@ -146,9 +146,12 @@ def test_ratio_is_normalised_per_noise_level_then_weights_per_batch(gmm_cfg, div
     # ratio_bins=0: the batch normalisation alone
     plain = build_run(gmm_cfg("method=fdistill", f"method.divergence={divergence}", "method.ratio_bins=0"))
     plain.method.gan.logits_noised = lambda x_t, t_, cond: logits
-    w0 = plain.method.dm_weight_fn({"cond": None}, {})(torch.zeros(8, 2), t)
+    w0 = plain.method.dm_weight_fn({"cond": None}, {}, step=0)(torch.zeros(8, 2), t)
     h = H[divergence](logits.double().clamp(-3.0, 3.0).exp())
     torch.testing.assert_close(w0.double(), h / h.mean(), rtol=1e-6, atol=1e-7)
+    # the unbalanced mixture's preset leaves the normalisation out (conf/benchmark_method/gmm_unbalanced_fdistill.yaml)
+    assert build_run(gmm_cfg("benchmark=gmm_unbalanced", "method=fdistill")).method.bin_means is None
+    assert build_run(gmm_cfg("method=fdistill")).method.bin_means.numel() == 10
     with pytest.raises(ValueError, match="method.ratio_bins must be >= 0"):
         build_run(gmm_cfg("method=fdistill", "method.ratio_ema=1.0"))
 
@@ -184,6 +187,20 @@ def test_bin_means_move_once_per_step_over_micro_batches_and_draws(gmm_cfg):
     weight_fn(torch.zeros(4, 2), t[:4])
     weight_fn(torch.zeros(4, 2), t[4:])
     torch.testing.assert_close(draws.state_dict()["ratio_bin_means"], want)
+
+
+def test_a_non_finite_ratio_does_not_stick_in_its_bin(gmm_cfg):
+    """A step whose discriminator gave a NaN logit is skipped by the trainer; its bin's kept mean stays what it
+    was (0 · NaN is NaN: at any ratio_ema the bin, and every later weight in it, had turned NaN for good)."""
+    for ema in (0.0, 0.5):
+        run = build_run(gmm_cfg("method=fdistill", "method.divergence=kl", f"method.ratio_ema={ema}"))
+        t = torch.tensor([10.0, 20.0, 500.0, 990.0])
+        logits = torch.tensor([float("nan"), 0.5, 1.0, -1.0])
+        run.method.gan.logits_noised = lambda x_t, t_, cond: logits
+        assert torch.isnan(run.method.dm_weight_fn({"cond": None}, {}, step=0)(torch.zeros(4, 2), t)).any()
+        logits = torch.tensor([0.3, 0.5, 1.0, -1.0])
+        w = run.method.dm_weight_fn({"cond": None}, {}, step=1)(torch.zeros(4, 2), t)
+        assert torch.isfinite(w).all() and torch.isfinite(run.method.state_dict()["ratio_bin_means"]).all()
 
 
 def test_fraction_of_inverts_t_from_fraction():

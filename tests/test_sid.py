@@ -395,5 +395,9 @@ def test_critic_noise_levels_follow_sids_code(gmm_cfg, method):
     assert ks(sigma, lambda v: torch.distributions.Normal(0.5, 0.4).cdf(v.log())) < 0.03
     with pytest.raises(ValueError, match="method.critic_noise=lognormal draws EDM sigmas"):
         build_run(gmm_cfg(f"method={method}", "method.critic_noise=lognormal"))
+    for bad in ("[1,2,3]", "1.0", "[0.5,0]"):
+        with pytest.raises(ValueError, match=r"method.critic_lognormal=.*give \[P_mean, P_std\]"):
+            build_run(gmm_cfg(f"method={method}", *edm, f"method.critic_lognormal={bad}"))
+    build_run(gmm_cfg(f"method={method}", "method.critic_lognormal=1.0"))   # not read off EDM
     with pytest.raises(ValueError, match="unknown method.critic_noise 'uniform'"):
         build_run(gmm_cfg(f"method={method}", "method.critic_noise=uniform"))

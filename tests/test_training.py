@@ -69,14 +69,20 @@ def test_resume_is_exact(gmm_cfg, tmp_path):
     assert torch.equal(st_a["rng_cpu"], st_b["rng_cpu"])
 
 
-def test_resume_takes_the_configured_learning_rates_and_betas(gmm_cfg, tmp_path):
+def test_resume_takes_the_configured_learning_rates_and_betas(gmm_cfg, tmp_path, caplog):
     """A resume that lowers a learning rate (a second stage) runs at the new rate: loading the optimizer and the LR
-    scheduler had restored the checkpoint's, while config.yaml recorded the new one."""
+    scheduler had restored the checkpoint's, while config.yaml recorded the new one. The resume says which
+    settings it changes (a setting added since with a new default would change silently otherwise)."""
     import json
+    import logging
     common = ["method=dmd2", "trainer.checkpoint_every=3", "eval.every=0", "logger.every=1", "trainer.export=false"]
     train(gmm_cfg(*common, "trainer.max_steps=6"), tmp_path)
-    train(gmm_cfg(*common, "trainer.max_steps=12", "trainer.resume=true", "optim.generator.lr=1e-5",
-                  "optim.critic.betas=[0.5,0.9]"), tmp_path)
+    with caplog.at_level(logging.WARNING, logger="stepdistill"):
+        train(gmm_cfg(*common, "trainer.max_steps=12", "trainer.resume=true", "optim.generator.lr=1e-5",
+                      "optim.critic.betas=[0.5,0.9]"), tmp_path)
+    changed = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: this run changes")]
+    assert changed == [f"resume: this run changes optim.critic.betas: [0.0, 0.999] -> [0.5, 0.9]; "
+                       f"optim.generator.lr: 0.0003 -> 1e-05 against {tmp_path / 'config.yaml'}"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = {r["step"]: r["lr_generator"] for r in rows if "lr_generator" in r}
     st = torch.load(tmp_path / "checkpoints/step_0000012/trainer_state.pt", weights_only=True)

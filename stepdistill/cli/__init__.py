@@ -23,8 +23,9 @@ def job_dirname(overrides: str) -> str:
 
 
 def first_set(*values):
-    """The first value that is not null (`${stepdistill_or:${out},outputs/...}`: oc.select keeps a null)."""
-    return next((v for v in values if v is not None), None)
+    """The first value that is set, not null or empty (`${stepdistill_or:${out},outputs/...}`: oc.select keeps a
+    null, and `out=` on the command line is an empty string)."""
+    return next((v for v in values if v is not None and v != ""), None)
 
 
 def _register_resolvers() -> None:
@@ -95,8 +96,12 @@ def known_settings() -> frozenset[str]:
     return frozenset(keys)
 
 
-# settings whose keys are free: a dict passed on as keyword arguments, checked by what takes them
-FREE_FORM = ("benchmark.schedule.", "teacher.extra.")
+# settings that are dicts passed on as keyword arguments, whose keys are checked by what takes them: the teacher
+# recipe's `teacher.extra` (stepdistill-teacher checks them against train_digits_teacher), and a gmm schedule's
+# settings, any schedule kind's (make_schedule refuses another kind's; tests check this list against theirs)
+FREE_FORM = ("teacher.extra.",)
+SCHEDULE_SETTINGS = ("kind", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
+                     "rescale_betas_zero_snr", "sigma_min", "sigma_max", "rho", "t_min", "time_scale")
 
 
 def unknown_setting(args: list[str]) -> str | None:
@@ -115,22 +120,26 @@ def unknown_setting(args: list[str]) -> str | None:
         if (not sep or key.startswith(("~", "-", "hydra.", *FREE_FORM)) or "@" in key
                 or not key.replace(".", "").replace("_", "").isalnum() or (conf / key.replace(".", "/")).is_dir()):
             continue
-        if key in known or key.split(".")[-1].isdigit():   # a list element (generator.timesteps.0=...)
+        if (key in known or key.split(".")[-1].isdigit()   # a list element (generator.timesteps.0=...)
+                or key in {f"benchmark.schedule.{k}" for k in SCHEDULE_SETTINGS}):
             continue
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
         hint = f"did you mean {' or '.join(near)}?" if near else "its settings are in the files under conf/"
         if added:
             hint = f"no command reads it, so the addition would be ignored; {hint}"
+            if near:   # a setting that exists takes no "+": Hydra refuses to add it again
+                hint += " (without the '+')"
         return f"unknown setting {added + key!r}: {hint}"
     return None
 
 
-def unwritable_run_dir(args: list[str]) -> str | None:
-    """The one-line error for a `hydra.run.dir` / `hydra.sweep.dir` that cannot be made (a file on its path, no
+def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = ()) -> str | None:
+    """The one-line error for a `hydra.run.dir` / `hydra.sweep.dir` (or an app's own `run_dir_keys`, which its
+    config makes the run folder: stepdistill-teacher's `out`) that cannot be made (a file on its path, no
     permission), else None: Hydra makes it before the app runs, and its failure is a traceback."""
     for arg in args:
         key, sep, value = arg.partition("=")
-        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir") or "$" in value:
+        if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir", *run_dir_keys) or "$" in value or not value:
             continue
         try:   # made here a moment before Hydra would make it (os.access says yes to root on /proc)
             Path(value).expanduser().mkdir(parents=True, exist_ok=True)
@@ -139,7 +148,7 @@ def unwritable_run_dir(args: list[str]) -> str | None:
     return None
 
 
-def checked_groups(app: str):
+def checked_groups(app: str, run_dir_keys: tuple[str, ...] = ()):
     """Outside `@hydra.main`: the command line's config group choices and setting names are checked (above)
     before the Hydra app composes its config, which happens before the app's own error handling (user_errors)
     runs."""
@@ -147,7 +156,7 @@ def checked_groups(app: str):
         @functools.wraps(hydra_main)
         def entry():
             args = sys.argv[1:]
-            msg = unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args)
+            msg = unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args, run_dir_keys)
             if msg:
                 print(f"{app}: error: {msg}", file=sys.stderr)
                 sys.exit(2)

@@ -6,6 +6,7 @@ The shipped assets (stepdistill/assets/) were made by this command with the sett
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from . import CONF_DIR, checked_groups, set_threads, user_errors
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-@checked_groups("stepdistill-teacher")
+@checked_groups("stepdistill-teacher", run_dir_keys=("out",))   # out= is the run folder (conf/teacher.yaml)
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
@@ -28,6 +29,9 @@ def main(cfg: DictConfig) -> None:
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
     if name not in ("tiny_sd", "tiny_sdxl", "digits"):
         raise ValueError(f"no teacher recipe for benchmark {name!r}: use benchmark=digits, tiny_sd or tiny_sdxl")
+    if cfg.install and cfg.out:
+        raise ValueError(f"install=true writes into the package's assets ({ASSETS}), out={cfg.out} elsewhere: give "
+                         "one of them")
     set_threads(cfg.get("num_threads"), "num_threads")
     if name in ("tiny_sd", "tiny_sdxl"):
         from ..benchmarks.tiny_sd_teacher import build_tiny_sd, build_tiny_sdxl
@@ -40,6 +44,11 @@ def main(cfg: DictConfig) -> None:
     from ..networks.digits_features import save_feature_net, train_feature_net
 
     fc, tc = cfg.features, cfg.teacher
+    takes = set(inspect.signature(train_digits_teacher).parameters) - {"out_dir", "steps", "batch_size", "lr", "seed"}
+    unknown = sorted(set(tc.extra) - takes)
+    if unknown:   # before the feature network's training, not a TypeError after it
+        raise ValueError(f"teacher.extra.{unknown[0]}: the digits teacher recipe takes teacher.extra."
+                         f"{{{', '.join(sorted(takes))}}}")
     for key, value in (("features.steps", fc.steps), ("teacher.steps", tc.steps), ("quality.steps", cfg.quality.steps),
                        ("features.batch_size", fc.batch_size), ("teacher.batch_size", tc.batch_size)):
         at_least(key, value)

@@ -106,7 +106,7 @@ class DMD2(Method):
         generator follows the DM gradient alone and the classifier head is not trained."""
         return self.use_gan and step >= self.gan_start
 
-    def dm_weight_fn(self, batch, logs: dict, steps=None, step: int = 0):
+    def dm_weight_fn(self, batch, logs: dict, steps=None, *, step: int):
         """Per-sample weights of the DM gradient, w(x_t, t) (None: DMD2's unweighted gradient; f-distill's h(r)).
         `steps`: each sample's exit step; `step`: the trainer step."""
         return None
@@ -120,7 +120,7 @@ class DMD2(Method):
         ranges = self.dm_t_ranges
         t_range = (c.t_min, c.t_max) if ranges is None else ranges.to(x.device)[steps - 1].unbind(1)
         loss, logs = dmd_loss(x, m["teacher"], fake, batch["cond"], c.guidance, c.fake_guidance,
-                              t_range, self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps, step),
+                              t_range, self.normalizer, weight_fn=self.dm_weight_fn(batch, stats, steps, step=step),
                               draws=int(c.get("dm_draws", 1)))
         logs.update(stats)
         logs["loss_dm"] = loss.item()

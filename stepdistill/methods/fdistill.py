@@ -75,7 +75,7 @@ def update_bin_means(means: torch.Tensor, sums: tuple[torch.Tensor, torch.Tensor
     """The mean ratio per bin: ema · old + (1 - ema) · the mean of these rows, for the bins they have samples in
     (the others keep theirs). Returns a new tensor."""
     total, count = sums
-    seen = count > 0
+    seen = (count > 0) & torch.isfinite(total)   # a non-finite ratio (its step is skipped) must not stick in a bin
     means = means.clone()
     means[seen] = ema * means[seen] + (1 - ema) * total[seen] / count[seen]
     return means
@@ -112,7 +112,7 @@ class FDistill(DMD2):
             raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
                              "first step: method.gan.start_step must be 0")
 
-    def dm_weight_fn(self, batch, logs: dict, steps=None, step: int = 0):
+    def dm_weight_fn(self, batch, logs: dict, steps=None, *, step: int):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
             with self._gan_sees_steps(steps):   # with gan.step_aware: each exit step's own density ratio
                 logit = self.gan.logits_noised(x_t, t, batch["cond"]).float()
@@ -120,6 +120,8 @@ class FDistill(DMD2):
             if self.bin_means is not None:
                 bins = self.bin_means.numel()
                 index = (self.schedule.fraction_of(t) * bins).floor().long().clamp(0, bins - 1)
+                if self.bin_means.device != index.device:   # kept on the networks' device (a checkpoint: CPU)
+                    self.bin_means = self.bin_means.to(index.device)
                 sums = bin_sums(logit.clamp(*self.clip).double().exp(), index, bins)
                 self._add_to_step(sums, step)
                 # these rows' weights: the kept means moved by these rows (a batch statistic, like mean h below)
@@ -149,7 +151,7 @@ class FDistill(DMD2):
         state = super().state_dict()
         if self.bin_means is not None:   # carried between steps where ratio_ema > 0
             self._fold_pending()   # the same means the next step would fold them into
-            state["ratio_bin_means"] = self.bin_means.clone()
+            state["ratio_bin_means"] = self.bin_means.cpu().clone()
         return state
 
     def load_state_dict(self, state: dict, device) -> None:

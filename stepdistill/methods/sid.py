@@ -133,7 +133,7 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                              "method.cfg_strategy=lsg and method.guidance, fake_guidance, fake_train_guidance to 1.0")
 
     @staticmethod
-    def _check_critic_noise(cfg, schedule) -> tuple[str, tuple[float, float]]:
+    def _check_critic_noise(cfg, schedule) -> tuple[str, tuple[float, float] | None]:
         """`method.critic_noise`, with `reference` resolved to what SiD's code does on this kind of schedule, and
         `method.critic_lognormal`'s (P_mean, P_std)."""
         mode = str(cfg.get("critic_noise", "reference"))
@@ -144,9 +144,17 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
         if mode == "lognormal" and schedule.kind != "edm":
             raise ValueError(f"method.critic_noise=lognormal draws EDM sigmas, but this teacher's schedule is "
                              f"{schedule.kind!r}: use loss_range or full (reference picks loss_range here)")
-        p_mean, p_std = (float(v) for v in cfg.get("critic_lognormal", (-1.2, 1.2)))
-        if mode == "lognormal" and not p_std > 0:
-            raise ValueError(f"method.critic_lognormal=[{p_mean}, {p_std}]: the std of log sigma must be > 0")
+        if mode != "lognormal":
+            return mode, None
+        value = cfg.get("critic_lognormal", (-1.2, 1.2))
+        try:
+            p_mean, p_std = (float(v) for v in value)
+        except (TypeError, ValueError):
+            p_mean, p_std = 0.0, 0.0
+            value = f"{value} (not two numbers)"
+        if not p_std > 0:
+            raise ValueError(f"method.critic_lognormal={value}: give [P_mean, P_std] of ln sigma, P_std > 0 "
+                             "(SiD's code: [-1.2, 1.2])")
         return mode, (p_mean, p_std)
 
     def critic_t(self, n: int, device) -> torch.Tensor:

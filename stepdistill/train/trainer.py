@@ -29,7 +29,7 @@ from .fsdp import (WRAP_DEFAULT, check_fsdp_supported, full_optimizer_state, ful
                    load_full_optimizer_state, shard_roles)
 from .loggers import MetricsLogger
 from .optim import clip_gradients, lr_lambda, make_adamw, phase_update_counts
-from .resume_check import mismatch_message
+from .resume_check import SHOWN, config_differences, mismatch_message
 from .setup import Run, checkpoint_roles
 from .stop_signals import StopRequest
 
@@ -201,7 +201,19 @@ class Trainer:
         self.resumed_from, self.saved_step = ckpt, self.step
         if self.main:
             self.logger.drop_after(self.step)
+            self._report_changed_settings()
         log.info("resumed from %s at step %d", ckpt, self.step)
+
+    def _report_changed_settings(self) -> None:
+        """A resume that fits may still run with other settings than the run's config.yaml (a lower learning rate on
+        purpose, or a setting added since with a new default): say which, before config.yaml is rewritten."""
+        saved = self.run_dir / "config.yaml"
+        if not saved.is_file():
+            return
+        diffs = [d for d in config_differences(OmegaConf.load(saved), self.cfg) if not d.startswith("trainer.max_steps:")]
+        if diffs:
+            more = f" (and {len(diffs) - SHOWN} more)" if len(diffs) > SHOWN else ""
+            log.warning("resume: this run changes %s%s against %s", "; ".join(diffs[:SHOWN]), more, saved)
 
     def _load_checkpoint(self, ckpt: Path) -> dict:
         """Weights, optimizer and scheduler states into this trainer's objects; the rest of the state returned."""
