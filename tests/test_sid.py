@@ -401,3 +401,26 @@ def test_critic_noise_levels_follow_sids_code(gmm_cfg, method):
     build_run(gmm_cfg(f"method={method}", "method.critic_lognormal=1.0"))   # not read off EDM
     with pytest.raises(ValueError, match="unknown method.critic_noise 'uniform'"):
         build_run(gmm_cfg(f"method={method}", "method.critic_noise=uniform"))
+
+
+def test_sida_adversarial_terms_start_at_their_step(gmm_cfg):
+    """`method.adv.start_step` (SiDA's code starts the GAN terms after 200k images): before it both phases are
+    plain SiD (the same loss and draws as method=sid), from it on they add the adversarial terms."""
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    sida = build_run(gmm_cfg("method=sida", "method.adv.start_step=5"))
+    sid = build_run(gmm_cfg("method=sid"))
+    sid.roles.load_state_dict(sida.roles.state_dict())
+    batch = BatchSource(sida.benchmark, sida.method.batch_keys, 16, "cpu")()
+    for phase in ("generator", "critic"):
+        for run in (sida, sid):
+            run.roles.train_only(run.method.phases[phase])
+        torch.manual_seed(0)
+        before = sida.method.loss(phase, batch, 4)
+        torch.manual_seed(0)
+        plain = sid.method.loss(phase, batch, 4)
+        assert before.loss.item() == plain.loss.item() and before.logs.keys() == plain.logs.keys()
+        after = sida.method.loss(phase, batch, 5)
+        assert {"loss_adv_g", "loss_adv_d"} & after.logs.keys()
+    with pytest.raises(ValueError, match="method.adv.start_step"):
+        build_run(gmm_cfg("method=sida", "method.adv.start_step=-1"))

@@ -16,7 +16,8 @@ encoder into x_g, the critic's trains the whole fake score network. The critic p
 (`method.critic_noise`; by default the reference's: log-normal EDM sigma on an EDM teacher, SiD's [t_min, t_max]
 on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its per-sample EDM weight
 λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target space, not
-EDM's weighted one), and its start schedule (generator updates after 100k images, the GAN term after 200k). Its λ_G, 0.01 on the summed GAN loss
+EDM's weighted one). Its start schedule (the fake score alone for the first 100k images, the GAN terms from 200k)
+is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on the summed GAN loss
 against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned on digits
 (conf/method/sida.yaml). Guidance strategies and everything else are SiD's
 (methods/sid.py).
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import batch_split
+from ..checks import at_least
 from ..networks.heads import features_of, find_feature_module, tap_features
 from .base import LossOut
 from .sid import SiD
@@ -54,12 +56,19 @@ class SiDA(SiD):
         if min(self.weights) < 0:
             raise ValueError(f"method.adv weights must be >= 0, got generator {self.weights[0]}, critic {self.weights[1]}")
         self.encoder = find_feature_module(models["fake_score"].net, adv.get("feature_module"))
+        self.adv_start = at_least("method.adv.start_step", adv.get("start_step", 0) or 0, 0)
+
+    def adv_on(self, step: int) -> bool:
+        """The adversarial terms (both phases) run from trainer step `adv.start_step` on; before it, plain SiD."""
+        return step >= self.adv_start
 
     def _noised(self, x):
         sched = self.models["teacher"].schedule
         return sched.sample_t(x.shape[0], *self.t_range, device=x.device), batch_split.randn_like(x)
 
     def generator_loss(self, batch, step):
+        if not self.adv_on(step):
+            return super().generator_loss(batch, step)
         x = self.models["generator"](batch["noise"], batch["cond"])
         t, noise = self._noised(x)
         with tap_features(self.encoder, stop=False) as tap:
@@ -70,6 +79,8 @@ class SiDA(SiD):
         return LossOut(loss_sid + self.weights[0] * loss_adv, logs)
 
     def critic_loss(self, batch, step):
+        if not self.adv_on(step):
+            return super().critic_loss(batch, step)
         m = self.models
         with torch.no_grad():
             x = m["generator"](batch["noise"], batch["cond"])
