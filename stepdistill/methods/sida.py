@@ -17,10 +17,9 @@ encoder into x_g, the critic's trains the whole fake score network. The critic p
 on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its per-sample EDM weight
 λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target space, not
 EDM's weighted one). Its start schedule (the fake score alone for the first 100k images, the GAN terms from 200k)
-is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on the summed GAN loss
-against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned on digits
-(conf/method/sida.yaml). Guidance strategies and everything else are SiD's
-(methods/sid.py).
+is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on
+the summed GAN loss against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned
+on digits (conf/method/sida.yaml). Guidance strategies and everything else are SiD's (methods/sid.py).
 """
 from __future__ import annotations
 
