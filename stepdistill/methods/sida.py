@@ -14,9 +14,10 @@ both phases (the critic's denoising loss is taken at that same x_t) and x_t^real
 `adv.generator_weight` and `adv.critic_weight`; the generator's GAN gradient flows through the (frozen) critic's
 encoder into x_g, the critic's trains the whole fake score network. The critic phase's noise levels are SiD's
 (`method.critic_noise`; by default the reference's: log-normal EDM sigma on an EDM teacher, SiD's [t_min, t_max]
-on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its per-sample EDM weight
-λ(σ) / 2 on the discriminator loss (our fake score's denoising loss is in the network's own target space, not
-EDM's weighted one). Its start schedule (the fake score alone for the first 100k images, the GAN terms from 200k)
+on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its EDM weight λ(σ) / 2 on
+the discriminator loss. There it multiplies the batch-mean BCE, a scalar, so it is not a per-sample weight. It
+scales the whole discriminator loss by the batch's summed λ(σ_i) / 2, which the small sigmas of the log-normal
+dominate (λ = 4 + 1/σ² at σ_data 0.5). Here λ_D is a constant. Its start schedule (the fake score alone for the first 100k images, the GAN terms from 200k)
 is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on
 the summed GAN loss against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned
 on digits (conf/method/sida.yaml). Guidance strategies and everything else are SiD's (methods/sid.py).
