@@ -45,6 +45,7 @@ class Benchmark:
     num_classes: int | None = None
     teacher: Denoiser
     data_shape: tuple[int, ...]
+    teacher_steps: int   # the teacher's default sampler steps (benchmark.teacher_steps, or the teacher's record)
 
     def __init__(self, cfg):
         self.cfg = cfg

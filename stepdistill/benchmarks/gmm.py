@@ -23,7 +23,7 @@ class GMMBenchmark(Benchmark):
         means = cfg.get("means") or circle_means(int(cfg.num_modes), float(cfg.radius))
         at_least("benchmark.network.width", cfg.network.width)
         at_least("benchmark.network.depth", cfg.network.depth, 0)
-        at_least("benchmark.teacher_steps", cfg.teacher_steps)
+        self.teacher_steps = at_least("benchmark.teacher_steps", cfg.teacher_steps)
         for key in ("fourier_scale", "generator_fourier_scale"):
             if cfg.network.get(key) is not None and not float(cfg.network[key]) > 0:
                 raise ValueError(f"benchmark.network.{key}={cfg.network[key]}: the input features' frequency scale "
@@ -71,7 +71,7 @@ class GMMBenchmark(Benchmark):
         return self.mixture.sample(n), None
 
     def teacher_sample(self, noise, cond=None, steps=None, guidance=None):   # unconditional: no CFG
-        return ddim_sample(self.teacher, noise, int(steps or self.cfg.teacher_steps))
+        return ddim_sample(self.teacher, noise, int(steps or self.teacher_steps))
 
     def evaluate(self, samples, labels=None):
         from ..eval.gmm_metrics import gmm_metrics

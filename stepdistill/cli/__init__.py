@@ -102,6 +102,7 @@ def known_settings() -> frozenset[str]:
 FREE_FORM = ("teacher.extra.",)
 SCHEDULE_SETTINGS = ("kind", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end", "trained_betas",
                      "rescale_betas_zero_snr", "sigma_min", "sigma_max", "rho", "t_min", "time_scale")
+SCHEDULE_KEYS = frozenset(f"benchmark.schedule.{k}" for k in SCHEDULE_SETTINGS)
 
 
 def unknown_setting(args: list[str]) -> str | None:
@@ -121,7 +122,7 @@ def unknown_setting(args: list[str]) -> str | None:
                 or not key.replace(".", "").replace("_", "").isalnum() or (conf / key.replace(".", "/")).is_dir()):
             continue
         if (key in known or key.split(".")[-1].isdigit()   # a list element (generator.timesteps.0=...)
-                or key in {f"benchmark.schedule.{k}" for k in SCHEDULE_SETTINGS}):
+                or key in SCHEDULE_KEYS):
             continue
         near = difflib.get_close_matches(key, known, n=3, cutoff=0.75)
         hint = f"did you mean {' or '.join(near)}?" if near else "its settings are in the files under conf/"

@@ -73,11 +73,6 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
     return bm.to_output(x), bm.eval_labels(num_samples)
 
 
-def teacher_sampler_steps(bm, steps=None) -> int:
-    """The teacher sampler's step count: `steps`, else the benchmark's default (as Benchmark.teacher_sample)."""
-    return int(steps or getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
-
-
 @checked_groups("stepdistill-sample")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-sample")
@@ -108,7 +103,7 @@ def main(cfg: DictConfig) -> None:
         bm = build_benchmark(cfg.benchmark)
         samples, labels = sample_teacher(cfg, n, steps, int(cfg.seed), device=device, benchmark=bm)
         what = "teacher samples"
-        source = f"of benchmark {cfg.benchmark.name} ({teacher_sampler_steps(bm, steps)} sampler steps) "
+        source = f"of benchmark {cfg.benchmark.name} ({steps or bm.teacher_steps} sampler steps) "
     path = write_npz(cfg.out, samples, labels)
     print(f"wrote {samples.shape[0]} {what} {tuple(samples.shape[1:])} {source}to {path}")
 

@@ -92,7 +92,7 @@ class Evaluator:
         metrics = {f"student_{k}": v for k, v in self.benchmark_metrics(samples, cond).items()}
         if teacher_reference:
             metrics.update({f"teacher_{k}": v for k, v in self.benchmark_metrics(teacher, cond).items()})
-            metrics["teacher_steps"] = int(getattr(bm, "teacher_steps", 0) or bm.cfg.get("teacher_steps", 0))
+            metrics["teacher_steps"] = bm.teacher_steps
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step
         suffix = "" if steps is None else f"_{int(steps)}steps"
         name = f"{step_dir_name(step)}{suffix}{figure_tag}"
