@@ -174,6 +174,20 @@ def test_mmd_kernel_sum_in_row_blocks_is_the_whole_sum():
     assert float(_kernel_sum(a, b, inv, block=7)) == pytest.approx(float(whole), rel=1e-12)
 
 
+def test_mmd_kernel_sum_by_squaring_matches_an_exp_per_scale():
+    """Scales a power of two apart are summed by squaring one exp (the default {0.5, 1, 2, 4} from one, widest
+    first); other ratios, and equal coefficients, take their own exp: every mix gives the plain sum."""
+    from stepdistill.eval.gmm_metrics import _kernel_sum, _squarings
+    assert [_squarings(r) for r in (2.0, 4.0, 64.0 * (1 + 1e-12), 3.0, 1.0, 0.5)] == [1, 2, 6, None, None, None]
+    a = torch.randn(300, 2, generator=gen(15), dtype=torch.float64)
+    b = torch.randn(200, 2, generator=gen(16), dtype=torch.float64) * 2
+    d2 = ((a[:, None] - b[None]) ** 2).sum(-1)
+    for cs in ([1 / (2 * (s * 1.3) ** 2) for s in (0.5, 1.0, 2.0, 4.0)], [0.3, 0.6, 1.7, 1.7, 6.8, 27.2]):
+        whole = sum(torch.exp(-c * d2).sum() for c in cs)
+        got = _kernel_sum(a, b, torch.tensor(cs, dtype=torch.float64), block=64)
+        assert float(got) == pytest.approx(float(whole), rel=1e-13)
+
+
 # ---------------------------------------------------------------- Fréchet distance
 
 class TinyConvFeatures(nn.Module):

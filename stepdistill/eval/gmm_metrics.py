@@ -15,6 +15,8 @@ Every function works in float64 on the CPU (the sample counts here are small) an
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 HQ_RADIUS = 3.0  # "high quality" = within 3 std of a component mean
@@ -128,13 +130,32 @@ def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, num_projections: int = 
     return float(((px - py) ** 2).mean().sqrt())
 
 
-def _kernel_sum(a: torch.Tensor, b: torch.Tensor, inv_two_bw2: torch.Tensor, block: int = 1024) -> torch.Tensor:
-    """sum_{i,j} sum_s exp(-||a_i - b_j||^2 / (2 bw_s^2)), in row blocks so memory stays O(block x len(b))."""
+def _squarings(ratio: float) -> int | None:
+    """k where `ratio` == 2**k for an integer k >= 1 (to 1e-9), else None."""
+    k = round(math.log2(ratio)) if ratio > 1 else 0
+    return k if k >= 1 and abs(ratio / 2.0 ** k - 1) < 1e-9 else None
+
+
+def _kernel_sum(a: torch.Tensor, b: torch.Tensor, inv_two_bw2: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """sum_{i,j} sum_s exp(-||a_i - b_j||^2 / (2 bw_s^2)), in row blocks so memory stays O(block x len(b)).
+
+    Scales a power of two apart (the default {0.5, 1, 2, 4}: each coefficient 4x the next) take one exp per
+    entry: exp(-4c d2) = exp(-c d2)^4 is two in-place squarings, a third of an exp's time. The squarings' relative
+    rounding grows with the power (64x eps at the default's widest gap), far below the metric's sampling noise.
+    Blocks of 256 rows keep the 8 MB block of a 4000-point kernel in the cache."""
+    cs = sorted(inv_two_bw2.tolist())
     total = torch.zeros((), dtype=torch.float64)
     for i in range(0, a.shape[0], block):
         d2 = torch.cdist(a[i:i + block], b).square_()
-        for c in inv_two_bw2.tolist():
-            total += torch.exp(-c * d2).sum()
+        e = torch.empty_like(d2)
+        for k, c in enumerate(cs):
+            n = _squarings(c / cs[k - 1]) if k else None
+            if n is None:
+                torch.mul(d2, -c, out=e).exp_()
+            else:
+                for _ in range(n):
+                    e.square_()
+            total += e.sum()
     return total
 
 
