@@ -263,6 +263,8 @@ def test_lpips_regression_distance_from_local_backbone(tmp_path):
     torch.manual_seed(0)
     alex = torchvision.models.alexnet(weights=None)  # stands in for the real local weights file
     torch.save(alex.state_dict(), tmp_path / "alexnet.pth")
+    with pytest.raises(ValueError, match=r"lpips_resize=16: need an integer >= 32"):
+        LPIPSDistance(str(tmp_path / "alexnet.pth"), resize=16)   # AlexNet's pooling fails below 32 pixels
     dist = LPIPSDistance(str(tmp_path / "alexnet.pth"))
     torch.testing.assert_close(dist.lpips.net.slice1[0].weight, alex.features[0].weight)
     x = torch.rand(3, 1, 8, 8) * 2 - 1
@@ -293,6 +295,28 @@ def test_dmd_regression_term_is_lpips_on_the_teacher_pairs(tmp_path):
     assert logs["loss_reg"] != pytest.approx(torch.nn.functional.mse_loss(pred, target).item(), rel=1e-2)
     with pytest.raises(ValueError, match="use l2 or lpips"):
         build_run(digits_cfg("method=dmd", "method.regression.distance=l1"))
+    # the trainer moves the roles, not the method's LPIPS network: it follows the samples to their device (a GPU
+    # in training; "meta" stands in for one here)
+    with torch.no_grad():
+        on_meta = run.method.regression_loss(pred.to("meta"), target.to("meta"))
+    assert on_meta.device.type == "meta"
+    assert next(run.method.distance.parameters()).device.type == "meta"
+
+
+def test_lpips_regression_is_refused_on_points_and_latents(tmp_path, gmm_cfg):
+    """LPIPS compares 1- or 3-channel images: on the gmm's points or a latent benchmark's 4 channels it is a
+    one-line error at build time, not a shape error at the first generator step."""
+    from types import SimpleNamespace
+
+    from stepdistill.methods import DMD
+    cfg = gmm_cfg("method=dmd", "method.regression.distance=lpips",
+                  f"method.regression.lpips_weights={tmp_path / 'alexnet.pth'}")
+    with pytest.raises(ValueError, match=r"gmm benchmark's samples have shape \(2,\).*distance=l2"):
+        build_run(cfg)
+    with pytest.raises(ValueError, match=r"tiny_sd benchmark's samples have shape \(4, 8, 8\)"):
+        DMD.check_benchmark(cfg.method, SimpleNamespace(name="tiny_sd", data_shape=(4, 8, 8)))
+    for shape in ((1, 8, 8), (3, 32, 32)):   # digits-like and RGB images pass
+        DMD.check_benchmark(cfg.method, SimpleNamespace(name="images", data_shape=shape))
 
 
 def test_backward_simulation_can_train_chosen_steps_only():

@@ -62,6 +62,11 @@ class Method:
                              "drop the switch (dmd, dmd2 and fdistill have it)")
         self.kept_samples = KeptSamples(reuse)
 
+    @classmethod
+    def check_benchmark(cls, cfg, benchmark) -> None:
+        """Refuse a benchmark this method's settings (`cfg`, the method's config) cannot run, before any network is
+        built; a ValueError naming what to change. Most methods run on every benchmark."""
+
     def phase(self, step: int) -> str:
         """Two-time-scale update rule (DMD2 §4.2): `critic_steps` critic updates per generator update,
         after `critic_warmup_steps` critic-only steps (used when the critic starts from scratch)."""

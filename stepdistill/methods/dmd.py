@@ -32,11 +32,20 @@ class DMD(Method):
         self.distance = None  # None = mean squared error
         if kind == "lpips":
             from .lpips_distance import LPIPSDistance
-            self.distance = LPIPSDistance(cfg.regression.get("lpips_weights"))
+            self.distance = LPIPSDistance(cfg.regression.get("lpips_weights"), cfg.regression.get("lpips_resize", 224))
+
+    @classmethod
+    def check_benchmark(cls, cfg, benchmark) -> None:
+        shape = tuple(benchmark.data_shape)
+        if cfg.regression.get("distance", "l2") == "lpips" and not (len(shape) == 3 and shape[0] in (1, 3)):
+            raise ValueError(f"method.regression.distance=lpips compares images of 1 or 3 channels; the "
+                             f"{benchmark.name} benchmark's samples have shape {shape} (points or latents): use "
+                             "method.regression.distance=l2")
 
     def regression_loss(self, pred, target):
         if self.distance is not None:
-            return self.distance(pred, target).mean()
+            # the trainer moves the roles to the training device, not what a method holds: LPIPS follows the samples
+            return self.distance.to(pred.device)(pred, target).mean()
         return F.mse_loss(pred.float(), target.float())
 
     def generator_loss(self, batch, step):

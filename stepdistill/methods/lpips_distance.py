@@ -1,6 +1,7 @@
 """LPIPS (Zhang et al. 2018) for DMD's regression loss, offline: the lpips wheel ships its linear heads, and the
 AlexNet backbone comes from a local torchvision `alexnet` state dict (`method.regression.lpips_weights=PATH`).
-Small images are upsampled (DMD upsamples to 224 before LPIPS) and 1-channel images repeated to RGB.
+Images smaller than `resize` (`method.regression.lpips_resize`) are upsampled to it, bilinearly, as DMD upsamples
+to 224 before LPIPS; 1-channel images are repeated to RGB. AlexNet's pooling needs at least 32 pixels.
 """
 from __future__ import annotations
 
@@ -10,10 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import at_least
+
 
 class LPIPSDistance(nn.Module):
-    def __init__(self, backbone_weights: str | None, resize: int = 64):
+    def __init__(self, backbone_weights: str | None, resize: int = 224):
         super().__init__()
+        self.resize = at_least("method.regression.lpips_resize", resize, 32)
         if not backbone_weights:
             raise ValueError("method.regression.distance=lpips needs local AlexNet weights: set "
                              "method.regression.lpips_weights=PATH (a torchvision alexnet state dict), or use l2")
@@ -32,7 +36,6 @@ class LPIPSDistance(nn.Module):
             mapped[name] = feats[f"{idx}.{kind}"]
         net.load_state_dict(mapped, strict=True)
         self.lpips.requires_grad_(False).eval()
-        self.resize = resize
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-sample distance for images in [-1, 1]."""

@@ -91,6 +91,7 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     benchmark = build_benchmark(cfg.benchmark)
     resolve_method_cfg(cfg, benchmark)
     cls = method_class(cfg.method.name)
+    cls.check_benchmark(cfg.method, benchmark)
     model_cfg = cfg.get("model")
     roles = benchmark.build_roles(cfg.method, cfg.generator, model_cfg, fake_score=cls.uses_fake_score)
     if float(cfg.trainer.get("ema_decay", 0) or 0) > 0:
