@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from stepdistill.cli.train import train
 from stepdistill.train import checkpoint as ckpt_mod
 from stepdistill.train.checkpoint import latest_checkpoint, list_checkpoints
+from stepdistill.train.loggers import MetricsLogger
 
 
 def _weights(run_dir, step):
@@ -104,6 +105,36 @@ def test_resume_after_a_crash_logs_each_step_once(gmm_cfg, tmp_path):
     rows = [(r["step"], r["kind"]) for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())]
     assert rows == sorted(set(rows), key=rows.index) and [s for s, k in rows if k == "train"] == list(range(1, 9))
     assert [s for s, k in rows if k == "eval"] == [3, 6]
+
+
+def test_a_resumed_run_logs_the_straight_runs_rows(gmm_cfg, tmp_path):
+    """metrics.jsonl of a resumed run is the straight run's: each train row holds both phases' latest values (the
+    checkpoint keeps the phase that did not run last; its row after the resume had only the other), a line a crash
+    cut short neither ends the resume nor swallows the next row, and a resume with nothing to train replaces the
+    training's final evaluation instead of logging a second one (stepdistill-eval's rows stay)."""
+    import json
+    common = ["method=dmd2", "method.critic_warmup_steps=0", "trainer.checkpoint_every=5", "eval.every=0",
+              "logger.every=1", "trainer.export=false", "eval.num_samples=16", "eval.batch_size=16"]
+
+    def rows(run):
+        recs = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if k not in ("seconds", "figure")} for r in recs]
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(gmm_cfg(*common, "trainer.max_steps=8", "eval.final=true"), straight)
+    train(gmm_cfg(*common, "trainer.max_steps=5", "eval.final=false"), resumed)
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "kind": "tra')   # a crash mid-write, after the checkpoint of step 5
+    train(gmm_cfg(*common, "trainer.max_steps=8", "eval.final=true", "trainer.resume=true"), resumed)
+    assert rows(resumed) == rows(straight)
+    assert {"critic/loss", "generator/loss"} <= rows(resumed)[5].keys()   # step 6, the first after the resume
+    with open(resumed / "metrics.jsonl", "a") as f:   # another cut line, now before an appended evaluation
+        f.write('{"step": 9, "ki')
+    MetricsLogger(resumed, resume=True, console=False, curves=False).log(8, {"x": 1.0, "source": "stepdistill-eval"},
+                                                                           kind="eval")
+    train(gmm_cfg(*common, "trainer.max_steps=8", "eval.final=true", "trainer.resume=true"), resumed)
+    assert rows(resumed) == rows(straight)[:-1] + [{"step": 8, "kind": "eval", "x": 1.0, "source": "stepdistill-eval"},
+                                                   rows(straight)[-1]]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(gmm_cfg, tmp_path):

@@ -64,26 +64,48 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
-    def drop_after(self, step: int) -> None:
+    def drop_after(self, step: int, kinds_at_step: tuple[str, ...] = ()) -> None:
         """On resume from the checkpoint of `step`: the rows a crashed run logged after it go, since the resumed run
-        logs those steps again (metrics.jsonl holds one row per logged step and kind). Rewritten beside, then
-        renamed, so a kill here leaves the old file."""
+        logs those steps again (metrics.jsonl holds one row per logged step and kind), and so do the training's rows
+        of `kinds_at_step` at `step` itself (a resume with nothing to train evaluates that step again); the rows of
+        stepdistill-eval, which name their `source`, stay. A line a crash cut short is dropped with a warning rather
+        than ending the resume. Rewritten beside, then renamed, so a kill here leaves the old file."""
         if not self.path.exists():
             return
-        lines = self.path.read_text().splitlines(keepends=True)
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-        if len(kept) == len(lines):
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        kept, cut = [], 0
+        for line in lines:
+            try:
+                rec = json.loads(line)
+                rec_step, rec_kind = int(rec["step"]), rec.get("kind")
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+                cut += 1
+                continue
+            redone = rec_step == step and rec_kind in kinds_at_step and "source" not in rec   # the run's own rows
+            if rec_step < step or (rec_step == step and not redone):
+                kept.append(line)
+        if cut:
+            log.warning("resume: %d unreadable line(s) of %s dropped (a write cut short by a crash)", cut,
+                        self.path.name)
+        if len(kept) == len(lines) and (not lines or self.path.read_bytes().endswith(b"\n")):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept))
+        tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
-        log.info("resume at step %d: %d rows logged after it dropped from %s", step, len(lines) - len(kept),
-                 self.path.name)
+        if len(lines) - len(kept) - cut:
+            log.info("resume at step %d: %d rows logged after it dropped from %s", step, len(lines) - len(kept) - cut,
+                     self.path.name)
 
     def log(self, step: int, row: dict, kind: str = "train") -> None:
         rec = {"step": int(step), "kind": kind, **{k: _clean(v) for k, v in row.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        line = (json.dumps(rec) + "\n").encode()
+        with open(self.path, "a+b") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:   # a line a crash cut short must not swallow this row: start it on a line of its own
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)   # appended whatever the position (append mode)
         self._undrawn = True
         if self.console:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())

@@ -139,6 +139,8 @@ class Trainer:
         self.nonfinite_in_a_row = dict.fromkeys(self.method.phases, 0)
         self.resumed_from: Path | None = None
         self.saved_step: int | None = None   # the step of the last checkpoint written or loaded
+        # each phase's latest logged values: a train row shows both phases, the one that ran last and the other
+        self.last_logs: dict = {}
         self.evaluator = Evaluator(run, self.run_dir)
         self.logger = (MetricsLogger(self.run_dir, self.cfg.logger.backend, config=OmegaConf.to_container(self.cfg),
                                      resume=bool(tc.resume), curves=bool(self.cfg.logger.get("curves", True)))
@@ -149,7 +151,7 @@ class Trainer:
         """The trainer's state. `method`: the method's state (its kept samples, gathered from every process);
         `optimizers`: their states where the caller has gathered them (trainer=fsdp), else this process's."""
         scaler = self.accelerator.scaler
-        return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row,
+        return {"step": self.step, "nonfinite_in_a_row": self.nonfinite_in_a_row, "last_logs": dict(self.last_logs),
                 "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "optimizers": optimizers or {k: o.state_dict() for k, o in self.optimizers.items()},
                 "method": method,
@@ -195,6 +197,7 @@ class Trainer:
         if self.accelerator.scaler is not None and st.get("grad_scaler"):   # fp16: the loss scale goes on
             self.accelerator.scaler.load_state_dict(st["grad_scaler"])
         self.method.load_state_dict(st.get("method", {}), self.device)   # older checkpoints have none
+        self.last_logs = dict(st.get("last_logs", {}))   # the next train row's other phase: as a straight run logs it
         torch.set_rng_state(st["rng_cpu"])
         if st["rng_cuda"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(st["rng_cuda"][0], self.device)
@@ -349,6 +352,8 @@ class Trainer:
                 log.warning("trainer.max_steps=%d but the checkpoint is at step %d: nothing to train; the run "
                             "evaluates and exports step %d (raise trainer.max_steps to train on)",
                             int(tc.max_steps), self.step, self.step)
+                if self.main and ec.final:   # its final evaluation replaces the one logged at that step before
+                    self.logger.drop_after(self.step, kinds_at_step=("eval",))
         pairs = None
         if "reg_noise" in self.method.batch_keys:
             rc = self.cfg.method.regression
@@ -361,7 +366,6 @@ class Trainer:
         for m in self.run.roles.values():
             m.train()
         self.run.roles["teacher"].eval()
-        last: dict = {}
         t0 = time.time()
         bar = tqdm(total=int(tc.max_steps), initial=self.step, desc=f"{self.cfg.method.name}", dynamic_ncols=True,
                    disable=not (tc.progress and self.main))
@@ -371,13 +375,14 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if logs:
-                    last.update(logs)
-                    bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in last.items()
+                    self.last_logs.update(logs)
+                    bar.set_postfix({k.split("/")[0][:3] + "_loss": f"{v:.3g}" for k, v in self.last_logs.items()
                                      if k.endswith("/loss")}, refresh=False)
                 every = int(self.cfg.logger.every)
                 if self.main and ((every > 0 and self.step % every == 0) or self.step == int(tc.max_steps)):
                     lr = self.schedulers["generator"].get_last_lr()[0]
-                    self.logger.log(self.step, {**last, "lr_generator": lr, "seconds": time.time() - t0}, kind="train")
+                    self.logger.log(self.step, {**self.last_logs, "lr_generator": lr, "seconds": time.time() - t0},
+                                    kind="train")
                 if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
                     self._evaluate()
                 if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
