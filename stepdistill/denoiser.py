@@ -90,6 +90,10 @@ class NetworkDenoiser(Denoiser):
             raise ValueError("prediction_type 'epsilon' on a zero-terminal-SNR schedule (rescale_betas_zero_snr: "
                              "alpha = 0 at the last timestep), where x0 = (x_t - sigma eps) / alpha divides by 0: "
                              "use 'v_prediction' or 'sample', as zero-terminal-SNR teachers are trained")
+        if self.prediction_type == "epsilon" and schedule.kind == "flow":
+            raise ValueError("prediction_type 'epsilon' on a rectified-flow schedule (alpha = 1 - t = 0 at t = 1), "
+                             "where x0 = (x_t - sigma eps) / alpha divides by 0: use 'flow_velocity', 'sample' or "
+                             "'edm'")
         self.sigma_data = sigma_data
         self.null_class = null_class
         self.conditional = null_class is not None

@@ -65,6 +65,11 @@ class FewStepGenerator(nn.Module):
         slack = 1e-6 * max(1.0, abs(hi))
         if any(not lo - slack <= t <= hi + slack for t in ts):
             raise ValueError(f"generator.timesteps={ts}: each must lie in the schedule's range [{lo:g}, {hi:g}]")
+        if sched.discrete and any(t != round(t) for t in ts):
+            # the schedule reads alpha and sigma at the rounded index while the network would see the fraction, and
+            # the export (LCMScheduler) truncates it: three different times for one step
+            raise ValueError(f"generator.timesteps={ts}: a discrete (VP) schedule takes integer timesteps, the rows "
+                             f"of its alphas_cumprod table: use {[round(t) for t in ts]}")
         self.timesteps = ts
         # the steps k backward simulation trains (1-based); DMD2 draws all of 1..K
         self.train_steps = list(range(1, len(ts) + 1)) if not train_steps else [int(k) for k in train_steps]

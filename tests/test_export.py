@@ -184,6 +184,28 @@ def test_the_trained_step_count_samples_at_the_trained_timesteps():
     assert gen.sampling_timesteps(2) == [999.0, 499.0]   # other counts: LCMScheduler's
 
 
+def test_an_image_student_lcm_cannot_step_is_refused_before_training(gmm_cfg, tmp_path, monkeypatch):
+    """An image student's export steps with LCMScheduler, which converts epsilon, v and sample outputs only: an EDM
+    or flow-velocity UNet exported fine and failed when the pipeline was called. Now refused, and stepdistill-train
+    asks before it trains (the export runs after training)."""
+    from stepdistill.cli.train import train
+    from stepdistill.export import export as export_mod
+    for prediction in ("edm", "flow_velocity"):
+        gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), prediction), steps=1)
+        with pytest.raises(ValueError, match=f"LCMScheduler.*not the teacher's '{prediction}': set trainer.export=false"):
+            export_mod.build_pipeline(gen)
+    for prediction in ("epsilon", "v_prediction", "sample"):
+        export_mod.check_exportable(FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), prediction), steps=1))
+
+    def refuse(student):
+        raise ValueError("no export for this student")
+    monkeypatch.setattr(export_mod, "check_exportable", refuse)
+    with pytest.raises(ValueError, match="no export for this student"):
+        train(gmm_cfg("method=dmd2", "trainer.max_steps=2"), tmp_path)
+    assert not (tmp_path / "checkpoints").exists()   # refused before the first step
+    train(gmm_cfg("method=dmd2", "trainer.max_steps=2", "trainer.export=false"), tmp_path / "no_export")
+
+
 def test_more_steps_than_lcm_picks_from_are_refused_in_one_line():
     gen = FewStepGenerator(NetworkDenoiser(tiny_unet(), VPSchedule(), "v_prediction"), steps=1)
     with pytest.raises(ValueError, match=r"steps=60: a student on a discrete schedule samples in at most 50 steps"):

@@ -189,6 +189,29 @@ def test_generator_timesteps_stay_in_the_schedules_range(sched, inside, outside)
         FewStepGenerator(den, outside, 1)
 
 
+def test_generator_timesteps_on_a_discrete_schedule_are_integers():
+    """A VP student at 499.7 read alpha and sigma at row 500, fed the network 499.7, and exported as 499: three
+    times for one step. Integers written as floats pass; continuous schedules take any time."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.generator import FewStepGenerator
+    from stepdistill.networks.mlp import TimeMLP
+    den = NetworkDenoiser(TimeMLP(2, 8, 0), VPSchedule(), "edm", sigma_data=1.0)
+    with pytest.raises(ValueError, match=r"a discrete \(VP\) schedule takes integer timesteps.*use \[999, 500\]"):
+        FewStepGenerator(den, [999, 499.7])
+    assert FewStepGenerator(den, [999.0, 500.0]).timesteps == [999.0, 500.0]
+    FewStepGenerator(NetworkDenoiser(TimeMLP(2, 8, 0), EDMSchedule(), "edm", sigma_data=1.0), [80.0, 1.37])
+
+
+def test_epsilon_prediction_is_refused_where_alpha_reaches_zero():
+    """x0 = (x_t - sigma eps) / alpha: rectified flow's alpha is 1 - t, 0 at t = 1 (its samples were NaN there)."""
+    from stepdistill.denoiser import NetworkDenoiser
+    from stepdistill.networks.mlp import TimeMLP
+    with pytest.raises(ValueError, match="'epsilon' on a rectified-flow schedule.*flow_velocity"):
+        NetworkDenoiser(TimeMLP(2, 8, 0), FlowSchedule(), "epsilon")
+    for prediction in ("flow_velocity", "sample", "edm"):
+        NetworkDenoiser(TimeMLP(2, 8, 0), FlowSchedule(), prediction)
+
+
 @pytest.mark.parametrize("sched", _all_schedules(), ids=lambda s: s.kind)
 def test_alpha_sigma_together_are_alpha_and_sigma_exactly(sched):
     """The one-lookup pair (the denoisers' and add_noise's path) gives the same values, bit for bit."""

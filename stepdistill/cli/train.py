@@ -43,6 +43,9 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
     if "hydra" in cfg:
         del cfg["hydra"]
     run = build_run(cfg)
+    if cfg.trainer.export:   # before training: the export runs after it
+        from ..export.export import check_exportable   # diffusers' pipelines and UNets, ~2-4 s of imports
+        check_exportable(run.roles["generator"])
     trainer = Trainer(run, run_dir)
     if cfg.trainer.resume:   # before config.yaml is rewritten: a resume that does not fit leaves the folder as it was
         trainer.resume()
@@ -50,7 +53,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> dict:
         write_config(run.cfg, run_dir)
     result = trainer.fit()
     if cfg.trainer.export and trainer.main and "stopped_by" not in result:
-        from ..export.export import export_run   # diffusers' pipelines and UNets, ~4 s of imports: only to export
+        from ..export.export import export_run
         # sharded networks (trainer=fsdp) hold 1/N of each weight: export plain ones from the final checkpoint
         result["export"] = str(export_run(load_run(run_dir) if trainer.fsdp else run, run_dir / "export", run_dir))
     result["run_dir"] = str(run_dir)

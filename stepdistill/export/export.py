@@ -64,14 +64,29 @@ def student_lora(unet) -> tuple[dict, int, dict] | None:
     return lora_state_dict(base, name), int(config.r), config.to_dict()
 
 
+LCM_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")   # what LCMScheduler.step converts to x0
+
+
+def check_exportable(student) -> None:
+    """Refuse a student `build_pipeline` cannot write, with what to change: `stepdistill-train` asks before it
+    trains (the export runs after training)."""
+    net, prediction = student.denoiser.net, student.denoiser.prediction_type
+    if isinstance(net, TextConditionedUNet) and student.step_experts:
+        raise ValueError("text-to-image students export to stock SD pipelines, which take one UNet: "
+                         "generator.step_experts has no export there yet (or set trainer.export=false)")
+    if not isinstance(net, TimeMLP) and prediction not in LCM_PREDICTION_TYPES:
+        # an MLP's pipeline converts its network's output itself; an image student's steps are LCMScheduler's
+        raise ValueError(f"a {type(net).__name__} student exports with an LCMScheduler, which takes prediction_type "
+                         f"{', '.join(LCM_PREDICTION_TYPES)}, not the teacher's {prediction!r}: set "
+                         "trainer.export=false (stepdistill-sample samples the checkpoint)")
+
+
 def build_pipeline(student, benchmark=None):
+    check_exportable(student)
     den = student.denoiser
     net = den.net
     ts = trained_timesteps(student)
     if isinstance(net, TextConditionedUNet):
-        if student.step_experts:
-            raise ValueError("text-to-image students export to stock SD pipelines, which take one UNet: "
-                             "generator.step_experts has no export there yet")
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         if benchmark is None or not hasattr(benchmark, "vae"):
             raise ValueError("a text-to-image export needs the run's benchmark (its VAE, text encoder, tokenizer)")
