@@ -424,3 +424,18 @@ def test_sida_adversarial_terms_start_at_their_step(gmm_cfg):
         assert {"loss_adv_g", "loss_adv_d"} & after.logs.keys()
     with pytest.raises(ValueError, match="method.adv.start_step"):
         build_run(gmm_cfg("method=sida", "method.adv.start_step=-1"))
+
+
+def test_weight_is_floored_where_the_teacher_predicts_the_sample_exactly(setup):
+    """SiD's code clips the weight's mean|x_g - f_real| at 1e-5: a sample the teacher predicts exactly gets weight
+    1e5, not 1/0 (3.4e38 after nan_to_num, and a loss of -4e36)."""
+    sched, _, fake, x, t, noise = setup
+
+    class Oracle:   # predicts the clean sample from any x_t
+        schedule = sched
+
+        def x0(self, x_t, t, cond=None, guidance=1.0):
+            return x.detach()
+
+    loss, _, weight = sid_loss(x.clone().requires_grad_(), Oracle(), fake, t=t, noise=noise, with_weight=True)
+    assert torch.allclose(weight, torch.full_like(weight, 1e5), rtol=1e-12, atol=0) and math.isfinite(loss.item())

@@ -32,7 +32,10 @@ must stay 1 (an error otherwise, not a silent no-op).
 Whenever the fake score is evaluated or trained at a CFG scale other than 1, its unconditional branch is part of
 the prediction, so its training drops the condition of a `fake_cond_dropout` share of rows (default 0.1, as
 SiD-LSG's reference turns on context dropout for the fake score in that case); otherwise that branch would stay
-the teacher's copy (or untrained) while the generator loss reads it.
+the teacher's copy (or untrained) while the generator loss reads it. One difference: the reference drops those
+prompts before the generator runs, so its null rows train the fake score on G(z, "") alone; here the generator
+always gets its condition and only the fake score's training condition is nulled, so the unconditional branch
+learns the generator's output over all conditions, the marginal that CFG's unconditional branch stands for.
 
 `sid_fewstep` (few-step SiD): the generator's K-step outputs are matched as a uniform mixture. Each sample draws
 k in 1..K, runs k-1 steps without gradient and trains step k (FewStepGenerator's backward simulation), one network
@@ -79,7 +82,9 @@ def sid_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
                                                     noise, fake_cond)
     dims = tuple(range(1, x.ndim))
     with torch.no_grad():
-        weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer))
+        # floored at 1e-5 as in SiD's code (`weight_factor ... .clip(min=0.00001)`): a sample on the teacher's
+        # prediction would get weight 1/0
+        weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer).clamp_min(1e-5))
     diff = f_real - f_fake
     per_sample = (weight * diff * ((f_real - xf) - alpha * diff)).mean(dim=dims)
     logs = {"score_gap": diff.flatten(1).norm(dim=1).mean().item()}
