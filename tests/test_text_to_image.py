@@ -175,7 +175,8 @@ assert type(pipe.scheduler).__name__ == "LCMScheduler"
 prompts, out = json.loads(sys.argv[2]), {}
 for name, kw in json.loads(sys.argv[3]).items():
     g = torch.Generator().manual_seed(7)
-    latents = torch.randn(len(prompts), 4, 8, 8, generator=g)
+    size = kw.pop("latent_size", 8)
+    latents = torch.randn(len(prompts), 4, size, size, generator=g)
     res = pipe(prompts, latents=latents, generator=g, guidance_scale=1.0, output_type="latent", **kw).images
     img = pipe(prompts, latents=latents, generator=torch.Generator().manual_seed(8), guidance_scale=1.0,
                output_type="np", **kw).images
@@ -194,10 +195,10 @@ def run_stock_pipeline(export_dir, prompts, calls: dict) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def our_latents(run, prompts, timesteps=None):
+def our_latents(run, prompts, timesteps=None, latent_size=8):
     from stepdistill.train.evaluation import student_sample
     g = torch.Generator().manual_seed(7)
-    noise = torch.randn(len(prompts), 4, 8, 8, generator=g)
+    noise = torch.randn(len(prompts), 4, latent_size, latent_size, generator=g)
     cond = run.benchmark.prompt_cond(prompts)
     return student_sample(run.student(), noise, cond, timesteps, g)
 
@@ -242,10 +243,27 @@ def test_custom_timesteps_round_trip(tmp_path):
     run = build_run(compose_cfg(*TINY, "generator=four_step", f"generator.timesteps=[{','.join(map(str, ts))}]"))
     export_run(run, tmp_path / "export")
     info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
-    assert info["trained_timesteps"] == ts and f"timesteps={ts}" in info["sample"]
+    assert info["trained_timesteps"] == ts and f"timesteps={ts}" in info["sample"] and "height" not in info["sample"]
     out = run_stock_pipeline(tmp_path / "export", ["a red car on a road"], {"custom": {"timesteps": ts}})
     np.testing.assert_allclose(np.array(out["custom"]["latents"]),
                                our_latents(run, ["a red car on a road"]).flatten().numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_student_trained_off_the_default_resolution_says_how_to_sample_it(tmp_path):
+    """The stock pipeline makes the UNet's default size unless told: the export's sample line names the trained
+    resolution, and the SDXL pipeline given it samples the student's own latents (its size ids included)."""
+    from stepdistill.export import export_run
+    from stepdistill.train.setup import build_run
+    run = build_run(compose_cfg(*TINY, "benchmark=tiny_sdxl", "benchmark.resolution=32"))
+    export_run(run, tmp_path / "export")
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert "height=32, width=32" in info["sample"]
+    ts = info["trained_timesteps"]
+    out = run_stock_pipeline(tmp_path / "export", ["a red car on a road"],
+                             {"sized": {"timesteps": ts, "height": 32, "width": 32, "latent_size": 16}})
+    np.testing.assert_allclose(np.array(out["sized"]["latents"]),
+                               our_latents(run, ["a red car on a road"], latent_size=16).flatten().numpy(),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):

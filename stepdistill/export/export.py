@@ -167,7 +167,12 @@ def export_run(run, out_dir: str | Path, run_dir: str | Path | None = None) -> P
     if isinstance(pipe, DDPMPipeline):   # its own default, 1000 steps, is more than an LCMScheduler takes
         info["sample"] = f"pipe(num_inference_steps={len(info['trained_timesteps'])})  # the trained timesteps"
     if isinstance(student.denoiser.net, TextConditionedUNet):
-        info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0)  "
+        # a resolution other than the UNet's default must be passed: the pipeline would make its default size (and,
+        # for SDXL, other size conditioning) otherwise
+        res = getattr(getattr(run, "benchmark", None), "resolution", None)
+        default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        size = "" if res is None or res == default else f", height={res}, width={res}"
+        info["sample"] = (f"pipe(prompt, timesteps={info['trained_timesteps']}, guidance_scale=1.0{size})  "
                           "# the trained timesteps; the student needs no CFG")
     (tmp / STUDENT_JSON).write_text(json.dumps(info, indent=2))
     if out_dir.exists():
