@@ -485,3 +485,49 @@ def test_every_step_scores_each_output_along_the_sampling_chain(tmp_path):
     assert all(Path(f).is_file() for f in again) and per_step["figures"][0].endswith("_step1.png")
     table = every_step_table(per_step).splitlines()
     assert len(table) == 2 + 4 + 1 and table[2].startswith("1 | 999 |") and "num_samples 200" in table[-1]
+
+
+@pytest.mark.parametrize("benchmark", ["gmm", "digits"])
+def test_evaluations_do_not_move_the_training_trajectory(tmp_path, benchmark):
+    """A run with evaluations trains on the same batches as one without: everything an evaluation draws comes from a
+    forked RNG. Digits builds its feature network at the first evaluation, and its random initial weights moved
+    training's stream (step 3's generator loss 0.0110 against 0.0149)."""
+    from safetensors.torch import load_file
+
+    from conftest import compose_cfg
+    from stepdistill.cli.train import train
+
+    def final_weights(every):
+        out = tmp_path / f"every{every}"
+        train(compose_cfg(f"benchmark={benchmark}", "trainer.max_steps=4", "trainer.batch_size=8",
+                          "method.critic_warmup_steps=0", f"eval.every={every}", "eval.num_samples=16",
+                          "eval.batch_size=16", "eval.final=false", "trainer.export=false", "trainer.progress=false",
+                          "logger.curves=false", "trainer.num_threads=2"), out)
+        return {f.stem: load_file(str(f)) for f in (out / "checkpoints" / "step_0000004").glob("*.safetensors")}
+
+    a, b = final_weights(0), final_weights(2)
+    assert a.keys() == b.keys() and "generator" in a
+    for role in a:
+        for k in a[role]:
+            assert torch.equal(a[role][k], b[role][k]), f"{role}.{k}"
+
+
+def test_digits_metrics_of_diverged_or_too_few_samples(tmp_path):
+    """A diverged student's nan/inf samples give nan metrics and say how many (inf was clamped into a valid image,
+    and argmax of nan logits is class 0: chance-level accuracy); 3 samples are too few for k = 3 precision/recall
+    (nan, not an error that ended the evaluation)."""
+    from conftest import compose_cfg
+    from stepdistill.benchmarks.registry import build_benchmark
+
+    bm = build_benchmark(compose_cfg("benchmark=digits").benchmark)
+    labels = torch.arange(20) % 10
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    x[3, 0, 2, 2], x[7, 0, 0, 0] = float("nan"), float("inf")
+    m = bm.evaluate(x, labels)
+    assert m["num_nonfinite"] == 2 and m["fd_num_samples"] == 20 and m["class_accuracy_num_samples"] == 20
+    assert all(math.isnan(m[k]) for k in ("fd", "precision", "recall", "class_accuracy", "fd_bootstrap_std"))
+    few = bm.evaluate(x[:3], labels[:3])
+    assert math.isnan(few["precision"]) and math.isnan(few["recall"]) and math.isfinite(few["fd"])
+    assert few["pr_num_samples"] == 3 and few["num_nonfinite"] == 0
+    ok = bm.evaluate(x[8:], labels[8:])
+    assert ok["num_nonfinite"] == 0 and all(math.isfinite(ok[k]) for k in ("fd", "precision", "recall", "class_accuracy"))

@@ -2,6 +2,7 @@
 embeddings, end-to-end DMD2, and the export loaded by stock StableDiffusionPipeline in a process that never
 imports stepdistill."""
 import json
+import math
 import subprocess
 import sys
 
@@ -264,6 +265,17 @@ def test_a_student_trained_off_the_default_resolution_says_how_to_sample_it(tmp_
     np.testing.assert_allclose(np.array(out["sized"]["latents"]),
                                our_latents(run, ["a red car on a road"], latent_size=16).flatten().numpy(),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_a_diverged_students_latent_fd_is_nan_not_an_error():
+    """nan latents made the covariance's eigh fail and ended the evaluation; now latent_fd is nan and counted."""
+    from stepdistill.benchmarks.registry import build_benchmark
+    bm = build_benchmark(compose_cfg(*TINY).benchmark)
+    x = torch.randn(6, 4, 8, 8)
+    x[2, 0, 0, 0] = float("nan")
+    m = bm.evaluate(x)
+    assert math.isnan(m["latent_fd"]) and m["num_nonfinite"] == 1 and m["latent_fd_num_samples"] == 6
+    assert math.isfinite(bm.evaluate(x[3:])["latent_fd"])
 
 
 def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):

@@ -14,6 +14,7 @@ from .base import Benchmark
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
 FD_RESAMPLES = 50   # bootstrap resamples behind `fd_bootstrap_std`
+PR_K = 3            # precision/recall's k-th neighbour (Kynkäänniemi et al.)
 
 
 class DigitsBenchmark(Benchmark):
@@ -85,22 +86,35 @@ class DigitsBenchmark(Benchmark):
         from ..eval.fid import frechet_distance
         from ..eval.frechet import bootstrap_std
         from ..eval.precision_recall import precision_recall
+        n = samples.shape[0]
+        nonfinite = int((~torch.isfinite(samples.reshape(n, -1))).any(1).sum())
+        if nonfinite:   # a diverged student: to_output would clamp inf into a valid image, and argmax(nan) is 0
+            nan = float("nan")
+            metrics = {"fd": nan, "fd_num_real": int(self.images.shape[0]), "fd_num_samples": n, "precision": nan,
+                       "recall": nan, "fd_bootstrap_std": nan, "num_nonfinite": nonfinite}
+            if labels is not None:
+                metrics.update(class_accuracy=nan, class_accuracy_num_samples=int(labels.numel()))
+            return metrics
         fake01 = self.to_output(samples)
         out = frechet_distance(self.to_output(self.images), fake01, self.feature_net)
         metrics = {"fd": out["fd"], "fd_num_real": out["num_real"], "fd_num_samples": out["num_fake"]}
         # the same feature space: precision (samples on the data's manifold) and recall (data the samples cover),
         # and how much the FD would move with another set of as many samples (a 1000-sample FD moves by ~0.2)
         fake_features = self.features(fake01)
-        pr = precision_recall(self.real_features, fake_features)
-        metrics.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr["k"], pr_num_real=pr["num_real"],
-                       pr_num_samples=pr["num_fake"],
-                       fd_bootstrap_std=bootstrap_std(self.real_features, fake_features, FD_RESAMPLES),
+        if n > PR_K:
+            pr = precision_recall(self.real_features, fake_features, PR_K)
+            metrics.update(precision=pr["precision"], recall=pr["recall"], pr_k=pr["k"], pr_num_real=pr["num_real"],
+                           pr_num_samples=pr["num_fake"])
+        else:   # the samples' manifold needs k + 1 points: too few to say (eval.num_samples 2 or 3)
+            metrics.update(precision=float("nan"), recall=float("nan"), pr_k=PR_K, pr_num_samples=n)
+        metrics.update(fd_bootstrap_std=bootstrap_std(self.real_features, fake_features, FD_RESAMPLES),
                        fd_bootstrap_resamples=FD_RESAMPLES)
         if labels is not None:
             with torch.no_grad():
                 pred = self.feature_net.classify(fake01).argmax(-1)
             metrics["class_accuracy"] = (pred == labels).float().mean().item()
             metrics["class_accuracy_num_samples"] = int(labels.numel())
+        metrics["num_nonfinite"] = 0
         return metrics
 
     def save_figure(self, samples, labels, path, teacher_samples=None):

@@ -276,9 +276,12 @@ class TextToImageBenchmark(Benchmark):
         from ..eval.frechet import gaussian_frechet_distance
         reference, _ = self.real_samples
         samples = samples.float()
-        metrics = {"latent_fd": gaussian_frechet_distance(reference, samples),
+        nonfinite = int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())
+        # a diverged student's nan/inf latents made the covariance's eigh fail and ended the evaluation
+        fd = float("nan") if nonfinite else gaussian_frechet_distance(reference, samples)
+        metrics = {"latent_fd": fd,
                    "latent_fd_num_reference": int(reference.shape[0]), "latent_fd_num_samples": int(samples.shape[0]),
-                   "num_nonfinite": int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())}
+                   "num_nonfinite": nonfinite}
         return metrics
 
     def save_figure(self, samples, labels, path, teacher_samples=None):

@@ -1,7 +1,7 @@
 """Evaluation hook (DESIGN §7): student samples from fixed noise -> benchmark metrics + a figure.
 
-Evaluation draws from its own seeded ``torch.Generator`` inside ``fork_rng``, so running it (or not) never
-changes the training trajectory: a resumed run with evals matches a straight one.
+Evaluation draws from its own seeded ``torch.Generator``, and all of it (sampling, metrics, feature networks built on
+first use) runs inside ``fork_rng``, so running it (or not) never changes the training trajectory.
 """
 from __future__ import annotations
 
@@ -83,6 +83,17 @@ class Evaluator:
         sharded run, whose forwards rank 0's sampling needs. `num_samples`: this evaluation's sample count
         (default `eval.num_samples`), drawn from the same seed. `figure_tag` ends the sample grid's file name
         (stepdistill-eval's "_eval": its grid must not replace the one training wrote for this step)."""
+        with self._own_rng():
+            return self._evaluate(step, teacher_reference, steps, score, num_samples, figure_tag)
+
+    def _own_rng(self):
+        """Everything an evaluation draws comes from a forked RNG, restored after it: the sampling, and also a
+        feature network built on first use (digits) or per call (Inception FID), whose random initial weights
+        moved training's stream, so a run with evaluations took other batches than one without."""
+        device = next(self.run.roles["generator"].parameters()).device
+        return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+    def _evaluate(self, step, teacher_reference, steps, score, num_samples, figure_tag) -> dict:
         bm = self.run.benchmark
         outputs, noise, cond, _ = self._sample_chain(steps, every_step=False, num_samples=num_samples)
         samples = outputs[-1]
@@ -106,6 +117,10 @@ class Evaluator:
         """The metrics of each step's x0 output on the K-step sampling chain (same noise and between-step draws
         as `evaluate`; the last step's are the sample's), keyed `student_step{k}_{metric}`, and a figure per
         step: where a multi-step student gains or loses quality along its chain."""
+        with self._own_rng():
+            return self._evaluate_every_step(step, steps)
+
+    def _evaluate_every_step(self, step: int, steps: int | None) -> dict:
         outputs, _, cond, ts = self._sample_chain(steps, every_step=True)
         metrics: dict = {"timesteps": ts, "figures": []}
         names = [f"{step_dir_name(step)}_{len(ts)}steps_step{k}" for k in range(1, len(ts) + 1)]
