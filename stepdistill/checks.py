@@ -56,3 +56,15 @@ def run_folder(run_dir) -> Path:
     if not (folder / "config.yaml").is_file():
         raise FileNotFoundError(f"{folder / 'config.yaml'} not found: run_dir= must be a stepdistill-train run folder")
     return folder
+
+
+def make_folder(folder, setting: str) -> Path:
+    """`folder` made with its parents, for the setting named `setting` (`out`), or a one-line error saying what to
+    change: a file on the path was `[Errno 17] File exists`, which does not say which setting to change."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:   # a file in the way (File exists, Not a directory), no permission
+        raise ValueError(f"{setting}: cannot make the folder {folder} ({e.strerror}"
+                         f"{': ' + str(e.filename) if e.filename else ''}): choose another {setting}") from None
+    return folder

@@ -133,6 +133,10 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     # Hydra's six lines suggested +trainer.max_step=10, which runs with the typo ignored
     (["trainer.max_step=10", *FAST], "unknown setting 'trainer.max_step': did you mean trainer.max_steps?"),
     (["+trainer.max_step=10", *FAST], "unknown setting '+trainer.max_step': no command reads it"),
+    # a setting of another choice of its group was Hydra's six lines suggesting the '+' that would add it unread
+    (["benchmark.teacher.path=/x", *FAST], "'benchmark.teacher.path' is not a setting of benchmark=gmm: "
+                                           "benchmark=digits or text_to_image or tiny_sd has it"),
+    (["method.regression.weight=0.3", *FAST], "'method.regression.weight' is not a setting of method=dmd2: method=dmd"),
     pytest.param(["attention.backend=xformers", *DIGITS_FAST], "attention.backend=xformers needs xformers installed",
                  marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="has xformers")),
 ])
@@ -164,6 +168,16 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
     from stepdistill.schedules import SCHEDULES
     assert set(SCHEDULE_SETTINGS) == {"kind"} | {p for c in SCHEDULES.values() for p in inspect.signature(c).parameters}
     assert unknown_setting(["+benchmark.schedule.rhoo=5"]).startswith("unknown setting '+benchmark.schedule.rhoo'")
+    from stepdistill.cli import setting_of_another_choice
+    assert setting_of_another_choice("sample", ["benchmark=gmm", "benchmark.teacher.path=/x"]) == (
+        "'benchmark.teacher.path' is not a setting of benchmark=gmm: benchmark=digits or text_to_image or tiny_sd "
+        "has it")
+    # sweeps over a group's choices are Hydra's to judge (the setting may belong to one job's choice); a sweep of
+    # values stands in by its first; every setting of the chosen configs passes
+    assert setting_of_another_choice("train", ["-m", "benchmark=gmm,digits", "benchmark.teacher.path=/x"]) is None
+    assert setting_of_another_choice("train", ["-m", "benchmark=digits", "benchmark.teacher.path=/x",
+                                               "trainer.max_steps=10,20", "optim.critic.betas=[0.5,0.9]",
+                                               "+benchmark.schedule.rho=5", "hydra.job.chdir=true"]) is None
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_sample=10", f"out={tmp_path / 'a.npz'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
@@ -171,6 +185,12 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
     proc = run_app("stepdistill.cli.train", *FAST, f"hydra.run.dir={tmp_path / 'afile' / 'run'}", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert f"hydra.run.dir={tmp_path / 'afile' / 'run'} cannot be made (Not a directory)" in proc.stderr
+    # an output under a file: "[Errno 17] File exists" did not say which setting to change, and came after sampling
+    proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_samples=4", f"out={tmp_path / 'afile' / 'x.npz'}",
+                   f"hydra.run.dir={tmp_path / 'h'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"stepdistill-sample: error: out: cannot make the folder {tmp_path / 'afile'} (File exists: "
+        f"{tmp_path / 'afile'}): choose another out")
 
 
 def test_group_choices_checked_before_hydra_composes(tmp_path):

@@ -71,10 +71,9 @@ def unknown_group_choice(args: list[str]) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def known_settings() -> frozenset[str]:
-    """Every setting's dotted key in any conf/ file (a group file's keys under its group, `_global_` ones as
-    written): a superset of any one composed config's keys."""
+@functools.lru_cache(maxsize=None)
+def file_settings(f: Path) -> frozenset[str]:
+    """The dotted keys one conf/ file sets (a group file's under its group, `_global_` ones as written)."""
     import yaml
     keys = set()
 
@@ -85,15 +84,60 @@ def known_settings() -> frozenset[str]:
             keys.add(prefix + str(k))
             if isinstance(v, dict):
                 walk(v, f"{prefix}{k}.")
-    conf = Path(CONF_DIR)
-    for f in conf.rglob("*.yaml"):
-        text = f.read_text()
-        rel = f.relative_to(conf).parts
-        prefix = "" if len(rel) == 1 or "@package _global_" in text else ".".join(rel[:-1]) + "."
-        data = yaml.safe_load(text)
-        if isinstance(data, dict):
-            walk(data, prefix)
+    text = f.read_text()
+    rel = f.relative_to(CONF_DIR).parts
+    prefix = "" if len(rel) == 1 or "@package _global_" in text else ".".join(rel[:-1]) + "."
+    data = yaml.safe_load(text)
+    if isinstance(data, dict):
+        walk(data, prefix)
     return frozenset(keys)
+
+
+@functools.lru_cache(maxsize=1)
+def known_settings() -> frozenset[str]:
+    """Every setting's dotted key in any conf/ file: a superset of any one composed config's keys."""
+    return frozenset().union(*(file_settings(f) for f in Path(CONF_DIR).rglob("*.yaml")))
+
+
+def setting_of_another_choice(config_name: str, args: list[str]) -> str | None:
+    """The one-line error for a `key=value` whose key a conf/ file has but this command's config has not, since
+    another choice of its group sets it (`benchmark=gmm benchmark.teacher.path=...`: a digits or text-to-image
+    teacher's), else None. Hydra's answer is six lines suggesting the `+` that would add it unread. Found by
+    composing the command's config: its sweeps' first values stand in for them, and a failure for another reason
+    is left to Hydra's own message."""
+    import re
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    if adds_config_folders(args):
+        return None
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return None   # Hydra says what is malformed
+    if any(o.is_sweep_override() and (Path(CONF_DIR) / o.key_or_group).is_dir() for o in parsed):
+        return None   # which settings exist depends on the choice each job makes
+    overrides = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        try:
+            compose(config_name, overrides=overrides)
+            return None
+        except HydraException as e:
+            found = re.match(r"Could not override '([^']+)'", str(e))
+            key = found.group(1) if found else None
+            if key is None or key not in known_settings():
+                return None
+            group = key.split(".")[0]
+            try:
+                chosen = compose(config_name, overrides=[o for o in overrides if "." not in o.split("=")[0]],
+                                 return_hydra_config=True).hydra.runtime.choices.get(group)
+            except HydraException:
+                return None
+    owners = sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml") if key in file_settings(f))
+    if chosen is None or not owners:
+        return None
+    return f"{key!r} is not a setting of {group}={chosen}: {group}={' or '.join(owners)} has it"
 
 
 # settings that are dicts passed on as keyword arguments, whose keys are checked by what takes them: the teacher
@@ -149,15 +193,16 @@ def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = ()) -> s
     return None
 
 
-def checked_groups(app: str, run_dir_keys: tuple[str, ...] = ()):
-    """Outside `@hydra.main`: the command line's config group choices and setting names are checked (above)
-    before the Hydra app composes its config, which happens before the app's own error handling (user_errors)
-    runs."""
+def checked_groups(app: str, config_name: str, run_dir_keys: tuple[str, ...] = ()):
+    """Outside `@hydra.main` (whose `config_name` it is): the command line's config group choices and setting
+    names are checked (above) before the Hydra app composes its config, which happens before the app's own error
+    handling (user_errors) runs."""
     def wrap(hydra_main):
         @functools.wraps(hydra_main)
         def entry():
             args = sys.argv[1:]
-            msg = unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args, run_dir_keys)
+            msg = (unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args, run_dir_keys)
+                   or setting_of_another_choice(config_name, args))
             if msg:
                 print(f"{app}: error: {msg}", file=sys.stderr)
                 sys.exit(2)

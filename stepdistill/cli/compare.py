@@ -24,7 +24,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from ..checks import at_least, or_default
+from ..checks import at_least, make_folder, or_default
 from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
@@ -164,8 +164,7 @@ def markdown_table(rows: list[dict]) -> str:
 def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
     from ..eval.curves import curve_panels, run_records, save_comparison_curves
     from ..eval.grids import save_gmm_scatter_grid
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_folder(out, "out")
     rows, panels, run_curves, evaluations = [], {}, [], {}
     for run_dir in find_runs(entries):
         records = run_records(run_dir)   # a resumed run's re-logged steps, a line cut by a kill: read_metrics
@@ -196,7 +195,7 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     return result
 
 
-@checked_groups("stepdistill-compare")
+@checked_groups("stepdistill-compare", "compare")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="compare")
 @user_errors("stepdistill-compare")
 def main(cfg: DictConfig) -> None:

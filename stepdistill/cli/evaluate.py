@@ -73,7 +73,7 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
     return metrics
 
 
-@checked_groups("stepdistill-eval")
+@checked_groups("stepdistill-eval", "sample")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-eval")
 def main(cfg: DictConfig) -> None:

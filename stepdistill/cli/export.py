@@ -19,7 +19,7 @@ UNUSED = {
 }
 
 
-@checked_groups("stepdistill-export")
+@checked_groups("stepdistill-export", "sample")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-export")
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from ..checks import at_least, run_folder
+from ..checks import at_least, make_folder, run_folder
 from . import CONF_DIR, checked_groups, pick_device, refuse_unused, set_threads, user_errors
 
 STUDENT_USES = ("run_dir", "checkpoint", "num_samples", "out", "steps", "seed", "device", "num_threads")
@@ -32,7 +32,7 @@ UNUSED = {
 def write_npz(out: str | Path, samples, labels=None) -> Path:
     """`labels`: class labels (an integer tensor, written as `labels`) or prompts (a list, written as `prompts`)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out.parent, "out")
     arrays = {"samples": samples.float().numpy().astype(np.float32)}
     if isinstance(labels, (list, tuple)):
         arrays["prompts"] = np.array(labels)
@@ -73,7 +73,7 @@ def sample_teacher(cfg: DictConfig, num_samples: int, steps=None, seed: int = 0,
     return bm.to_output(x), bm.eval_labels(num_samples)
 
 
-@checked_groups("stepdistill-sample")
+@checked_groups("stepdistill-sample", "sample")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="sample")
 @user_errors("stepdistill-sample")
 def main(cfg: DictConfig) -> None:
@@ -90,6 +90,7 @@ def main(cfg: DictConfig) -> None:
         raise ValueError("steps= counts a trained student's steps (with run_dir=D): "
                          "the teacher's ODE steps are teacher_steps=K")
     steps = None if cfg.get(key) is None else at_least(key, cfg[key])
+    make_folder(Path(cfg.out).parent, "out")   # before sampling, not after it
     refuse_unused("stepdistill-sample", STUDENT_USES if cfg.get("run_dir") else TEACHER_USES, UNUSED)
     run_dir = run_folder(cfg.run_dir) if cfg.get("run_dir") else None
     set_threads(cfg.get("num_threads"))

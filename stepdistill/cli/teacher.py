@@ -20,7 +20,7 @@ from . import CONF_DIR, checked_groups, set_threads, user_errors
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
-@checked_groups("stepdistill-teacher", run_dir_keys=("out",))   # out= is the run folder (conf/teacher.yaml)
+@checked_groups("stepdistill-teacher", "teacher", run_dir_keys=("out",))   # out= is the run folder (conf/teacher.yaml)
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:

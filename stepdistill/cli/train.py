@@ -90,7 +90,7 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
-@checked_groups("stepdistill-train")
+@checked_groups("stepdistill-train", "train")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
