@@ -347,6 +347,27 @@ def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
                      "| digits | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]
 
 
+def test_compare_shows_a_text_to_image_runs_own_metrics(tmp_path):
+    """A text-to-image run logs latent_fd (and FID / CLIP score where configured), not fd: its row showed blank
+    columns and no sample count."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from stepdistill.cli.compare import compare
+    run = tmp_path / "t2i"
+    run.mkdir()
+    OmegaConf.save(compose_cfg("benchmark=tiny_sd", "method=dmd2"), run / "config.yaml", resolve=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 6, "seconds": 3.0}) + "\n" + json.dumps(
+        {"kind": "eval", "step": 6, "student_latent_fd": 40.5, "student_latent_fd_num_samples": 16,
+         "student_clip_score": 21.0, "student_fid": 90.0}) + "\n")
+    result = compare([run], tmp_path / "out")
+    row = result["rows"][0]
+    assert (row["latent_fd"], row["clip_score"], row["fid"], row["num_samples"]) == (40.5, 21.0, 90.0, 16)
+    assert "| latent_fd | fid | clip_score |" in result["table"].splitlines()[0]
+    assert result["evaluations"] == [f"tiny_sd dmd2 ({run}): the training's evaluation at step 6, 1-step sampling, "
+                                     "16 samples"]
+
+
 @pytest.mark.parametrize("error, line", [
     (ValueError("set x=1"), "set x=1"), (FileNotFoundError("no /a"), "no /a"),
     (ImportError("pip install y"), "pip install y"),

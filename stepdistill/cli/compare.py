@@ -28,7 +28,8 @@ from ..checks import at_least, make_folder, or_default
 from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
-IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall")
+IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_fd", "fid", "clip_score")
+FD_COUNTS = ("student_fd_num_samples", "student_latent_fd_num_samples")   # digits', text-to-image's
 
 
 def find_runs(entries) -> list[Path]:
@@ -92,7 +93,7 @@ def describe_evaluation(evaluation: dict, steps: int) -> str:
     if not evaluation:
         return "no evaluation logged"
     who = "the training's evaluation" if "source" not in evaluation else "stepdistill-eval"
-    n = evaluation.get("student_fd_num_samples")
+    n = next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
     return (f"{who} at step {evaluation['step']}, {steps}-step sampling" + (f", {n} samples" if n else "")
             + (f" ({' '.join(evaluation['eval_overrides'])})" if evaluation.get("eval_overrides") else ""))
 
@@ -128,10 +129,10 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
     row["fd"], row["teacher_fd"] = evaluation.get("student_fd"), evaluation.get("teacher_fd")
     if row.get("fd") is not None and row.get("teacher_fd"):
         row["fd_ratio"] = row["fd"] / row["teacher_fd"]
-    for key in ("precision", "recall"):
+    for key in ("precision", "recall", "latent_fd", "fid", "clip_score"):   # text-to-image: latent FD, FID, CLIP
         if f"student_{key}" in evaluation:
             row[key] = evaluation[f"student_{key}"]
-    row["num_samples"] = evaluation.get("student_fd_num_samples")
+    row["num_samples"] = next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
     return row, None, describe_evaluation(evaluation, steps)
 
 
