@@ -315,15 +315,21 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.parametrize("name,alpha", [("tiny_sd", 4), ("tiny_sdxl", 4), ("tiny_sd", 8)])
-def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path, name, alpha):
-    """alpha 8 at rank 4: the saved weights alone loaded at alpha = rank, half the adapter's strength."""
+@pytest.mark.parametrize("name,alpha,targets", [("tiny_sd", 4, None), ("tiny_sdxl", 4, None), ("tiny_sd", 8, None),
+                                                ("tiny_sd", 4, "[to_q,proj_in]"),
+                                                ("tiny_sdxl", 4, "[to_q,to_k,to_v,to_out.0,proj_in,conv1,time_emb_proj]")])
+def test_lora_student_trains_only_its_adapter_and_exports_loadable_lora_weights(tmp_path, name, alpha, targets):
+    """alpha 8 at rank 4: the saved weights alone loaded at alpha = rank, half the adapter's strength. Targets
+    beyond the attention projections: the weights were saved half in diffusers' old key format, and
+    load_lora_weights, judging by the first key, dropped the attention ones (latents off by up to 1.75)."""
     from stepdistill.export import export_run
     from stepdistill.networks.lora import diffusers_unet
     from stepdistill.train.setup import build_run
     from stepdistill.train.trainer import Trainer
+    extra = [f"generator.lora_targets={targets}"] if targets else []
     run = build_run(compose_cfg(*TINY, f"benchmark={name}", "generator.lora_rank=4", f"generator.lora_alpha={alpha}",
-                                "trainer.max_steps=3", "eval.every=0", "eval.final=false", "method.critic_steps=1"))
+                                "trainer.max_steps=3", "eval.every=0", "eval.final=false", "method.critic_steps=1",
+                                *extra))
     unet = diffusers_unet(run.roles["generator"].denoiser)
     before = {n: p.detach().clone() for n, p in unet.named_parameters()}
     trainable = {n for n, p in unet.named_parameters() if p.requires_grad}

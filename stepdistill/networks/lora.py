@@ -63,10 +63,12 @@ def has_lora(unet: nn.Module) -> bool:
 
 
 def lora_state_dict(unet: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
-    """An adapter's weights in diffusers' key format (what `save_lora_weights` writes)."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """An adapter's weights under peft's keys, which `save_lora_weights` writes and `load_lora_weights` reads.
+    Not converted to diffusers' older format: that renames only the attention projections, and `load_lora_weights`
+    decides from the first key alone whether to convert back, so with other targets (proj_in, conv1, ...) it
+    dropped the attention weights of a mixed file with a warning and loaded another student."""
     from peft.utils import get_peft_model_state_dict
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=adapter))
+    return get_peft_model_state_dict(unet, adapter_name=adapter)
 
 
 def merged_copy(unet: nn.Module) -> nn.Module:
