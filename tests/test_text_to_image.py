@@ -42,6 +42,19 @@ def test_prompt_files(tmp_path):
         load_prompts(tmp_path / "missing.txt")
     (tmp_path / "bom.csv").write_text("\ufeffprompt,id\na fish,1\n", encoding="utf-8")   # as a spreadsheet saves it
     assert load_prompts(tmp_path / "bom.csv") == ["a fish"]
+    (tmp_path / "bom.txt").write_text("\ufeffa fish\na cat\n", encoding="utf-8")   # the first prompt kept the mark
+    assert load_prompts(tmp_path / "bom.txt") == ["a fish", "a cat"]
+
+
+def test_teacher_sample_keys_tell_prompt_lists_apart():
+    """The key joined its parts with "|": ["a cat|a dog"] read the cached samples of ["a cat", "a dog"]."""
+    from stepdistill.benchmarks.registry import build_benchmark
+    bm = build_benchmark(compose_cfg(*TINY).benchmark)
+    keys = []
+    for prompts in (["a cat|a dog"], ["a cat", "a dog"], ["a cat", "a dog"]):
+        bm.prompts = prompts
+        keys.append(bm.teacher_samples_key(4))
+    assert keys[0] != keys[1] == keys[2]
 
 
 def test_parquet_prompts(tmp_path):
@@ -276,6 +289,27 @@ def test_a_diverged_students_latent_fd_is_nan_not_an_error():
     m = bm.evaluate(x)
     assert math.isnan(m["latent_fd"]) and m["num_nonfinite"] == 1 and m["latent_fd_num_samples"] == 6
     assert math.isfinite(bm.evaluate(x[3:])["latent_fd"])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_step_aware_critic_trains_on_a_text_to_image_teacher(tmp_path, shared):
+    """The step-aware critic found no time embedding on a text-to-image critic (its UNet sits inside a wrapper, or
+    behind an adapter view of the shared base) and refused every such run. Now it trains, and in shared-base mode
+    the teacher's output on the shared UNet is untouched by the fake score's step embedding."""
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    extra = ["model.shared_base=true"] if shared else []
+    run = build_run(compose_cfg(*TINY, "generator=four_step", "method.step_aware_critic=true", "trainer.max_steps=3",
+                                "eval.every=0", "eval.final=false", "method.critic_steps=1", *extra))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([500.0, 500.0])
+    cond = run.benchmark.prompt_cond(["a cat", "a dog"])
+    with torch.no_grad():
+        before = run.roles["teacher"].x0(x, t, cond)
+    Trainer(run, tmp_path).fit()
+    emb = run.roles["critic_step_embedding"]
+    assert any(p.abs().sum() > 0 for p in emb.parameters())   # the step embedding trained
+    with torch.no_grad():
+        torch.testing.assert_close(run.roles["teacher"].x0(x, t, cond), before, rtol=0, atol=0)
 
 
 def test_teacher_cli_builds_tiny_sd_and_sample_cli_writes_prompts(tmp_path):

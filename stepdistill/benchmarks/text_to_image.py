@@ -210,8 +210,9 @@ class TextToImageBenchmark(Benchmark):
     def teacher_samples_key(self, n: int) -> str:
         """The cache key of `n` teacher samples standing in for real data: everything they depend on, the negative
         prompt (CFG's unconditional branch) included."""
+        # the prompts as one JSON list: joined by digest's "|", ["a cat|a dog"] had the key of ["a cat", "a dog"]
         return digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape,
-                      self.cfg.get("negative_prompt") or "", *self.prompts)
+                      self.cfg.get("negative_prompt") or "", json.dumps(list(self.prompts)))
 
     @cached_property
     def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -37,7 +37,7 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
             col = _pick_column(column, reader.fieldnames or [], path)
             prompts = [row[col] for row in reader if row.get(col)]
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]   # as the CSV
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"benchmark.data.prompts={path} holds no prompts")

@@ -27,7 +27,15 @@ TIME_EMBEDDING_MODULES = ("time_embedding", "time_mlp")  # diffusers UNets / our
 
 
 def find_time_embedding(net: nn.Module) -> tuple[nn.Module, int]:
-    """The module whose output is the timestep embedding, and that embedding's width."""
+    """The module whose output is the timestep embedding, and that embedding's width. A text-to-image critic's
+    UNet sits inside its wrapper (`TextConditionedUNet.unet`; in shared-base mode an adapter view of
+    `.shared.unet`, whose hook then lives only while the fake score's own calls run: `StepEmbedding.condition`)."""
+    inner = getattr(net, "unet", None)
+    if isinstance(inner, nn.Module):
+        return find_time_embedding(inner)
+    shared = getattr(net, "shared", None)
+    if isinstance(getattr(shared, "unet", None), nn.Module):
+        return find_time_embedding(shared.unet)
     for name in TIME_EMBEDDING_MODULES:
         mod = getattr(net, name, None)
         if isinstance(mod, nn.Module):
