@@ -194,3 +194,28 @@ def test_bench_reports_the_micro_batch_activations():
     assert rows[1]["generator_saved_mb"] / rows[0]["generator_saved_mb"] == pytest.approx(0.25, rel=0.05)
     assert "| 64 = 4 x 16 |" in table(rows).splitlines()[3]
     assert not list(Path(tempfile.gettempdir()).glob("stepdistill-bench-*"))   # its run directories are removed
+
+
+def test_a_logged_maximum_is_the_whole_batchs_and_batch_statistics_are_named(tmp_path, monkeypatch, caplog):
+    """A `*_max` log is a maximum over the step's rows: over micro-batches it is their maximum, as over processes
+    (their mean depended on K). A batch statistic under accumulation is said once at the start (gmm's default
+    normaliser is one)."""
+    import logging
+
+    from stepdistill.methods.dmd2 import DMD2
+    loss = DMD2.loss
+
+    def with_noise_max(self, phase, batch, step):
+        out = loss(self, phase, batch, step)
+        out.logs["noise_max"] = batch["noise"].abs().max().item()
+        return out
+    monkeypatch.setattr(DMD2, "loss", with_noise_max)
+    logs = {}
+    for k in (1, 2):
+        with caplog.at_level(logging.WARNING, logger="stepdistill"):
+            caplog.clear()
+            logs[k] = _train(compose_cfg(*GMM_FAST, "trainer.max_steps=2", f"trainer.grad_accum_steps={k}"),
+                             tmp_path / str(k))
+        said = [r.getMessage() for r in caplog.records if "taken over each micro-batch" in r.getMessage()]
+        assert len(said) == (k > 1) and (k == 1 or "method.normalizer=batch" in said[0])
+    assert logs[2]["2"]["critic/noise_max"] == pytest.approx(logs[1]["2"]["critic/noise_max"], rel=1e-6)

@@ -71,6 +71,12 @@ class Trainer:
         if self.accum < 1:
             raise ValueError(f"trainer.grad_accum_steps={self.accum}: use 1 (no accumulation) or more micro-batches")
         shards = self.world * self.accum
+        mc = self.cfg.method
+        if self.accum > 1 and self.main and (mc.get("normalizer") == "batch" or mc.name == "fdistill"):
+            # documented (README, "Gradient accumulation"), and said here, since the gmm's default is batch
+            log.warning("trainer.grad_accum_steps=%d with %s: that batch statistic is taken over each micro-batch, "
+                        "so the update is not the one-batch update (it does not depend on the process count)",
+                        self.accum, "f-distill's weight normaliser" if mc.name == "fdistill" else "method.normalizer=batch")
         if int(tc.batch_size) < 1:
             raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
         at_least("trainer.max_steps", tc.max_steps)   # 0 trained nothing and exported the untrained student
@@ -320,7 +326,11 @@ class Trainer:
                     self.accelerator.backward(out.loss / k if k > 1 else out.loss)
             logs.append({"loss": loss, **out.logs})
             del out
-        return finite, logs[0] if k == 1 else {key: sum(row[key] for row in logs) / k for key in logs[0]}
+        if k == 1:
+            return finite, logs[0]
+        # a maximum over the step's rows is the micro-batches' maximum, not their mean (as across processes)
+        return finite, {key: max(row[key] for row in logs) if key.endswith("_max") else sum(row[key] for row in logs) / k
+                        for key in logs[0]}
 
     # --- the loop ------------------------------------------------------------------------------------------
     def _stopped(self, signal_name: str | None, t0: float) -> dict:
