@@ -145,3 +145,19 @@ def test_fsdp_refuses_what_it_cannot_shard():
         check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step"))
     check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.per_sample_step=false"))
     check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.train_steps=[4]"))
+
+
+def test_sharded_teacher_work_outside_the_loop_takes_every_process(tmp_path, cache_dir):
+    """Under trainer=fsdp the teacher is sharded, so sampling it takes every process. Two runs hung: DMD's resume
+    (rank 0 read the cached regression pairs while rank 1 sampled them), and the final evaluation of a run whose
+    method never drew the text-to-image benchmark's teacher samples (rank 0 alone made them on a cache miss)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(tmp_path / "fresh_cache")}
+    common = TINY_SD + ["trainer=fsdp", "method=dmd", "method.regression.num_pairs=8", "benchmark.num_real=12",
+                        f"hydra.run.dir={tmp_path / 'run'}"]
+    for extra in (["trainer.max_steps=2", "eval.final=true", "eval.num_samples=8", "eval.batch_size=8"],
+                  ["trainer.max_steps=4", "trainer.resume=true"]):
+        res = subprocess.run(LAUNCH + common + extra, capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+    evals = [r for r in rows(tmp_path / "run") if r["kind"] == "eval"]
+    assert len(evals) == 1 and evals[0]["student_latent_fd_num_reference"] == 12
+    assert any(r.get("step") == 4 for r in rows(tmp_path / "run"))

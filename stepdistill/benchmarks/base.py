@@ -177,6 +177,10 @@ class Benchmark:
         """The real images (N×C×H×W in [0, 1]) that Inception FID compares samples with."""
         raise ValueError(f"eval.fid.inception_weights needs an image benchmark; {self.name} has no images")
 
+    def prepare_evaluation(self) -> None:
+        """Make what `evaluate` reads that takes the teacher, on every process: under trainer=fsdp rank 0 alone
+        scores, and a sharded teacher runs only with every process in its forwards."""
+
     def evaluate(self, samples: torch.Tensor, labels=None) -> dict:
         raise NotImplementedError
 

@@ -271,6 +271,11 @@ class TextToImageBenchmark(Benchmark):
         """The decoded real latents: the image folder's, or the cached teacher samples."""
         return self.to_output(self.real_samples[0])
 
+    def prepare_evaluation(self) -> None:
+        # the teacher samples standing in for real data (on a cache miss, the sharded teacher's sampling): a run
+        # whose method never drew them (SiD, DMD) hung at its final evaluation under trainer=fsdp
+        self.real_samples
+
     def evaluate(self, samples, labels=None):
         """latent_fd: Fréchet distance between the samples' latents and the cached teacher samples' latents
         (flattened; no feature network). Meaningful between runs on the same teacher, not across teachers."""

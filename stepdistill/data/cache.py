@@ -49,17 +49,23 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     os.replace(tmp, path)
 
 
+def cache_holds(path: Path, key: str | None = None) -> bool:
+    """`path` exists, saved under `key` when one is given."""
+    if not path.is_file():
+        return False
+    if key is None:
+        return True
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("key") == key
+
+
 def cached_tensors(path: Path, compute, key: str | None = None) -> dict[str, torch.Tensor]:
     """`path`'s tensors if it exists (and was saved under `key`, when one is given), else `compute()`'s, saved
     there first. A file under a path that does not name its inputs (a run folder's) needs the key: the run's
     settings may have changed since it was written."""
+    if cache_holds(path, key):
+        return load_file(str(path))
     if path.is_file():
-        if key is None:
-            return load_file(str(path))
-        with safe_open(str(path), "pt") as f:
-            saved = (f.metadata() or {}).get("key")
-        if saved == key:
-            return load_file(str(path))
         log.info("%s was made with other settings: made again", path)
     tensors = compute()
     save_tensors(tensors, path, None if key is None else {"key": key})

@@ -11,14 +11,22 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import batch_split
-from ..data.cache import cached_tensors, digest
+from ..data.cache import cached_tensors, digest, save_tensors
 from .evaluation import teacher_sample_batched
 
 
+def regression_pairs_key(benchmark, num: int, seed: int, guidance: float | None = None, chunk: int = 256) -> str:
+    """The cache key of the pairs: everything they depend on. The cache sits in the run folder under a fixed name,
+    so a rerun there with other settings (pairs, seed, CFG scale, teacher, its sampler) makes them again."""
+    settings = OmegaConf.to_yaml(benchmark.cfg) if getattr(benchmark, "cfg", None) is not None else ""
+    return digest(num, seed, guidance, chunk, settings, benchmark.config_record())
+
+
 def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256,
-                          guidance: float | None = None) -> dict:
+                          guidance: float | None = None, reuse: bool = True) -> dict:
     """`num` teacher ODE noise -> sample pairs; `guidance` is the CFG scale of the teacher the DM loss
-    matches (DMD's `method.guidance`; None = the benchmark's), so both terms target the same distribution."""
+    matches (DMD's `method.guidance`; None = the benchmark's), so both terms target the same distribution.
+    `path`: their cache, read where it holds them unless `reuse` is false, and written when they are made."""
     def make() -> dict:
         gen = torch.Generator().manual_seed(seed)
         noise = benchmark.noise(num, gen)
@@ -29,10 +37,11 @@ def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = No
 
     if path is None:
         return make()
-    # the cache sits in the run folder under a fixed name: keyed on everything the pairs depend on, so a rerun
-    # in that folder with other settings (pairs, seed, CFG scale, teacher, its sampler) makes them again
-    settings = OmegaConf.to_yaml(benchmark.cfg) if getattr(benchmark, "cfg", None) is not None else ""
-    key = digest(num, seed, guidance, chunk, settings, benchmark.config_record())
+    key = regression_pairs_key(benchmark, num, seed, guidance, chunk)
+    if not reuse:
+        tensors = make()
+        save_tensors(tensors, path, {"key": key})
+        return tensors
     return cached_tensors(path, make, key)
 
 

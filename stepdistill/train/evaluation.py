@@ -98,6 +98,7 @@ class Evaluator:
         outputs, noise, cond, _ = self._sample_chain(steps, every_step=False, num_samples=num_samples)
         samples = outputs[-1]
         teacher = self.teacher_samples(noise, cond) if teacher_reference else None
+        bm.prepare_evaluation()   # on every process, scoring or not
         if not score:
             return {}
         metrics = {f"student_{k}": v for k, v in self.benchmark_metrics(samples, cond).items()}

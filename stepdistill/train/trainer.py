@@ -20,7 +20,8 @@ from tqdm.auto import tqdm
 
 from .. import batch_split
 from ..checks import NonFiniteError, at_least, eval_sample_count, non_negative
-from .batches import BatchSource, make_regression_pairs
+from ..data.cache import cache_holds
+from .batches import BatchSource, make_regression_pairs, regression_pairs_key
 from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
 from .ema import EMA
@@ -366,11 +367,17 @@ class Trainer:
                     self.logger.drop_after(self.step, kinds_at_step=("eval",))
         pairs = None
         if "reg_noise" in self.method.batch_keys:
-            rc = self.cfg.method.regression
-            # every rank makes the same pairs (seeded); rank 0 alone caches them on disk
-            pairs = make_regression_pairs(self.run.benchmark, int(rc.num_pairs), int(self.cfg.seed) + 1,
-                                          self.run_dir / "regression_pairs.safetensors" if self.main else None,
-                                          guidance=float(self.cfg.method.guidance))
+            rc, bm = self.cfg.method.regression, self.run.benchmark
+            num, seed, guidance = int(rc.num_pairs), int(self.cfg.seed) + 1, float(self.cfg.method.guidance)
+            cache, reuse = self.run_dir / "regression_pairs.safetensors", True
+            if self.fsdp:
+                # the sharded teacher's sampling takes every process: all read the cache, or all make the pairs (a
+                # resume had rank 0 read them while the others sampled, and waited for it forever)
+                key = regression_pairs_key(bm, num, seed, guidance)
+                reuse = all_finite(cache_holds(cache, key), self.device)
+            # every rank makes the same pairs (seeded); rank 0 alone writes the cache
+            path = cache if self.main or (self.fsdp and reuse) else None
+            pairs = make_regression_pairs(bm, num, seed, path, guidance=guidance, reuse=reuse)
         batches = BatchSource(self.run.benchmark, self.method.batch_keys,
                               int(tc.batch_size) // (self.world * self.accum), self.device, pairs)
         for m in self.run.roles.values():
