@@ -147,11 +147,16 @@ def test_fsdp_refuses_what_it_cannot_shard():
     check_fsdp_supported(compose_cfg("trainer=fsdp", "generator=four_step", "generator.train_steps=[4]"))
 
 
-def test_sharded_teacher_work_outside_the_loop_takes_every_process(tmp_path, cache_dir):
+def test_sharded_teacher_work_outside_the_loop_takes_every_process(tmp_path, cache_dir, monkeypatch):
     """Under trainer=fsdp the teacher is sharded, so sampling it takes every process. Two runs hung: DMD's resume
     (rank 0 read the cached regression pairs while rank 1 sampled them), and the final evaluation of a run whose
-    method never drew the text-to-image benchmark's teacher samples (rank 0 alone made them on a cache miss)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(tmp_path / "fresh_cache")}
+    method never drew the text-to-image benchmark's teacher samples (rank 0 alone made them on a cache miss: 12
+    of them, a count no other test caches)."""
+    from conftest import compose_cfg
+    from stepdistill.benchmarks.registry import build_benchmark
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(cache_dir))
+    build_benchmark(compose_cfg(*TINY_SD).benchmark)   # the tiny teacher built once, here, not by both ranks at once
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STEPDISTILL_CACHE": str(cache_dir)}
     common = TINY_SD + ["trainer=fsdp", "method=dmd", "method.regression.num_pairs=8", "benchmark.num_real=12",
                         f"hydra.run.dir={tmp_path / 'run'}"]
     for extra in (["trainer.max_steps=2", "eval.final=true", "eval.num_samples=8", "eval.batch_size=8"],
