@@ -92,16 +92,20 @@ def test_embedding_cache_encodes_each_prompt_once(tmp_path):
     assert other.encoded == 1
 
 
-def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path):
+def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path, caplog):
     """The embedding cache was keyed on the text encoder alone (a changed tokenizer reused stale embeddings), and the
     teacher samples standing in for real data ignored the negative prompt, CFG's unconditional branch."""
+    import logging
     import shutil
 
     from stepdistill.benchmarks.registry import build_benchmark
     teacher = tmp_path / "teacher"
     shutil.copytree(build_benchmark(compose_cfg(*TINY).benchmark).path, teacher)
     local = [*TINY, "benchmark=text_to_image", f"benchmark.teacher.path={teacher}"]
-    first = build_benchmark(compose_cfg(*local).benchmark)
+    with caplog.at_level(logging.WARNING, logger="stepdistill"):
+        first = build_benchmark(compose_cfg(*local).benchmark)
+    # a real teacher distilled on the eight built-in test prompts, without a word, made a student of eight prompts
+    assert any("without benchmark.data.prompts" in r.getMessage() for r in caplog.records)
     config = teacher / "tokenizer" / "tokenizer_config.json"
     config.write_text(config.read_text() + "\n")   # the same tokenizer, but its files changed
     again = build_benchmark(compose_cfg(*local).benchmark)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import shutil
 from functools import cached_property
@@ -26,6 +27,8 @@ from ..networks.text_unet import SDXLConditionedUNet, TextConditionedUNet, TextD
 from ..teachers import scheduler_config, vp_schedule
 from .base import Benchmark
 from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd, build_tiny_sdxl
+
+log = logging.getLogger("stepdistill")
 
 
 def tiny_path(name: str = "tiny_sd") -> Path:
@@ -114,6 +117,10 @@ class TextToImageBenchmark(Benchmark):
         data = cfg.get("data") or {}
         self.prompts = (load_prompts(data["prompts"], data.get("prompt_column")) if data.get("prompts")
                         else list(TOKENIZER_PROMPTS))
+        if not data.get("prompts") and self.name == "text_to_image":   # tiny_sd's eight prompts are its design
+            log.warning("benchmark=text_to_image without benchmark.data.prompts: the student learns from the %d "
+                        "built-in test prompts only; set benchmark.data.prompts=FILE (.txt, .csv, .parquet)",
+                        len(self.prompts))
         # the tokenizers too: a changed vocabulary or model_max_length changes every embedding
         parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if self.sdxl else [])
         self.embedding_cache = EmbeddingCache("-".join(model_key(self.path / p) for p in parts))
