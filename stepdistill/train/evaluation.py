@@ -142,11 +142,10 @@ class Evaluator:
         student = self.run.student()
         was_training = student.training
         student.eval()
-        with torch.random.fork_rng(devices=[]):
-            noise, cond, gen = eval_inputs(bm, n, seed)
-            ts = student.sampling_timesteps(steps)   # the trained timesteps at the trained count
-            outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step)
-            outputs = outputs if every_step else [outputs]
+        noise, cond, gen = eval_inputs(bm, n, seed)   # in the callers' forked RNG (_own_rng)
+        ts = student.sampling_timesteps(steps)   # the trained timesteps at the trained count
+        outputs = student_sample(student, noise, cond, ts, gen, int(self.cfg.batch_size), every_step)
+        outputs = outputs if every_step else [outputs]
         student.train(was_training)
         return outputs, noise, cond, [float(t) for t in ts]
 
@@ -176,8 +175,7 @@ class Evaluator:
     def teacher_samples(self, noise, cond):
         """The teacher's samples from the eval noise, computed once per sample count."""
         n = noise.shape[0]
-        if n not in self._teacher_cache:
-            with torch.random.fork_rng(devices=[]):
-                self._teacher_cache[n] = teacher_sample_batched(self.run.benchmark, noise, cond,
-                                                                batch_size=int(self.cfg.batch_size))
+        if n not in self._teacher_cache:   # inside evaluate's forked RNG
+            self._teacher_cache[n] = teacher_sample_batched(self.run.benchmark, noise, cond,
+                                                            batch_size=int(self.cfg.batch_size))
         return self._teacher_cache[n]
