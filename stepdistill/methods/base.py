@@ -67,6 +67,11 @@ class Method:
         """Refuse a benchmark this method's settings (`cfg`, the method's config) cannot run, before any network is
         built; a ValueError naming what to change. Most methods run on every benchmark."""
 
+    def batch_statistic(self) -> str | None:
+        """What this loss takes over the whole batch (under gradient accumulation, over each micro-batch), named
+        as a setting, or None: DMD's, SiD's and SIM's `method.normalizer=batch`."""
+        return "method.normalizer=batch" if self.cfg.get("normalizer") == "batch" else None
+
     def phase(self, step: int) -> str:
         """Two-time-scale update rule (DMD2 §4.2): `critic_steps` critic updates per generator update,
         after `critic_warmup_steps` critic-only steps (used when the critic starts from scratch)."""

@@ -112,6 +112,9 @@ class FDistill(DMD2):
             raise ValueError("method=fdistill weights the DM gradient by the discriminator's density ratio from the "
                              "first step: method.gan.start_step must be 0")
 
+    def batch_statistic(self) -> str | None:
+        return "f-distill's weight normaliser"   # mean h over the batch, whatever the DM normaliser
+
     def dm_weight_fn(self, batch, logs: dict, steps=None, *, step: int):
         def weight_fn(x_t, t):   # no grad (inside dmd_loss), no random draws
             with self._gan_sees_steps(steps):   # with gan.step_aware: each exit step's own density ratio

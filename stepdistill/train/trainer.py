@@ -72,12 +72,6 @@ class Trainer:
         if self.accum < 1:
             raise ValueError(f"trainer.grad_accum_steps={self.accum}: use 1 (no accumulation) or more micro-batches")
         shards = self.world * self.accum
-        mc = self.cfg.method
-        if self.accum > 1 and self.main and (mc.get("normalizer") == "batch" or mc.name == "fdistill"):
-            # documented (README, "Gradient accumulation"), and said here, since the gmm's default is batch
-            log.warning("trainer.grad_accum_steps=%d with %s: that batch statistic is taken over each micro-batch, "
-                        "so the update is not the one-batch update (it does not depend on the process count)",
-                        self.accum, "f-distill's weight normaliser" if mc.name == "fdistill" else "method.normalizer=batch")
         if int(tc.batch_size) < 1:
             raise ValueError(f"trainer.batch_size={tc.batch_size}: need at least 1 sample per update")
         at_least("trainer.max_steps", tc.max_steps)   # 0 trained nothing and exported the untrained student
@@ -110,6 +104,12 @@ class Trainer:
             shard_roles(run.roles, self.device, self.world, list(fc.get("wrap", WRAP_DEFAULT)),
                         bool(fc.get("reshard_after_forward", True)))
         self.method = run.method
+        statistic = self.method.batch_statistic()
+        if self.accum > 1 and self.main and statistic:
+            # documented (README, "Gradient accumulation"), and said here, since the gmm's default is batch
+            log.warning("trainer.grad_accum_steps=%d with %s: that batch statistic is taken over each micro-batch, "
+                        "so the update is not the one-batch update (it does not depend on the process count)",
+                        self.accum, statistic)
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
