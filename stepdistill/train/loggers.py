@@ -72,7 +72,8 @@ class MetricsLogger:
         than ending the resume. Rewritten beside, then renamed, so a kill here leaves the old file."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        text = self.path.read_text()
+        lines = [line for line in text.splitlines() if line.strip()]
         kept, cut = [], 0
         for line in lines:
             try:
@@ -87,7 +88,7 @@ class MetricsLogger:
         if cut:
             log.warning("resume: %d unreadable line(s) of %s dropped (a write cut short by a crash)", cut,
                         self.path.name)
-        if len(kept) == len(lines) and (not lines or self.path.read_bytes().endswith(b"\n")):
+        if len(kept) == len(lines) and (not lines or text.endswith("\n")):
             return
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
