@@ -84,10 +84,9 @@ class DigitsBenchmark(Benchmark):
 
     def evaluate(self, samples, labels=None):
         from ..eval.fid import frechet_distance
-        from ..eval.frechet import bootstrap_std
+        from ..eval.frechet import bootstrap_std, nonfinite_rows
         from ..eval.precision_recall import precision_recall
-        n = samples.shape[0]
-        nonfinite = int((~torch.isfinite(samples.reshape(n, -1))).any(1).sum())
+        n, nonfinite = samples.shape[0], nonfinite_rows(samples)
         if nonfinite:   # a diverged student: to_output would clamp inf into a valid image, and argmax(nan) is 0
             nan = float("nan")
             metrics = {"fd": nan, "fd_num_real": int(self.images.shape[0]), "fd_num_samples": n, "precision": nan,

@@ -286,10 +286,10 @@ class TextToImageBenchmark(Benchmark):
     def evaluate(self, samples, labels=None):
         """latent_fd: Fréchet distance between the samples' latents and the cached teacher samples' latents
         (flattened; no feature network). Meaningful between runs on the same teacher, not across teachers."""
-        from ..eval.frechet import gaussian_frechet_distance
+        from ..eval.frechet import gaussian_frechet_distance, nonfinite_rows
         reference, _ = self.real_samples
         samples = samples.float()
-        nonfinite = int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())
+        nonfinite = nonfinite_rows(samples)
         # a diverged student's nan/inf latents made the covariance's eigh fail and ended the evaluation
         fd = float("nan") if nonfinite else gaussian_frechet_distance(reference, samples)
         metrics = {"latent_fd": fd,

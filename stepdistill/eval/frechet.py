@@ -6,6 +6,12 @@ from __future__ import annotations
 import torch
 
 
+def nonfinite_rows(samples: torch.Tensor) -> int:
+    """How many samples (rows of an N x ... tensor) hold a nan or inf: a diverged student's, which no Fréchet
+    distance can take (the covariance's eigh fails on them)."""
+    return int((~torch.isfinite(samples.reshape(samples.shape[0], -1))).any(1).sum())
+
+
 def _sqrt_psd(m: torch.Tensor) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(m)
     return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
