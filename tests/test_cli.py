@@ -193,6 +193,28 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
         f"{tmp_path / 'afile'}): choose another out")
 
 
+def test_another_commands_setting_is_one_line(tmp_path):
+    """A setting of another console script was Hydra's six lines suggesting a `+` (`stepdistill-train run_dir=D`,
+    which the other apps take), and stepdistill-teacher ran its whole recipe with `trainer.max_steps=3` ignored: the
+    benchmark files add training's settings to its config, none of which it reads."""
+    from stepdistill.cli import setting_of_another_choice
+    assert setting_of_another_choice("train", ["run_dir=/x"]) == (
+        "'run_dir' is not a setting of this command: stepdistill-sample, stepdistill-eval and stepdistill-export take "
+        "it; a training run's folder is hydra.run.dir=D")
+    assert setting_of_another_choice("sample", ["run_dir=/x", "runs=[/y]"]) == (
+        "'runs' is not a setting of this command: stepdistill-compare takes it")
+    assert setting_of_another_choice("compare", ["trainer.max_steps=3"]) == (
+        "'trainer.max_steps' is not a setting of this command: it takes runs=, out=, num_samples=, seed=, num_threads=")
+    assert setting_of_another_choice("teacher", ["method.name=dmd"]) == (
+        "'method.name' is not a setting of this command: it takes benchmark=, seed=, out=, install=, num_threads=, "
+        "features=, teacher=, quality=")
+    for arg, says in (("trainer.max_steps=3", "use teacher.steps= for its length"),
+                      ("benchmark.teacher.path=/x", "stepdistill-teacher reads only the benchmark's name")):
+        proc = run_app("stepdistill.cli.teacher", arg, f"out={tmp_path / 't'}", check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
+        assert not (tmp_path / "t" / "digits_features.safetensors").exists()
+
+
 def test_group_choices_checked_before_hydra_composes(tmp_path):
     """Every choice of a sweep list is checked; a command that adds config folders, which may hold more choices
     (a user's own experiment), is left to Hydra."""

@@ -129,6 +129,8 @@ def setting_of_another_choice(config_name: str, args: list[str]) -> str | None:
             if key is None or key not in known_settings():
                 return None
             group = key.split(".")[0]
+            if not (Path(CONF_DIR) / group).is_dir() or group not in compose(config_name).keys():
+                return not_this_commands_setting(config_name, key)
             try:
                 chosen = compose(config_name, overrides=[o for o in overrides if "." not in o.split("=")[0]],
                                  return_hydra_config=True).hydra.runtime.choices.get(group)
@@ -138,6 +140,35 @@ def setting_of_another_choice(config_name: str, args: list[str]) -> str | None:
     if chosen is None or not owners:
         return None
     return f"{key!r} is not a setting of {group}={chosen}: {group}={' or '.join(owners)} has it"
+
+
+# which console scripts compose each top-level config of conf/
+CONFIG_APPS = {"train": ["stepdistill-train"], "sample": ["stepdistill-sample", "stepdistill-eval", "stepdistill-export"],
+               "compare": ["stepdistill-compare"], "teacher": ["stepdistill-teacher"]}
+
+
+def own_settings(config_name: str) -> list[str]:
+    """The top-level settings a console script's config file names: its groups and its own keys (not those a
+    `_global_` group file adds, such as a benchmark's trainer.* defaults, which stepdistill-teacher does not read)."""
+    import yaml
+    data = yaml.safe_load((Path(CONF_DIR) / f"{config_name}.yaml").read_text())
+    groups = [next(iter(d)) for d in data.get("defaults", []) if isinstance(d, dict)]
+    return [g for g in groups if not g.startswith("override")] + [k for k in data if k not in ("defaults", "hydra")]
+
+
+def not_this_commands_setting(config_name: str, key: str) -> str:
+    """The one-line error for a setting of another console script (`stepdistill-train run_dir=D`, a sample
+    setting; `stepdistill-compare trainer.max_steps=10`): Hydra's answer was six lines suggesting a `+`."""
+    owners = [app for f in sorted(Path(CONF_DIR).glob("*.yaml"))
+              if f.stem != config_name and f.stem in CONFIG_APPS and key in file_settings(f) for app in CONFIG_APPS[f.stem]]
+    if owners:
+        apps = owners[0] if len(owners) == 1 else f"{', '.join(owners[:-1])} and {owners[-1]}"
+        msg = f"{key!r} is not a setting of this command: {apps} {'takes' if len(owners) == 1 else 'take'} it"
+    else:
+        msg = f"{key!r} is not a setting of this command: it takes {'=, '.join(own_settings(config_name))}="
+    if config_name == "train" and key in ("run_dir", "out"):
+        msg += "; a training run's folder is hydra.run.dir=D"
+    return msg
 
 
 # settings that are dicts passed on as keyword arguments, whose keys are checked by what takes them: the teacher

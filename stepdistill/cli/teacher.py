@@ -15,15 +15,25 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least
-from . import CONF_DIR, checked_groups, set_threads, user_errors
+from . import CONF_DIR, checked_groups, refuse_unused, set_threads, user_errors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+TEACHER_USES = ("benchmark", "seed", "out", "install", "num_threads", "features", "teacher", "quality")
+UNUSED = {"trainer": "the teacher recipe's settings are teacher.*, features.* and quality.* (conf/teacher.yaml): "
+                     "use teacher.steps= for its length"}
 
 
 @checked_groups("stepdistill-teacher", "teacher", run_dir_keys=("out",))   # out= is the run folder (conf/teacher.yaml)
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="teacher")
 @user_errors("stepdistill-teacher")
 def main(cfg: DictConfig) -> None:
+    # the benchmark files also set training's settings (trainer.*, method.*, ...): the recipe reads none of them, and
+    # `trainer.max_steps=3` would start the full 30-minute recipe
+    refuse_unused("stepdistill-teacher", TEACHER_USES, UNUSED)
+    for override in HydraConfig.get().overrides.task:   # of the benchmark, the recipe reads its choice alone
+        if override.lstrip("~+").startswith("benchmark."):
+            raise ValueError(f"{override}: stepdistill-teacher reads only the benchmark's name (benchmark=digits, "
+                             "tiny_sd or tiny_sdxl); the recipe's settings are teacher.*, features.* and quality.*")
     name = cfg.benchmark.name
     if name in ("gmm", "gmm_unbalanced"):   # checked before torch loads (set_threads): the answer is immediate
         raise ValueError(f"the {name} teacher is analytic (exact score): nothing to train; use benchmark=digits")
