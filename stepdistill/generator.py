@@ -22,16 +22,22 @@ from . import batch_split
 from .denoiser import NetworkDenoiser
 
 LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
-LCM_ORIGINAL_STEPS = 50   # LCMScheduler's original_inference_steps, as lcm_timesteps asks it
+LCM_ORIGINAL_STEPS = 50   # LCMScheduler's default original_inference_steps
 
 
-def lcm_timesteps(steps: int, num_train_timesteps: int = 1000,
-                  original_inference_steps: int = LCM_ORIGINAL_STEPS) -> list[int]:
+def lcm_original_steps(num_train_timesteps: int) -> int:
+    """The original_inference_steps of the LCMScheduler a student samples and exports with: diffusers' 50, or every
+    timestep of a schedule with fewer (LCMScheduler refuses more than it has, even for given timesteps)."""
+    return min(LCM_ORIGINAL_STEPS, int(num_train_timesteps))
+
+
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000) -> list[int]:
     """The timesteps diffusers' LCMScheduler.set_timesteps(steps) picks, asked of LCMScheduler itself so an
     exported student sampled by stock diffusers runs at exactly the timesteps it was trained at."""
     from diffusers import LCMScheduler
 
-    sched = LCMScheduler(num_train_timesteps=num_train_timesteps, original_inference_steps=original_inference_steps)
+    sched = LCMScheduler(num_train_timesteps=num_train_timesteps,
+                         original_inference_steps=lcm_original_steps(num_train_timesteps))
     sched.set_timesteps(steps)
     return [int(t) for t in sched.timesteps]
 
@@ -110,9 +116,10 @@ class FewStepGenerator(nn.Module):
             raise ValueError(f"steps={steps}: a student samples in at least 1 step")
         sched = self.denoiser.schedule
         if sched.discrete:
-            if int(steps) > LCM_ORIGINAL_STEPS:   # LCMScheduler picks its K timesteps among these many
+            most = lcm_original_steps(sched.num_train_timesteps)   # LCMScheduler picks its K timesteps among these
+            if int(steps) > most:
                 raise ValueError(f"steps={steps}: a student on a discrete schedule samples in at most "
-                                 f"{LCM_ORIGINAL_STEPS} steps (LCMScheduler's original_inference_steps)")
+                                 f"{most} steps (LCMScheduler's original_inference_steps)")
             return [float(t) for t in lcm_timesteps(steps, sched.num_train_timesteps)]
         return sched.ode_timesteps(steps).tolist()
 

@@ -212,6 +212,27 @@ def test_more_steps_than_lcm_picks_from_are_refused_in_one_line():
         gen.default_timesteps(60)   # not diffusers' message about `strength`
 
 
+def test_a_schedule_of_fewer_than_50_timesteps_trains_and_exports(tmp_path):
+    """LCMScheduler refuses an original_inference_steps (50 by default) above the schedule's timesteps, even for
+    given timesteps: a 40-timestep student failed to build with diffusers' message, and one at given timesteps
+    exported a pipeline that could not sample. Both take every timestep now (at most 40 steps)."""
+    from stepdistill.export import export_run
+    from stepdistill.networks.mlp import TimeMLP
+    from stepdistill.pipelines import PointsFewStepPipeline
+    torch.manual_seed(0)
+    den = NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(num_train_timesteps=40), "edm", sigma_data=2.0)
+    assert FewStepGenerator(den, steps=1).timesteps == [39.0]
+    with pytest.raises(ValueError, match=r"^steps=41: a student on a discrete schedule samples in at most 40 steps"):
+        FewStepGenerator(den, steps=1).default_timesteps(41)
+    gen = FewStepGenerator(den, timesteps=[39, 20])
+    pipe = PointsFewStepPipeline.from_pretrained(export_run(_Run(gen, _cfg()), tmp_path / "export"))
+    g = torch.Generator().manual_seed(1)
+    ours = student_sample(gen, torch.randn(4, 2, generator=g), None, None, g)
+    theirs = pipe(batch_size=4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    assert pipe(batch_size=4, num_inference_steps=3).shape == (4, 2)
+
+
 @pytest.mark.parametrize("kind", ["class_conditional", "unconditional", "points_vp", "points_edm"])
 def test_pipelines_refuse_step_counts_their_scheduler_cannot_take(tmp_path, kind):
     """num_inference_steps=0 was LCMScheduler's ZeroDivisionError, 51 its message about `strength`; now one line

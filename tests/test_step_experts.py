@@ -161,3 +161,25 @@ def test_step_experts_model_takes_one_timestep_per_call():
     torch.testing.assert_close(model(x, torch.full((3,), 999.0)), dens[0].net(x, torch.full((3,), 999.0)))
     with pytest.raises(ValueError, match="one timestep per call"):
         model(x, torch.tensor([999.0, 499.0, 499.0]))
+
+
+def test_flow_experts_export_routes_by_their_float_timesteps(tmp_path):
+    """The export stored a flow student's trained times [1.0, 0.75, 0.5, 0.25] as int()s, [1, 0, 0, 0]: the
+    exported model routed every later step to the wrong expert."""
+    from stepdistill.export import export_run
+    from stepdistill.pipelines import PointsFewStepPipeline
+    from stepdistill.schedules import make_schedule
+    sched = make_schedule("flow")
+    torch.manual_seed(0)
+    dens = [NetworkDenoiser(TimeMLP(2, 32, 2), sched, "flow_velocity") for _ in range(4)]
+    gen = FewStepGenerator(dens[0], steps=4, later_experts=dens[1:])
+
+    class _Run:
+        cfg = OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})
+
+        def student(self):
+            return gen
+    pipe = PointsFewStepPipeline.from_pretrained(export_run(_Run(), tmp_path / "export"))
+    assert list(pipe.net.config.timesteps) == pytest.approx(gen.timesteps)
+    for i, t in enumerate(gen.timesteps):
+        assert pipe.net.expert_index(torch.tensor(t)) == i

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from diffusers import DDPMPipeline, LCMScheduler
 
-from ..generator import LCM_ORIGINAL_STEPS, lcm_timesteps
+from ..generator import lcm_original_steps, lcm_timesteps
 from ..networks.lora import diffusers_unet, has_lora, lora_state_dict, merged_copy
 from ..networks.mlp import TimeMLP
 from ..networks.shared_base import AdapterView
@@ -41,6 +41,7 @@ def lcm_scheduler_for(student, prediction_type: str) -> LCMScheduler:
     return LCMScheduler(num_train_timesteps=sched.num_train_timesteps, beta_schedule=sched.beta_schedule,
                         beta_start=sched.beta_start, beta_end=sched.beta_end, prediction_type=prediction_type,
                         timestep_scaling=student.timestep_scaling, clip_sample=False, set_alpha_to_one=True,
+                        original_inference_steps=lcm_original_steps(sched.num_train_timesteps),
                         steps_offset=1, **extra)  # steps_offset: LCM ignores it; stock SD pipelines warn unless 1
 
 
@@ -112,7 +113,8 @@ def build_pipeline(student, benchmark=None):
     if net.config.num_class_embeds:
         return ClassConditionalFewStepPipeline(step_experts_or(student, plain_unet(net)), scheduler, ts)
     unet = step_experts_or(student, plain_unet(net))
-    if len(ts) <= LCM_ORIGINAL_STEPS and ts == lcm_timesteps(len(ts), student.schedule.num_train_timesteps):
+    if (len(ts) <= lcm_original_steps(student.schedule.num_train_timesteps)
+            and ts == lcm_timesteps(len(ts), student.schedule.num_train_timesteps)):
         return DDPMPipeline(unet=unet, scheduler=scheduler)   # num_inference_steps=K samples the trained timesteps
     return UnconditionalFewStepPipeline(unet, scheduler, ts)
 
@@ -127,7 +129,7 @@ def step_experts_or(student, net):
     if not student.step_experts:
         return net
     later = [d.net if isinstance(d.net, TimeMLP) else plain_unet(d.net) for d in student.later_experts]
-    return StepExpertsModel.from_experts([net, *later], [int(t) for t in student.timesteps])
+    return StepExpertsModel.from_experts([net, *later], trained_timesteps(student))
 
 
 def export_folder(out_dir: str | Path, run_dir: str | Path | None = None) -> Path:

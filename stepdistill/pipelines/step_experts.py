@@ -35,20 +35,23 @@ class StepExpertsModel(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, expert_class: str = "UNet2DModel", expert_config: dict | None = None,
-                 timesteps: list[int] | tuple = (999,), sample_size=None, in_channels: int | None = None,
+                 timesteps: list[float] | tuple = (999,), sample_size=None, in_channels: int | None = None,
                  dim: int | None = None):
         super().__init__()
         cls = _expert_class(expert_class)
         self.experts = nn.ModuleList(cls.from_config(dict(expert_config or {})) for _ in timesteps)
 
     @classmethod
-    def from_experts(cls, experts: list[nn.Module], timesteps: list[int]) -> "StepExpertsModel":
+    def from_experts(cls, experts: list[nn.Module], timesteps: list[float]) -> "StepExpertsModel":
         """Wrap trained networks (one per timestep, in sampling order); their weights are copied in."""
         if len(experts) != len(timesteps):
             raise ValueError(f"{len(experts)} experts for {len(timesteps)} timesteps")
         first = experts[0]
         cfg = {k: v for k, v in dict(first.config).items() if not k.startswith("_")}
-        model = cls(type(first).__name__, cfg, [int(t) for t in timesteps], cfg.get("sample_size"),
+        # timesteps as trained: VP indices stay integers, EDM sigmas and flow times floats (int() made a flow
+        # student's [1.0, 0.75, 0.5, 0.25] into [1, 0, 0, 0] and routed every later step to the wrong expert)
+        model = cls(type(first).__name__, cfg, [t if isinstance(t, int) else float(t) for t in timesteps],
+                    cfg.get("sample_size"),
                     cfg.get("in_channels"), cfg.get("dim"))
         for mine, theirs in zip(model.experts, experts):
             mine.load_state_dict(theirs.state_dict())
