@@ -172,3 +172,69 @@ def test_teacher_samples_say_whose_and_how_many_steps(tmp_path, args, line):
     out = tmp_path / "t.npz"   # one thread: the digits UNet's tiny convolutions were 10x slower on two busy cores
     proc = run_app("stepdistill.cli.sample", *args, "num_samples=6", "num_threads=1", f"out={out}")
     assert proc.stdout == f"{line}{out}\n"
+
+
+def test_eval_follows_the_runs_teacher_reference_and_refuses_training_settings(gmm_run):
+    """eval.teacher_reference=false still sampled and scored the teacher; eval.every, eval.final and
+    eval.final_num_samples were accepted, recorded as applied, and ignored."""
+    before = records(gmm_run)
+    for setting in ("eval.every=5", "eval.final=false", "eval.final_num_samples=100"):
+        proc = run_app("stepdistill.cli.evaluate", f"run_dir={gmm_run}", "num_samples=20", setting, check=False)
+        assert_one_line_error(proc, "stepdistill-eval", f"{setting}: {setting.split('=')[0]} is a training run's "
+                                                        "setting")
+    assert records(gmm_run) == before
+    from stepdistill.cli.evaluate import evaluate_run
+    metrics = evaluate_run(gmm_run, overrides=["eval.num_samples=20", "eval.teacher_reference=false"])
+    assert "student_sliced_w2" in metrics and not any(k.startswith("teacher_") for k in metrics)
+    assert any(k.startswith("teacher_") for k in evaluate_run(gmm_run, overrides=["eval.num_samples=20"]))
+
+
+def test_sample_refuses_an_out_it_cannot_write_before_sampling(gmm_run, tmp_path):
+    """out=<a folder> sampled first, then failed with [Errno 21] and left a .tmp.npz beside the folder."""
+    for out in (tmp_path, ""):
+        proc = run_app("stepdistill.cli.sample", f"run_dir={gmm_run}", "num_samples=4", f"out={out}", check=False)
+        assert_one_line_error(proc, "stepdistill-sample", f"out={out}: give the file to write")
+    assert not list(tmp_path.parent.glob("*.tmp.npz"))
+
+
+def test_a_checkpoint_folder_is_found_relative_to_the_run(gmm_run, tmp_path, monkeypatch):
+    """checkpoint=checkpoints/step_0000003 (a folder of run_dir, as sample.yaml says) was looked for in the working
+    directory and refused with advice to give exactly that."""
+    from stepdistill.train.setup import find_checkpoint
+    monkeypatch.chdir(tmp_path)
+    step = gmm_run / "checkpoints" / "step_0000003"
+    assert find_checkpoint(gmm_run, "checkpoints/step_0000003") == step == find_checkpoint(gmm_run, "step_0000003")
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint folder"):
+        find_checkpoint(gmm_run, "checkpoints/step_0000009")
+
+
+def test_another_networks_checkpoint_is_one_line(gmm_run, tmp_path):
+    """A checkpoint of another network was a RuntimeError, which the apps printed as a traceback."""
+    import torch
+
+    from stepdistill.train.checkpoint import load_module, save_module
+    save_module(torch.nn.Linear(3, 3), tmp_path / "lin.safetensors")
+    with pytest.raises(ValueError, match="does not match the network: size mismatch for weight"):
+        load_module(torch.nn.Linear(2, 3), tmp_path / "lin.safetensors")
+    with pytest.raises(ValueError, match="does not match the network: missing"):
+        load_module(torch.nn.Linear(3, 3), gmm_run / "checkpoints" / "step_0000003" / "generator.safetensors")
+
+
+def test_compare_keeps_every_runs_curves_and_writes_strict_json(gmm_run, tmp_path):
+    """Two runs of one benchmark, method and folder name (jobs of two sweeps) drew one curve; a NaN metric (the mode
+    width with no mode covered) was written as NaN, which is not JSON."""
+    import math
+    import shutil
+
+    from stepdistill.cli.compare import compare, curve_labels
+    for sweep in ("a", "b"):
+        shutil.copytree(gmm_run, tmp_path / sweep / "0_method=dmd2")
+    runs = [(("gmm dmd2"), tmp_path / s / "0_method=dmd2") for s in "ab"]
+    assert len(set(curve_labels(runs))) == 2
+    assert curve_labels([("gmm dmd2", tmp_path / "x"), ("gmm dmd2", tmp_path / "y"), ("gmm dmd", tmp_path / "x")]) \
+        == ["gmm dmd2 (x)", "gmm dmd2 (y)", "gmm dmd"]
+    result = compare([tmp_path / "a", tmp_path / "b"], tmp_path / "out", num_samples=40)
+    rows = json.loads((tmp_path / "out" / "comparison.json").read_text(),
+                      parse_constant=lambda c: pytest.fail(f"{c} in comparison.json"))
+    assert len(rows) == 2 and "curves" in result
+    assert math.isnan(result["rows"][0]["mode_std_ratio"]) and rows[0]["mode_std_ratio"] is None   # no mode covered

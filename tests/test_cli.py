@@ -215,6 +215,23 @@ def test_another_commands_setting_is_one_line(tmp_path):
         assert not (tmp_path / "t" / "digits_features.safetensors").exists()
 
 
+def test_teacher_checks_its_settings_before_the_recipe(tmp_path):
+    """quality.guidances=[] ended the recipe in min() of an empty list, after the ~30-minute training; tiny_sd
+    ignored install= and the recipe's settings; a recipe keyword conf/teacher.yaml does not set was Hydra's six
+    lines."""
+    for args, says in ((["quality.guidances=[]"], "quality.guidances=[]: give a list of CFG scales >= 0"),
+                       (["quality.guidances=[1.0,-2.0]"], "give a list of CFG scales >= 0"),
+                       (["benchmark=tiny_sd", "teacher.steps=3"], "teacher.steps=3: tiny_sd is built with random "
+                                                                   "weights, not trained")):
+        proc = run_app("stepdistill.cli.teacher", *args, f"out={tmp_path / 't'}", check=False)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and says in proc.stderr, proc.stderr
+    assert not (tmp_path / "t" / "digits_features.safetensors").exists()
+    from stepdistill.cli import unknown_setting
+    assert unknown_setting(["teacher.extra.progress=false"]) == (
+        "'teacher.extra.progress' is not in conf/teacher.yaml: a recipe setting it does not set takes a '+' "
+        "(+teacher.extra.progress=false)")
+
+
 def test_group_choices_checked_before_hydra_composes(tmp_path):
     """Every choice of a sweep list is checked; a command that adds config folders, which may hold more choices
     (a user's own experiment), is left to Hydra."""
@@ -297,6 +314,31 @@ def test_bench_prints_a_table(tmp_path):
         assert float(cells[4]) > 0 and float(cells[5]) > 0 and float(cells[8]) > 0
         outside, optimizer = (float(c.rstrip("%")) for c in cells[6:8])
         assert 0 < optimizer <= outside   # the update is part of the time outside the networks
+
+
+def test_bench_times_whole_iterations_of_each_methods_own_cycle():
+    """The iteration was critic_steps + 1 updates for every method: sCM (no critic) showed 2 updates and twice its
+    cost, rCM was timed inside its tangent warm-up (the student alone, as sCM), and a window that cut a cycle
+    counted a critic update twice (DMD at steps=1: 4 network evaluations per iteration)."""
+    import torch
+
+    from stepdistill.cli.bench import bench_one
+    small = ["benchmark.network.width=32", "trainer.batch_size=32", f"trainer.num_threads={torch.get_num_threads()}"]
+    rows = {m: bench_one("gmm", m, 1, 0, small) for m in ("dmd", "scm", "rcm")}
+    assert rows["dmd"]["updates_per_iteration"] == 2 and rows["dmd"]["network_evals_per_iteration"] == 6
+    assert rows["scm"]["updates_per_iteration"] == 1
+    assert rows["rcm"]["network_evals_per_iteration"] > rows["scm"]["network_evals_per_iteration"]
+
+
+def test_bench_refuses_what_it_would_drop_or_misread(capsys):
+    from stepdistill.cli.bench import main
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("`stepdistill-bench")
+    for argv, says in ((["trainer.batch_size", "64"], "'trainer.batch_size' is not a setting: give each as key=value"),
+                       (["benchmark=gmm,digits", "benchmark.radius=3"],
+                        "benchmark=digits method=dmd: 'benchmark.radius' is not a setting of benchmark=digits")):
+        with pytest.raises(SystemExit, match=says):
+            main(argv)
 
 
 def test_bench_timer_counts_a_nested_call_once_and_closes_on_errors():

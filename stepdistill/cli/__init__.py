@@ -193,6 +193,9 @@ def unknown_setting(args: list[str]) -> str | None:
     for arg in args:
         added = arg[:2] if arg.startswith("++") else arg[:1] if arg.startswith("+") else ""
         key, sep, _ = arg[len(added):].partition("=")
+        if sep and not added and key.startswith(FREE_FORM) and key not in known:   # Hydra's answer: six lines
+            return (f"{key!r} is not in conf/teacher.yaml: a recipe setting it does not set takes a '+' "
+                    f"(+{arg})")
         if (not sep or key.startswith(("~", "-", "hydra.", *FREE_FORM)) or "@" in key
                 or not key.replace(".", "").replace("_", "").isalnum() or (conf / key.replace(".", "/")).is_dir()):
             continue

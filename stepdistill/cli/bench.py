@@ -113,7 +113,17 @@ def bench_one(benchmark: str, method: str, steps: int, warmup: int, overrides: l
         return _bench_in(run_dir, benchmark, method, steps, warmup, overrides)
 
 
-def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int, overrides: list[str]) -> dict:
+def _whole_iterations(method, start: int, steps: int) -> int:
+    """At least `steps` updates from `start`, ending with a generator update: whole iterations only."""
+    n = steps
+    while method.phase(start + n - 1) != "generator":
+        n += 1
+        if n > steps + 1000:
+            raise ValueError("no generator update in the timed steps: raise steps=")
+    return n
+
+
+def _bench_in(run_dir: str, benchmark: str, method_name: str, steps: int, warmup: int, overrides: list[str]) -> dict:
     import torch
     from hydra import compose, initialize_config_dir
 
@@ -122,10 +132,14 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     from ..train.setup import build_run
     from ..train.trainer import Trainer
 
-    torch.set_num_threads(2)
     with initialize_config_dir(CONF_DIR, version_base=None):
-        cfg = compose("train", overrides=[f"benchmark={benchmark}", f"method={method}", "eval.every=0",
-                                          "method.critic_warmup_steps=0", *overrides])
+        base = compose("train", overrides=[f"benchmark={benchmark}", f"method={method_name}"])
+        # the steady state: no critic-only warm-up, and no tangent warm-up (sCM, rCM), during which rCM trains its
+        # student alone; a warm-up the command line sets is kept
+        steady = [f"method.{k}=0" for k in ("critic_warmup_steps", "warmup_steps") if k in base.method]
+        cfg = compose("train", overrides=[f"benchmark={benchmark}", f"method={method_name}", "eval.every=0", *steady,
+                                          *overrides])
+    torch.set_num_threads(int(cfg.trainer.num_threads or torch.get_num_threads()))
     run = build_run(cfg)
     trainer = Trainer(run, run_dir)
     pairs = None
@@ -137,9 +151,14 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
     nets = [m.net for m in run.roles.modules() if hasattr(m, "net") and isinstance(m.net, torch.nn.Module)]
     nets += [m for name, m in run.roles.items() if name.endswith("_head")]  # DMD2's GAN classifier is a network too
     teacher = run.roles["teacher"]
-    for _ in range(warmup):
+    method = run.method
+    # warm up to the end of a generator update, then time whole iterations: `steps` updates or a few more, up to
+    # the next generator update (3 updates of DMD's critic, generator cycle counted one critic update twice)
+    while trainer.step < warmup or (trainer.step > 0 and method.phase(trainer.step - 1) != "generator"):
         trainer.train_step(batches)
         trainer.step += 1
+    timed = _whole_iterations(method, trainer.step, steps)
+    iterations = sum(method.phase(trainer.step + i) == "generator" for i in range(timed))
     saved = saved_activation_bytes(run, batches)
     forward, backward, update = _Timer(), _Timer(), _Timer()
     handles = _time_networks(nets, forward)
@@ -152,7 +171,7 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        for _ in range(steps):
+        for _ in range(timed):
             trainer.train_step(batches)
             trainer.step += 1
         if torch.cuda.is_available():
@@ -162,14 +181,13 @@ def _bench_in(run_dir: str, benchmark: str, method: str, steps: int, warmup: int
             h.remove()
     finally:
         untime_update()
-    # one "iteration" = one generator update and its critic updates
-    period = int(cfg.method.get("critic_steps", 1)) + 1
     net_time = forward.seconds + backward.seconds
     peak = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"benchmark": benchmark, "method": method, "updates_per_iteration": period,
-            "network_evals_per_iteration": forward.calls / steps * period,
-            "seconds_per_iteration": total / steps * period, "outside_network_share": 1 - net_time / total,
+    # one "iteration" = one generator update and its critic updates (none for sCM)
+    return {"benchmark": benchmark, "method": method_name, "updates_per_iteration": timed / iterations,
+            "network_evals_per_iteration": forward.calls / iterations,
+            "seconds_per_iteration": total / iterations, "outside_network_share": 1 - net_time / total,
             "optimizer_share": update.seconds / total,
             "peak_memory_mb": peak / 2**20, "generator_saved_mb": saved / 2**20, "device": str(trainer.device),
             "batch_size": int(cfg.trainer.batch_size), "grad_accum_steps": accum}
@@ -183,7 +201,7 @@ def _batch(row: dict) -> str:
 def table(rows: list[dict]) -> str:
     head = ("benchmark", "method", "batch", "updates/iter", "net evals/iter", "s/iter", "outside nets",
             "of it optimizer", "peak MB", "gen. saved MB")
-    return pipe_table(head, [[r["benchmark"], r["method"], _batch(r), str(r["updates_per_iteration"]),
+    return pipe_table(head, [[r["benchmark"], r["method"], _batch(r), f"{r['updates_per_iteration']:g}",
                               f"{r['network_evals_per_iteration']:.1f}", f"{r['seconds_per_iteration']:.3f}",
                               f"{100 * r['outside_network_share']:.1f}%", f"{100 * r['optimizer_share']:.1f}%",
                               f"{r['peak_memory_mb']:.0f}",
@@ -197,21 +215,36 @@ def check_bench_overrides(benchmarks, methods, overrides: list[str]) -> None:
     from hydra.errors import HydraException
 
     from .override_types import check_values, split_overrides
+    from . import setting_of_another_choice
     values = split_overrides(overrides)[1]   # the bench takes its group choices as benchmark= and methods= only
+    failed = []
     with initialize_config_dir(CONF_DIR, version_base=None):
         for bm in benchmarks:
             for m in methods:
                 choices = [f"benchmark={bm}", f"method={m}"]
                 try:
                     cfg = compose("train", overrides=[*choices, *overrides])
-                except HydraException:   # e.g. an unknown key: the child's run ends with Hydra's own advice
+                except HydraException:
+                    failed.append(choices)
                     continue
                 check_values(compose("train", overrides=choices), cfg, values)
+    for choices in failed:   # a setting of another benchmark's or method's (benchmark.radius on digits) is named;
+        msg = setting_of_another_choice("train", [*choices, *overrides])   # else the child ends with Hydra's words
+        if msg:
+            raise ValueError(f"{' '.join(choices)}: {msg}")
 
 
 def main(argv=None) -> None:
-    args = dict(a.split("=", 1) for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." not in a.split("=")[0])
-    extra = [a for a in (sys.argv[1:] if argv is None else argv) if "=" in a and "." in a.split("=")[0]]
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip())
+        return
+    loose = [a for a in argv if "=" not in a]
+    if loose:   # dropped before: `trainer.batch_size 64` ran at the default batch
+        sys.exit(f"stepdistill-bench: error: {loose[0]!r} is not a setting: give each as key=value "
+                 "(benchmark=, methods=, steps=, warmup= or a training override such as trainer.batch_size=128)")
+    args = dict(a.split("=", 1) for a in argv if "." not in a.split("=")[0])
+    extra = [a for a in argv if "." in a.split("=")[0]]
     if "one" in args:  # child process: one method, JSON out
         print(json.dumps(bench_one(args["benchmark"], args["one"], int(args["steps"]), int(args["warmup"]), extra)))
         return

@@ -19,6 +19,7 @@ the table.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import hydra
@@ -28,7 +29,8 @@ from ..checks import at_least, make_folder, or_default
 from . import CONF_DIR, checked_groups, set_threads, user_errors
 
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
-IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_fd", "fid", "clip_score")
+IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_fd", "teacher_latent_fd",
+                 "latent_fd_ratio", "fid", "clip_score")
 FD_COUNTS = ("student_fd_num_samples", "student_latent_fd_num_samples")   # digits', text-to-image's
 
 
@@ -132,6 +134,10 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
     for key in ("precision", "recall", "latent_fd", "fid", "clip_score"):   # text-to-image: latent FD, FID, CLIP
         if f"student_{key}" in evaluation:
             row[key] = evaluation[f"student_{key}"]
+    if evaluation.get("teacher_latent_fd") is not None:   # text-to-image's FD, against the teacher's as digits'
+        row["teacher_latent_fd"] = evaluation["teacher_latent_fd"]
+        if row.get("latent_fd") is not None and row["teacher_latent_fd"]:
+            row["latent_fd_ratio"] = row["latent_fd"] / row["teacher_latent_fd"]
     row["num_samples"] = next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
     return row, None, describe_evaluation(evaluation, steps)
 
@@ -162,6 +168,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_labels(runs: list[tuple[str, Path]]) -> list[str]:
+    """One distinct legend label per run: "benchmark method", then with the run's folder name where runs of one
+    method share it (a sweep over a setting), then with its path where folder names repeat too (two sweeps' jobs
+    of one name: one run's curves were dropped)."""
+    labels = [label for label, _ in runs]
+    named = [label if labels.count(label) == 1 else f"{label} ({d.name})" for label, d in runs]
+    return [n if named.count(n) == 1 else f"{label} ({d})" for n, (label, d) in zip(named, runs)]
+
+
 def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
     from ..eval.curves import curve_panels, run_records, save_comparison_curves
     from ..eval.grids import save_gmm_scatter_grid
@@ -182,11 +197,12 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
     table = markdown_table(rows)
     notes = evaluation_notes(rows, evaluations)
     (out / "comparison.md").write_text(table + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2))
+    # NaN (a mode width with no mode covered, a diverged student's FD) as null: JSON has no NaN
+    finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
+    (out / "comparison.json").write_text(json.dumps(finite, indent=2, allow_nan=False))
     result = {"table": table, "rows": rows, "markdown": str(out / "comparison.md"), "evaluations": notes}
-    labels = [label for label, _, _ in run_curves]   # runs of one method (a sweep over a setting): by folder too
-    curves = {label if labels.count(label) == 1 else f"{label} ({run_dir.name})": run_panels
-              for label, run_dir, run_panels in run_curves}
+    curves = dict(zip(curve_labels([(label, run_dir) for label, run_dir, _ in run_curves]),
+                      (run_panels for _, _, run_panels in run_curves)))
     if figure := save_comparison_curves(out / "comparison_curves.png", curves):
         result["curves"] = figure
     if panels:

@@ -13,7 +13,8 @@ Each evaluation is appended to the run's metrics.jsonl as a `kind=eval` record w
 grid is samples/step_XXXXXXX_eval.png (steps=K: step_XXXXXXX_Ksteps_eval.png), beside the grid training wrote for
 that step, and its path is printed (`figure`); a later evaluation of the same checkpoint writes _eval_2.png, _eval_3.png
 and so on rather than replacing it. teacher_steps=, benchmark=, out= and seed= are refused: it would
-ignore them.
+ignore them, as are a training run's eval.every, eval.final and eval.final_num_samples. The teacher's reference
+metrics follow the run's eval.teacher_reference (or this command's).
 """
 from __future__ import annotations
 
@@ -39,10 +40,15 @@ UNUSED = {
 EVAL_USES = ("run_dir", "checkpoint", "steps", "num_samples", "every_step", "eval", "device", "num_threads")
 
 
-def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = True,
+# the evaluation settings of a training run only: stepdistill-eval evaluates once, at num_samples=N (or eval.num_samples)
+TRAINING_ONLY = ("eval.every", "eval.final", "eval.final_num_samples")
+
+
+def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool | None = None,
                  every_step: bool = False, checkpoint=None, device: str | None = None) -> dict:
     """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or folder), logged at its step; the
-    networks on `device` (None: the CPU)."""
+    networks on `device` (None: the CPU). `teacher_reference` None: the run's eval.teacher_reference (after
+    `overrides`)."""
     from ..train.checkpoint import checkpoint_step
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
@@ -51,6 +57,8 @@ def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool = 
     run = load_run(run_dir, overrides, checkpoint, device)
     step = checkpoint_step(run.checkpoint)   # not trainer.max_steps: a stopped run's latest step is earlier
     evaluator = Evaluator(run, Path(run_dir))
+    if teacher_reference is None:
+        teacher_reference = bool(run.cfg.eval.get("teacher_reference", True))
     if every_step:
         metrics = evaluator.evaluate_every_step(step, steps)
     else:
@@ -80,6 +88,10 @@ def main(cfg: DictConfig) -> None:
     # the input first, before torch and diffusers load: a wrong count or path fails at once. The run's own
     # evaluation settings, changed by this command's eval.* overrides and num_samples=N:
     overrides = [o for o in HydraConfig.get().overrides.task if o.startswith("eval.")]
+    for o in overrides:
+        if o.split("=")[0] in TRAINING_ONLY:   # accepted, recorded as applied and ignored before
+            raise ValueError(f"{o}: {o.split('=')[0]} is a training run's setting; stepdistill-eval evaluates the "
+                             "checkpoint once (its sample count: num_samples=N): leave it out")
     # as stepdistill-train refuses it (the value an integer already: override_types.py)
     if any(o.startswith("eval.num_samples=") for o in overrides):
         eval_sample_count("eval.num_samples", cfg.eval.num_samples)

@@ -39,8 +39,12 @@ def write_npz(out: str | Path, samples, labels=None) -> Path:
     elif labels is not None:
         arrays["labels"] = labels.numpy().astype(np.int64)
     tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
+    try:
+        np.savez(tmp, **arrays)
+        tmp.replace(out)
+    except BaseException:   # a full disk, or a folder of that name: no half-written file left beside it
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 
@@ -80,6 +84,8 @@ def main(cfg: DictConfig) -> None:
     # the input first, before torch and diffusers load: a wrong path or count fails at once
     if cfg.num_samples is None or cfg.out is None:
         raise ValueError("give num_samples=N and out=FILE.npz")
+    if not str(cfg.out).strip() or Path(str(cfg.out)).expanduser().is_dir():   # found after sampling before
+        raise ValueError(f"out={cfg.out}: give the file to write, e.g. out=samples.npz")
     n = at_least("num_samples", cfg.num_samples)
     key = "steps" if cfg.get("run_dir") else "teacher_steps"
     # the other count would be ignored: refused, naming the one that applies

@@ -18,6 +18,7 @@ from ..checks import at_least
 from . import CONF_DIR, checked_groups, refuse_unused, set_threads, user_errors
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+RECIPE_SETTINGS = ("teacher.", "features.", "quality.")   # the digits recipe's
 TEACHER_USES = ("benchmark", "seed", "out", "install", "num_threads", "features", "teacher", "quality")
 UNUSED = {"trainer": "the teacher recipe's settings are teacher.*, features.* and quality.* (conf/teacher.yaml): "
                      "use teacher.steps= for its length"}
@@ -44,6 +45,10 @@ def main(cfg: DictConfig) -> None:
                          "one of them")
     set_threads(cfg.get("num_threads"), "num_threads")
     if name in ("tiny_sd", "tiny_sdxl"):
+        recipe = [o for o in HydraConfig.get().overrides.task if o.lstrip("+").startswith(RECIPE_SETTINGS)]
+        if cfg.install or recipe:   # the digits recipe's: ignored here before
+            raise ValueError(f"{'install=true' if cfg.install else recipe[0]}: {name} is built with random weights, "
+                             f"not trained; it takes out=DIR and seed= only")
         from ..benchmarks.tiny_sd_teacher import build_tiny_sd, build_tiny_sdxl
         out = Path(cfg.out or HydraConfig.get().runtime.output_dir)
         (build_tiny_sdxl if name == "tiny_sdxl" else build_tiny_sd)(out, seed=int(cfg.seed))
@@ -59,6 +64,10 @@ def main(cfg: DictConfig) -> None:
     if unknown:   # before the feature network's training, not a TypeError after it
         raise ValueError(f"teacher.extra.{unknown[0]}: the digits teacher recipe takes teacher.extra."
                          f"{{{', '.join(sorted(takes))}}}")
+    guidances = cfg.quality.guidances   # read after the whole recipe: checked before it
+    if (not OmegaConf.is_list(guidances) or not len(guidances)
+            or not all(isinstance(g, (int, float)) and not isinstance(g, bool) and g >= 0 for g in guidances)):
+        raise ValueError(f"quality.guidances={guidances}: give a list of CFG scales >= 0, e.g. [1.0,1.5,2.0]")
     for key, value in (("features.steps", fc.steps), ("teacher.steps", tc.steps), ("quality.steps", cfg.quality.steps),
                        ("features.batch_size", fc.batch_size), ("teacher.batch_size", tc.batch_size)):
         at_least(key, value)

@@ -33,10 +33,17 @@ def save_module(module: torch.nn.Module | dict, path: Path) -> None:
 
 
 def load_module(module: torch.nn.Module, path: Path) -> None:
-    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    """Load `path` into `module`; a checkpoint of another network (another run's, or a changed config) is a
+    ValueError the apps print in one line, not a traceback."""
+    try:
+        missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as e:   # a tensor of another shape
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(f"checkpoint {path} does not match the network: {(shapes or [str(e)])[0]} (was it "
+                         "written with a different config?)") from None
     if missing or unexpected:
-        raise RuntimeError(f"checkpoint {path} does not match the network: missing {missing[:5]}, "
-                           f"unexpected {unexpected[:5]} (was it written with a different config?)")
+        raise ValueError(f"checkpoint {path} does not match the network: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]} (was it written with a different config?)")
 
 
 def _fsync(path: Path) -> None:

@@ -132,7 +132,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
 
 
 def find_checkpoint(run_dir: Path, checkpoint: str | int | Path | None = None) -> Path:
-    """`checkpoint`: None = the run's latest, a step number (e.g. 3000) = that step's, else a checkpoint folder."""
+    """`checkpoint`: None = the run's latest, a step number (e.g. 3000) = that step's, else a checkpoint folder
+    (a path, or one relative to run_dir: checkpoints/step_0003000 or step_0003000)."""
     root = Path(run_dir) / "checkpoints"
     if checkpoint is None:
         ckpt = latest_checkpoint(root)
@@ -145,7 +146,9 @@ def find_checkpoint(run_dir: Path, checkpoint: str | int | Path | None = None) -
             raise FileNotFoundError(f"checkpoint={checkpoint}: {root} has no checkpoint of that step; it has steps "
                                     f"{sorted(found) or 'none'}")
         return found[int(checkpoint)]
-    ckpt = Path(checkpoint)
+    ckpt = Path(checkpoint).expanduser()
+    if not ckpt.is_absolute() and not (ckpt / "trainer_state.pt").is_file():   # a folder of run_dir, as named there
+        ckpt = next((c for c in (Path(run_dir) / ckpt, root / ckpt) if (c / "trainer_state.pt").is_file()), ckpt)
     if not (ckpt / "trainer_state.pt").is_file():
         raise FileNotFoundError(f"checkpoint={checkpoint} is not a checkpoint folder (no trainer_state.pt): give a "
                                 "step number or a checkpoints/step_XXXXXXX folder")
