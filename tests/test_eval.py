@@ -275,7 +275,7 @@ class StandInInception(nn.Module):
     def __init__(self, name, features_list, feature_extractor_weights_path=None, antialias=True):
         super().__init__()
         StandInInception.calls.append(dict(name=name, features_list=features_list,
-                                           path=feature_extractor_weights_path))
+                                           path=feature_extractor_weights_path, antialias=antialias))
         self.proj = nn.Linear(3 * 4 * 4, int(features_list[0]))
         with torch.no_grad():  # fixed weights without touching the global RNG
             self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=gen(0)) / 4)
@@ -301,7 +301,9 @@ def test_inception_fid_wiring_with_stand_in(monkeypatch, tmp_path):
     real, fake = digit_like(24, 3), digit_like(20, 4, shift=0.4)  # 1-channel 8x8: repeated to RGB
 
     out = inception_fid(real, fake, str(weights), batch_size=10, inception_feature=64)
-    assert StandInInception.calls == [dict(name="inception-v3-compat", features_list=["64"], path=str(weights))]
+    # antialias=False: torch-fidelity's TF1-style resize, the standard FID's (torchmetrics' default anti-aliases)
+    assert StandInInception.calls == [dict(name="inception-v3-compat", features_list=["64"], path=str(weights),
+                                           antialias=False)]
     metric_net = build_fid_metric(inception_weights=weights, inception_feature=64).inception
     assert isinstance(metric_net, StandInInception) and metric_net._dtype == torch.float64
 

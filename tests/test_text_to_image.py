@@ -44,6 +44,37 @@ def test_prompt_files(tmp_path):
     assert load_prompts(tmp_path / "bom.csv") == ["a fish"]
     (tmp_path / "bom.txt").write_text("\ufeffa fish\na cat\n", encoding="utf-8")   # the first prompt kept the mark
     assert load_prompts(tmp_path / "bom.txt") == ["a fish", "a cat"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a cat"}\n')   # read as lines before: the JSON text as prompts
+    with pytest.raises(ValueError, match=r"p.jsonl: give a .txt \(one prompt per line\), .csv or .parquet file"):
+        load_prompts(tmp_path / "p.jsonl")
+
+
+def test_image_folder_captions_orientation_and_16_bit(tmp_path, caplog):
+    """A metadata.csv with a `caption` column gave every image the empty prompt, silently; one without file_name a
+    bare KeyError; a 16-bit grey PNG loaded as white (convert("RGB") clips at 255); a photo's EXIF orientation was
+    ignored."""
+    from PIL import Image
+
+    from stepdistill.data.images import load_image, load_image_folder
+    Image.fromarray(np.full((8, 8), 32896, dtype=np.uint16)).save(tmp_path / "grey16.png")   # mid-grey, 16 bit
+    x = load_image(tmp_path / "grey16.png", 8)
+    assert x.shape == (3, 8, 8) and x.abs().max() < 0.01
+    tall = np.zeros((32, 16, 3), dtype=np.uint8)   # stored 16 wide, 32 high: white on its right half
+    tall[:, 8:] = 255
+    img = Image.fromarray(tall)
+    exif = img.getexif()
+    exif[0x0112] = 6   # Orientation: rotate 90° clockwise to display (32 wide, 16 high: white below)
+    img.save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    x = load_image(tmp_path / "photo.jpg", 16)   # the displayed image's centre: white on its lower half
+    assert x[:, :4].mean() < -0.9 and x[:, -4:].mean() > 0.9
+    (tmp_path / "metadata.csv").write_text("file_name,caption\ngrey16.png,a grey square\n")
+    with pytest.raises(ValueError, match=r"has columns \['caption', 'file_name'\]: name them file_name and text"):
+        load_image_folder(tmp_path)
+    (tmp_path / "metadata.csv").write_text("file_name,text\ngrey16.png,a grey square\n")
+    with caplog.at_level("WARNING"):
+        pairs = load_image_folder(tmp_path)
+    assert [(p.name, c) for p, c in pairs] == [("grey16.png", "a grey square"), ("photo.jpg", "")]
+    assert "1 of 2 images have no caption in metadata.csv" in caplog.text
 
 
 def test_teacher_sample_keys_tell_prompt_lists_apart():
@@ -140,6 +171,22 @@ def test_gaussian_frechet_distance_against_scipy():
     expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     assert gaussian_frechet_distance(a, b) == pytest.approx(expected, rel=1e-8)
     assert gaussian_frechet_distance(a, a) == pytest.approx(0, abs=1e-8)
+
+
+def test_frechet_distance_above_the_sample_count_against_scipy():
+    """Latents of more dimensions than samples (SD at 512 px: 16384 per sample) go through the samples' cross
+    product instead of D x D covariances: the same distance as scipy's sqrtm on those covariances."""
+    from scipy import linalg
+
+    from stepdistill.eval.frechet import gaussian_frechet_distance
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(30, 80, generator=g, dtype=torch.float64) @ torch.randn(80, 80, generator=g, dtype=torch.float64)
+    b = torch.randn(45, 80, generator=g, dtype=torch.float64) * 2 + 0.5
+    s1, s2 = np.cov(a.numpy().T), np.cov(b.numpy().T)
+    expected = ((a.mean(0) - b.mean(0)) ** 2).sum().item() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert gaussian_frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert gaussian_frechet_distance(b, a) == pytest.approx(expected, rel=1e-6)
+    assert gaussian_frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
 
 
 def test_text_teacher_cfg_is_one_batched_call_on_the_negative_prompt():
@@ -444,6 +491,29 @@ def test_clip_score_from_a_local_model_matches_its_definition(tmp_path):
     assert got["clip_score"] == pytest.approx((100 * cos.clamp_min(0)).mean().item(), rel=1e-4, abs=1e-4)
     with pytest.raises(FileNotFoundError, match="eval.clip.model="):
         clip_score(images, prompts, tmp_path / "nothing")
+    # a diverged student's nan pixels were cast to 0 and scored as black images; values past [0, 1] wrapped in
+    # the uint8 cast (1.2 -> 50) instead of saturating
+    bad = images.clone()
+    bad[1, 0, 0, 0] = float("nan")
+    nan = clip_score(bad, prompts, path)
+    assert math.isnan(nan["clip_score"]) and nan["clip_score_num_nonfinite"] == 1
+    assert clip_score(images * 1.5 - 0.25, prompts, path) == clip_score((images * 1.5 - 0.25).clamp(0, 1), prompts, path)
+
+
+def test_evaluation_models_are_checked_before_training(tmp_path):
+    """A missing eval.clip.model or eval.fid.inception_weights, or one the benchmark cannot use, ended the run at its
+    first evaluation: after all the training, with no export."""
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    for setting, error, says in ((f"eval.clip.model={tmp_path / 'none'}", FileNotFoundError, "eval.clip.model="),
+                                 (f"eval.fid.inception_weights={tmp_path / 'none.pth'}", FileNotFoundError,
+                                  "InceptionV3 weights file not found")):
+        with pytest.raises(error, match=says):
+            Trainer(build_run(compose_cfg(*TINY, "trainer.max_steps=2", setting)), tmp_path / "run")
+    with pytest.raises(ValueError, match="eval.clip.model needs a text-conditioned benchmark, not gmm"):
+        Trainer(build_run(compose_cfg("benchmark=gmm", f"eval.clip.model={tiny_clip(tmp_path / 'clip')}")),
+                tmp_path / "run2")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_eval_clip_hook_in_training(tmp_path):

@@ -98,7 +98,10 @@ class TextToImageBenchmark(Benchmark):
         if shifted:
             raise ValueError(f"{self.path / 'vae'} sets {shifted}: benchmark={cfg.name} supports VAEs scaled by "
                              "scaling_factor alone (SD1.x/2.x, SDXL); use such a teacher")
-        self.text_encoder = CLIPTextModel.from_pretrained(self.path / "text_encoder", use_safetensors=True).eval()
+        # float32 as the UNet and the VAE: transformers loads a checkpoint's own dtype (a folder saved in fp16, the
+        # usual local SD copy, gave fp16 embeddings the fp32 UNet's attention refused), diffusers loads float32
+        self.text_encoder = CLIPTextModel.from_pretrained(self.path / "text_encoder", use_safetensors=True).float()
+        self.text_encoder.eval()
         self.text_encoder.requires_grad_(False)
         self.tokenizer = CLIPTokenizer.from_pretrained(self.path / "tokenizer")
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -106,7 +109,7 @@ class TextToImageBenchmark(Benchmark):
         if self.sdxl:
             from transformers import CLIPTextModelWithProjection
             self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(self.path / "text_encoder_2",
-                                                                              use_safetensors=True).eval()
+                                                                              use_safetensors=True).float().eval()
             self.text_encoder_2.requires_grad_(False)
             self.tokenizer_2 = CLIPTokenizer.from_pretrained(self.path / "tokenizer_2")
             index = json.loads((self.path / "model_index.json").read_text())

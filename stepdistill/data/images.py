@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
@@ -23,25 +25,37 @@ def load_image_folder(folder: str | Path) -> list[tuple[Path, str]]:
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"benchmark.data.images={folder} is not a folder of images")
-    captions: dict[str, str] = {}
+    rows, meta = [], None
     if (folder / "metadata.csv").is_file():
-        with (folder / "metadata.csv").open(newline="", encoding="utf-8-sig") as f:   # a byte-order mark too
-            captions = {row["file_name"]: row.get("text") or "" for row in csv.DictReader(f)}
+        meta = folder / "metadata.csv"
+        with meta.open(newline="", encoding="utf-8-sig") as f:   # a byte-order mark too
+            rows = list(csv.DictReader(f))
     elif (folder / "metadata.jsonl").is_file():
-        for line in (folder / "metadata.jsonl").read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                row = json.loads(line)
-                captions[row["file_name"]] = row.get("text") or ""
+        meta = folder / "metadata.jsonl"
+        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    for row in rows[:1]:   # a `caption` column gave every image the empty prompt, a missing file_name a KeyError
+        if "file_name" not in row or "text" not in row:
+            raise ValueError(f"benchmark.data.images: {meta} has columns {sorted(row)}: name them file_name and text "
+                             "(diffusers' imagefolder captions)")
+    captions = {str(row["file_name"]): row.get("text") or "" for row in rows}
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"benchmark.data.images={folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [(p, captions.get(str(p.relative_to(folder)), "")) for p in files]
+    pairs = [(p, captions.get(p.relative_to(folder).as_posix())) for p in files]
+    uncaptioned = sum(c is None for _, c in pairs)
+    if meta is not None and uncaptioned:
+        log.warning("benchmark.data.images: %d of %d images have no caption in %s (its file_name is the path "
+                    "relative to %s); they get the empty prompt", uncaptioned, len(pairs), meta.name, folder)
+    return [(p, c or "") for p, c in pairs]
 
 
 def load_image(path: Path, resolution: int) -> torch.Tensor:
     """(3, resolution, resolution) in [-1, 1]: shorter side resized (bicubic), centre crop."""
-    from PIL import Image
-    img = Image.open(path).convert("RGB")
+    from PIL import Image, ImageOps
+    img = ImageOps.exif_transpose(Image.open(path))   # a photo's Orientation tag, as diffusers' load_image
+    if img.mode in ("I", "I;16", "I;16B", "I;16L"):   # 16-bit grey: convert("RGB") clipped it at 255, to white
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+    img = img.convert("RGB")
     w, h = img.size
     scale = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BICUBIC)

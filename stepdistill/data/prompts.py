@@ -36,8 +36,10 @@ def load_prompts(path: str | Path, column: str | None = None) -> list[str]:
             reader = csv.DictReader(f)
             col = _pick_column(column, reader.fieldnames or [], path)
             prompts = [row[col] for row in reader if row.get(col)]
-    else:
+    elif suffix in (".txt", ""):
         prompts = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines()]   # as the CSV
+    else:   # a .jsonl or .tsv read as lines gave prompts such as '{"prompt": "a cat"}'
+        raise ValueError(f"benchmark.data.prompts={path}: give a .txt (one prompt per line), .csv or .parquet file")
     prompts = [p for p in prompts if p.strip()]
     if not prompts:
         raise ValueError(f"benchmark.data.prompts={path} holds no prompts")

@@ -15,13 +15,23 @@ from pathlib import Path
 import torch
 
 
-def load_local_clip(path: str | Path):
-    from transformers import CLIPModel, CLIPProcessor
+def check_clip_folder(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"eval.clip.model={path} is not a CLIPModel folder (config.json + weights + "
                                 "processor files, as CLIPModel/CLIPProcessor.save_pretrained write)")
-    return CLIPModel.from_pretrained(path).eval(), CLIPProcessor.from_pretrained(path)
+    return path
+
+
+def load_local_clip(path: str | Path):
+    from transformers import CLIPModel, CLIPProcessor
+    path = check_clip_folder(path)
+    try:
+        processor = CLIPProcessor.from_pretrained(path)
+    except OSError as e:   # transformers' own message names files, not the setting
+        raise FileNotFoundError(f"eval.clip.model={path} has no CLIPProcessor files (tokenizer and image processor, "
+                                f"as CLIPProcessor.save_pretrained writes): {str(e).splitlines()[0]}") from None
+    return CLIPModel.from_pretrained(path).float().eval(), processor   # float32 as on the CPU: an fp16 folder too
 
 
 def _embedding(out) -> torch.Tensor:
@@ -33,7 +43,12 @@ def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Pat
     """`images01`: float N×3×H×W in [0, 1]; `prompts`: N strings."""
     if images01.shape[0] != len(prompts):
         raise ValueError(f"{images01.shape[0]} images but {len(prompts)} prompts")
+    nonfinite = int((~torch.isfinite(images01.reshape(images01.shape[0], -1))).any(1).sum())
+    if nonfinite:   # a diverged student: nan pixels cast to 0 scored as black images (as FID and latent FD, nan)
+        return {"clip_score": float("nan"), "clip_score_num_samples": len(prompts), "clip_score_num_nonfinite": nonfinite}
     model, processor = load_local_clip(model_path)
+    # decoded latents overshoot [0, 1] a little; the uint8 cast wrapped them (1.2 -> 50) instead of saturating
+    images01 = images01.clamp(0, 1)
     scores = []
     for i in range(0, len(prompts), batch_size):   # the processor expects 0-255 pixel values
         pixels = list((images01[i:i + batch_size].float() * 255).round().to(torch.uint8))

@@ -75,6 +75,25 @@ class Evaluator:
         self.cfg = run.cfg.eval
         at_least("eval.batch_size", self.cfg.batch_size)
         self._teacher_cache: dict = {}
+        self.check_models()
+
+    def check_models(self) -> None:
+        """The local FID and CLIP models the evaluations will read, and whether the benchmark can use them: found
+        at the first evaluation before, a missing file ended a run after all its training, with no export."""
+        from ..benchmarks.base import Benchmark
+        bm = self.run.benchmark
+        weights = (self.cfg.get("fid") or {}).get("inception_weights")
+        clip_model = (self.cfg.get("clip") or {}).get("model")
+        if weights:
+            if type(bm).fid_reference_images is Benchmark.fid_reference_images:
+                bm.fid_reference_images()   # its error names the setting
+            from ..eval.fid import check_inception_weights
+            check_inception_weights(weights)
+        if clip_model:
+            if not isinstance(bm.eval_labels(1), list):
+                raise ValueError(f"eval.clip.model needs a text-conditioned benchmark, not {bm.name}")
+            from ..eval.clip import check_clip_folder
+            check_clip_folder(clip_model)
 
     @torch.no_grad()
     def evaluate(self, step: int, teacher_reference: bool = False, steps: int | None = None,
