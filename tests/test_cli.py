@@ -29,12 +29,16 @@ def run_cli(*args, check=True):
 def test_multirun_gives_each_job_its_own_folder(tmp_path):
     # a folder name from ~260 characters of overrides, a path's "/" among them, failed the sweep (a file name has
     # at most 255 bytes)
-    long = ["optim.generator.lr=2e-4", "optim.critic.lr=1e-3", f"eval.fid.inception_weights={tmp_path}/none.pt"]
+    from stepdistill.cli import job_dirname
+    name = job_dirname(f"eval.fid.inception_weights={tmp_path}/none.pt," + "x" * 200)
+    assert "/" not in name and len(name) <= 160
+    long = ["optim.generator.lr=2e-4", "optim.critic.lr=1e-3", "optim.generator.betas=[0.0,0.99]",
+            "optim.critic.betas=[0.0,0.99]", "trainer.max_nonfinite_steps=7", "trainer.ema_decay=0.99"]
     sweep = ["-m", "stepdistill.train", "-m", *FAST, *long, "method=dmd,dmd2", "trainer.max_steps=6",
              f"hydra.sweep.dir={tmp_path}"]
     run_cli(*sweep)
     jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "config.yaml").is_file())
-    assert len(jobs) == 2 and all(len(job.name) <= 160 for job in jobs)
+    assert len(jobs) == 2 and all(len(job.name) <= 160 for job in jobs) and all(len(j.name) > 140 for j in jobs)
     # the same sweep resumed finds its jobs' folders (trainer.resume is left out of their names)
     proc = run_cli(*sweep, "trainer.resume=true")
     assert (proc.stdout + proc.stderr).count("nothing to train") == 2
@@ -181,10 +185,22 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_sample=10", f"out={tmp_path / 'a.npz'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
+    from stepdistill.cli import unwritable_run_dir
+    assert unwritable_run_dir(["hydra.run.dir=/proc/stepdistill-run"]).startswith(
+        "hydra.run.dir=/proc/stepdistill-run cannot be made or written")
+    import os
+    here = os.getcwd()
+    try:   # the default run folder goes under the working folder: one that cannot be written was a traceback
+        os.chdir("/proc")
+        assert unwritable_run_dir(["trainer.max_steps=3"], default_in_cwd=True).startswith(
+            "the working folder /proc cannot be written")
+        assert unwritable_run_dir(["hydra.run.dir=/tmp"], default_in_cwd=True) is None
+    finally:
+        os.chdir(here)
     (tmp_path / "afile").write_text("")
     proc = run_app("stepdistill.cli.train", *FAST, f"hydra.run.dir={tmp_path / 'afile' / 'run'}", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert f"hydra.run.dir={tmp_path / 'afile' / 'run'} cannot be made (Not a directory)" in proc.stderr
+    assert f"hydra.run.dir={tmp_path / 'afile' / 'run'} cannot be made or written (Not a directory)" in proc.stderr
     # an output under a file: "[Errno 17] File exists" did not say which setting to change, and came after sampling
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_samples=4", f"out={tmp_path / 'afile' / 'x.npz'}",
                    f"hydra.run.dir={tmp_path / 'h'}", check=False)
@@ -294,7 +310,7 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path, monkeypatch):
     # install=true (which writes into the package) is refused
     proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path}/digits_features.safetensors/x",
                    check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("cannot be made (Not a directory): choose another out")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("cannot be made or written (Not a directory): choose another out")
     proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", "install=true", f"out={tmp_path}/t", check=False)
     assert proc.returncode == 2 and "install=true writes into the package's assets" in proc.stderr
     # a misspelt recipe setting was a TypeError after the feature network had trained
@@ -302,6 +318,24 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path, monkeypatch):
                    check=False)
     assert proc.returncode == 2 and "teacher.extra.label_dropot: the digits teacher recipe takes teacher.extra.{" \
         in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_sweep_runs_past_a_failing_job_and_resumes_jobs_that_never_saved(tmp_path):
+    """A job's one-line error was a sys.exit that ended the whole sweep, so the jobs after it never ran; and a
+    sweep continued with trainer.resume=true stopped at the first job that had not saved a checkpoint."""
+    sweep = ["-m", "stepdistill.train", "-m", *FAST, "optim.critic.lr=1e30,1e-3", "optim.critic.grad_clip=0",
+             "trainer.max_nonfinite_steps=2", "trainer.max_steps=4", f"hydra.sweep.dir={tmp_path}"]
+    for resume in ([], ["trainer.resume=true"]):
+        proc = run_cli(*sweep, *resume, check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("stepdistill-train: error: sweep job #0 (") and last.endswith("failed (the reasons "
+                                                                                            "are above); the others ran")
+        assert "stepdistill-train: error: 2 non-finite critic updates in a row" in proc.stderr
+        jobs = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+        assert len(jobs) == 2 and (jobs[1] / "checkpoints" / "step_0000004").is_dir()
+    assert "holds no checkpoint (the job never saved one): it starts from step 0" in proc.stdout + proc.stderr
+    assert "nothing to train" in proc.stdout + proc.stderr   # job #1 resumed at its last step
 
 
 def test_bench_prints_a_table(tmp_path):

@@ -29,6 +29,10 @@ def test_handlers_request_a_stop_and_are_restored():
     assert signal.getsignal(signal.SIGUSR1) is before and signal.getsignal(signal.SIGINT) is before_int
     with pytest.raises(ValueError, match=r"unknown signal\(s\) \['SIGNOPE'\]"):
         StopRequest(["SIGNOPE"])
+    # one name without brackets was read letter by letter; SIGKILL was "[Errno 22] Invalid argument"
+    assert StopRequest("SIGTERM").names == ["SIGTERM"]
+    with pytest.raises(ValueError, match=r"trainer.stop_signals: SIGKILL cannot be caught"):
+        StopRequest(["SIGTERM", "SIGKILL"])
 
 
 def _weights(run_dir, role):

@@ -276,6 +276,64 @@ def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):
         train(cfg, tmp_path)
 
 
+def test_no_checkpoint_is_taken_amid_non_finite_updates(gmm_cfg, tmp_path):
+    """A finite update that blew the weights up, then non-finite ones: the checkpoint of a step inside the streak
+    held those weights, so a resume with the error's advice (a lower lr) stopped again at once. Now the last
+    checkpoint is the one before the streak, and the error names it."""
+    from stepdistill.train.trainer import NonFiniteError
+    cfg = gmm_cfg("trainer.max_steps=20", "optim.critic.lr=1e30", "optim.critic.grad_clip=0", "method=dmd2",
+                  "trainer.max_nonfinite_steps=3", "trainer.checkpoint_every=1", "trainer.export=false")
+    with pytest.raises(NonFiniteError) as err:
+        train(cfg, tmp_path)
+    steps = [c.name for c in list_checkpoints(tmp_path / "checkpoints")]
+    assert steps == ["step_0000001"]   # the first update was finite; none after it, the streak's three, was saved
+    assert f"trainer.resume=true continues from {steps[-1]}, saved before these updates" in str(err.value)
+
+
+def test_a_damaged_newest_checkpoint_names_its_file_and_the_one_before(gmm_cfg, tmp_path):
+    """A newest checkpoint truncated after it was written (the write itself is atomic) was read as a config that no
+    longer fits, or ended in a bare EOFError: now one line naming the file, and the checkpoint to fall back on."""
+    train(gmm_cfg("trainer.max_steps=4", "trainer.checkpoint_every=2", "trainer.export=false"), tmp_path)
+    newest = tmp_path / "checkpoints" / "step_0000004"
+    for damage in ("generator.safetensors", "trainer_state.pt"):
+        data = (newest / damage).read_bytes()
+        (newest / damage).write_bytes(data[:100])
+        with pytest.raises(ValueError, match=rf"checkpoint {newest} is damaged \({damage}: .*\): move {newest} "
+                                             rf"aside to resume from {tmp_path / 'checkpoints' / 'step_0000002'}$"):
+            train(gmm_cfg("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.resume=true",
+                          "trainer.export=false"), tmp_path)
+        (newest / damage).write_bytes(data)
+
+
+def test_logger_backends_start_before_training(gmm_cfg, tmp_path, monkeypatch):
+    """wandb started with the first logged row: an init failure (online without a key) ended the run after all its
+    training with a traceback and no checkpoint. TensorBoard kept a crashed run's rows past the checkpoint."""
+    import wandb
+    import torch.utils.tensorboard
+
+    def fail(**_):
+        raise wandb.errors.UsageError("No API key configured")
+    monkeypatch.setattr(wandb, "init", fail)
+    with pytest.raises(ValueError, match=r"^logger=wandb could not start \(UsageError: No API key configured\): "):
+        train(gmm_cfg("logger=wandb", "logger.every=0", "trainer.max_steps=3", "trainer.export=false"), tmp_path / "w")
+    assert not (tmp_path / "w" / "checkpoints").exists()
+    made = []
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", lambda *a, **kw: made.append(kw) or _NoWriter())
+    common = ("logger=tensorboard", "trainer.export=false", "eval.every=0", "eval.final=false",
+              "trainer.checkpoint_every=2")
+    train(gmm_cfg(*common, "trainer.max_steps=2"), tmp_path / "t")
+    train(gmm_cfg(*common, "trainer.max_steps=4", "trainer.resume=true"), tmp_path / "t")
+    assert made == [{"purge_step": None}, {"purge_step": 3}]
+
+
+class _NoWriter:
+    def add_scalar(self, *a):
+        pass
+
+    def close(self):
+        pass
+
+
 def test_nonfinite_guard_counts_each_phase_s_own_updates(gmm_cfg, tmp_path):
     """A critic whose every update is non-finite between finite generator updates: one count shared by the phases
     went 1, 0, 1, 0 and the run went on without ever training the critic."""

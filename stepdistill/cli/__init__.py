@@ -212,18 +212,28 @@ def unknown_setting(args: list[str]) -> str | None:
     return None
 
 
-def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = ()) -> str | None:
+def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = (), default_in_cwd: bool = False) -> str | None:
     """The one-line error for a `hydra.run.dir` / `hydra.sweep.dir` (or an app's own `run_dir_keys`, which its
     config makes the run folder: stepdistill-teacher's `out`) that cannot be made (a file on its path, no
     permission), else None: Hydra makes it before the app runs, and its failure is a traceback."""
+    import tempfile
+    given = False
     for arg in args:
         key, sep, value = arg.partition("=")
         if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir", *run_dir_keys) or "$" in value or not value:
             continue
-        try:   # made here a moment before Hydra would make it (os.access says yes to root on /proc)
+        given = True
+        try:   # made here a moment before Hydra would make it (os.access says yes to root on /proc), and written to
             Path(value).expanduser().mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=Path(value).expanduser()).close()   # an existing folder may refuse writes
         except OSError as e:
-            return f"{key}={value} cannot be made ({e.strerror}): choose another {key}"
+            return f"{key}={value} cannot be made or written ({e.strerror}): choose another {key}"
+    if not given and default_in_cwd:
+        try:   # the default run folder (outputs/..., multirun/...) goes under the working folder
+            tempfile.TemporaryFile(dir=Path.cwd()).close()
+        except OSError as e:
+            return (f"the working folder {Path.cwd()} cannot be written ({e.strerror}), and the run folder goes "
+                    "under it: run from another folder or set hydra.run.dir=DIR")
     return None
 
 
@@ -235,14 +245,31 @@ def checked_groups(app: str, config_name: str, run_dir_keys: tuple[str, ...] = (
         @functools.wraps(hydra_main)
         def entry():
             args = sys.argv[1:]
-            msg = (unknown_group_choice(args) or unknown_setting(args) or unwritable_run_dir(args, run_dir_keys)
+            msg = (unknown_group_choice(args) or unknown_setting(args)
+                   or unwritable_run_dir(args, run_dir_keys, default_in_cwd=config_name in ("train", "teacher"))
                    or setting_of_another_choice(config_name, args))
             if msg:
                 print(f"{app}: error: {msg}", file=sys.stderr)
                 sys.exit(2)
-            return hydra_main()
+            FAILED_JOBS.clear()
+            out = hydra_main()
+            if FAILED_JOBS:   # each said why when it failed
+                print(f"{app}: error: sweep job{'s' if len(FAILED_JOBS) > 1 else ''} {', '.join(FAILED_JOBS)} "
+                      "failed (the reasons are above); the others ran", file=sys.stderr)
+                sys.exit(2)
+            return out
         return entry
     return wrap
+
+
+# the sweep jobs that ended in a one-line error (printed as they failed): the command exits 2 after the sweep
+FAILED_JOBS: list[str] = []
+
+
+def in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def user_errors(app: str):
@@ -261,6 +288,10 @@ def user_errors(app: str):
                 # an OSError's args are (errno, text); its str names the path too
                 msg = str(e) if isinstance(e, OSError) or not e.args else e.args[0]
                 print(f"{app}: error: {msg}", file=sys.stderr)
+                if in_multirun():   # the sweep's other jobs still run (a sys.exit ended the whole sweep)
+                    from hydra.core.hydra_config import HydraConfig
+                    FAILED_JOBS.append(f"#{HydraConfig.get().job.num} ({HydraConfig.get().runtime.output_dir})")
+                    return None
                 sys.exit(2)
         return inner
     return wrap

@@ -1,6 +1,7 @@
 """`stepdistill-train` (= `python -m stepdistill.train`): distil a teacher into a few-step generator."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -10,7 +11,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from . import CONF_DIR, checked_groups, set_threads, user_errors
+from . import CONF_DIR, checked_groups, in_multirun, set_threads, user_errors
 
 
 def write_config(cfg: DictConfig, run_dir: Path) -> None:
@@ -95,6 +96,13 @@ def summary(result: dict) -> str:
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.trainer.resume and in_multirun():
+        from ..train.checkpoint import latest_checkpoint
+        if latest_checkpoint(run_dir / "checkpoints") is None:
+            # a sweep stopped part-way and continued with trainer.resume=true: a job that never saved starts afresh
+            logging.getLogger("stepdistill").warning("%s holds no checkpoint (the job never saved one): it starts "
+                                                     "from step 0", run_dir)
+            cfg.trainer.resume = False
     result = train(cfg, run_dir)
     if result["main_process"]:
         print(summary(result), flush=True)

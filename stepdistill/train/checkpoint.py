@@ -111,6 +111,25 @@ def checkpoint_step(path: Path) -> int:
     return int(m.group(1))
 
 
+def damaged_file(path: Path) -> str | None:
+    """The first file of checkpoint `path` that cannot be read (truncated or emptied after it was written: the
+    write itself is atomic), with the reader's complaint; None if every file reads. Run only when a load failed,
+    to tell damage from a config that no longer fits."""
+    from safetensors import safe_open
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                for key in st.keys():
+                    st.get_tensor(key)
+        except Exception as e:   # safetensors' own error class differs across its versions
+            return f"{f.name}: {' '.join(str(e).split())[:120]}"
+    try:
+        torch.load(path / "trainer_state.pt", weights_only=True)
+    except Exception as e:   # EOFError, an unpickling or zip error, a truncated archive's RuntimeError
+        return f"trainer_state.pt: {type(e).__name__} {' '.join(str(e).split())[:120]}"
+    return None
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = list_checkpoints(root)
     return found[-1] if found else None

@@ -47,7 +47,14 @@ class MetricsLogger:
             raise ValueError(f"unknown logger {backend!r}: use logger=console, wandb or tensorboard")
         self.backend, self.project, self.config, self.resume = backend, project, config, resume
         self._wandb = self._tb = None
-        self._started = False   # wandb/TensorBoard start with the first row: a resume that fails writes nothing
+        # wandb/TensorBoard start before the first update (the trainer calls start()) or with the first row: a
+        # resume that fails writes nothing
+        self._started = False
+        self._purge_step = None   # on resume: TensorBoard drops what a crashed run logged after the checkpoint
+
+    def start(self) -> None:
+        if not self._started:
+            self._start()
 
     def _start(self) -> None:
         self._started = True
@@ -58,11 +65,15 @@ class MetricsLogger:
             id_file = run_dir / "wandb_run_id"
             run_id = id_file.read_text().strip() if self.resume and id_file.is_file() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
-            self._wandb = wandb.init(project=self.project, dir=str(run_dir), config=self.config, mode=wandb_mode(),
-                                     id=run_id, resume="allow")
+            try:
+                self._wandb = wandb.init(project=self.project, dir=str(run_dir), config=self.config,
+                                         mode=wandb_mode(), id=run_id, resume="allow")
+            except Exception as e:   # noqa: BLE001 - wandb's errors (no API key online, no network) have no common base
+                raise ValueError(f"logger=wandb could not start ({type(e).__name__}: {' '.join(str(e).split())[:200]}): "
+                                 "log in (wandb login), set WANDB_MODE=offline, or use logger=console") from None
         elif self.backend == "tensorboard":
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=self._purge_step)
 
     def drop_after(self, step: int, kinds_at_step: tuple[str, ...] = ()) -> None:
         """On resume from the checkpoint of `step`: the rows a crashed run logged after it go, since the resumed run
@@ -70,6 +81,7 @@ class MetricsLogger:
         of `kinds_at_step` at `step` itself (a resume with nothing to train evaluates that step again); the rows of
         stepdistill-eval, which name their `source`, stay. A line a crash cut short is dropped with a warning rather
         than ending the resume. Rewritten beside, then renamed, so a kill here leaves the old file."""
+        self._purge_step = step + 1   # events of a later step from the crashed run: TensorBoard purges them
         if not self.path.exists():
             return
         text = self.path.read_text()

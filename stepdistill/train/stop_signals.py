@@ -22,11 +22,16 @@ class StopRequest:
     installed from the main thread; elsewhere (a training thread) the block changes nothing."""
 
     def __init__(self, names):
-        self.names = [str(n).upper() for n in names]
+        # one name is a list of one (`trainer.stop_signals=SIGTERM` was read letter by letter)
+        self.names = [str(n).upper() for n in ([names] if isinstance(names, str) else names)]
         unknown = [n for n in self.names if not isinstance(getattr(signal, n, None), signal.Signals)]
         if unknown:
             raise ValueError(f"trainer.stop_signals: unknown signal(s) {unknown}; use names like SIGTERM, SIGUSR1, "
                              "SIGINT, or [] for none")
+        uncatchable = [n for n in self.names if n in ("SIGKILL", "SIGSTOP")]
+        if uncatchable:   # signal.signal's answer was "[Errno 22] Invalid argument"
+            raise ValueError(f"trainer.stop_signals: {uncatchable[0]} cannot be caught (the system stops the process "
+                             "itself); use SIGTERM, SIGUSR1 or SIGINT")
         self.received: str | None = None
         self._previous: dict = {}
 

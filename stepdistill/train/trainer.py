@@ -22,7 +22,8 @@ from .. import batch_split
 from ..checks import NonFiniteError, at_least, eval_sample_count, non_negative
 from ..data.cache import cache_holds
 from .batches import BatchSource, make_regression_pairs, regression_pairs_key
-from .checkpoint import latest_checkpoint, load_checkpoint, load_sharded_checkpoint, save_checkpoint
+from .checkpoint import (damaged_file, latest_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
+                         save_checkpoint)
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
 from .ema import EMA
 from .evaluation import Evaluator
@@ -195,7 +196,16 @@ class Trainer:
                                     "drop trainer.resume or point hydra.run.dir at an earlier run")
         try:
             st = self._load_checkpoint(ckpt)
-        except (RuntimeError, ValueError, KeyError, FileNotFoundError) as e:   # another config's roles or shapes
+        except Exception as e:   # another config's roles or shapes, or a file damaged since it was written
+            damage = damaged_file(ckpt)
+            if damage is not None:
+                earlier = list_checkpoints(self.run_dir / "checkpoints")[:-1]
+                fallback = (f"move {ckpt} aside to resume from {earlier[-1]}" if earlier
+                            else "no earlier checkpoint is left: start a new run in another hydra.run.dir")
+                raise ValueError(f"trainer.resume=true but checkpoint {ckpt} is damaged ({damage}): "
+                                 f"{fallback}") from e
+            if not isinstance(e, (RuntimeError, ValueError, KeyError, FileNotFoundError)):
+                raise
             raise ValueError(mismatch_message(ckpt, self.run_dir / "config.yaml", self.cfg, e)) from e
         self.step = int(st["step"])
         counts = st["nonfinite_in_a_row"]   # one int for every phase in checkpoints written before the per-phase count
@@ -294,9 +304,12 @@ class Trainer:
             log.warning("non-finite %s loss/gradient at step %d: update skipped (%d %s updates in a row)", phase,
                         self.step, self.nonfinite_in_a_row[phase], phase)
             if self.nonfinite_in_a_row[phase] >= self.max_nonfinite:
+                saved = latest_checkpoint(self.run_dir / "checkpoints")
+                resume = (f"; trainer.resume=true continues from {saved.name}, saved before these updates" if saved
+                          else "")
                 raise NonFiniteError(f"{self.max_nonfinite} non-finite {phase} updates in a row (last at step "
                                      f"{self.step}): lower optim.{phase}.lr, set optim.{phase}.grad_clip, or use "
-                                     "trainer.mixed_precision=no")
+                                     f"trainer.mixed_precision=no{resume}")
             return phase, None
         self.nonfinite_in_a_row[phase] = 0
         opt.step()
@@ -383,6 +396,8 @@ class Trainer:
         for m in self.run.roles.values():
             m.train()
         self.run.roles["teacher"].eval()
+        if self.main:   # wandb or TensorBoard now, not with the first row: a failing start ended the run after training
+            self.logger.start()
         t0 = time.time()
         bar = tqdm(total=int(tc.max_steps), initial=self.step, desc=f"{self.cfg.method.name}", dynamic_ncols=True,
                    disable=not (tc.progress and self.main))
@@ -403,7 +418,10 @@ class Trainer:
                 if int(ec.every) > 0 and self.step % int(ec.every) == 0 and self.step < int(tc.max_steps):
                     self._evaluate()
                 if int(tc.checkpoint_every) > 0 and self.step % int(tc.checkpoint_every) == 0:
-                    self.save()
+                    if any(self.nonfinite_in_a_row.values()):   # the weights may be what made the updates blow up:
+                        log.warning("step %d: no checkpoint in the middle of non-finite updates", self.step)
+                    else:                                       # a resume with a lower lr starts before them
+                        self.save()
                 if any_process(stop.requested, self.device):   # every process stops after the same step
                     break
         bar.close()
