@@ -76,6 +76,9 @@ class FewStepGenerator(nn.Module):
             # the export (LCMScheduler) truncates it: three different times for one step
             raise ValueError(f"generator.timesteps={ts}: a discrete (VP) schedule takes integer timesteps, the rows "
                              f"of its alphas_cumprod table: use {[round(t) for t in ts]}")
+        if self.lcm_boundary and 0 in ts:   # c_skip(0) = 1, c_out(0) = 0: that step returns its input noise
+            raise ValueError(f"generator.timesteps={ts}: at timestep 0 the consistency boundary condition makes the "
+                             "step return its input unchanged (nothing to train): use timesteps of at least 1")
         self.timesteps = ts
         # the steps k backward simulation trains (1-based); DMD2 draws all of 1..K
         self.train_steps = list(range(1, len(ts) + 1)) if not train_steps else [int(k) for k in train_steps]

@@ -561,13 +561,19 @@ def test_usage_errors_answer_before_torch_loads(tmp_path, args, message):
 
 
 def test_override_types_follow_the_defaults():
-    """A value fits its setting when it has the default's type; null always passes (the setting's own check
-    decides), ints pass for a float setting, and settings with a string, list or null default are not checked."""
+    """A value fits its setting when it has the default's type: ints pass for a float setting, a list setting takes a
+    list (one value was a traceback deep in the run), null passes where it means the default and is refused on other
+    number settings (an int(None) traceback), and settings with a string or null default are not checked."""
     from stepdistill.cli.override_types import type_error
-    fits = [(True, False), (True, 0), (True, 1), (256, 512), (256, None), (3e-4, 1), (3e-4, 1e-5), (3e-4, float("inf")),
-            ("dmd2", 3), (None, "x"), ([1, 2], "x")]
+    fits = [(True, False), (True, 0), (True, 1), (256, 512), (3e-4, 1), (3e-4, 1e-5), (3e-4, float("inf")),
+            ("dmd2", 3), (None, "x"), ([1, 2], [3]), ([1, 2], None), (True, None)]
     for default, value in fits:
         assert type_error("k", str(value), default, value) is None, (default, value)
+    assert type_error("k", "null", 256, None) == "k=null: need an integer: leave it out for the default (256)"
+    assert type_error("optim.critic.grad_clip", "null", 1.0, None) is None   # null: no clipping
+    assert type_error("k", "3", [1, 2], 3) == "k=3: need a list, e.g. k=[3]"
+    assert type_error("generator.timesteps", "999", None, 999) == ("generator.timesteps=999: need a list, e.g. "
+                                                                  "generator.timesteps=[999]")
     refused = [(True, "no", "an on/off setting takes true or false"), (True, 2, "an on/off"),
                (256, "abc", "need an integer (the default is 256)"), (256, 2.5, "need an integer"),
                (256, 1e4, "need an integer"), (256, True, "need an integer"),

@@ -37,6 +37,26 @@ def test_missing_or_wrong_teacher_is_a_clear_error(tmp_path):
         load_unet_teacher(SHIPPED_TEACHER, prediction_type="epsilon")
 
 
+def test_a_teacher_of_other_channels_or_no_classes_is_one_line(tmp_path):
+    """A 3-channel teacher ended in a 50-line shape error at the first probe, an unconditional one in diffusers'
+    "class_embedding needs to be initialized"."""
+    import re
+
+    from conftest import tiny_unet
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.cli import CONF_DIR
+    from hydra import compose, initialize_config_dir
+    for name, unet, says in (("uncond", tiny_unet(None), "1 channel(s) and no class embeddings"),):
+        root = _teacher_copy(tmp_path, name, unet=unet)
+        (root / "stepdistill_teacher.json").unlink()   # its null class would be refused first, in one line too
+        with initialize_config_dir(CONF_DIR, version_base=None):
+            cfg = compose("train", overrides=["benchmark=digits", f"benchmark.teacher.path={root}"])
+        with pytest.raises(ValueError, match=rf"the digits teacher must be a class-conditional UNet2DModel of 1 input "
+                                             rf"channel .* this one takes {re.escape(says)}"):
+            build_benchmark(cfg.benchmark)
+
+
 def _teacher_copy(tmp_path, name, scheduler=None, unet=None):
     """The shipped teacher's folder with its scheduler config edited, or another UNet in it."""
     import json

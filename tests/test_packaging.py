@@ -18,8 +18,8 @@ def test_every_package_folder_is_listed():
     packages, package_dir = listed()
     found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "stepdistill").rglob("*.py")}
     assert found - packages == set(), "add these to [tool.setuptools] packages in pyproject.toml"
-    assert package_dir == {"stepdistill.kernels": "kernels"}
-    for pkg in packages:
+    assert package_dir == {"stepdistill.kernels": "kernels", "stepdistill.conf": "conf"}
+    for pkg in packages - {"stepdistill.conf"}:   # conf/ holds the Hydra configs only
         folder = ROOT / package_dir.get(pkg, pkg.replace(".", "/"))
         assert (folder / "__init__.py").is_file(), f"{folder} needs an __init__.py"
 
@@ -35,6 +35,9 @@ def test_wheel_contents(tmp_path):
         assert module in names, module
     sources = {str(p.relative_to(ROOT)) for p in (ROOT / "stepdistill").rglob("*.py")}
     assert sources <= names
+    # every Hydra config, as stepdistill/conf/ (a wheel without them failed every console script)
+    configs = {f"stepdistill/conf/{p.relative_to(ROOT / 'conf')}" for p in (ROOT / "conf").rglob("*.yaml")}
+    assert configs and configs <= names, sorted(configs - names)
 
 
 def test_the_kernels_folder_does_not_hide_hugging_face_s_kernels_package():

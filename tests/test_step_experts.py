@@ -70,6 +70,9 @@ def test_expert_count_must_match_the_steps():
 
 def test_bad_configs_are_clear_errors():
     from stepdistill.train.setup import build_run
+    # timestep 0 on a VP schedule: the boundary condition returns the input noise (a student with no gradient)
+    with pytest.raises(ValueError, match=r"generator.timesteps=\[999.0, 0.0\]: at timestep 0 the consistency "):
+        FewStepGenerator(NetworkDenoiser(TimeMLP(2, 32, 2), VPSchedule(), "edm", sigma_data=2.0), timesteps=[999, 0])
     with pytest.raises(ValueError, match="generator.steps >= 2"):
         build_run(digits_cfg("generator.step_experts=true"))
     from stepdistill.benchmarks.base import Benchmark

@@ -276,6 +276,14 @@ def test_nonfinite_guard_stops_with_clear_error(gmm_cfg, tmp_path):
         train(cfg, tmp_path)
 
 
+def test_a_run_that_leaves_the_generator_no_update_says_so(gmm_cfg, tmp_path, caplog):
+    """gmm's 200 critic warm-up steps took all of `trainer.max_steps=200` (the README's sweep example): the run
+    exported its initial generator without a word."""
+    with caplog.at_level("WARNING"):
+        train(gmm_cfg("trainer.max_steps=3", "method.critic_warmup_steps=3", "trainer.export=false"), tmp_path)
+    assert "trainer.max_steps=3 leaves the generator no update after the critic's warm-up" in caplog.text
+
+
 def test_no_checkpoint_is_taken_amid_non_finite_updates(gmm_cfg, tmp_path):
     """A finite update that blew the weights up, then non-finite ones: the checkpoint of a step inside the streak
     held those weights, so a resume with the error's advice (a lower lr) stopped again at once. Now the last

@@ -30,6 +30,12 @@ class DigitsBenchmark(Benchmark):
         self.path = Path(cfg.teacher.path) if cfg.teacher.get("path") else SHIPPED_TEACHER
         self.teacher = load_unet_teacher(self.path, cfg.teacher.get("prediction_type"), cfg.teacher.get("null_class"))
         self.info = teacher_info(self.path)
+        unet = self.teacher.net.config   # the digits are one grey channel and 10 classes (a 50-line shape error before)
+        if unet.in_channels != 1 or (unet.num_class_embeds or 0) < self.num_classes:
+            raise ValueError(f"benchmark.teacher.path={self.path}: the digits teacher must be a class-conditional "
+                             f"UNet2DModel of 1 input channel and a class embedding per digit ({self.num_classes}, "
+                             f"with CFG's null class {self.num_classes + 1}); this one takes {unet.in_channels} channel(s) and "
+                             f"{unet.num_class_embeds or 'no'} class embeddings")
         self.images, self.labels = load_digits_tensor()
         res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), self.images.shape[-1]))
         check_resolution(self.teacher.net, res, res)

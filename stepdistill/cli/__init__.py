@@ -8,7 +8,9 @@ from pathlib import Path
 
 from ..checks import NonFiniteError
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+# the repository's conf/ (an editable install), else the copy a wheel installs as stepdistill/conf
+_SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = str(_SOURCE_CONF if (_SOURCE_CONF / "train.yaml").is_file() else Path(__file__).resolve().parents[1] / "conf")
 
 
 def job_dirname(overrides: str) -> str:

@@ -4,18 +4,35 @@ Hydra reads `trainer.resume=no` as the string "no", and a non-empty string is tr
 `trainer.batch_size=abc` as a string too, which failed much later as "invalid literal for int() with base 10: 'abc'"
 without naming the setting, and `optim.generator.lr=fast` as a traceback from inside torch. The configs declare no
 schema, so a setting's type is read off its default: the same config composed with the command line's group choices
-(benchmark=, method=, ...) and none of its values. `null` passes for every type (it means "the default" where a
-setting allows it, and the setting's own check refuses it where not); settings whose default is a string, a list or
-null are not checked.
+(benchmark=, method=, ...) and none of its values. `null` on a number setting is refused (leave the setting out for
+its default) except where it means the default (NULL_NUMBERS); a list setting takes a list, not one value; settings
+whose default is a string or null are not checked otherwise.
 """
 from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
 
+# lists whose default is null (null: the setting's own default): a single value was a traceback ("'int' object is
+# not iterable") deep in the run
+LIST_SETTINGS = ("generator.timesteps", "generator.train_steps", "benchmark.weights", "benchmark.means")
+# number settings that read null as their default (no clipping, no warm-up, torch's threads); null on any other
+# number setting was an int(None) traceback
+NULL_NUMBERS = ("method.critic_warmup_steps", "method.gan.start_step", "method.step_embedding_gain",
+                "optim.generator.grad_clip", "optim.critic.grad_clip", "trainer.num_threads", "num_threads")
+
+
 def type_error(key: str, text: str, default, value) -> str | None:
     """Why `key=text` (parsed to `value`) does not fit a setting whose default is `default`; None if it does."""
+    from omegaconf import ListConfig
+    if isinstance(default, (list, ListConfig)) or key in LIST_SETTINGS:
+        if value is None or isinstance(value, (list, ListConfig)):
+            return None
+        return f"{key}={text}: need a list, e.g. {key}=[{text}]"
     if value is None:
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and key not in NULL_NUMBERS:
+            return f"{key}=null: need {'an integer' if isinstance(default, int) else 'a number'}: leave it out for " \
+                   f"the default ({default})"
         return None
     if isinstance(default, bool):
         fits, need = isinstance(value, bool) or value in (0, 1), "an on/off setting takes true or false"

@@ -114,6 +114,11 @@ class Trainer:
         self.optimizers, self.schedulers, self.phase_params = {}, {}, {}
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
+        if "generator" in updates and updates["generator"] == 0:   # a run that exports its initial network, silently
+            log.warning("trainer.max_steps=%d leaves the generator no update after the critic's warm-up "
+                        "(method.critic_warmup_steps=%s): the student stays its initial network; raise "
+                        "trainer.max_steps or lower the warm-up", int(tc.max_steps),
+                        self.cfg.method.get("critic_warmup_steps"))
         drop_step = self.cfg.optim.get("lr_drop_step")   # a trainer step; each phase drops at its own update count
         if drop_step is not None:
             drop_step = at_least("optim.lr_drop_step", drop_step, 0)
