@@ -583,6 +583,28 @@ def test_override_types_follow_the_defaults():
     assert type_error("optim.generator.lr", "fast", 3e-4, "fast").startswith("optim.generator.lr=fast: ")
 
 
+def test_compose_config_checks_as_the_command_line_does():
+    """From Python (the notebooks' way), hydra's compose took `method.gan.enabled=no` as the string "no", which is
+    true: the GAN head was built and trained."""
+    from stepdistill.cli import compose_config
+    assert compose_config(["benchmark=gmm", "method=dmd2", "method.gan.enabled=false"]).method.gan.enabled is False
+    for overrides, says in ((["benchmark=gmm", "method.gan.enabled=no"], "method.gan.enabled=no: an on/off setting"),
+                            (["method=dmdd"], "unknown method 'dmdd'"),
+                            (["trainer.max_step=3"], "did you mean trainer.max_steps"),
+                            (["benchmark=gmm", "benchmark.teacher.path=/x"], "is not a setting of benchmark=gmm")):
+        with pytest.raises(ValueError, match=says):
+            compose_config(overrides)
+
+
+def test_an_experiment_preset_for_other_methods_is_refused():
+    """`experiment=sid_from_scratch` without `method=sid` trained DMD2 on SiD's schedule, with SiD's alpha unread."""
+    from stepdistill.cli import compose_config
+    from stepdistill.train.setup import build_run
+    with pytest.raises(ValueError, match=r"this experiment preset is for method=sid or sid_fewstep or sida, not dmd2: "
+                                         r"add method=sid"):
+        build_run(compose_config(["benchmark=gmm", "experiment=sid_from_scratch"]))
+
+
 def test_negative_learning_rate_names_its_setting(tmp_path):
     """torch's "Invalid learning rate: -1" did not say which role's lr it was."""
     from hydra import compose, initialize_config_dir

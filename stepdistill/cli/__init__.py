@@ -274,6 +274,25 @@ def in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def compose_config(overrides: list[str], config_name: str = "train"):
+    """The config a console script composes from these command-line overrides, with the same checks (an unknown
+    choice or setting, a setting of another choice or command, a value of the wrong type): from Python
+    (notebooks), hydra's compose alone took `method.gan.enabled=no` as the string "no", which is true."""
+    from hydra import compose, initialize_config_dir
+
+    from .override_types import check_values, split_overrides
+    overrides = list(overrides)
+    msg = (unknown_group_choice(overrides) or unknown_setting(overrides)
+           or setting_of_another_choice(config_name, overrides))
+    if msg:
+        raise ValueError(msg)
+    choices, values = split_overrides(overrides, [p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()])
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose(config_name, overrides=overrides)
+        check_values(compose(config_name, overrides=choices), cfg, values)
+    return cfg
+
+
 def user_errors(app: str):
     """Bad input ends in one line saying what to change, not a traceback. Around a Hydra app's main(cfg), the
     command line's values are first checked against their settings' types (override_types.py), so every app

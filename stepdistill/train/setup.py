@@ -90,6 +90,10 @@ def build_run(cfg: DictConfig, with_method: bool = True) -> Run:
     torch.manual_seed(int(cfg.seed))
     benchmark = build_benchmark(cfg.benchmark)
     resolve_method_cfg(cfg, benchmark)
+    meant_for = cfg.method.get("experiment_for")   # an experiment preset written for some methods only
+    if meant_for and cfg.method.name not in meant_for:
+        raise ValueError(f"this experiment preset is for method={' or '.join(meant_for)}, not {cfg.method.name}: "
+                         f"add method={meant_for[0]}")
     cls = method_class(cfg.method.name)
     cls.check_benchmark(cfg.method, benchmark)
     model_cfg = cfg.get("model")
