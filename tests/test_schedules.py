@@ -171,7 +171,7 @@ def test_unknown_beta_schedule_names_options():
 
 
 @pytest.mark.parametrize("sched, inside, outside", [
-    (VPSchedule(), [999.0, 0.0], [1000.0]),
+    (VPSchedule(), [999.0, 1.0], [1000.0]),   # 0 is in range but refused: the LCM boundary returns the input there
     (EDMSchedule(), [80.0, 0.002], [81.0]),
     (FlowSchedule(), [1.0, 1e-3], [1.5]),
 ])
