@@ -57,6 +57,19 @@ def test_a_teacher_of_other_channels_or_no_classes_is_one_line(tmp_path):
             build_benchmark(cfg.benchmark)
 
 
+def test_shared_base_on_the_digits_teacher_says_why_it_is_refused():
+    """"needs a diffusers network teacher, not UNet2DModel" named a diffusers network: what it lacks is adapters."""
+    from hydra import compose, initialize_config_dir
+
+    from stepdistill.cli import CONF_DIR
+    from stepdistill.train.setup import build_run
+    with initialize_config_dir(CONF_DIR, version_base=None):
+        cfg = compose("train", overrides=["benchmark=digits", "model.shared_base=true", "model.lora_rank=4"])
+    with pytest.raises(ValueError, match=r"model.shared_base needs a network with diffusers' adapter support .* "
+                                         r"not UNet2DModel"):
+        build_run(cfg)
+
+
 def _teacher_copy(tmp_path, name, scheduler=None, unet=None):
     """The shipped teacher's folder with its scheduler config edited, or another UNet in it."""
     import json

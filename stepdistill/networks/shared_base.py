@@ -22,7 +22,9 @@ from .lora import DEFAULT_TARGETS, mark_frozen
 class SharedBase:
     def __init__(self, unet: nn.Module):
         if not hasattr(unet, "add_adapter"):
-            raise ValueError(f"model.shared_base needs a diffusers network teacher, not {type(unet).__name__}")
+            # diffusers gives UNet2DConditionModel peft adapters (add_adapter), not UNet2DModel (the digits teacher)
+            raise ValueError(f"model.shared_base needs a network with diffusers' adapter support (add_adapter: the "
+                             f"text-to-image benchmarks' UNet2DConditionModel), not {type(unet).__name__}")
         self.unet = unet
         mark_frozen(unet)
         self.adapters: list[str] = []
