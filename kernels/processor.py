@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import BACKENDS, flash_attention
+from .dispatch import BACKENDS, flash_attention, forward_ad_active, math_attention
 
 # "diffusers" leaves a model's own processors alone (the config default); the others install this processor
 CONFIG_BACKENDS = ("diffusers",) + BACKENDS
@@ -56,7 +56,10 @@ class FlashAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if attention_mask is not None:
+        if attention_mask is not None and (self.backend == "math" or forward_ad_active(query)):
+            # SDPA's CPU kernels have no forward-mode AD: the masked call takes the math path there, as unmasked do
+            hidden_states = math_attention(query, key, value, attn.scale, attention_mask)
+        elif attention_mask is not None:
             hidden_states = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
                                                            scale=attn.scale)
         else:
@@ -85,7 +88,16 @@ def set_attention_backend(module: torch.nn.Module, backend: str) -> int:
     processor = FlashAttnProcessor(backend)
     count = 0
     for sub in module.modules():
-        if isinstance(sub, Attention):
+        # added key/value projections (the simple cross-attention blocks of IF / unCLIP UNets) are another
+        # processor's layout (AttnAddedKVProcessor): those layers keep their own processor
+        if isinstance(sub, Attention) and getattr(sub, "added_kv_proj_dim", None) is None:
             sub.set_processor(processor)
             count += 1
     return count
+
+
+def routed_head_dims(module: torch.nn.Module) -> set[int]:
+    """The head dims of the attention layers `set_attention_backend` routes in `module`."""
+    from diffusers.models.attention_processor import Attention
+    return {sub.to_q.out_features // sub.heads for sub in module.modules()
+            if isinstance(sub, Attention) and isinstance(sub.processor, FlashAttnProcessor)}

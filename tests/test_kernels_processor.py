@@ -108,6 +108,51 @@ def test_attention_mask_goes_to_sdpa():
     assert not torch.allclose(attn(x, ctx), ref, atol=1e-3)    # the mask mattered
 
 
+def test_a_masked_call_under_forward_ad_and_the_math_backend_in_fp16():
+    """A masked call went to SDPA whatever the backend, whose CPU kernels have no forward-mode AD; the math backend
+    multiplied unscaled fp16 q·k, which overflowed to NaN where SDPA did not."""
+    from diffusers.models.attention_processor import Attention
+
+    from stepdistill.kernels.dispatch import math_attention
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16)
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 6, 16)
+    mask = (1.0 - torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])) * -10000.0
+    tx = torch.randn_like(x)
+    attn.set_processor(AttnProcessor2_0())
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        ref, ref_t = torch.func.jvp(lambda h: attn(h, ctx, attention_mask=mask), (x,), (tx,))
+    for backend in ("math", "auto"):
+        attn.set_processor(FlashAttnProcessor(backend))
+        out, tangent = torch.func.jvp(lambda h: attn(h, ctx, attention_mask=mask), (x,), (tx,))
+        assert_close(out, ref)
+        assert_close(tangent, ref_t)
+    q, k, v = (torch.randn(1, 2, 8, 64) * 6 + 34).half(), (torch.randn(1, 2, 8, 64) * 6 + 34).half(), \
+        torch.randn(1, 2, 8, 64).half()
+    exact = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    out = math_attention(q, k, v, 64 ** -0.5)
+    assert torch.isfinite(out).all() and (out.double() - exact).abs().max() < 0.05
+
+
+def test_layers_of_another_layout_keep_their_processor_and_wide_heads_refuse_triton(monkeypatch):
+    """Attention with added key/value projections (IF / unCLIP's simple cross-attention) failed at the first
+    forward under every backend; a one-head attention wider than triton's 256 passed the setup check and failed
+    at the first forward."""
+    from diffusers.models.attention_processor import Attention
+    from omegaconf import OmegaConf
+
+    from stepdistill.train.setup import apply_attention_backend
+    added = Attention(query_dim=32, cross_attention_dim=16, heads=2, dim_head=16, added_kv_proj_dim=16)
+    before = type(added.processor)
+    assert set_attention_backend(added, "sdpa") == 0 and type(added.processor) is before
+    wide = torch.nn.ModuleDict({"net": Attention(query_dim=288, heads=1, dim_head=288)})
+    cfg = OmegaConf.create({"attention": {"backend": "triton"}})
+    monkeypatch.setenv("TRITON_INTERPRET", "1")   # the device check, first, passes on the CPU
+    with pytest.raises(ValueError, match=r"attention.backend=triton takes head dims up to 256; these networks have "
+                                         r"288: use attention.backend=auto or sdpa"):
+        apply_attention_backend({"generator": wide}, cfg)
+
+
 def test_unknown_backend_is_a_clear_error():
     with pytest.raises(ValueError, match="attention.backend='fast' is not known"):
         set_attention_backend(torch.nn.Linear(2, 2), "fast")

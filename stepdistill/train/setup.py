@@ -48,6 +48,13 @@ def apply_attention_backend(roles: Roles, cfg: DictConfig) -> None:
     routed = sum(set_attention_backend(module, backend) for module in roles.values())
     if routed:   # here, not at the first forward (after config.yaml is written), and in one line
         check_attention_backend(backend)
+        if backend == "triton":   # a pixel UNet's one-head attention is as wide as its channels (512 in DDPM's)
+            from ..kernels.processor import routed_head_dims
+            from ..kernels.triton_attention_dims import head_dim_supported
+            wide = sorted(d for m in roles.values() for d in routed_head_dims(m) if not head_dim_supported(d))
+            if wide:
+                raise ValueError(f"attention.backend=triton takes head dims up to 256; these networks have "
+                                 f"{wide[-1]}: use attention.backend=auto or sdpa")
 
 
 def check_attention_backend(backend: str) -> None:
