@@ -121,6 +121,18 @@ def test_embedding_cache_encodes_each_prompt_once(tmp_path):
     other = EmbeddingCache("model-b", tmp_path)       # another model does not see model-a's embeddings
     other.get(["ab"], encode)
     assert other.encoded == 1
+    # a miss writes a shard of its own prompts, not the whole table again: two runs writing at once keep both
+    # (one file rewritten from each run's table lost the other's entries)
+    a, b = EmbeddingCache("model-a", tmp_path), EmbeddingCache("model-a", tmp_path)
+    a.get(["x"], encode), b.get(["yy"], encode)
+    shards = sorted((tmp_path / "text_embeddings" / "model-a").glob("*.safetensors"))
+    assert len(shards) == 3 and EmbeddingCache("model-a", tmp_path).index().keys() == {
+        EmbeddingCache.key(p) for p in ("ab", "abc", "x", "yy")}
+    # the single file of earlier versions is still read
+    from stepdistill.data.cache import save_tensors
+    save_tensors({EmbeddingCache.key("old"): torch.full((3, 2), 7.0)}, tmp_path / "text_embeddings" / "model-c.safetensors")
+    old = EmbeddingCache("model-c", tmp_path)
+    assert old.get(["old"], encode)[0, 0, 0] == 7.0 and old.encoded == 0
 
 
 def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path, caplog):
@@ -140,7 +152,7 @@ def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path, caplog):
     config = teacher / "tokenizer" / "tokenizer_config.json"
     config.write_text(config.read_text() + "\n")   # the same tokenizer, but its files changed
     again = build_benchmark(compose_cfg(*local).benchmark)
-    assert again.embedding_cache.file != first.embedding_cache.file
+    assert again.embedding_cache.folder != first.embedding_cache.folder
     negative = build_benchmark(compose_cfg(*local, "benchmark.negative_prompt='a blurry photo'").benchmark)
     assert negative.teacher_samples_key(16) != again.teacher_samples_key(16)
 

@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from .cache import cache_dir, save_tensors
 
@@ -59,25 +59,51 @@ def _pick_column(column: str | None, names: list[str], path: Path) -> str:
 
 
 class EmbeddingCache:
-    """Text embeddings keyed by (model, prompt), one safetensors file per model; a second run re-encodes
-    nothing it has seen. Writes go through a temporary file and a rename."""
+    """Text embeddings keyed by (model, prompt): a second run re-encodes nothing it has seen.
+
+    One folder per model, one safetensors shard per batch of newly encoded prompts, each written through a
+    temporary file and a rename. A run reads only the embeddings it asks for (from the shards' headers, then those
+    tensors), and a miss writes a new shard instead of rewriting every embedding seen so far: the single file of
+    before held the whole table in memory beside the stacked copy (~450 MiB per 1000 SD1.5 prompts), was rewritten
+    whole on each miss, and two runs writing at once lost one's entries. That older file (`<model>.safetensors`
+    beside the folder) is still read."""
 
     def __init__(self, model: str, directory: Path | None = None):
-        self.file = (directory or cache_dir()) / "text_embeddings" / f"{model}.safetensors"
-        self.table: dict[str, torch.Tensor] = load_file(str(self.file)) if self.file.is_file() else {}
+        root = (directory or cache_dir()) / "text_embeddings"
+        self.folder = root / model
+        self.legacy = root / f"{model}.safetensors"
         self.encoded = 0        # how many prompts this process had to encode (tests check cache hits)
 
     @staticmethod
     def key(prompt: str) -> str:
         return hashlib.sha1(prompt.encode()).hexdigest()
 
+    def index(self) -> dict[str, Path]:
+        """Each cached prompt key and the file that holds it (headers only)."""
+        files = [self.legacy] if self.legacy.is_file() else []
+        files += sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
+        found: dict[str, Path] = {}
+        for f in files:
+            with safe_open(str(f), "pt") as st:
+                for k in st.keys():
+                    found.setdefault(k, f)
+        return found
+
     def get(self, prompts: list[str], encode) -> torch.Tensor:
         """(N, tokens, dim) embeddings for `prompts`; `encode(list[str])` runs only on the missing ones."""
-        missing = sorted({p for p in prompts if self.key(p) not in self.table})
+        where = self.index()
+        missing = sorted({p for p in prompts if self.key(p) not in where})
+        got: dict[str, torch.Tensor] = {}
         if missing:
             out = encode(missing)
-            for p, e in zip(missing, out):
-                self.table[self.key(p)] = e.detach().cpu().contiguous()
+            got = {self.key(p): e.detach().cpu().contiguous() for p, e in zip(missing, out)}
             self.encoded += len(missing)
-            save_tensors(self.table, self.file)
-        return torch.stack([self.table[self.key(p)] for p in prompts])
+            shard = hashlib.sha1("".join(sorted(got)).encode()).hexdigest()[:16]
+            save_tensors(got, self.folder / f"{shard}.safetensors")
+        wanted: dict[Path, set[str]] = {}
+        for k in {self.key(p) for p in prompts} - got.keys():
+            wanted.setdefault(where[k], set()).add(k)
+        for f, keys in wanted.items():
+            with safe_open(str(f), "pt") as st:
+                got.update({k: st.get_tensor(k) for k in keys})
+        return torch.stack([got[self.key(p)] for p in prompts])
