@@ -100,10 +100,23 @@ class EmbeddingCache:
             self.encoded += len(missing)
             shard = hashlib.sha1("".join(sorted(got)).encode()).hexdigest()[:16]
             save_tensors(got, self.folder / f"{shard}.safetensors")
-        wanted: dict[Path, set[str]] = {}
-        for k in {self.key(p) for p in prompts} - got.keys():
-            wanted.setdefault(where[k], set()).add(k)
+        rows: dict[str, list[int]] = {}   # each prompt's rows of the result (a prompt may repeat)
+        for i, p in enumerate(prompts):
+            rows.setdefault(self.key(p), []).append(i)
+        out = None
+
+        def put(k, tensor):   # into one preallocated result: no second copy of every embedding to stack
+            nonlocal out
+            if out is None:
+                out = tensor.new_empty((len(prompts), *tensor.shape))
+            out[rows[k]] = tensor
+        for k, tensor in got.items():
+            put(k, tensor)
+        wanted: dict[Path, list[str]] = {}
+        for k in rows.keys() - got.keys():
+            wanted.setdefault(where[k], []).append(k)
         for f, keys in wanted.items():
             with safe_open(str(f), "pt") as st:
-                got.update({k: st.get_tensor(k) for k in keys})
-        return torch.stack([got[self.key(p)] for p in prompts])
+                for k in keys:
+                    put(k, st.get_tensor(k))
+        return out
