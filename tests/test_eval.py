@@ -318,6 +318,32 @@ def test_inception_fid_wiring_with_stand_in(monkeypatch, tmp_path):
     assert out["fd"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_inception_reference_features_are_computed_once(monkeypatch, tmp_path):
+    """Every evaluation ran the fixed reference images (the digits, a run's decoded real latents) through Inception
+    again; InceptionReference keeps their features and gives inception_fid's numbers."""
+    import torchmetrics.image.fid as tm_fid
+
+    from stepdistill.eval.fid import InceptionReference
+    monkeypatch.setattr(tm_fid, "_TORCH_FIDELITY_AVAILABLE", True)
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", StandInInception)
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"stand-in")
+    real = digit_like(24, 3)
+    made = []
+    ref = InceptionReference(weights, lambda: made.append(1) or real, batch_size=10, inception_feature=64)
+    fakes = [digit_like(20, 4, shift=0.4), digit_like(16, 5, shift=-0.2)]
+    got = [ref(f) for f in fakes]
+    assert made == [1] and sum(x.shape[0] for x in ref.metric.inception.inputs) == 24 + 20 + 16
+    for g, f in zip(got, fakes):
+        fresh = inception_fid(real, f, str(weights), batch_size=10, inception_feature=64)
+        assert g == pytest.approx(fresh, rel=1e-9)
+    bad = fakes[0].clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        assert math.isnan(ref(bad)["fd"])
+    assert ref(fakes[1]) == pytest.approx(got[1], rel=1e-9)   # the reference features survive a nan set
+
+
 def test_inception_missing_weights_and_missing_fidelity(monkeypatch, tmp_path):
     import torchmetrics.image.fid as tm_fid
 

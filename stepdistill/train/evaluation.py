@@ -75,6 +75,7 @@ class Evaluator:
         self.cfg = run.cfg.eval
         at_least("eval.batch_size", self.cfg.batch_size)
         self._teacher_cache: dict = {}
+        self._fid = None   # InceptionReference: the reference images' Inception features, kept across evaluations
         self.check_models()
 
     def check_models(self) -> None:
@@ -179,9 +180,11 @@ class Evaluator:
         if not (weights or clip_model):
             return metrics
         images = bm.to_output(samples)   # decoded once for both (a VAE pass on text-to-image benchmarks)
-        if weights:
-            from ..eval.fid import inception_fid
-            out = inception_fid(bm.fid_reference_images(), images, weights)
+        if weights:   # the reference images' Inception features once per run (and per weights file)
+            from ..eval.fid import InceptionReference
+            if self._fid is None or self._fid.weights_path != weights:
+                self._fid = InceptionReference(weights, bm.fid_reference_images)
+            out = self._fid(images)
             metrics.update({"fid": out["fd"], "fid_num_real": out["num_real"], "fid_num_samples": out["num_fake"]})
         if clip_model:
             prompts = bm.eval_labels(samples.shape[0])
