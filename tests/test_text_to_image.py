@@ -244,6 +244,23 @@ def test_bad_text_to_image_inputs(tmp_path):
         build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={shifted}").benchmark)
 
 
+def test_a_teacher_folder_saved_in_fp16_loads_in_float32(tmp_path, monkeypatch):
+    """transformers loads a checkpoint's own dtype, diffusers float32: a teacher folder saved in fp16 (the usual local
+    SD copy) gave fp16 text embeddings, which the fp32 UNet's attention refused at the first forward."""
+    from diffusers import StableDiffusionPipeline
+
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.benchmarks.tiny_sd_teacher import build_tiny_sd
+    monkeypatch.setenv("STEPDISTILL_CACHE", str(tmp_path / "cache"))
+    half = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "tiny"), torch_dtype=torch.float16).save_pretrained(half)
+    bm = build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={half}", "benchmark.num_real=4",
+                                     "benchmark.teacher_steps=2").benchmark)
+    assert bm.text_encoder.dtype == torch.float32 and bm.prompt_embeddings.dtype == torch.float32
+    latents, _ = bm.real_samples   # the teacher's sampling: its UNet's attention took the fp16 embeddings before
+    assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
+
+
 EXPORT_CHECK = r"""
 import json, sys, torch
 from diffusers import DiffusionPipeline

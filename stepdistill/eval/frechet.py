@@ -34,7 +34,7 @@ def gaussian_frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _frechet_in_sample_space(a: torch.Tensor, b: torch.Tensor, mean_term: float) -> float:
     """The same distance from the centred samples when the dimension D exceeds the sample counts (latents at SD's
-    sizes: D = 16384 at 512 px, where two D x D covariances and their eigendecompositions took most of an hour).
+    sizes: D = 16384 at 512 px, where two D x D covariances and their eigendecompositions would take ~52 minutes).
     With A = a / sqrt(na - 1) and B = b / sqrt(nb - 1), Σa = AᵀA and Σb = BᵀB, so tr Σa = ‖A‖²_F, and the nonzero
     eigenvalues of ΣaΣb are those of (ABᵀ)(ABᵀ)ᵀ: tr (ΣaΣb)^½ is the sum of the singular values of the na x nb
     matrix ABᵀ. Exact, not an approximation."""
