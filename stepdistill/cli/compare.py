@@ -34,6 +34,11 @@ IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_
 FD_COUNTS = ("student_fd_num_samples", "student_latent_fd_num_samples")   # digits', text-to-image's
 
 
+def fd_count(evaluation: dict):
+    """The sample count of an image evaluation's FD (digits' or text-to-image's latent FD), or None."""
+    return next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
+
+
 def find_runs(entries) -> list[Path]:
     runs = []
     for entry in entries:
@@ -95,7 +100,7 @@ def describe_evaluation(evaluation: dict, steps: int) -> str:
     if not evaluation:
         return "no evaluation logged"
     who = "the training's evaluation" if "source" not in evaluation else "stepdistill-eval"
-    n = next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
+    n = fd_count(evaluation)
     return (f"{who} at step {evaluation['step']}, {steps}-step sampling" + (f", {n} samples" if n else "")
             + (f" ({' '.join(evaluation['eval_overrides'])})" if evaluation.get("eval_overrides") else ""))
 
@@ -138,7 +143,7 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
         row["teacher_latent_fd"] = evaluation["teacher_latent_fd"]
         if row.get("latent_fd") is not None and row["teacher_latent_fd"]:
             row["latent_fd_ratio"] = row["latent_fd"] / row["teacher_latent_fd"]
-    row["num_samples"] = next((evaluation[k] for k in FD_COUNTS if k in evaluation), None)
+    row["num_samples"] = fd_count(evaluation)
     return row, None, describe_evaluation(evaluation, steps)
 
 

@@ -43,7 +43,8 @@ def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Pat
     """`images01`: float N×3×H×W in [0, 1]; `prompts`: N strings."""
     if images01.shape[0] != len(prompts):
         raise ValueError(f"{images01.shape[0]} images but {len(prompts)} prompts")
-    nonfinite = int((~torch.isfinite(images01.reshape(images01.shape[0], -1))).any(1).sum())
+    from .frechet import nonfinite_rows
+    nonfinite = nonfinite_rows(images01)
     if nonfinite:   # a diverged student: nan pixels cast to 0 scored as black images (as FID and latent FD, nan)
         return {"clip_score": float("nan"), "clip_score_num_samples": len(prompts), "clip_score_num_nonfinite": nonfinite}
     model, processor = load_local_clip(model_path)

@@ -127,12 +127,22 @@ def _check_images(x: torch.Tensor, name: str) -> None:
                          f"{float(finite.max()):.3g}] (map [-1, 1] model outputs with (x + 1) / 2 first)")
 
 
+def _check_inception_images(x: torch.Tensor, name: str) -> None:
+    _check_images(x, name)
+    if x.shape[1] not in (1, 3):
+        raise ValueError(f"Inception FID takes 1- or 3-channel images, got {x.shape[1]} channels")
+
+
+def _nan_fd(num_real: int, num_fake: int) -> dict:
+    warnings.warn("non-finite pixels in the images: Fréchet distance reported as nan", RuntimeWarning, stacklevel=4)
+    return {"fd": math.nan, "num_real": int(num_real), "num_fake": int(num_fake)}
+
+
 def _nan_result(real, fake) -> dict | None:
     """A diverged generator gives nan/inf pixels: report fd = nan (the honest value) instead of crashing a run."""
     if torch.isfinite(real).all() and torch.isfinite(fake).all():
         return None
-    warnings.warn("non-finite pixels in the images: Fréchet distance reported as nan", RuntimeWarning, stacklevel=3)
-    return {"fd": math.nan, "num_real": int(real.shape[0]), "num_fake": int(fake.shape[0])}
+    return _nan_fd(real.shape[0], fake.shape[0])
 
 
 def _run(metric, real, fake, batch_size: int, prep) -> dict:
@@ -181,18 +191,8 @@ def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str | Pa
     Inception resizes to 299 x 299. Slow on CPU (~0.2 s per image in float32). Same return value and checks as
     `frechet_distance`; FileNotFoundError for a missing weights file, ImportError without torch-fidelity.
     """
-    _check_images(real, "real")
-    _check_images(fake, "fake")
-    for x in (real, fake):
-        if x.shape[1] not in (1, 3):
-            raise ValueError(f"Inception FID takes 1- or 3-channel images, got {x.shape[1]} channels")
-    bad = _nan_result(real, fake)
-    if bad is not None:
-        return bad
-    metric = build_fid_metric(inception_weights=weights_path, inception_feature=inception_feature, dtype=dtype)
-    device = torch.device(device or "cpu")
-    metric.to(device)
-    return _run(metric, real, fake, batch_size, _inception_prep(device))
+    return InceptionReference(weights_path, lambda: real, batch_size, inception_feature=inception_feature,
+                              device=device, dtype=dtype)(fake)
 
 
 def _inception_prep(device):
@@ -217,27 +217,22 @@ class InceptionReference:
         self.metric, self.num_real = None, 0
 
     def __call__(self, fake: torch.Tensor) -> dict:
-        _check_images(fake, "fake")
-        if fake.shape[1] not in (1, 3):
-            raise ValueError(f"Inception FID takes 1- or 3-channel images, got {fake.shape[1]} channels")
+        _check_inception_images(fake, "fake")
         prep = _inception_prep(self.device)
         if self.metric is None:
             real = self.reference()
-            _check_images(real, "real")
-            if real.shape[1] not in (1, 3):
-                raise ValueError(f"Inception FID takes 1- or 3-channel images, got {real.shape[1]} channels")
-            if not torch.isfinite(real).all():
-                return _nan_result(real, fake)
+            _check_inception_images(real, "real")
+            bad = _nan_result(real, fake)
+            if bad is not None:   # nothing kept: a later call reads the reference again
+                return bad
             metric = build_fid_metric(inception_weights=self.weights_path, inception_feature=self.inception_feature,
                                       dtype=self.dtype, reset_real_features=False).to(self.device)
             with torch.no_grad():
                 for chunk in real.split(self.batch_size):
                     metric.update(prep(chunk), real=True)
             self.metric, self.num_real = metric, int(real.shape[0])
-        if not torch.isfinite(fake).all():
-            warnings.warn("non-finite pixels in the images: Fréchet distance reported as nan", RuntimeWarning,
-                          stacklevel=2)
-            return {"fd": math.nan, "num_real": self.num_real, "num_fake": int(fake.shape[0])}
+        elif not torch.isfinite(fake).all():
+            return _nan_fd(self.num_real, fake.shape[0])
         self.metric.reset()   # the generated set's sums only: reset_real_features=False keeps the reference's
         with torch.no_grad():
             for chunk in fake.split(self.batch_size):
