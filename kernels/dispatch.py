@@ -80,8 +80,8 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
 def math_attention(q, k, v, scale: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(scale·QKᵀ + mask)V with plain ops: O(L²) memory, but every autograd mode works through it. q is
     scaled before the product, as SDPA does, and half-precision logits are computed in fp32: fp16 logits of
-    unscaled q·k overflowed (65504) to NaN. `mask`: an
-    additive float mask or a boolean keep-mask, broadcast to (batch, heads, q_len, k_len)."""
+    unscaled q·k overflowed (65504) to NaN. `mask`: an additive float mask or a boolean keep-mask, broadcast to
+    (batch, heads, q_len, k_len)."""
     low = q.dtype in (torch.float16, torch.bfloat16)   # logits in fp32: fp16's 3 digits lost whole units of them
     s = torch.matmul((q.float() if low else q) * scale, (k.float() if low else k).transpose(-1, -2)).float()
     if mask is not None:

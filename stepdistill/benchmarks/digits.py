@@ -33,8 +33,9 @@ class DigitsBenchmark(Benchmark):
         unet = self.teacher.net.config   # the digits are one grey channel and 10 classes (a 50-line shape error before)
         if unet.in_channels != 1 or (unet.num_class_embeds or 0) < self.num_classes:
             raise ValueError(f"benchmark.teacher.path={self.path}: the digits teacher must be a class-conditional "
-                             f"UNet2DModel of 1 input channel and a class embedding per digit ({self.num_classes}, "
-                             f"with CFG's null class {self.num_classes + 1}); this one takes {unet.in_channels} channel(s) and "
+                             f"UNet2DModel of 1 input channel and a class embedding per digit (at least "
+                             f"{self.num_classes}; the shipped one has {self.num_classes + 1}, CFG's null class "
+                             f"last); this one takes {unet.in_channels} channel(s) and "
                              f"{unet.num_class_embeds or 'no'} class embeddings")
         self.images, self.labels = load_digits_tensor()
         res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), self.images.shape[-1]))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 from pathlib import Path
 
 import torch
@@ -91,32 +92,32 @@ class EmbeddingCache:
 
     def get(self, prompts: list[str], encode) -> torch.Tensor:
         """(N, tokens, dim) embeddings for `prompts`; `encode(list[str])` runs only on the missing ones."""
+        keys = [self.key(p) for p in prompts]
         where = self.index()
-        missing = sorted({p for p in prompts if self.key(p) not in where})
-        got: dict[str, torch.Tensor] = {}
+        missing = sorted({p for p, k in zip(prompts, keys) if k not in where})
+        fresh: dict[str, torch.Tensor] = {}
         if missing:
-            out = encode(missing)
-            got = {self.key(p): e.detach().cpu().contiguous() for p, e in zip(missing, out)}
+            fresh = {self.key(p): e.detach().cpu().contiguous() for p, e in zip(missing, encode(missing))}
             self.encoded += len(missing)
-            shard = hashlib.sha1("".join(sorted(got)).encode()).hexdigest()[:16]
-            save_tensors(got, self.folder / f"{shard}.safetensors")
+            shard = hashlib.sha1("".join(sorted(fresh)).encode()).hexdigest()[:16]
+            save_tensors(fresh, self.folder / f"{shard}.safetensors")
         rows: dict[str, list[int]] = {}   # each prompt's rows of the result (a prompt may repeat)
-        for i, p in enumerate(prompts):
-            rows.setdefault(self.key(p), []).append(i)
-        out = None
+        for i, k in enumerate(keys):
+            rows.setdefault(k, []).append(i)
+        result = None
+        for k, tensor in itertools.chain(fresh.items(), self._read(where, rows.keys() - fresh.keys())):
+            if result is None:   # one preallocated result: no second copy of every embedding to stack
+                result = tensor.new_empty((len(prompts), *tensor.shape))
+            result[rows[k]] = tensor
+        return result
 
-        def put(k, tensor):   # into one preallocated result: no second copy of every embedding to stack
-            nonlocal out
-            if out is None:
-                out = tensor.new_empty((len(prompts), *tensor.shape))
-            out[rows[k]] = tensor
-        for k, tensor in got.items():
-            put(k, tensor)
-        wanted: dict[Path, list[str]] = {}
-        for k in rows.keys() - got.keys():
-            wanted.setdefault(where[k], []).append(k)
-        for f, keys in wanted.items():
+    @staticmethod
+    def _read(where: dict[str, Path], keys):
+        """(key, tensor) for each of `keys`, each shard opened once."""
+        by_file: dict[Path, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(where[k], []).append(k)
+        for f, file_keys in by_file.items():
             with safe_open(str(f), "pt") as st:
-                for k in keys:
-                    put(k, st.get_tensor(k))
-        return out
+                for k in file_keys:
+                    yield k, st.get_tensor(k)

@@ -180,9 +180,9 @@ class Evaluator:
         if not (weights or clip_model):
             return metrics
         images = bm.to_output(samples)   # decoded once for both (a VAE pass on text-to-image benchmarks)
-        if weights:   # the reference images' Inception features once per run (and per weights file)
+        if weights:   # the reference images' Inception features once per run (its eval settings are fixed)
             from ..eval.fid import InceptionReference
-            if self._fid is None or self._fid.weights_path != weights:
+            if self._fid is None:
                 self._fid = InceptionReference(weights, bm.fid_reference_images)
             out = self._fid(images)
             metrics.update({"fid": out["fd"], "fid_num_real": out["num_real"], "fid_num_samples": out["num_fake"]})
