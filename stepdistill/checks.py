@@ -59,12 +59,15 @@ def run_folder(run_dir) -> Path:
 
 
 def make_folder(folder, setting: str) -> Path:
-    """`folder` made with its parents, for the setting named `setting` (`out`), or a one-line error saying what to
-    change: a file on the path was `[Errno 17] File exists`, which does not say which setting to change."""
+    """`folder` made with its parents and written to, for the setting named `setting` (`out`, `hydra.run.dir`), or
+    a one-line error saying what to change: a file on the path was `[Errno 17] File exists`, which does not say
+    which setting to change, and an existing folder may refuse writes (os.access says yes to root on /proc)."""
+    import tempfile
     folder = Path(folder).expanduser()
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
     except OSError as e:   # a file in the way (File exists, Not a directory), no permission
-        raise ValueError(f"{setting}: cannot make the folder {folder} ({e.strerror}"
+        raise ValueError(f"{setting}: cannot make or write the folder {folder} ({e.strerror}"
                          f"{': ' + str(e.filename) if e.filename else ''}): choose another {setting}") from None
     return folder

@@ -187,7 +187,7 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
         "stepdistill-sample: error: unknown setting 'num_sample': did you mean num_samples or eval.num_samples?")
     from stepdistill.cli import unwritable_run_dir
     assert unwritable_run_dir(["hydra.run.dir=/proc/stepdistill-run"]).startswith(
-        "hydra.run.dir=/proc/stepdistill-run cannot be made or written")
+        "hydra.run.dir: cannot make or write the folder /proc/stepdistill-run")
     import os
     here = os.getcwd()
     try:   # the default run folder goes under the working folder: one that cannot be written was a traceback
@@ -200,13 +200,18 @@ def test_misspelt_settings_and_unusable_run_folders_are_one_line(tmp_path):
     (tmp_path / "afile").write_text("")
     proc = run_app("stepdistill.cli.train", *FAST, f"hydra.run.dir={tmp_path / 'afile' / 'run'}", check=False)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
-    assert f"hydra.run.dir={tmp_path / 'afile' / 'run'} cannot be made or written (Not a directory)" in proc.stderr
+    assert f"hydra.run.dir: cannot make or write the folder {tmp_path / 'afile' / 'run'} (Not a directory" in proc.stderr
     # an output under a file: "[Errno 17] File exists" did not say which setting to change, and came after sampling
     proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_samples=4", f"out={tmp_path / 'afile' / 'x.npz'}",
                    f"hydra.run.dir={tmp_path / 'h'}", check=False)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        f"stepdistill-sample: error: out: cannot make the folder {tmp_path / 'afile'} (File exists: "
+        f"stepdistill-sample: error: out: cannot make or write the folder {tmp_path / 'afile'} (File exists: "
         f"{tmp_path / 'afile'}): choose another out")
+    # an existing folder that refuses writes was found only after sampling, by the write itself
+    proc = run_app("stepdistill.cli.sample", "benchmark=gmm", "num_samples=4", "out=/proc/x.npz",
+                   f"hydra.run.dir={tmp_path / 'h'}", check=False)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "stepdistill-sample: error: out: cannot make or write the folder /proc (")
 
 
 def test_another_commands_setting_is_one_line(tmp_path):
@@ -310,7 +315,7 @@ def test_teacher_recipe_runs_and_records_its_quality(tmp_path, monkeypatch):
     # install=true (which writes into the package) is refused
     proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", f"out={tmp_path}/digits_features.safetensors/x",
                    check=False)
-    assert proc.returncode == 2 and proc.stderr.strip().endswith("cannot be made or written (Not a directory): choose another out")
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("): choose another out") and "out: cannot make or write the folder" in proc.stderr
     proc = run_app("stepdistill.cli.teacher", "benchmark=tiny_sd", "install=true", f"out={tmp_path}/t", check=False)
     assert proc.returncode == 2 and "install=true writes into the package's assets" in proc.stderr
     # a misspelt recipe setting was a TypeError after the feature network had trained

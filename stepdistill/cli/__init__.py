@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from ..checks import NonFiniteError
+from ..checks import NonFiniteError, make_folder
 
 # the repository's conf/ (an editable install), else the copy a wheel installs as stepdistill/conf
 _SOURCE_CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -225,11 +225,10 @@ def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = (), defa
         if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir", *run_dir_keys) or "$" in value or not value:
             continue
         given = True
-        try:   # made here a moment before Hydra would make it (os.access says yes to root on /proc), and written to
-            Path(value).expanduser().mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=Path(value).expanduser()).close()   # an existing folder may refuse writes
-        except OSError as e:
-            return f"{key}={value} cannot be made or written ({e.strerror}): choose another {key}"
+        try:   # made here a moment before Hydra would make it
+            make_folder(value, key)
+        except ValueError as e:
+            return str(e)
     if not given and default_in_cwd:
         try:   # the default run folder (outputs/..., multirun/...) goes under the working folder
             tempfile.TemporaryFile(dir=Path.cwd()).close()
