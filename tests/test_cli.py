@@ -141,6 +141,12 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["benchmark.teacher.path=/x", *FAST], "'benchmark.teacher.path' is not a setting of benchmark=gmm: "
                                            "benchmark=digits or text_to_image or tiny_sd has it"),
     (["method.regression.weight=0.3", *FAST], "'method.regression.weight' is not a setting of method=dmd2: method=dmd"),
+    # ... and the '+' that adds it ran with it ignored: only the choices that have a setting read it
+    (["+method.p_std=1.0", *FAST], "'method.p_std' is not a setting of method=dmd2: method=scm has it"),
+    (["method=dmd", "++method.gan.enabled=true", *FAST], "'method.gan.enabled' is not a setting of method=dmd: "
+                                                         "method=dmd2 has it"),
+    (["+method.experiment_for=[dmd]", *FAST], "'method.experiment_for' is not a setting of method=dmd2: only "
+                                              "experiment=sid_from_scratch sets it"),
     pytest.param(["attention.backend=xformers", *DIGITS_FAST], "attention.backend=xformers needs xformers installed",
                  marks=pytest.mark.skipif(importlib.util.find_spec("xformers") is not None, reason="has xformers")),
 ])

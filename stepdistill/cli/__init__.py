@@ -104,14 +104,17 @@ def known_settings() -> frozenset[str]:
 def setting_of_another_choice(config_name: str, args: list[str]) -> str | None:
     """The one-line error for a `key=value` whose key a conf/ file has but this command's config has not, since
     another choice of its group sets it (`benchmark=gmm benchmark.teacher.path=...`: a digits or text-to-image
-    teacher's), else None. Hydra's answer is six lines suggesting the `+` that would add it unread. Found by
-    composing the command's config: its sweeps' first values stand in for them, and a failure for another reason
-    is left to Hydra's own message."""
+    teacher's), else None. Hydra's answer is six lines suggesting the `+` that would add it unread; and an
+    addition `+key=value` of such a key (`method=dmd2 +method.p_std=1`, sCM's) ran with it ignored, since only the
+    choices that have a key read it (schedule keys and FREE_FORM dicts excepted: what takes them checks them).
+    Found by composing the command's config: its sweeps' first values stand in for them, and a failure for
+    another reason is left to Hydra's own message."""
     import re
 
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
+    from omegaconf import OmegaConf
     if adds_config_folders(args):
         return None
     try:
@@ -121,26 +124,34 @@ def setting_of_another_choice(config_name: str, args: list[str]) -> str | None:
     if any(o.is_sweep_override() and (Path(CONF_DIR) / o.key_or_group).is_dir() for o in parsed):
         return None   # which settings exist depends on the choice each job makes
     overrides = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    added = [o.key_or_group for o in parsed if (o.is_add() or o.is_force_add()) and o.key_or_group in known_settings()
+             and o.key_or_group not in SCHEDULE_KEYS and not o.key_or_group.startswith(FREE_FORM)]
+    missing = object()
     with initialize_config_dir(CONF_DIR, version_base=None):
         try:
-            compose(config_name, overrides=overrides)
-            return None
+            cfg = compose(config_name, overrides=[o for o in overrides if o.lstrip("+").split("=")[0] not in added])
+            key = next((k for k in added if OmegaConf.select(cfg, k, default=missing) is missing), None)
+            if key is None:   # an addition of a setting the config has is Hydra's to refuse
+                return None
         except HydraException as e:
             found = re.match(r"Could not override '([^']+)'", str(e))
             key = found.group(1) if found else None
             if key is None or key not in known_settings():
                 return None
-            group = key.split(".")[0]
-            if not (Path(CONF_DIR) / group).is_dir() or group not in compose(config_name).keys():
-                return not_this_commands_setting(config_name, key)
-            try:
-                chosen = compose(config_name, overrides=[o for o in overrides if "." not in o.split("=")[0]],
-                                 return_hydra_config=True).hydra.runtime.choices.get(group)
-            except HydraException:
-                return None
+        group = key.split(".")[0]
+        if not (Path(CONF_DIR) / group).is_dir() or group not in compose(config_name).keys():
+            return not_this_commands_setting(config_name, key)
+        try:
+            chosen = compose(config_name, overrides=[o for o in overrides if "." not in o.split("=")[0]],
+                             return_hydra_config=True).hydra.runtime.choices.get(group)
+        except HydraException:
+            return None
     owners = sorted(f.stem for f in (Path(CONF_DIR) / group).glob("*.yaml") if key in file_settings(f))
-    if chosen is None or not owners:
+    if chosen is None:
         return None
+    if not owners:   # set by another group's files only (experiment presets)
+        setters = sorted(f"{f.parent.name}={f.stem}" for f in Path(CONF_DIR).glob("*/*.yaml") if key in file_settings(f))
+        return f"{key!r} is not a setting of {group}={chosen}: only {' and '.join(setters)} set{'s' if len(setters) == 1 else ''} it"
     return f"{key!r} is not a setting of {group}={chosen}: {group}={' or '.join(owners)} has it"
 
 
