@@ -135,6 +135,32 @@ def test_embedding_cache_encodes_each_prompt_once(tmp_path):
     assert old.get(["old"], encode)[0, 0, 0] == 7.0 and old.encoded == 0
 
 
+def test_embedding_table_reads_rows_on_demand(tmp_path, monkeypatch):
+    """A prompt set's embeddings were encoded and stacked whole in memory (~236 KB per SD1.5 prompt). Now the
+    missing ones are encoded `chunk` at a time, one shard each, and a batch reads only its own rows."""
+    import pickle
+
+    from stepdistill.data.prompts import EmbeddingCache, EmbeddingTable
+    monkeypatch.setattr(EmbeddingCache, "chunk", 3)
+    monkeypatch.setattr(EmbeddingTable, "max_open", 2)
+    sizes = []
+
+    def encode(prompts):
+        sizes.append(len(prompts))
+        return torch.stack([torch.full((3, 2), float(p)) for p in prompts])
+
+    prompts = [str(i) for i in range(10)]
+    table = EmbeddingCache("m", tmp_path).table(prompts, encode)
+    assert sizes == [3, 3, 3, 1] and len(table) == 10 and not table._open   # nothing read yet
+    assert len(list((tmp_path / "text_embeddings" / "m").glob("*.safetensors"))) == 4
+    rows = table[torch.tensor([7, 0, 7, 9])]
+    assert rows.shape == (4, 3, 2) and rows[:, 0, 0].tolist() == [7, 0, 7, 9]
+    assert len(table._open) == 2   # the least recently used shard was closed
+    again = pickle.loads(pickle.dumps(table))   # a copy opens its own shards
+    assert torch.equal(again[[1, 2]], table[[1, 2]])
+    assert EmbeddingCache("m", tmp_path).table(prompts[::-1], encode)[[0]][0, 0, 0] == 9 and sizes == [3, 3, 3, 1]
+
+
 def test_caches_follow_the_tokenizer_and_the_negative_prompt(tmp_path, caplog):
     """The embedding cache was keyed on the text encoder alone (a changed tokenizer reused stale embeddings), and the
     teacher samples standing in for real data ignored the negative prompt, CFG's unconditional branch."""
@@ -205,7 +231,7 @@ def test_text_teacher_cfg_is_one_batched_call_on_the_negative_prompt():
     from stepdistill.train.setup import build_run
     run = build_run(compose_cfg(*TINY, "benchmark.negative_prompt=blurry"))
     bm, teacher = run.benchmark, run.roles["teacher"]
-    assert bm.data_shape == (4, 8, 8) and bm.prompt_embeddings.shape[0] == 8
+    assert bm.data_shape == (4, 8, 8) and len(bm.prompt_table) == 8
     x, t = torch.randn(3, *bm.data_shape), torch.tensor([100, 500, 900])
     cond = bm.sample_cond(3)
     null = bm.prompt_cond(["blurry"]).expand(3, -1, -1)
@@ -256,7 +282,7 @@ def test_a_teacher_folder_saved_in_fp16_loads_in_float32(tmp_path, monkeypatch):
     StableDiffusionPipeline.from_pretrained(build_tiny_sd(tmp_path / "tiny"), torch_dtype=torch.float16).save_pretrained(half)
     bm = build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={half}", "benchmark.num_real=4",
                                      "benchmark.teacher_steps=2").benchmark)
-    assert bm.text_encoder.dtype == torch.float32 and bm.prompt_embeddings.dtype == torch.float32
+    assert bm.text_encoder.dtype == torch.float32 and bm.eval_cond(2).dtype == torch.float32
     latents, _ = bm.real_samples   # the teacher's sampling: its UNet's attention took the fp16 embeddings before
     assert latents.dtype == torch.float32 and torch.isfinite(latents).all()
 
@@ -369,6 +395,20 @@ def test_a_diverged_students_latent_fd_is_nan_not_an_error():
     m = bm.evaluate(x)
     assert math.isnan(m["latent_fd"]) and m["num_nonfinite"] == 1 and m["latent_fd_num_samples"] == 6
     assert math.isfinite(bm.evaluate(x[3:])["latent_fd"])
+
+
+def test_the_vae_decodes_where_the_teacher_runs():
+    """The VAE is no role, so the run's move to a GPU left it on the CPU: an SD run's evaluation decoded its samples
+    there. The meta device stands in for a GPU here (decoding on it gives no values to copy back)."""
+    from stepdistill.benchmarks.registry import build_benchmark
+    bm = build_benchmark(compose_cfg(*TINY).benchmark)
+    x = torch.randn(2, 4, 8, 8)
+    on_cpu = bm.to_output(x)
+    assert on_cpu.device.type == "cpu" and on_cpu.shape[0] == 2
+    bm.teacher.to("meta")
+    with pytest.raises(NotImplementedError, match="meta"):
+        bm.to_output(x)
+    assert bm.vae.device.type == "meta"
 
 
 @pytest.mark.parametrize("shared", [False, True])
@@ -645,7 +685,7 @@ def test_sdxl_unconditional_branch_and_recipe():
     from stepdistill.benchmarks.registry import build_benchmark
     bm = build_benchmark(compose_cfg(*TINY, "benchmark=tiny_sdxl").benchmark)
     assert bm.sdxl and bm.force_zeros_for_empty_prompt
-    null, cond = bm.teacher.null_embedding[0], bm.prompt_embeddings[0]
+    null, cond = bm.teacher.null_embedding[0], bm.eval_cond(1)[0]
     p = bm.text_encoder_2.config.projection_dim
     assert null.shape == cond.shape and not null[:-1].any() and not null[-1, :p].any()
     assert null[-1, p:p + 6].tolist() == cond[-1, p:p + 6].tolist() == [16, 16, 0, 0, 16, 16]

@@ -127,14 +127,14 @@ class TextToImageBenchmark(Benchmark):
         # the tokenizers too: a changed vocabulary or model_max_length changes every embedding
         parts = ["text_encoder", "tokenizer"] + (["text_encoder_2", "tokenizer_2"] if self.sdxl else [])
         self.embedding_cache = EmbeddingCache("-".join(model_key(self.path / p) for p in parts))
-        self.prompt_embeddings = self.embedding_cache.get(self.prompts, self.encode_prompts)
+        # read by rows as batches draw them: a prompt set's embeddings need not fit in memory
+        self.prompt_table = self.embedding_cache.table(self.prompts, self.encode_prompts)
         negative = str(cfg.get("negative_prompt") or "")
         if self.sdxl and not negative and self.force_zeros_for_empty_prompt:   # as SDXL's own pipeline does
-            null = torch.zeros_like(self.prompt_embeddings[:1])
+            null = torch.zeros_like(self.prompt_table[[0]])
         else:
             null = self.embedding_cache.get([negative], self.encode_prompts)
         null = self.pack(null)[0]
-        self.prompt_embeddings = self.pack(self.prompt_embeddings)
         self.teacher = TextDenoiser(self.wrap(unet), self.schedule, self.prediction_type, null)
         self.images_encoded = 0   # images this process had to put through the VAE (the rest came from the cache)
 
@@ -207,12 +207,12 @@ class TextToImageBenchmark(Benchmark):
 
     def sample_cond(self, n: int, generator: torch.Generator | None = None):
         idx = torch.randint(0, len(self.prompts), (n,), generator=generator)
-        return self.prompt_embeddings[idx]
+        return self.pack(self.prompt_table[idx])
 
     def eval_cond(self, n: int):
         """Prompts in file order, cycled: every prompt equally represented (the text analogue of balanced
         labels); `eval_labels(n)` names them."""
-        return self.prompt_embeddings[torch.arange(n) % len(self.prompts)]
+        return self.pack(self.prompt_table[torch.arange(n) % len(self.prompts)])
 
     def eval_labels(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
@@ -254,10 +254,10 @@ class TextToImageBenchmark(Benchmark):
 
         def encode() -> dict:
             from tqdm.auto import tqdm
-            scale, out = float(self.vae.config.scaling_factor), []
+            scale, out, vae = float(self.vae.config.scaling_factor), [], self.vae_on_teachers_device()
             for i in tqdm(range(0, len(items), 16), desc="VAE latents (cached)", leave=False):
                 x = torch.stack([load_image(p, self.resolution) for p, _ in items[i:i + 16]])
-                out.append(self.vae.encode(x).latent_dist.mean * scale)
+                out.append(vae.encode(x.to(vae.device)).latent_dist.mean.cpu() * scale)
             self.images_encoded = len(items)
             return {"latents": torch.cat(out)}
 
@@ -270,11 +270,18 @@ class TextToImageBenchmark(Benchmark):
         return latents[idx], cond[idx]
 
     # --- output ------------------------------------------------------------------------------------------
+    def vae_on_teachers_device(self):
+        """The VAE, moved to where the teacher runs: it is no role, so the run's move to a GPU left it on the CPU,
+        where decoding an SD evaluation's samples takes minutes per hundred images."""
+        return self.vae.to(next(self.teacher.parameters()).device)
+
     @torch.no_grad()
     def to_output(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-        """Latents -> images in [0, 1] through the teacher's VAE."""
-        scale = float(self.vae.config.scaling_factor)
-        out = [self.vae.decode(x[i:i + batch_size].float() / scale).sample for i in range(0, x.shape[0], batch_size)]
+        """Latents -> images in [0, 1] through the teacher's VAE, decoded on the teacher's device, returned on
+        the CPU as the samples are."""
+        scale, vae = float(self.vae.config.scaling_factor), self.vae_on_teachers_device()
+        out = [vae.decode(x[i:i + batch_size].to(vae.device, torch.float32) / scale).sample.cpu()
+               for i in range(0, x.shape[0], batch_size)]
         return ((torch.cat(out) + 1) / 2).clamp(0, 1)
 
     def fid_reference_images(self):

@@ -39,8 +39,9 @@ def _embedding(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Path, batch_size: int = 64) -> dict:
-    """`images01`: float N×3×H×W in [0, 1]; `prompts`: N strings."""
+def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Path, batch_size: int = 64,
+               device: str | torch.device | None = None) -> dict:
+    """`images01`: float N×3×H×W in [0, 1]; `prompts`: N strings; the model runs on `device` (None: the CPU)."""
     if images01.shape[0] != len(prompts):
         raise ValueError(f"{images01.shape[0]} images but {len(prompts)} prompts")
     from .frechet import nonfinite_rows
@@ -48,6 +49,7 @@ def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Pat
     if nonfinite:   # a diverged student: nan pixels cast to 0 scored as black images (as FID and latent FD, nan)
         return {"clip_score": float("nan"), "clip_score_num_samples": len(prompts), "clip_score_num_nonfinite": nonfinite}
     model, processor = load_local_clip(model_path)
+    model.to(device or "cpu")
     # decoded latents overshoot [0, 1] a little; the uint8 cast wrapped them (1.2 -> 50) instead of saturating
     images01 = images01.clamp(0, 1)
     scores = []
@@ -55,7 +57,8 @@ def clip_score(images01: torch.Tensor, prompts: list[str], model_path: str | Pat
         pixels = list((images01[i:i + batch_size].float() * 255).round().to(torch.uint8))
         pix = processor(images=pixels, return_tensors="pt")["pixel_values"]
         text = processor(text=prompts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True)
-        img = _embedding(model.get_image_features(pixel_values=pix))
-        txt = _embedding(model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
-        scores.append(100 * torch.nn.functional.cosine_similarity(img, txt).clamp_min(0))
+        img = _embedding(model.get_image_features(pixel_values=pix.to(model.device)))
+        txt = _embedding(model.get_text_features(input_ids=text["input_ids"].to(model.device),
+                                                 attention_mask=text["attention_mask"].to(model.device)))
+        scores.append(100 * torch.nn.functional.cosine_similarity(img, txt).clamp_min(0).cpu())
     return {"clip_score": float(torch.cat(scores).mean()), "clip_score_num_samples": len(prompts)}

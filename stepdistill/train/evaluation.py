@@ -180,10 +180,11 @@ class Evaluator:
         if not (weights or clip_model):
             return metrics
         images = bm.to_output(samples)   # decoded once for both (a VAE pass on text-to-image benchmarks)
+        device = next(self.run.roles["generator"].parameters()).device   # Inception and CLIP run where the run does
         if weights:   # the reference images' Inception features once per run (its eval settings are fixed)
             from ..eval.fid import InceptionReference
             if self._fid is None:
-                self._fid = InceptionReference(weights, bm.fid_reference_images)
+                self._fid = InceptionReference(weights, bm.fid_reference_images, device=device)
             out = self._fid(images)
             metrics.update({"fid": out["fd"], "fid_num_real": out["num_real"], "fid_num_samples": out["num_fake"]})
         if clip_model:
@@ -191,7 +192,7 @@ class Evaluator:
             if not isinstance(prompts, list):
                 raise ValueError(f"eval.clip.model needs a text-conditioned benchmark, not {bm.name}")
             from ..eval.clip import clip_score
-            metrics.update(clip_score(images, prompts, clip_model))
+            metrics.update(clip_score(images, prompts, clip_model, device=device))
         return metrics
 
     def teacher_samples(self, noise, cond):
