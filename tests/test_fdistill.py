@@ -244,3 +244,11 @@ def test_every_divergence_trains_and_clear_errors(gmm_cfg, tmp_path):
         build_run(gmm_cfg("method=fdistill", "method.divergence=tv"))
     with pytest.raises(ValueError, match="gan.enabled=true"):
         build_run(gmm_cfg("method=fdistill", "method.gan.enabled=false"))
+    # a weight of 0 switched the discriminator's training off: the DM gradient was weighted by a random head
+    with pytest.raises(ValueError, match="method.gan.critic_weight=0: method=fdistill reads the density ratio"):
+        build_run(gmm_cfg("method=fdistill", "method.gan.critic_weight=0"))
+    # a resume with another bin count was torch's "The size of tensor a (5) must match the size of tensor b (10)"
+    state = build_run(gmm_cfg("method=fdistill")).method.state_dict()
+    with pytest.raises(ValueError, match="method.ratio_bins=5, but the checkpoint kept the means of 10 noise-level "
+                                         "bins: resume with method.ratio_bins=10"):
+        build_run(gmm_cfg("method=fdistill", "method.ratio_bins=5")).method.load_state_dict(state, "cpu")

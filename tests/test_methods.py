@@ -555,3 +555,13 @@ def test_dmd_generator_loss_weights_the_regression_term(gmm_cfg):
     pred, target = preds[0].detach(), batch["reg_target"]
     assert out.loss.item() == pytest.approx(out.logs["loss_dm"] + lam * float(((pred - target) ** 2).mean()), rel=1e-5)
     torch.testing.assert_close(preds[0].grad, lam * 2 * (pred - target) / pred.numel(), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["dmd", "dmd2", "fdistill", "sim", "rcm"])
+def test_fake_guidance_needs_a_trained_unconditional_branch(gmm_cfg, method):
+    """These methods train their fake score on conditional rows only: `method.fake_guidance=2` was accepted and mixed
+    in a null branch that got no gradient (on digits: zero on the null class embedding), or, on an unconditional
+    teacher, failed at the first generator step with "set guidance to 1.0" while guidance was 1.0."""
+    with pytest.raises(ValueError, match=f"method.fake_guidance=2.0: method '{method}' trains its fake score on "
+                                         "conditional rows only"):
+        build_run(gmm_cfg(f"method={method}", "method.fake_guidance=2.0"))

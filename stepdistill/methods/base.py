@@ -36,6 +36,7 @@ class Method:
     batch_keys: tuple[str, ...] = ("noise", "cond")  # what the trainer's data source must provide
     uses_fake_score: bool = True   # False: the run builds no fake-score critic (known before the method is)
     reuses_generator_samples: bool = False  # True: its critic phase can train on the generator phase's samples
+    trains_unconditional_fake: bool = False  # True: its critic learns the unconditional branch (SiD's LSG dropout)
 
     def __init__(self, models: Roles, cfg):
         missing = models.missing(self.roles)
@@ -56,6 +57,12 @@ class Method:
         for weight in ("generator_weight", "critic_weight"):   # 0 switches a GAN term off; < 0 would reverse it
             if gan is not None and weight in gan:
                 non_negative(f"method.gan.{weight}", gan[weight])
+        if float(cfg.get("fake_guidance", 1.0)) != 1.0 and not self.trains_unconditional_fake:
+            # its critic trains on conditional rows only: CFG would mix in a null branch that never followed the
+            # generator (the teacher's, where the critic starts from it)
+            raise ValueError(f"method.fake_guidance={cfg.fake_guidance}: method {self.name!r} trains its fake score "
+                             "on conditional rows only, so CFG on it mixes in an untrained unconditional branch; "
+                             "keep 1.0 (method=sid trains both branches, method.fake_cond_dropout)")
         reuse = bool(cfg.get("reuse_generator_samples", False))
         if reuse and not self.reuses_generator_samples:
             raise ValueError(f"method.reuse_generator_samples: method {self.name!r} draws its critic's samples itself; "

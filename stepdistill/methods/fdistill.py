@@ -89,6 +89,9 @@ class FDistill(DMD2):
         if gan is None or not bool(gan.get("enabled", False)):
             raise ValueError("method=fdistill estimates the density ratio with the GAN discriminator: "
                              "set method.gan.enabled=true")
+        if not float(gan.get("critic_weight", 1.0)) > 0:   # 0 switches the term off: the head would never train
+            raise ValueError(f"method.gan.critic_weight={gan.critic_weight}: method=fdistill reads the density ratio "
+                             "off the discriminator, which this weight trains; set it > 0 (1e-2 by default)")
         self.divergence = check_divergence(str(cfg.get("divergence", "js")))
         lo, hi = (float(v) for v in cfg.get("log_ratio_clip", (-3.0, 3.0)))
         if not lo < hi:
@@ -160,6 +163,10 @@ class FDistill(DMD2):
     def load_state_dict(self, state: dict, device) -> None:
         super().load_state_dict(state, device)
         if self.bin_means is not None and "ratio_bin_means" in state:
+            saved = state["ratio_bin_means"].numel()
+            if saved != self.bin_means.numel():
+                raise ValueError(f"method.ratio_bins={self.bin_means.numel()}, but the checkpoint kept the means of "
+                                 f"{saved} noise-level bins: resume with method.ratio_bins={saved}")
             self.bin_means.copy_(state["ratio_bin_means"])
             self._pending = None
 

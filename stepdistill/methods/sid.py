@@ -100,6 +100,7 @@ def with_null_rows(den, cond: torch.Tensor, share: float) -> torch.Tensor:
 
 class SiD(Method):   # the base class's roles and phases: teacher, fake score, generator; 1:1 alternation
     name = "sid"
+    trains_unconditional_fake = True   # fake_cond_dropout: LSG's fake_guidance has a trained null branch
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)
