@@ -44,6 +44,11 @@ def vp_schedule(sched_cfg: dict) -> VPSchedule:
     if trained is None and beta not in SUPPORTED_BETAS:
         raise ValueError(f"teacher scheduler beta_schedule {beta!r} is not supported: use one of {SUPPORTED_BETAS} "
                          "(or save the scheduler with its betas as trained_betas)")
+    time_input = sched_cfg.get("timestep_type", "discrete")
+    if time_input != "discrete":   # EulerDiscreteScheduler's "continuous" feeds the UNet 0.25 log sigma (CosXL)
+        raise ValueError(f"teacher scheduler {name} sets timestep_type={time_input!r}: its UNet takes 0.25 log sigma "
+                         "as its time input, not the timestep index stepdistill feeds VP teachers; only "
+                         "timestep_type 'discrete' teachers are supported")
     zero_snr = bool(sched_cfg.get("rescale_betas_zero_snr", False))
     try:
         schedule = VPSchedule(sched_cfg.get("num_train_timesteps", 1000), beta, sched_cfg.get("beta_start", 0.0001),

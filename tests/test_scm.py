@@ -309,3 +309,24 @@ def test_scm_proposal_is_log_normal_in_sigma_d_tan_t():
     ecdf_hi, ecdf_lo = torch.arange(1, n + 1) / n, torch.arange(n) / n
     ks = max(float((ecdf_hi - cdf).abs().max()), float((cdf - ecdf_lo).abs().max()))
     assert ks < 1.63 / math.sqrt(n), ks
+
+
+def test_scm_under_cpu_bf16_autocast_trains_a_unet_student(tmp_path):
+    """Under CPU autocast the JVP gave GroupNorm a bfloat16 primal with a float32 tangent, and the next convolution
+    failed ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same")."""
+    from conftest import digits_cfg
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    run = build_run(digits_cfg("method=scm", "trainer.mixed_precision=bf16", "method.warmup_steps=0"))
+    trainer = Trainer(run, tmp_path)
+    phase, logs = trainer.train_step(BatchSource(run.benchmark, run.method.batch_keys, 4, "cpu"))
+    assert phase == "generator" and math.isfinite(logs["generator/loss"])
+
+
+def test_only_rcm_has_a_batch_statistic(gmm_cfg):
+    """gmm sets method.normalizer=batch for every method: sCM, which never reads it, warned under gradient
+    accumulation that its update was not the one-batch update; rCM's DM term does read it."""
+    from stepdistill.train.setup import build_run
+    assert build_run(gmm_cfg("method=scm")).method.batch_statistic() is None
+    assert build_run(gmm_cfg("method=rcm")).method.batch_statistic() == "method.normalizer=batch"

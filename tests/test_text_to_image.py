@@ -758,3 +758,28 @@ def test_zero_guidance_is_unconditional_and_bad_counts_are_errors():
                      "benchmark.guidance=-1"):
         with pytest.raises(ValueError, match=f"{override}: need"):
             build_benchmark(compose_cfg(*TINY, override).benchmark)
+
+
+def test_shared_base_adapters_on_embeddings_and_custom_gan_features():
+    """peft names an Embedding's adapter weights `...lora_embedding_A.<adapter>` (no dot after the name): a role's
+    adapter_params left them out (no optimizer, checkpoint or EMA copy). And a GAN feature module other than
+    mid_block (`method.gan.feature_module=unet.down_blocks.1`) was not found through a role's view."""
+    from diffusers import UNet2DConditionModel
+
+    from stepdistill.networks.heads import find_feature_module
+    from stepdistill.networks.shared_base import AdapterView, SharedBase
+    from stepdistill.networks.text_unet import TextConditionedUNet
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), num_class_embeds=4,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    shared = SharedBase(unet)
+    shared.add("fake_score", 4, targets=("to_q", "class_embedding"))
+    adapter = {n for n, _ in unet.named_parameters() if "lora_" in n}
+    assert {"class_embedding.lora_embedding_A.fake_score", "class_embedding.lora_embedding_B.fake_score"} <= adapter
+    assert len(shared.params("fake_score")) == len(adapter)
+    view = TextConditionedUNet(AdapterView(shared, "fake_score"))
+    assert find_feature_module(view, "unet.down_blocks.1") is unet.down_blocks[1]
+    assert find_feature_module(view) is unet.mid_block
+    with pytest.raises(ValueError, match="cannot find the bottleneck module unet.down_blockz"):
+        find_feature_module(view, "unet.down_blockz")

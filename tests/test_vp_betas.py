@@ -124,6 +124,19 @@ def test_vp_schedule_of_a_diffusers_config_has_its_alphas_cumprod(kwargs):
     assert ours.zero_terminal_snr == bool(kwargs.get("rescale_betas_zero_snr"))
 
 
+def test_a_teacher_on_continuous_euler_time_is_refused():
+    """EulerDiscreteScheduler's timestep_type="continuous" (CosXL) feeds its UNet 0.25 log sigma; the teacher was
+    accepted and fed the timestep index."""
+    from diffusers import EulerDiscreteScheduler
+
+    from stepdistill.teachers import vp_schedule
+    config = dict(EulerDiscreteScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction",
+                                         timestep_type="continuous").config)
+    with pytest.raises(ValueError, match="sets timestep_type='continuous': its UNet takes 0.25 log sigma"):
+        vp_schedule(config)
+    assert vp_schedule({**config, "timestep_type": "discrete"}).num_train_timesteps == 1000
+
+
 def test_epsilon_teacher_on_zero_terminal_snr_is_a_one_line_error():
     from stepdistill.denoiser import NetworkDenoiser
     from stepdistill.teachers import vp_schedule

@@ -20,7 +20,7 @@ own denoising loss.
 from __future__ import annotations
 
 from .. import batch_split
-from .base import LossOut
+from .base import LossOut, Method
 from .distribution_matching import check_normalizer, dmd_loss, fake_score_phase
 from .scm import SCM
 
@@ -30,6 +30,7 @@ class RCM(SCM):
     batch_keys = ("noise", "cond", "real", "real_cond")
     uses_fake_score = True
     critic_roles = ("fake_score",)
+    batch_statistic = Method.batch_statistic   # its DM term reads method.normalizer (sCM's loss has none)
 
     def __init__(self, models, cfg):
         super().__init__(models, cfg)   # sCM's roles and phases, with the critic's

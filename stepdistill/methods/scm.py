@@ -18,6 +18,7 @@ teacher's weights (the analytic GMM teacher has none) first learns the teacher's
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -87,6 +88,9 @@ class SCM(Method):
     def phase(self, step: int) -> str:
         return "generator"  # one network, one loss: no critic, no TTUR
 
+    def batch_statistic(self) -> str | None:
+        return None   # a per-sample loss; a benchmark's method.normalizer (gmm sets one for every method) goes unread
+
     # --- the student's consistency function ----------------------------------------------------------------
     def F_student(self, x_t, t, cond=None):
         return self.trig.F(self.models["generator"].denoiser, x_t, t, cond)
@@ -100,8 +104,11 @@ class SCM(Method):
 
         PyTorch's fused SDPA kernels have no forward-mode derivative; its math kernel (plain matmuls) does, so
         diffusers' default attention runs through it here. attention.backend=auto|triton takes the project's
-        Triton JVP kernel instead on CUDA (stepdistill.kernels)."""
-        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        Triton JVP kernel instead on CUDA (stepdistill.kernels). Under CPU autocast, forward-mode AD gives
+        GroupNorm and LayerNorm a bfloat16 primal with a float32 tangent, which the next convolution refuses: the JVP
+        runs in float32 there (CUDA's autocast keeps those norms in float32)."""
+        off_on_cpu = torch.autocast("cpu", enabled=False) if x_t.device.type == "cpu" else contextlib.nullcontext()
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), off_on_cpu:
             return torch.func.jvp(fn, (x_t, t), (dxdt, torch.ones_like(t)))
 
     def warmup_ratio(self, step: int) -> float:
@@ -116,12 +123,15 @@ class SCM(Method):
         x_t = tf.add_noise(x0, z, t)
         with torch.no_grad():
             dxdt = tf.velocity(m["teacher"], x_t, t, cond, float(c.guidance))
-        F_minus, dF_dt = self.tangent(lambda x, s: self.F_student(x, s, cond), x_t, t, dxdt)
+        _, dF_dt = self.tangent(lambda x, s: self.F_student(x, s, cond), x_t, t, dxdt)
+        F_theta = self.F_student(x_t, t, cond)
+        # F_theta^- is F_theta with its gradient stopped (sCM Alg. 1), not the JVP's primal: that is another pass
+        # (the math attention kernel, float32 on the CPU), whose rounding would enter F_theta - F_theta^-
+        F_minus = F_theta.detach()
         cos, sin, sd, r = _b(torch.cos(t), x_t), _b(torch.sin(t), x_t), tf.sigma_data, self.warmup_ratio(step)
         g = -cos**2 * (sd * F_minus - dxdt) - r * cos * sin * (x_t + sd * dF_dt)
         g_norm = g.flatten(1).norm(dim=1)
         g = g / _b(g_norm + float(c.tangent_norm_c), g)
-        F_theta = self.F_student(x_t, t, cond)
         per_sample = ((F_theta - F_minus - g) ** 2).flatten(1).mean(1)  # ||.||^2 / D
         logs = {"loss_scm": per_sample.mean().item(), "tangent_norm": g_norm.mean().item(), "tangent_warmup": r}
         if self.weighting == "adaptive":

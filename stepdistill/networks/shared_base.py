@@ -54,7 +54,9 @@ class SharedBase:
 
     def params(self, name: str) -> list[nn.Parameter]:
         """Adapter `name`'s parameters, in module order (the same order for every adapter)."""
-        return [p for n, p in self.unet.named_parameters() if f".{name}." in n and "lora_" in n]
+        # an Embedding's adapter weights end in the name (`lora_embedding_A.<name>`), a Linear's continue after it
+        return [p for n, p in self.unet.named_parameters()
+                if "lora_" in n and (f".{name}." in n or n.endswith(f".{name}"))]
 
     def _lora_params(self) -> list[nn.Parameter]:
         return [p for n, p in self.unet.named_parameters() if "lora_" in n]
@@ -97,9 +99,16 @@ class AdapterView(nn.Module):
     def config(self):          # so the Denoiser calls it like the diffusers model it stands for
         return self.shared.unet.config
 
-    @property
-    def mid_block(self):       # the GAN head's bottleneck
-        return self.shared.unet.mid_block
+    def __getattr__(self, name):
+        """The shared network's submodules (`mid_block`, `down_blocks`: the GAN head's `method.gan.feature_module`)
+        as a full copy would have them."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            shared = self.__dict__.get("shared")
+            if shared is None or name.startswith("_"):   # mid-copy, or Python's own protocol lookups
+                raise
+            return getattr(shared.unet, name)
 
     def forward(self, *args, **kwargs):
         self.shared.activate(self.adapter)
