@@ -177,5 +177,7 @@ class NetworkDenoiser(Denoiser):
 
 
 def _is_diffusers_unet(net) -> bool:
-    cls = type(net).__name__
-    return cls in ("UNet2DModel",) or (hasattr(net, "config") and getattr(net.config, "_class_name", "") == "UNet2DModel")
+    # by the class hierarchy, not the class's own name: FSDP2's fully_shard makes it a subclass (FSDPUNet2DModel),
+    # and a UNet built in code has no config._class_name (saving adds it); without importing diffusers
+    return (any(c.__name__ == "UNet2DModel" for c in type(net).__mro__)
+            or (hasattr(net, "config") and getattr(net.config, "_class_name", "") == "UNet2DModel"))

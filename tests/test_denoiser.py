@@ -355,3 +355,16 @@ def test_denoising_loss_backpropagates_with_unet():
 def test_unknown_prediction_type_raises():
     with pytest.raises(ValueError, match="epsilon"):
         NetworkDenoiser(TinyCondNet(), VPSchedule(), prediction_type="eps")
+
+
+def test_a_sharded_or_freshly_built_unet_is_called_as_a_diffusers_unet():
+    """FSDP2's fully_shard renames the class (FSDPUNet2DModel, a subclass), and a UNet built in code has no
+    config._class_name: such a network was called net(x, t, cond) and returned a UNet2DOutput, not a tensor."""
+    from diffusers import UNet2DModel
+
+    from stepdistill.denoiser import _is_diffusers_unet
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(32,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=8)
+    unet.__class__ = type("FSDPUNet2DModel", (UNet2DModel,), {})
+    assert getattr(unet.config, "_class_name", None) is None and _is_diffusers_unet(unet)
+    assert not _is_diffusers_unet(torch.nn.Linear(2, 2))
