@@ -66,7 +66,7 @@ def sim_loss(x: torch.Tensor, teacher, fake, cond=None, guidance: float = 1.0, f
     per_sample = (u * ((f_real - xf) - delta.detach())).flatten(1).sum(1) / n
     if normalizer != "none":
         with torch.no_grad():
-            weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer).flatten())
+            weight = torch.nan_to_num(1.0 / denoising_error(xf, f_real, normalizer).clamp_min(1e-5).flatten())   # floored as SiD
         per_sample = per_sample * weight
     with torch.no_grad():
         logs = {"score_gap": delta.flatten(1).pow(2).mean(1).sqrt().mean().item(),
