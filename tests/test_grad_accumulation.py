@@ -180,7 +180,7 @@ def test_a_non_finite_micro_batch_skips_the_update(tmp_path):
 @pytest.mark.parametrize("k,message", [
     (3, r"trainer.batch_size=64 does not split over 1 processes x 3 micro-batches \(trainer.grad_accum_steps\): "
         "use a multiple of 3"),
-    (0, r"trainer.grad_accum_steps=0: use 1 \(no accumulation\) or more micro-batches")])
+    (0, r"trainer.grad_accum_steps=0: need an integer >= 1")])
 def test_a_batch_that_does_not_split_into_micro_batches_is_a_clear_error(tmp_path, k, message):
     with pytest.raises(ValueError, match=message):
         Trainer(build_run(compose_cfg(*GMM_FAST, f"trainer.grad_accum_steps={k}")), tmp_path)

@@ -584,7 +584,7 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.batch_size=0", "trainer.batch_size=0: need at least 1 sample"),
+    ("trainer.batch_size=0", "trainer.batch_size=0: need an integer >= 1"),
     ("trainer.ema_decay=1.5", "trainer.ema_decay=1.5: need a decay in [0, 1)"),
     ("trainer.ema_decay=1.0", "trainer.ema_decay=1.0: need a decay in [0, 1)"),
     ("optim.lr_drop_step=2.5", "optim.lr_drop_step=2.5: need an integer >= 0"),
@@ -613,6 +613,8 @@ def test_bad_lr_drop_is_a_clear_error(gmm_cfg, tmp_path):
     ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0: need an integer >= 1"),
     ("optim.generator.grad_clip=-1", "optim.generator.grad_clip=-1: need a number >= 0"),
     ("optim.critic.warmup_steps=-1", "optim.critic.warmup_steps=-1: need an integer >= 0"),
+    ("trainer.grad_accum_steps=2.5", "trainer.grad_accum_steps=2.5: need an integer >= 1"),   # ran as 2
+    ("trainer.batch_size=64.9", "trainer.batch_size=64.9: need an integer >= 1"),           # trained on 64 rows
     ("method.gan.head_width=0", "method.gan.head_width=0: need an integer >= 1"),
     ("method=scm method.weighting_width=0", "method.weighting_width=0: need an integer >= 1"),
     ("generator.timesteps=[1200]", "generator.timesteps=[1200.0]: each must lie in the schedule's range [0, 999]"),
@@ -630,3 +632,24 @@ def test_settings_out_of_range_are_clear_errors(gmm_cfg, tmp_path, override, mes
         train(gmm_cfg("method=dmd2", "trainer.max_steps=2", *override.split()), tmp_path)
     assert message in str(err.value)
     assert not (tmp_path / "checkpoints").exists()   # checked before anything ran
+
+
+def test_update_path_edges(gmm_cfg, tmp_path, monkeypatch):
+    """A null warm-up was accepted as 0, then failed in int(None); an accelerate config's
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS divided every loss once more; a phase's gradients were held through
+    the other phase's steps; sCM with gradient checkpointing looked up a fake score it does not have."""
+    from conftest import digits_cfg
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    run = build_run(gmm_cfg("method=dmd2", "optim.generator.warmup_steps=null", "method.critic_warmup_steps=0"))
+    trainer = Trainer(run, tmp_path / "gmm")
+    assert trainer.accelerator.gradient_accumulation_steps == 1
+    batches = BatchSource(run.benchmark, run.method.batch_keys, 8, "cpu")
+    for _ in range(2):
+        phase, logs = trainer.train_step(batches)
+        trainer.step += 1
+        assert logs is not None
+        assert all(p.grad is None for p in trainer.phase_params[phase]), phase
+    build_run(digits_cfg("method=scm", "model.gradient_checkpointing=true"))

@@ -8,7 +8,9 @@ from torch import nn
 
 
 def make_ema(model: nn.Module) -> nn.Module:
-    ema = copy.deepcopy(model)
+    # a LoRA student's frozen base (networks/lora.py) is shared, not copied: it never changes, and the copy was a
+    # second UNet in memory
+    ema = copy.deepcopy(model, {id(p): p for p in model.parameters() if getattr(p, "frozen_base", False)})
     for p in ema.parameters():
         p.requires_grad_(False)
     return ema
@@ -19,8 +21,10 @@ class EMA:
     walking both module trees on every update was a visible share of a gmm step."""
 
     def __init__(self, ema: nn.Module, model: nn.Module):
-        self.ema_params = list(ema.parameters())
-        self.params = [p.detach() for p in model.parameters()]   # views: the optimizer updates them in place
+        # a LoRA student's frozen base is left out: 99% of its tensors' elements, rewritten with themselves
+        pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if not getattr(p, "frozen_base", False)]
+        self.ema_params = [e for e, _ in pairs]
+        self.params = [p.detach() for _, p in pairs]   # views: the optimizer updates them in place
         self.buffers = list(zip(ema.buffers(), model.buffers()))
 
     @torch.no_grad()

@@ -78,7 +78,8 @@ def enable_gradient_checkpointing(roles: Roles) -> None:
     from ..networks.lora import diffusers_unet
     from ..networks.shared_base import AdapterView
     found = False
-    for den in (roles["fake_score"], *roles["generator"].step_denoisers):
+    critics = [roles["fake_score"]] if "fake_score" in roles else []   # sCM has none
+    for den in (*critics, *roles["generator"].step_denoisers):
         net = diffusers_unet(den)
         if isinstance(net, AdapterView):
             # the recomputation in backward runs the shared UNet with whichever adapter a later call switched to
