@@ -68,8 +68,13 @@ def vp_schedule(sched_cfg: dict) -> VPSchedule:
 
 
 def teacher_info(path: str | Path) -> dict:
-    f = Path(path) / "stepdistill_teacher.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
+    """The teacher's record (null class, default guidance and sampler steps): in the teacher folder, or in its
+    parent when the path names the folder's unet/ (whose scheduler the loader also finds there)."""
+    root = Path(path).expanduser()
+    for f in (root / "stepdistill_teacher.json", root.parent / "stepdistill_teacher.json"):
+        if f.is_file() and (f.parent == root or (root / "config.json").is_file()):
+            return json.loads(f.read_text())
+    return {}
 
 
 def load_unet_teacher(path: str | Path, prediction_type: str | None = None, null_class: int | None = None,

@@ -130,7 +130,7 @@ DIGITS_FAST = ["benchmark=digits", "trainer.max_steps=2", "eval.every=0", "eval.
     (["method.guidance=3", *FAST], "set method.guidance=1.0"),
     (["benchmark.teacher.path=/no/such/teacher", *DIGITS_FAST], "set benchmark.teacher.path"),
     (["benchmark.teacher.prediction_type=epsilon", *DIGITS_FAST], "does not match the teacher's scheduler"),
-    (["benchmark.resolution=7", *DIGITS_FAST], "benchmark.resolution=8"),
+    (["benchmark.resolution=7", *DIGITS_FAST], "leave benchmark.resolution at 8"),
     (["generator.steps=0", *FAST], "generator.steps=0: a generator takes at least 1 step"),
     (["generator.steps=60", *FAST], "generator.steps=60: a student on a discrete schedule samples in at most 50"),
     (["trainer.max_steps=0", *FAST], "trainer.max_steps=0: need an integer >= 1"),

@@ -145,6 +145,26 @@ def test_benchmark_settings_unset_zero_and_bad():
         make_benchmark(digits_cfg("benchmark.feature_net=/nope").benchmark)
 
 
+def test_digits_refuse_a_digit_as_null_class_and_other_resolutions_and_read_the_record_beside_unet(tmp_path):
+    """A null class that is a digit's label (an explicit one, or a 10-class teacher's last) made CFG do nothing
+    for that digit; a 16x16 teacher with benchmark.resolution=16 trained against 8x8 real images and failed at
+    its first evaluation; a path to the folder's unet/ loaded without its record (guidance, steps, null class)."""
+    from conftest import digits_cfg
+
+    from stepdistill.benchmarks.registry import build_benchmark as make_benchmark
+    with pytest.raises(ValueError, match="its null class .* is 3, the label of the digit 3"):
+        make_benchmark(digits_cfg("benchmark.teacher.null_class=3").benchmark)
+    big = _teacher_copy(tmp_path, "big", unet=build_digits_unet(sample_size=16))
+    with pytest.raises(ValueError, match="the digits are 8x8 images"):
+        make_benchmark(digits_cfg(f"benchmark.teacher.path={big}", "benchmark.resolution=16").benchmark)
+    with pytest.raises(ValueError, match="the digits are 8x8 images"):
+        make_benchmark(digits_cfg(f"benchmark.teacher.path={big}").benchmark)
+    info = teacher_info(SHIPPED_TEACHER)
+    assert teacher_info(SHIPPED_TEACHER / "unet") == info
+    inner = make_benchmark(digits_cfg(f"benchmark.teacher.path={SHIPPED_TEACHER / 'unet'}").benchmark)
+    assert (inner.guidance, inner.teacher_steps) == (info["default_guidance"], info["default_sampler_steps"])
+
+
 def test_shipped_teacher_samples_its_labels():
     torch.manual_seed(0)
     teacher = load_unet_teacher(SHIPPED_TEACHER)

@@ -48,3 +48,19 @@ def test_tiny_sd_folder_loads_and_samples_in_stock_diffusers(tmp_path):
     for steps in ("1", "4"):
         shape, lo, hi, finite = out[steps]
         assert shape == [2, 16, 16, 3] and finite and 0.0 <= lo <= hi <= 1.0
+
+
+def test_the_tiny_tokenizer_is_the_same_in_every_process():
+    """The tokenizers library's BPE trainer breaks ties between equally frequent pairs in hash order: the
+    vocabulary, and so the tiny_sd teacher, changed from one process to the next."""
+    import subprocess
+    import sys
+    code = ("from stepdistill.benchmarks.tiny_sd_teacher import build_tokenizer as b; t = b(); "
+            "print(len(t), t('an astronaut riding a horse, naive!').input_ids)")
+    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(3)}
+    assert len(outs) == 1
+    from stepdistill.benchmarks.tiny_sd_teacher import build_tokenizer
+    t = build_tokenizer()
+    assert t.convert_ids_to_tokens(t("an astronaut riding a horse").input_ids)[1:-1] == [
+        "an</w>", "astronaut</w>", "riding</w>", "a</w>", "horse</w>"]

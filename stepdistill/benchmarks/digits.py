@@ -37,8 +37,22 @@ class DigitsBenchmark(Benchmark):
                              f"{self.num_classes}; the shipped one has {self.num_classes + 1}, CFG's null class "
                              f"last); this one takes {unet.in_channels} channel(s) and "
                              f"{unet.num_class_embeds or 'no'} class embeddings")
+        null = self.teacher.null_class
+        if null is not None and null < self.num_classes:   # a digit's own label: CFG does nothing for that digit
+            raise ValueError(f"benchmark.teacher.path={self.path}: its null class (CFG's 'no label') is {null}, the "
+                             f"label of the digit {null}; the digits need it at {self.num_classes} or above (the "
+                             f"shipped teacher: {self.num_classes}, of {self.num_classes + 1} class embeddings): set "
+                             "benchmark.teacher.null_class, or retrain the teacher with stepdistill-teacher")
         self.images, self.labels = load_digits_tensor()
-        res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), self.images.shape[-1]))
+        side = self.images.shape[-1]
+        res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), side))
+        size = self.teacher.net.config.sample_size
+        if res != side or size not in (side, [side, side], (side, side)):
+            # the real images (the GAN's, the regression's) and the feature network are 8x8: a 16x16 teacher trained
+            # on 8x8 reals and failed at its first evaluation
+            raise ValueError(f"benchmark.resolution={res} with a teacher of sample_size {size}: the digits are "
+                             f"{side}x{side} images, and so is the feature network's input; leave "
+                             f"benchmark.resolution at {side} (or null) with a {side}x{side} teacher")
         check_resolution(self.teacher.net, res, res)
         self.data_shape = (1, res, res)
         self.guidance = non_negative("benchmark.guidance",

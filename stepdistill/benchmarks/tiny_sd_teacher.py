@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -22,25 +23,57 @@ TOKENIZER_PROMPTS = ("a photo of a cat", "a red car on a road", "a painting of a
 
 
 def build_tokenizer(max_length: int = 16, vocab_size: int = 600, prompts=TOKENIZER_PROMPTS):
-    """A CLIP tokenizer (CLIP's normaliser and pre-tokeniser) with a byte-level BPE trained on `prompts`.
+    """A CLIP tokenizer (CLIP's normaliser and pre-tokeniser) with a byte-level BPE learnt on `prompts`.
 
     Every byte is in the vocabulary both inside a word and as a word end, so any text tokenizes without an
-    unknown token; frequent words become single tokens."""
-    from tokenizers import pre_tokenizers, trainers
+    unknown token; frequent words become single tokens. The merges are learnt here, not by the tokenizers
+    library's trainer, which breaks ties between equally frequent pairs in hash order: its vocabulary, and so the
+    teacher, changed from one process to the next."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    backend = CLIPTokenizer().backend_tokenizer  # CLIP's pipeline around an empty BPE, trained below
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|startoftext|>", "<|endoftext|>"],
-                                  end_of_word_suffix="</w>", initial_alphabet=alphabet, show_progress=False)
-    backend.train_from_iterator(list(prompts) * 4, trainer)
+    backend = CLIPTokenizer().backend_tokenizer   # CLIP's normaliser and byte-level pre-tokeniser
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    words: Counter = Counter()
+    for prompt in prompts:
+        for word, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(prompt)):
+            words[(*word[:-1], word[-1] + "</w>")] += 1
+    merges = bpe_merges(words, vocab_size - len(specials) - len(alphabet))
+    tokens = [*specials, *alphabet, *(ch + "</w>" for ch in alphabet), *("".join(m) for m in merges)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     with tempfile.TemporaryDirectory() as tmp:
-        backend.model.save(tmp)
-        vocab = json.loads((Path(tmp) / "vocab.json").read_text())
-        for ch in sorted(alphabet):
-            vocab.setdefault(ch + "</w>", len(vocab))
         (Path(tmp) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+def bpe_merges(words: Counter, count: int) -> list[tuple[str, str]]:
+    """Up to `count` BPE merges of `words` (symbol tuples with their frequencies): each time the most frequent
+    adjacent pair, ties broken by the pair itself, so the same words always give the same merges."""
+    merges: list[tuple[str, str]] = []
+    while len(merges) < count:
+        pairs: Counter = Counter()
+        for word, n in words.items():
+            for pair in zip(word, word[1:]):
+                pairs[pair] += n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        merged: Counter = Counter()
+        for word, n in words.items():
+            out, i = [], 0
+            while i < len(word):
+                if word[i:i + 2] == best:
+                    out.append(best[0] + best[1])
+                    i += 2
+                else:
+                    out.append(word[i])
+                    i += 1
+            merged[tuple(out)] += n
+        words = merged
+    return merges
 
 
 def build_tiny_sd(out_dir, seed: int = 0, image_size: int = 16, text_dim: int = 32, max_length: int = 16) -> Path:
