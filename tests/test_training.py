@@ -653,3 +653,12 @@ def test_update_path_edges(gmm_cfg, tmp_path, monkeypatch):
         assert logs is not None
         assert all(p.grad is None for p in trainer.phase_params[phase]), phase
     build_run(digits_cfg("method=scm", "model.gradient_checkpointing=true"))
+
+
+def test_fp16_on_the_cpu_says_it_runs_in_float32(gmm_cfg, tmp_path, caplog):
+    """accelerate has no fp16 autocast on the CPU: the run was float32 without a word."""
+    from stepdistill.train.setup import build_run
+    from stepdistill.train.trainer import Trainer
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        Trainer(build_run(gmm_cfg("trainer.mixed_precision=fp16")), tmp_path)
+    assert "trainer.mixed_precision=fp16 on the CPU runs in float32" in caplog.text

@@ -69,6 +69,9 @@ class Trainer:
         tc = self.cfg.trainer
         self.accelerator = _accelerator(tc.mixed_precision)
         self.device = self.accelerator.device
+        if str(tc.mixed_precision) == "fp16" and self.device.type == "cpu":
+            log.warning("trainer.mixed_precision=fp16 on the CPU runs in float32 (accelerate has no fp16 autocast "
+                        "there): use bf16 for half precision on the CPU, or no")
         # multi-process (accelerate launch): trainer.batch_size is the global batch, split over the processes;
         # rank 0 alone logs, evaluates, checkpoints and exports
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
