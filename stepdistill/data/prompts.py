@@ -95,8 +95,8 @@ class EmbeddingCache:
     def table(self, prompts: list[str], encode) -> "EmbeddingTable":
         """The embeddings of `prompts`, row i for prompts[i]; `encode(list[str])` runs only on the missing ones,
         `chunk` prompts at a time."""
-        where = self.index()
-        missing = sorted({p for p in prompts if self.key(p) not in where})
+        where, keys = self.index(), [self.key(p) for p in prompts]
+        missing = sorted({p for p, k in zip(prompts, keys) if k not in where})
         chunks = range(0, len(missing), self.chunk)
         if len(chunks) > 1:
             from tqdm.auto import tqdm
@@ -108,7 +108,7 @@ class EmbeddingCache:
             save_tensors(fresh, shard)
             where.update(dict.fromkeys(fresh, shard))
             self.encoded += len(part)
-        return EmbeddingTable([where[self.key(p)] for p in prompts], [self.key(p) for p in prompts])
+        return EmbeddingTable([where[k] for k in keys], keys)
 
     def get(self, prompts: list[str], encode) -> torch.Tensor:
         """(N, tokens, dim) embeddings for `prompts`, all in memory (a negative prompt, image captions)."""
