@@ -27,6 +27,21 @@ def test_read_metrics_keeps_the_resumed_record_and_skips_a_cut_line(tmp_path):
     assert recs[-1]["critic/loss"] == 0.8
 
 
+def test_a_second_train_row_at_a_step_adds_to_its_losses(tmp_path):
+    """The trainer adds a row at a logged step (`processes` at the end of a multi-process run, `stopped_by` on a
+    stop signal): it replaced that step's losses in the curves and in stepdistill-compare's steps and seconds."""
+    write(tmp_path / "metrics.jsonl", [
+        {"step": 9, "kind": "train", "generator/loss": 1.0, "seconds": 1.8},
+        {"step": 10, "kind": "train", "generator/loss": 0.5, "seconds": 2.0},
+        {"step": 10, "kind": "train", "processes": 2, "weight_spread_across_processes": 0.0},
+    ])
+    recs = read_metrics(tmp_path / "metrics.jsonl")
+    assert recs[-1] == {"step": 10, "kind": "train", "generator/loss": 0.5, "seconds": 2.0, "processes": 2,
+                        "weight_spread_across_processes": 0.0}
+    panels = {p.title: p for p in curve_panels(recs)}
+    assert panels["generator losses"].series == {"loss": ([9, 10], [1.0, 0.5])}
+
+
 def test_panels_hold_the_losses_norms_and_student_metrics():
     records = [
         {"step": 5, "kind": "train", "critic/loss": 1.0, "critic/loss_gan_d": 1.3, "critic/grad_norm": 2.0,

@@ -383,6 +383,18 @@ def test_image_grid_png(tmp_path):
         assert img.mode == "RGB" and img.size == (3 * 25 + 1, 2 * 25 + 1)
 
 
+def test_teacher_above_student_keeps_each_student_tile_under_its_teacher():
+    """The grey row wrapped across two rows when the count was not a multiple of the columns (25 digits: student
+    tile i sat five columns off teacher tile i)."""
+    from stepdistill.eval.grids import teacher_above_student
+    teacher, student = torch.ones(25, 1, 2, 2), torch.zeros(25, 1, 2, 2)
+    tiles = teacher_above_student(teacher, student, 10)
+    assert tiles.shape[0] == 30 + 10 + 25
+    assert torch.equal(tiles[:25], teacher) and torch.all(tiles[25:40] == 0.5)
+    assert all(torch.equal(tiles[40 + i], student[i]) and (40 + i) % 10 == i % 10 for i in range(25))
+    assert teacher_above_student(teacher[:20], student[:20], 10).shape[0] == 20 + 10 + 20
+
+
 def test_gmm_scatter_png(tmp_path, mix):
     from PIL import Image
 

@@ -138,7 +138,7 @@ class DigitsBenchmark(Benchmark):
         return metrics
 
     def save_figure(self, samples, labels, path, teacher_samples=None):
-        from ..eval.grids import save_image_grid
+        from ..eval.grids import save_image_grid, teacher_above_student
         def arrange(s):
             x = self.to_output(s[:100])
             if labels is not None:  # one row per class where possible, so conditioning is visible at a glance
@@ -147,8 +147,7 @@ class DigitsBenchmark(Benchmark):
 
         x = arrange(samples)
         if teacher_samples is not None:  # teacher on top, a grey row, the student below (same noise and labels)
-            t = arrange(teacher_samples)
-            x = torch.cat([t, torch.full_like(t[:10], 0.5), x])
+            x = teacher_above_student(arrange(teacher_samples), x, 10)
         return save_image_grid(x, path, nrow=10)
 
     def config_record(self):

@@ -308,12 +308,11 @@ class TextToImageBenchmark(Benchmark):
         return metrics
 
     def save_figure(self, samples, labels, path, teacher_samples=None):
-        from ..eval.grids import save_image_grid
+        from ..eval.grids import save_image_grid, teacher_above_student
         nrow = min(8, samples.shape[0])
         x = self.to_output(samples[:nrow * 4])
         if teacher_samples is not None:  # teacher rows on top, a grey row, the student rows (same noise/prompts)
-            t = self.to_output(teacher_samples[:nrow * 4])
-            x = torch.cat([t, torch.full_like(t[:nrow], 0.5), x])
+            x = teacher_above_student(self.to_output(teacher_samples[:nrow * 4]), x, nrow)
         return save_image_grid(x, path, nrow=nrow, scale=2)
 
     def config_record(self):

@@ -28,8 +28,10 @@ class Panel:
 
 def read_metrics(path) -> list[dict]:
     """The records of metrics.jsonl in step order, one per (kind, step, source). A resumed run logs again the steps
-    after its checkpoint, and the later record is the one the run went on from; a line cut short by a kill is
-    skipped."""
+    after its checkpoint, and the later record is the one the run went on from (the trainer drops the crashed run's
+    rows after the checkpoint first); rows of one key are merged, later values winning: the trainer adds a second
+    train row at a step that has one (`processes`, `stopped_by`), which replaced its losses. A line cut short by a
+    kill is skipped."""
     records: dict = {}
     for line in Path(path).read_text().splitlines():
         try:
@@ -37,7 +39,8 @@ def read_metrics(path) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(rec, dict) and "step" in rec:
-            records[(rec.get("kind"), rec["step"], rec.get("source"))] = rec   # the later record wins
+            key = (rec.get("kind"), rec["step"], rec.get("source"))
+            records[key] = {**records.get(key, {}), **rec}
     return sorted(records.values(), key=lambda r: r["step"])
 
 

@@ -49,6 +49,15 @@ def save_image_grid(images: torch.Tensor, path, nrow: int | None = None, scale: 
     return str(path)
 
 
+def teacher_above_student(teacher: torch.Tensor, student: torch.Tensor, nrow: int) -> torch.Tensor:
+    """The tiles of a teacher-over-student grid of `nrow` columns: the teacher's rows (the last filled out with
+    grey), one grey row, the student's rows, so student tile i sits under teacher tile i (same noise and cond).
+    The grey row alone wrapped across two rows when the count was not a multiple of `nrow`."""
+    grey = torch.full_like(teacher[:1], 0.5)
+    pad = -teacher.shape[0] % nrow + nrow
+    return torch.cat([teacher, grey.expand(pad, *teacher.shape[1:]), student])
+
+
 def _plot_extent(mixture, clouds: list[torch.Tensor], reach: float | None = None) -> tuple[float, float, float, float]:
     """Box holding every mean +- 4 std and the central 99% of each sample cloud (outliers don't squash the plot).
     `reach`: the box grows past the mixture's own by at most that many of its widths on each side, so one
@@ -192,4 +201,4 @@ def save_gmm_scatter_grid(path, rows: list[list[tuple[str, torch.Tensor]]], mixt
     return _save(fig, path)
 
 
-__all__ = ["save_image_grid", "save_gmm_scatter", "save_gmm_scatter_grid"]
+__all__ = ["save_image_grid", "save_gmm_scatter", "save_gmm_scatter_grid", "teacher_above_student"]
