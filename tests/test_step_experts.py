@@ -186,3 +186,33 @@ def test_flow_experts_export_routes_by_their_float_timesteps(tmp_path):
     assert list(pipe.net.config.timesteps) == pytest.approx(gen.timesteps)
     for i, t in enumerate(gen.timesteps):
         assert pipe.net.expert_index(torch.tensor(t)) == i
+
+
+def test_experts_leave_the_other_roles_initial_weights_and_untrained_experts_are_named(gmm_cfg, caplog):
+    """The experts drew from the run's random stream while the generator was built, so the GAN head (made later)
+    started elsewhere than in the same run without experts; and experts of steps outside generator.train_steps
+    stayed their initial networks (on gmm, random MLPs) without a word."""
+    from stepdistill.train.setup import build_run
+    common = ("method=dmd2", "generator=four_step", "method.step_aware_critic=true")
+    torch.manual_seed(0)
+    plain = build_run(gmm_cfg(*common)).roles
+    torch.manual_seed(0)
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        experts = build_run(gmm_cfg(*common, "generator.step_experts=true")).roles
+    assert "never trained" not in caplog.text
+    for role in ("fake_score", "gan_head", "critic_step_embedding"):
+        for a, b in zip(plain[role].state_dict().values(), experts[role].state_dict().values()):
+            assert torch.equal(a, b), role
+    with caplog.at_level("WARNING", logger="stepdistill"):
+        build_run(gmm_cfg(*common, "generator.step_experts=true", "generator.train_steps=[4]"))
+    assert "the networks of steps 1, 2, 3 are never trained" in caplog.text
+
+
+def test_dm_noise_bounds_are_checked_on_exit_steps_only(gmm_cfg):
+    """Step 1's range [0.991, 0.980] is empty, but with generator.train_steps=[4] step 1 is never an exit step."""
+    from stepdistill.train.setup import build_run
+    args = ("method=dmd2", "generator=four_step", "generator.timesteps=[999,990,500,100]",
+            "method.dm_above_next_input=true")
+    with pytest.raises(ValueError, match="exit step 1's DM noise range"):
+        build_run(gmm_cfg(*args))
+    build_run(gmm_cfg(*args, "generator.train_steps=[4]"))

@@ -83,7 +83,7 @@ class DMD2(Method):
         # sample, scored over the whole range
         los = [max(t_min, lv) for lv in levels[1:]] + [t_min] if above else [t_min] * len(levels)
         for k, (lo, hi) in enumerate(zip(los, his), 1):
-            if not lo < hi:
+            if k in gen.train_steps and not lo < hi:   # a step that is never an exit step needs no range
                 names = " and ".join(n for n, on in (("dm_below_step_input", below), ("dm_above_next_input", above))
                                      if on)
                 hint = "lower t_min" if below and not above else "space the generator's timesteps further apart"
