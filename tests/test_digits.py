@@ -152,8 +152,17 @@ def test_digits_refuse_a_digit_as_null_class_and_other_resolutions_and_read_the_
     from conftest import digits_cfg
 
     from stepdistill.benchmarks.registry import build_benchmark as make_benchmark
-    with pytest.raises(ValueError, match="its null class .* is 3, the label of the digit 3"):
+    with pytest.raises(ValueError, match="benchmark.teacher.null_class=3 is the label of the digit 3"):
         make_benchmark(digits_cfg("benchmark.teacher.null_class=3").benchmark)
+    # one class embedding per digit and no record: the loader took the digit 9 as 'no label'; it has none
+    import json
+    ten = _teacher_copy(tmp_path, "ten", unet=build_digits_unet(num_class_embeds=10))
+    record = json.loads((ten / "stepdistill_teacher.json").read_text())
+    (ten / "stepdistill_teacher.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                             if k not in ("null_class", "default_guidance")}))
+    assert make_benchmark(digits_cfg(f"benchmark.teacher.path={ten}").benchmark).teacher.null_class is None
+    with pytest.raises(ValueError, match="benchmark.guidance=2.0: the teacher at .* has no null class"):
+        make_benchmark(digits_cfg(f"benchmark.teacher.path={ten}", "benchmark.guidance=2").benchmark)
     big = _teacher_copy(tmp_path, "big", unet=build_digits_unet(sample_size=16))
     with pytest.raises(ValueError, match="the digits are 8x8 images"):
         make_benchmark(digits_cfg(f"benchmark.teacher.path={big}", "benchmark.resolution=16").benchmark)

@@ -149,6 +149,9 @@ def test_guidance_strategy_errors(gmm_cfg):
                              "method.fake_train_guidance=2.0"))
     with pytest.raises(ValueError, match="fake_cond_dropout=1.5: need a share in"):
         build_run(digits_cfg("method=sid", "method.fake_cond_dropout=1.5"))
+    # no dropout: the fake score's null branch, which a fake-score scale reads, never trains
+    with pytest.raises(ValueError, match=r"fake_cond_dropout=0 with fake-score CFG scales \(2.0, 1.0\)"):
+        build_run(digits_cfg("method=sid", "method.fake_cond_dropout=0", "method.fake_guidance=2"))
 
 
 def test_guided_denoising_loss_regresses_the_guided_output():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from functools import cached_property
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ..checks import at_least, non_negative, or_default
 from ..denoiser import NetworkDenoiser
 from ..teachers import load_unet_teacher, teacher_info
 from .base import Benchmark
+
+log = logging.getLogger("stepdistill")
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "assets" / "digits_teacher"
 FD_RESAMPLES = 50   # bootstrap resamples behind `fd_bootstrap_std`
@@ -38,11 +41,16 @@ class DigitsBenchmark(Benchmark):
                              f"last); this one takes {unet.in_channels} channel(s) and "
                              f"{unet.num_class_embeds or 'no'} class embeddings")
         null = self.teacher.null_class
-        if null is not None and null < self.num_classes:   # a digit's own label: CFG does nothing for that digit
-            raise ValueError(f"benchmark.teacher.path={self.path}: its null class (CFG's 'no label') is {null}, the "
-                             f"label of the digit {null}; the digits need it at {self.num_classes} or above (the "
-                             f"shipped teacher: {self.num_classes}, of {self.num_classes + 1} class embeddings): set "
-                             "benchmark.teacher.null_class, or retrain the teacher with stepdistill-teacher")
+        if null is not None and null < self.num_classes:   # a digit's own label: CFG would do nothing for that digit
+            if cfg.teacher.get("null_class") is not None or self.info.get("null_class") is not None:
+                raise ValueError(f"benchmark.teacher.null_class={null} is the label of the digit {null}: CFG's 'no "
+                                 f"label' class must be {self.num_classes} or above (the shipped teacher's is "
+                                 f"{self.num_classes}), or null for a teacher without one")
+            # one class embedding per digit and no record: the loader's convention took the digit 9 as 'no label';
+            # this teacher has none, so it runs without CFG
+            self.teacher.null_class = None
+            log.warning("the teacher at %s has one class embedding per digit and so no null class: it runs without "
+                        "classifier-free guidance (guidance 1)", self.path)
         self.images, self.labels = load_digits_tensor()
         side = self.images.shape[-1]
         res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), side))
@@ -57,6 +65,9 @@ class DigitsBenchmark(Benchmark):
         self.data_shape = (1, res, res)
         self.guidance = non_negative("benchmark.guidance",
                                      or_default(cfg.get("guidance"), self.info.get("default_guidance", 1.0)))
+        if self.guidance != 1.0 and self.teacher.null_class is None:
+            raise ValueError(f"benchmark.guidance={self.guidance}: the teacher at {self.path} has no null class, so "
+                             "no classifier-free guidance: set benchmark.guidance=1")
         self.teacher_steps = at_least("benchmark.teacher_steps",
                                       or_default(cfg.get("teacher_steps"), self.info.get("default_sampler_steps", 20)))
         if cfg.get("feature_net"):   # checked now, not at the first evaluation after training

@@ -276,9 +276,12 @@ class TextToImageBenchmark(Benchmark):
         return self.vae.to(next(self.teacher.parameters()).device)
 
     @torch.no_grad()
-    def to_output(self, x: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    def to_output(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """Latents -> images in [0, 1] through the teacher's VAE, decoded on the teacher's device, returned on
-        the CPU as the samples are."""
+        the CPU as the samples are. `batch_size` None: as many images as make ~2 M pixels (8 at 512², 2 at 1024²,
+        at most 64): the decoder's activations take ~0.6 GB per 512² image in float32, so 64 at a time were ~38 GB."""
+        if batch_size is None:
+            batch_size = max(1, min(64, 2**21 // (self.resolution * self.resolution)))
         scale, vae = float(self.vae.config.scaling_factor), self.vae_on_teachers_device()
         out = [vae.decode(x[i:i + batch_size].to(vae.device, torch.float32) / scale).sample.cpu()
                for i in range(0, x.shape[0], batch_size)]

@@ -133,6 +133,9 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
         if not 0.0 <= self.fake_cond_dropout < 1.0:
             raise ValueError(f"method.fake_cond_dropout={dropout}: need a share in [0, 1) (null = 0.1 when a "
                              "fake-score CFG scale is not 1, else 0)")
+        if self.fake_cond_dropout == 0.0 and self.scales[1:] != (1.0, 1.0):   # as Method refuses for the others
+            raise ValueError(f"method.fake_cond_dropout=0 with fake-score CFG scales {self.scales[1:]}: the fake "
+                             "score's unconditional branch would never train; keep a share > 0 (null = 0.1)")
         if not getattr(models["teacher"], "conditional", False) and (self.strategy != "lsg" or self.scales != (1, 1, 1)):
             raise ValueError(f"method.cfg_strategy={self.strategy} with scales (teacher, fake, fake training) "
                              f"{self.scales} needs a conditional teacher; this one is unconditional: set "
