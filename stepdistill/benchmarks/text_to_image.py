@@ -31,9 +31,14 @@ from .tiny_sd_teacher import TOKENIZER_PROMPTS, build_tiny_sd, build_tiny_sdxl
 log = logging.getLogger("stepdistill")
 
 
+# the tiny teachers' build, in their cache folder's name: a build before 2 had a tokenizer that differed from one
+# process to the next (tiny_sd_teacher.build_tokenizer), and is not reused
+TINY_BUILD = 2
+
+
 def tiny_path(name: str = "tiny_sd") -> Path:
     """The tiny_sd / tiny_sdxl teacher in the cache, built once (deterministic: seed 0)."""
-    path = cache_dir() / name
+    path = cache_dir() / f"{name}-build{TINY_BUILD}"
     if not (path / "model_index.json").is_file():
         tmp = path.with_name(f".{name}.tmp{os.getpid()}")
         (build_tiny_sdxl if name == "tiny_sdxl" else build_tiny_sd)(tmp)
