@@ -662,3 +662,16 @@ def test_fp16_on_the_cpu_says_it_runs_in_float32(gmm_cfg, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="stepdistill"):
         Trainer(build_run(gmm_cfg("trainer.mixed_precision=fp16")), tmp_path)
     assert "trainer.mixed_precision=fp16 on the CPU runs in float32" in caplog.text
+
+
+def test_accelerate_sharding_configs_are_refused():
+    """An accelerate config's DeepSpeed or FSDP plugin was never applied (no accelerator.prepare): the run went on
+    with whole replicas, or failed at the first backward."""
+    from accelerate.utils import DistributedType
+
+    from stepdistill.train.trainer import refuse_accelerate_sharding
+    for kind in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        with pytest.raises(ValueError, match=f"accelerate launch with a {kind.value} config: .* set trainer=fsdp"):
+            refuse_accelerate_sharding(kind)
+    for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        refuse_accelerate_sharding(kind)

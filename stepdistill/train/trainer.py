@@ -53,6 +53,17 @@ def _accelerator(mixed_precision: str) -> Accelerator:
                        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
 
 
+def refuse_accelerate_sharding(distributed_type) -> None:
+    """An accelerate config's DeepSpeed, FSDP or Megatron plugin is never applied (the trainer does not call
+    accelerator.prepare): the run went on as plain data parallel with whole replicas, or failed at the first
+    backward (DeepSpeed's engine is made by prepare)."""
+    name = getattr(distributed_type, "value", str(distributed_type))
+    if name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
+        raise ValueError(f"accelerate launch with a {name} config: stepdistill shards with its own trainer=fsdp "
+                         "(FSDP2) and does not apply accelerate's plugins; launch with a plain multi-GPU config "
+                         "(accelerate launch --multi_gpu) and set trainer=fsdp to shard")
+
+
 def _rng_state(device: torch.device) -> tuple:
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -68,6 +79,7 @@ class Trainer:
         self.run, self.cfg, self.run_dir = run, run.cfg, Path(run_dir)
         tc = self.cfg.trainer
         self.accelerator = _accelerator(tc.mixed_precision)
+        refuse_accelerate_sharding(self.accelerator.distributed_type)
         self.device = self.accelerator.device
         if str(tc.mixed_precision) == "fp16" and self.device.type == "cpu":
             log.warning("trainer.mixed_precision=fp16 on the CPU runs in float32 (accelerate has no fp16 autocast "
