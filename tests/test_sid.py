@@ -149,6 +149,11 @@ def test_guidance_strategy_errors(gmm_cfg):
                              "method.fake_train_guidance=2.0"))
     with pytest.raises(ValueError, match="fake_cond_dropout=1.5: need a share in"):
         build_run(digits_cfg("method=sid", "method.fake_cond_dropout=1.5"))
+    # a dropout nothing applies: Zero-CFG trains the fake score conditionally, an unconditional teacher has no null
+    with pytest.raises(ValueError, match="fake_cond_dropout=0.5 is not used under method.cfg_strategy=zero"):
+        build_run(digits_cfg("method=sid", "method.cfg_strategy=zero", "method.fake_cond_dropout=0.5"))
+    with pytest.raises(ValueError, match="fake_cond_dropout=0.5 is not used with an unconditional teacher"):
+        build_run(gmm_cfg("method=sid", "method.fake_cond_dropout=0.5"))
     # no dropout: the fake score's null branch, which a fake-score scale reads, never trains
     with pytest.raises(ValueError, match=r"fake_cond_dropout=0 with fake-score CFG scales \(2.0, 1.0\)"):
         build_run(digits_cfg("method=sid", "method.fake_cond_dropout=0", "method.fake_guidance=2"))
@@ -407,24 +412,26 @@ def test_critic_noise_levels_follow_sids_code(gmm_cfg, method):
 
 
 def test_sida_adversarial_terms_start_at_their_step(gmm_cfg):
-    """`method.adv.start_step` (SiDA's code starts the GAN terms after 200k images): before it both phases are
-    plain SiD (the same loss and draws as method=sid), from it on they add the adversarial terms."""
+    """`method.adv.start_step` (SiDA's code starts the generator's GAN term after 200k images): before it the
+    generator's loss is plain SiD (the same loss and draws as method=sid), from it on it adds the adversarial term.
+    The discriminator's term trains from the first step, as in SiDA's code (it waited too: the generator then read
+    an untrained discriminator)."""
     from stepdistill.train.batches import BatchSource
     from stepdistill.train.setup import build_run
     sida = build_run(gmm_cfg("method=sida", "method.adv.start_step=5"))
     sid = build_run(gmm_cfg("method=sid"))
     sid.roles.load_state_dict(sida.roles.state_dict())
     batch = BatchSource(sida.benchmark, sida.method.batch_keys, 16, "cpu")()
-    for phase in ("generator", "critic"):
-        for run in (sida, sid):
-            run.roles.train_only(run.method.phases[phase])
-        torch.manual_seed(0)
-        before = sida.method.loss(phase, batch, 4)
-        torch.manual_seed(0)
-        plain = sid.method.loss(phase, batch, 4)
-        assert before.loss.item() == plain.loss.item() and before.logs.keys() == plain.logs.keys()
-        after = sida.method.loss(phase, batch, 5)
-        assert {"loss_adv_g", "loss_adv_d"} & after.logs.keys()
+    for run in (sida, sid):
+        run.roles.train_only(run.method.phases["generator"])
+    torch.manual_seed(0)
+    before = sida.method.loss("generator", batch, 4)
+    torch.manual_seed(0)
+    plain = sid.method.loss("generator", batch, 4)
+    assert before.loss.item() == plain.loss.item() and before.logs.keys() == plain.logs.keys()
+    assert "loss_adv_g" in sida.method.loss("generator", batch, 5).logs
+    sida.roles.train_only(sida.method.phases["critic"])
+    assert "loss_adv_d" in sida.method.loss("critic", batch, 0).logs
     with pytest.raises(ValueError, match="method.adv.start_step"):
         build_run(gmm_cfg("method=sida", "method.adv.start_step=-1"))
 

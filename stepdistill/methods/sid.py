@@ -140,6 +140,12 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
             raise ValueError(f"method.cfg_strategy={self.strategy} with scales (teacher, fake, fake training) "
                              f"{self.scales} needs a conditional teacher; this one is unconditional: set "
                              "method.cfg_strategy=lsg and method.guidance, fake_guidance, fake_train_guidance to 1.0")
+        given = cfg.get("fake_cond_dropout")
+        if given is not None and float(given) > 0:   # read nowhere in these cases: an error, as the unused scales
+            where = ("under method.cfg_strategy=zero" if self.strategy == "zero" else
+                     "with an unconditional teacher" if not getattr(models["teacher"], "conditional", False) else None)
+            if where:
+                raise ValueError(f"method.fake_cond_dropout={given} is not used {where}: set it to null")
 
     @staticmethod
     def _check_critic_noise(cfg, schedule) -> tuple[str, tuple[float, float] | None]:

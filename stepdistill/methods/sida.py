@@ -17,8 +17,9 @@ encoder into x_g, the critic's trains the whole fake score network. The critic p
 on VP and flow), and the discriminator reads the same x_t. Left out from the reference: its EDM weight λ(σ) / 2 on
 the discriminator loss. There it multiplies the batch-mean BCE, a scalar, so it is not a per-sample weight. It
 scales the whole discriminator loss by the batch's summed λ(σ_i) / 2, which the small sigmas of the log-normal
-dominate (λ = 4 + 1/σ² at σ_data 0.5). Here λ_D is a constant. Its start schedule (the fake score alone for the first 100k images, the GAN terms from 200k)
-is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on
+dominate (λ = 4 + 1/σ² at σ_data 0.5). Here λ_D is a constant. Its start schedule (critic updates alone for the
+first 100k images, the generator's GAN term from 200k; the discriminator term trains with the fake score from the
+first image) is `method.critic_warmup_steps` and `method.adv.start_step` (trainer steps; both 0 by default). Its λ_G, 0.01 on
 the summed GAN loss against 100 on the summed SiD loss, is 1e-4 in our mean-based losses; the default here is tuned
 on digits (conf/method/sida.yaml). Guidance strategies and everything else are SiD's (methods/sid.py).
 """
@@ -59,7 +60,8 @@ class SiDA(SiD):
         self.adv_start = at_least("method.adv.start_step", adv.get("start_step", 0) or 0, 0)
 
     def adv_on(self, step: int) -> bool:
-        """The adversarial terms (both phases) run from trainer step `adv.start_step` on; before it, plain SiD."""
+        """The generator's adversarial term runs from trainer step `adv.start_step` on; before it, plain SiD. The
+        discriminator's trains from the first step, as in SiDA's code: the generator then reads a trained one."""
         return step >= self.adv_start
 
     def _noised(self, x):
@@ -79,8 +81,6 @@ class SiDA(SiD):
         return LossOut(loss_sid + self.weights[0] * loss_adv, logs)
 
     def critic_loss(self, batch, step):
-        if not self.adv_on(step):
-            return super().critic_loss(batch, step)
         m = self.models
         with torch.no_grad():
             x = m["generator"](batch["noise"], batch["cond"])
