@@ -3,6 +3,7 @@ Training runs and the start-up checks use real processes; the other app calls ru
 (`run_app`, tests/conftest.py), the same Hydra main without ~4 s of imports each."""
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -55,7 +56,7 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
     proc = run_cli("-m", "stepdistill.cli.compare", f"runs=[{tmp_path}]", f"out={out}", "num_samples=300")
     assert "| gmm | dmd |" in proc.stdout and "| gmm | dmd2 |" in proc.stdout
     rows = json.loads((out / "comparison.json").read_text())
-    assert [r["method"] for r in rows] == ["dmd", "dmd2"] and all(r["steps"] == 6 for r in rows)
+    assert [r["method"] for r in rows] == ["dmd", "dmd2"] and all(r["train_steps"] == 6 for r in rows)
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     from stepdistill.benchmarks.gmm import GMMBenchmark  # noqa: F401  (the mixture is rebuilt from config.yaml)
     from stepdistill.cli.compare import _mixture
@@ -445,15 +446,42 @@ def test_compare_takes_image_runs_from_their_last_evaluation(tmp_path):
     assert (tmp_path / "out" / "comparison_curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = {r["method"]: r for r in result["rows"]}
     assert {k: v for k, v in rows["dmd2"].items() if k not in ("run_dir", "fd_ratio")} == {
-        "benchmark": "digits", "method": "dmd2", "steps": 200, "train_seconds": 25.0, "fd": 1.2, "teacher_fd": 1.5,
-        "precision": 0.9, "recall": 0.8, "num_samples": 1000}
+        "benchmark": "digits", "method": "dmd2", "run": "dmd2", "train_steps": 200, "train_seconds": 25.0, "fd": 1.2,
+        "teacher_fd": 1.5, "precision": 0.9, "recall": 0.8, "num_samples": 1000}
     assert rows["dmd2"]["fd_ratio"] == pytest.approx(0.8)
-    assert rows["dmd"]["fd"] is None and rows["dmd"]["steps"] == 50 and "figure" not in result
+    assert rows["dmd"]["fd"] is None and rows["dmd"]["train_steps"] == 50 and "figure" not in result
     head, _, *lines = result["table"].splitlines()
-    assert head == ("| benchmark | method | steps | train_seconds | num_samples | fd | teacher_fd | fd_ratio | "
-                    "precision | recall |")
-    assert lines == ["| digits | dmd | 50 | 5 | – | – | – | – | – | – |",
-                     "| digits | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]
+    assert head == ("| benchmark | method | run | train_steps | train_seconds | num_samples | fd | teacher_fd | "
+                    "fd_ratio | precision | recall |")
+    assert lines == ["| digits | dmd | dmd | 50 | 5 | – | – | – | – | – | – |",
+                     "| digits | dmd2 | dmd2 | 200 | 25 | 1000 | 1.2 | 1.5 | 0.8 | 0.9 | 0.8 |"]
+
+
+def test_compare_reads_diverged_resumed_and_failed_runs(tmp_path):
+    """A diverged run's "nan" FD (metrics.jsonl writes non-finite values as strings) was divided by the teacher's:
+    a traceback; a resumed run showed its last session's seconds only; a gmm job that stopped before its first
+    checkpoint ended the whole comparison; a run stopped early showed trainer.max_steps as its steps."""
+    from omegaconf import OmegaConf
+
+    from conftest import compose_cfg
+    from stepdistill.cli.compare import compare
+    logs = {"diverged": ("digits", [{"kind": "train", "step": 7, "seconds": 2.0},
+                                    {"kind": "eval", "step": 7, "student_fd": "nan", "teacher_fd": 1.5}]),
+            "resumed": ("digits", [{"kind": "train", "step": 28, "seconds": 10.0},
+                                   {"kind": "train", "step": 30, "seconds": 1.5}]),
+            "failed": ("gmm", [{"kind": "train", "step": 3, "seconds": 0.5}])}
+    for name, (bench, records) in logs.items():
+        run = tmp_path / name
+        run.mkdir()
+        OmegaConf.save(compose_cfg(f"benchmark={bench}", "trainer.max_steps=30"), run / "config.yaml", resolve=True)
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = compare([tmp_path / n for n in logs], tmp_path / "out")
+    rows = {r["run"]: r for r in result["rows"]}
+    assert math.isnan(rows["diverged"]["fd"]) and math.isnan(rows["diverged"]["fd_ratio"])
+    assert rows["diverged"]["train_steps"] == 7 and rows["resumed"]["train_seconds"] == 11.5
+    assert rows["failed"]["train_steps"] == 3 and "modes_covered" not in rows["failed"]
+    assert any("(" + str(tmp_path / "failed") + "): no checkpoint" in n for n in result["evaluations"])
+    assert json.loads((tmp_path / "out" / "comparison.json").read_text())[0]["fd"] is None
 
 
 def test_compare_shows_a_text_to_image_runs_own_metrics(tmp_path):

@@ -40,6 +40,13 @@ def test_a_second_train_row_at_a_step_adds_to_its_losses(tmp_path):
                         "weight_spread_across_processes": 0.0}
     panels = {p.title: p for p in curve_panels(recs)}
     assert panels["generator losses"].series == {"loss": ([9, 10], [1.0, 0.5])}
+    # two stepdistill-eval runs of one checkpoint are two evaluations: the second's keys do not mix with the first's
+    write(tmp_path / "evals.jsonl", [
+        {"step": 10, "kind": "eval", "source": "stepdistill-eval", "student_fd": 3.0, "teacher_fd": 9.0},
+        {"step": 10, "kind": "eval", "source": "stepdistill-eval", "student_fd": 2.0},
+    ])
+    assert read_metrics(tmp_path / "evals.jsonl") == [{"step": 10, "kind": "eval", "source": "stepdistill-eval",
+                                                       "student_fd": 2.0}]
 
 
 def test_panels_hold_the_losses_norms_and_student_metrics():

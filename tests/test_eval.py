@@ -525,6 +525,12 @@ def test_every_step_scores_each_output_along_the_sampling_chain(tmp_path):
     assert all(Path(f).is_file() for f in again) and per_step["figures"][0].endswith("_step1.png")
     table = every_step_table(per_step).splitlines()
     assert len(table) == 2 + 4 + 1 and table[2].startswith("1 | 999 |") and "num_samples 200" in table[-1]
+    # the bookkeeping of digits' FD and precision/recall (resamples, k) was shown as metric columns
+    digits = {"timesteps": [999, 499], **{f"student_step{k}_{n}": v for k in (1, 2) for n, v in
+                                          (("fd", 1.5), ("fd_bootstrap_resamples", 50), ("pr_k", 3),
+                                           ("fd_num_samples", 100))}}
+    head = every_step_table(digits).splitlines()[0]
+    assert head.split(" | ")[2:] == ["fd"] and "fd_bootstrap_resamples 50" in every_step_table(digits)
 
 
 @pytest.mark.parametrize("benchmark", ["gmm", "digits"])

@@ -106,13 +106,27 @@ def describe_evaluation(evaluation: dict, steps: int) -> str:
 
 
 def logged(records: list[dict], steps: int | None = None) -> tuple[dict, dict]:
-    """The last train record, and the evaluation at the run's own sampling (`run_evaluation`) of a run's metrics;
+    """The last train record (its `seconds` the training time over every session of a resumed run: each session
+    counts from its own start), and the evaluation at the run's own sampling (`run_evaluation`) of a run's metrics;
     `steps`: the run's trained step count (None: any stepdistill-eval record without every_step counts)."""
-    train = {}
+    train, before = {}, 0.0
     for rec in records:
-        if rec.get("kind") == "train" and "seconds" in rec:
+        if rec.get("kind") == "train" and isinstance(rec.get("seconds"), (int, float)):
+            if train and rec["seconds"] < train["seconds"]:   # a resumed session's clock started again
+                before += train["seconds"]
             train = rec
+    if train:
+        train = {**train, "seconds": before + train["seconds"]}
     return train, run_evaluation(records, steps)
+
+
+def metric(value) -> float | None:
+    """A logged metric as a float: metrics.jsonl writes a non-finite one as a string ("nan"), which the ratios
+    below divided by."""
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
@@ -122,25 +136,30 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
     cfg = OmegaConf.load(run_dir / "config.yaml")
     steps = trained_steps(cfg)
     train, evaluation = logged(records, steps)
-    row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run_dir": str(run_dir),
-           "steps": int(train.get("step", cfg.trainer.max_steps)), "train_seconds": train.get("seconds")}
+    # the steps trained: the last train row's (a run stopped early, by the non-finite guard or a signal, did not
+    # reach trainer.max_steps)
+    row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run": run_dir.name,
+           "run_dir": str(run_dir), "train_steps": train.get("step"), "train_seconds": train.get("seconds")}
     if cfg.benchmark.name.startswith("gmm"):
         from ..eval.gmm_metrics import gmm_metrics
+        from ..train.checkpoint import latest_checkpoint
         from .sample import sample_student
+        if latest_checkpoint(run_dir / "checkpoints") is None:   # a job that failed before its first save
+            return row, None, "no checkpoint: the run stopped before its first save"
         n = int(or_default(num_samples, cfg.eval.num_samples))
         samples, _ = sample_student(run_dir, n, seed=seed)
         mixture = _mixture(cfg)
         metrics = gmm_metrics(samples, mixture, seed=seed)
         row.update({k: metrics[k] for k in POINT_COLUMNS}, num_samples=n)
         return row, (samples, mixture), None
-    row["fd"], row["teacher_fd"] = evaluation.get("student_fd"), evaluation.get("teacher_fd")
+    row["fd"], row["teacher_fd"] = metric(evaluation.get("student_fd")), metric(evaluation.get("teacher_fd"))
     if row.get("fd") is not None and row.get("teacher_fd"):
         row["fd_ratio"] = row["fd"] / row["teacher_fd"]
     for key in ("precision", "recall", "latent_fd", "fid", "clip_score"):   # text-to-image: latent FD, FID, CLIP
         if f"student_{key}" in evaluation:
-            row[key] = evaluation[f"student_{key}"]
+            row[key] = metric(evaluation[f"student_{key}"])
     if evaluation.get("teacher_latent_fd") is not None:   # text-to-image's FD, against the teacher's as digits'
-        row["teacher_latent_fd"] = evaluation["teacher_latent_fd"]
+        row["teacher_latent_fd"] = metric(evaluation["teacher_latent_fd"])
         if row.get("latent_fd") is not None and row["teacher_latent_fd"]:
             row["latent_fd_ratio"] = row["latent_fd"] / row["teacher_latent_fd"]
     row["num_samples"] = fd_count(evaluation)
@@ -148,7 +167,7 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
 
 
 def evaluation_notes(rows: list[dict], evaluations: dict) -> list[str]:
-    """One line per image row: which logged evaluation its metrics come from."""
+    """One line per image row (and per run without a checkpoint): where its metrics come from."""
     return [f"{r['benchmark']} {r['method']} ({r['run_dir']}): {evaluations[r['run_dir']]}"
             for r in rows if r["run_dir"] in evaluations]
 
@@ -160,7 +179,7 @@ def _mixture(cfg):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    cols = ["benchmark", "method", "steps", "train_seconds", "num_samples"]
+    cols = ["benchmark", "method", "run", "train_steps", "train_seconds", "num_samples"]
     extra = [c for c in (*POINT_COLUMNS, *IMAGE_COLUMNS) if any(c in r for r in rows)]
     cols += extra
 
@@ -191,12 +210,13 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
         records = run_records(run_dir)   # a resumed run's re-logged steps, a line cut by a kill: read_metrics
         row, drawn, source = compare_run(run_dir, records, num_samples, seed)
         rows.append(row)
-        if source is not None:   # an image row: its metrics are a logged evaluation's, named below the table
+        if source is not None:   # an image row (its metrics are a logged evaluation's), or a run without a checkpoint
             evaluations[row["run_dir"]] = source
         run_curves.append((f"{row['benchmark']} {row['method']}", run_dir, curve_panels(records)))
         if drawn is not None:
             samples, mixture = drawn
-            title = f"{row['method']}: {row['modes_covered']}/{mixture.means.shape[0]}, HQ {row['high_quality_fraction']:.2f}"
+            title = (f"{row['method']} ({row['run']}): {row['modes_covered']}/{mixture.means.shape[0]}, "
+                     f"HQ {row['high_quality_fraction']:.2f}")
             panels.setdefault(row["benchmark"], (mixture, []))[1].append((title, samples))
     rows.sort(key=lambda r: (r["benchmark"], r["method"]))
     table = markdown_table(rows)

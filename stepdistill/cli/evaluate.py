@@ -116,7 +116,8 @@ def every_step_table(metrics: dict) -> str:
     ts = metrics["timesteps"]
     scalars = {k.split("_", 2)[2] for k in metrics if k.startswith("student_step1_")
                and isinstance(metrics[k], (int, float))}
-    names = sorted(n for n in scalars if "num_" not in n)   # the sample counts go below the table
+    from ..eval.curves import BOOKKEEPING   # the counts behind the metrics (samples, resamples, k) go below the table
+    names = sorted(n for n in scalars if not any(b in n for b in BOOKKEEPING))
     counts = ", ".join(f"{n} {metrics[f'student_step1_{n}']}" for n in sorted(scalars - set(names)))
     rows = []
     for k, t in enumerate(ts, start=1):

@@ -29,9 +29,10 @@ class Panel:
 def read_metrics(path) -> list[dict]:
     """The records of metrics.jsonl in step order, one per (kind, step, source). A resumed run logs again the steps
     after its checkpoint, and the later record is the one the run went on from (the trainer drops the crashed run's
-    rows after the checkpoint first); rows of one key are merged, later values winning: the trainer adds a second
-    train row at a step that has one (`processes`, `stopped_by`), which replaced its losses. A line cut short by a
-    kill is skipped."""
+    rows after the checkpoint first). Train rows of one step are merged, later values winning: the trainer adds a
+    second row at a step that has one (`processes`, `stopped_by`), which replaced its losses. Evaluations stay
+    whole (a second stepdistill-eval of one checkpoint replaces the first: its settings may differ). A line cut
+    short by a kill is skipped."""
     records: dict = {}
     for line in Path(path).read_text().splitlines():
         try:
@@ -40,7 +41,7 @@ def read_metrics(path) -> list[dict]:
             continue
         if isinstance(rec, dict) and "step" in rec:
             key = (rec.get("kind"), rec["step"], rec.get("source"))
-            records[key] = {**records.get(key, {}), **rec}
+            records[key] = {**records.get(key, {}), **rec} if rec.get("kind") == "train" else rec
     return sorted(records.values(), key=lambda r: r["step"])
 
 
