@@ -268,6 +268,13 @@ def test_bad_text_to_image_inputs(tmp_path):
     (shifted / "vae" / "config.json").write_text(json.dumps({**vae_config, "shift_factor": 0.1159}))
     with pytest.raises(ValueError, match=r"sets \{'shift_factor': 0.1159\}: benchmark=text_to_image supports"):
         build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={shifted}").benchmark)
+    # an LCM-style UNet's guidance embedding (time_cond_proj_dim), which the stock pipelines feed and we did not:
+    # its export sampled 4.9 away from the student
+    lcm = shutil.copytree(tmp_path / "tiny", tmp_path / "lcm")
+    unet_config = json.loads((lcm / "unet" / "config.json").read_text())
+    (lcm / "unet" / "config.json").write_text(json.dumps({**unet_config, "time_cond_proj_dim": 8}))
+    with pytest.raises(ValueError, match="time_cond_proj_dim=8 .* give a teacher without it"):
+        build_benchmark(compose_cfg("benchmark=text_to_image", f"benchmark.teacher.path={lcm}").benchmark)
 
 
 def test_a_teacher_folder_saved_in_fp16_loads_in_float32(tmp_path, monkeypatch):
@@ -677,6 +684,7 @@ def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
     cfg = compose_cfg("experiment=sd15_dmd2", "benchmark.teacher.path=/models/sd15")
     assert (cfg.benchmark.name, cfg.benchmark.guidance, cfg.method.critic_steps) == ("text_to_image", 1.75, 10)
     assert cfg.optim.generator.lr == cfg.optim.critic.lr == 1e-5 and cfg.model.gradient_checkpointing
+    assert list(cfg.optim.generator.betas) == list(cfg.optim.critic.betas) == [0.9, 0.999]   # DMD2's train_sd.py
 
 
 def test_sdxl_unconditional_branch_and_recipe():
@@ -691,6 +699,7 @@ def test_sdxl_unconditional_branch_and_recipe():
     assert null[-1, p:p + 6].tolist() == cond[-1, p:p + 6].tolist() == [16, 16, 0, 0, 16, 16]
     cfg = compose_cfg("experiment=sdxl_dmd2_4step", "benchmark.teacher.path=/models/sdxl")
     assert list(cfg.generator.timesteps) == [999, 749, 499, 249] and cfg.benchmark.guidance == 8.0
+    assert list(cfg.optim.generator.betas) == [0.9, 0.999] and not cfg.generator.per_sample_step
 
 
 def test_real_image_folder_latents_are_cached_and_used(tmp_path):
@@ -747,6 +756,17 @@ def test_image_folder_captions_from_jsonl_and_an_empty_folder_is_an_error(tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"benchmark.data.images=.*holds no images"):
         load_image_folder(tmp_path / "empty")
+    # imagefolder's split layout: each subfolder's own captions, file_name relative to them (all were dropped,
+    # silently); a byte-order mark in the jsonl
+    split = tmp_path / "split"
+    for sub in ("train", "test"):
+        (split / sub).mkdir(parents=True)
+        Image.new("RGB", (4, 4)).save(split / sub / "a.png")
+    (split / "train" / "metadata.csv").write_text("file_name,text\na.png,a cat\n")
+    (split / "test" / "metadata.jsonl").write_text("\ufeff" + json.dumps({"file_name": "a.png", "text": "a dog"}) + "\n",
+                                                   encoding="utf-8")
+    assert [(p.relative_to(split).as_posix(), c) for p, c in load_image_folder(split)] == [
+        ("test/a.png", "a dog"), ("train/a.png", "a cat")]
 
 
 def test_zero_guidance_is_unconditional_and_bad_counts_are_errors():

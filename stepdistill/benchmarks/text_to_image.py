@@ -89,6 +89,10 @@ class TextToImageBenchmark(Benchmark):
         if added and not self.sdxl:
             raise ValueError(f"{self.path} holds a UNet with {added!r} added conditioning: only SD1.x/2.x and SDXL "
                              "('text_time') pipelines are supported")
+        if getattr(unet.config, "time_cond_proj_dim", None):   # the pipelines feed it a guidance-scale embedding
+            raise ValueError(f"{self.path} holds a UNet with time_cond_proj_dim={unet.config.time_cond_proj_dim} (a "
+                             "guidance-embedded, LCM-style model): stepdistill calls it without that embedding, unlike "
+                             "the stock pipelines; give a teacher without it")
         if self.sdxl and not (self.path / "text_encoder_2").is_dir():
             raise FileNotFoundError(f"{self.path} has an SDXL UNet but no text_encoder_2/: it must be a "
                                     "StableDiffusionXLPipeline folder")
