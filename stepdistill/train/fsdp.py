@@ -97,10 +97,32 @@ def full_optimizer_state(roles: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return get_optimizer_state_dict(roles, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-def load_full_optimizer_state(roles: nn.Module, opt: torch.optim.Optimizer, state: dict) -> None:
+def load_full_optimizer_state(roles: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                              params: list[nn.Parameter]) -> None:
+    """`state`: keyed by parameter names (saved under trainer=fsdp), or numbered as torch numbers them (saved by
+    one process or the default trainer), its i-th entry then `params[i]`'s (the phase's parameters, in the order
+    every trainer gives them to its optimizer)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     if not state.get("state"):
         # never stepped when saved (e.g. the generator during the critic warm-up): keep it fresh. torch would
         # initialise the state by a zero-lr step first, and the next real step would count as Adam's second.
         return
+    if isinstance(next(iter(state["state"])), int):
+        state = named_optimizer_state(roles, opt, state, params)
     set_optimizer_state_dict(roles, opt, state, options=StateDictOptions(full_state_dict=True))
+
+
+def named_optimizer_state(roles: nn.Module, opt: torch.optim.Optimizer, state: dict,
+                          params: list[nn.Parameter]) -> dict:
+    """A torch-numbered optimizer state keyed by parameter names, in `opt`'s groups (which may split a phase's
+    sharded networks from its plain extra roles: make_adamw); the groups' settings are the saved first group's
+    (the trainer sets the configured ones after loading anyway). A checkpoint of one process resumed on several
+    failed on its numbers ('state.0.step')."""
+    names = {id(p): n for n, p in roles.named_parameters()}
+    order = [i for g in state["param_groups"] for i in g["params"]]
+    if len(order) != len(params):
+        raise ValueError(f"the checkpoint's optimizer holds {len(order)} parameters, this run's phase {len(params)}")
+    name_of = {i: names[id(p)] for i, p in zip(range(len(params)), params)}
+    settings = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
+    return {"state": {name_of[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**settings, "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]}

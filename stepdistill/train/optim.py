@@ -53,16 +53,20 @@ class OptimisticAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        delta = [p.clone() for p in params]          # θ_before ...
+        # per group: the _foreach ops take a list of DTensors (trainer=fsdp's sharded roles) or of tensors, not both
+        groups = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        deltas = [[p.clone() for p in params] for params in groups]   # θ_before ...
         loss = super().step(closure)
-        torch._foreach_sub_(delta, params)           # ... minus θ_after: Δ_t, in place
-        torch._foreach_add_(params, delta, alpha=-self.optimism)
-        with_prev = [(p, self.state[p]["optimism_prev"]) for p in params if "optimism_prev" in self.state[p]]
-        if with_prev:
-            torch._foreach_add_([p for p, _ in with_prev], [d for _, d in with_prev], alpha=self.optimism)
-        for p, d in zip(params, delta):
-            self.state[p]["optimism_prev"] = d
+        for params, delta in zip(groups, deltas):
+            if not params:
+                continue
+            torch._foreach_sub_(delta, params)           # ... minus θ_after: Δ_t, in place
+            torch._foreach_add_(params, delta, alpha=-self.optimism)
+            with_prev = [(p, self.state[p]["optimism_prev"]) for p in params if "optimism_prev" in self.state[p]]
+            if with_prev:
+                torch._foreach_add_([p for p, _ in with_prev], [d for _, d in with_prev], alpha=self.optimism)
+            for p, d in zip(params, delta):
+                self.state[p]["optimism_prev"] = d
         return loss
 
 
@@ -71,6 +75,12 @@ def make_adamw(params, optimism: float = 0.0, **kw) -> torch.optim.AdamW:
     if not optimism >= 0:
         raise ValueError(f"optim.<role>.optimism must be >= 0 (0 = AdamW, 1 = Optimistic Adam); got {optimism}")
     cls, extra = (OptimisticAdamW, {"optimism": optimism}) if optimism > 0 else (torch.optim.AdamW, {})
+    params = list(params)
+    sharded = [p for p in params if is_sharded(p)]
+    if sharded and len(sharded) < len(params):
+        # trainer=fsdp shards the networks, not a phase's small extra roles (sCM's weighting, the step embedding):
+        # one group each, since the fused kernel takes DTensors or tensors, not a mix of both
+        params = [{"params": sharded}, {"params": [p for p in params if not is_sharded(p)]}]
     # the fused kernel (CPU and CUDA) updates every tensor in one call; the default per-tensor Python loop
     # was ~5% of a digits iteration on CPU. Fall back where a dtype/device has no fused kernel.
     try:

@@ -262,7 +262,7 @@ class Trainer:
         if self.fsdp:   # every process reads the whole weights and keeps its shards
             st = load_sharded_checkpoint(ckpt, checkpoint_roles(self.run.roles))
             for k, o in self.optimizers.items():
-                load_full_optimizer_state(self.run.roles, o, st["optimizers"][k])
+                load_full_optimizer_state(self.run.roles, o, st["optimizers"][k], self.phase_params[k])
         else:
             st = load_checkpoint(ckpt, checkpoint_roles(self.run.roles))
             for k, o in self.optimizers.items():
