@@ -675,3 +675,18 @@ def test_accelerate_sharding_configs_are_refused():
             refuse_accelerate_sharding(kind)
     for kind in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         refuse_accelerate_sharding(kind)
+
+
+def test_the_collectives_wait_for_rank_0s_evaluations(monkeypatch):
+    """Rank 0 alone evaluates, checkpoints and exports while the others wait in a collective: NCCL's 10-minute
+    default timeout would end a run whose evaluation takes longer."""
+    from stepdistill.train import trainer
+    seen = {}
+
+    class Spy:
+        def __init__(self, **kw):
+            seen.update(kw)
+    monkeypatch.setattr(trainer, "Accelerator", Spy)
+    trainer._accelerator("no")
+    (handler,) = seen["kwargs_handlers"]
+    assert handler.timeout == trainer.COLLECTIVE_TIMEOUT >= __import__("datetime").timedelta(hours=1)

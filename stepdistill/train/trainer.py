@@ -7,6 +7,7 @@ phases) -> log / eval / checkpoint.
 """
 from __future__ import annotations
 
+import datetime
 import logging
 import math
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs
 from accelerate.state import AcceleratorState, PartialState
 from omegaconf import OmegaConf
 from tqdm.auto import tqdm
@@ -39,6 +40,9 @@ from .stop_signals import StopRequest
 log = logging.getLogger("stepdistill")
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
+
+
 def _accelerator(mixed_precision: str) -> Accelerator:
     # accelerate keeps one process-wide state and refuses a second Accelerator with another precision; a
     # notebook or test that trains twice in one process (fp32, then bf16) must not need a restart. Outside
@@ -49,8 +53,11 @@ def _accelerator(mixed_precision: str) -> Accelerator:
     # one micro-batch per backward as accelerate sees it: the trainer accumulates itself (trainer.grad_accum_steps),
     # and without a plugin accelerate took ACCELERATE_GRADIENT_ACCUMULATION_STEPS from the environment (an
     # accelerate config) and divided every loss by it, on top of the trainer's own division
+    # COLLECTIVE_TIMEOUT: rank 0 alone evaluates, checkpoints and exports while the other ranks wait in the next
+    # collective, and NCCL's 10-minute default would kill a run whose evaluation (an SD FID) takes longer
     return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
-                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1))
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def refuse_accelerate_sharding(distributed_type) -> None:
