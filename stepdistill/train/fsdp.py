@@ -119,10 +119,10 @@ def named_optimizer_state(roles: nn.Module, opt: torch.optim.Optimizer, state: d
     (the trainer sets the configured ones after loading anyway). A checkpoint of one process resumed on several
     failed on its numbers ('state.0.step')."""
     names = {id(p): n for n, p in roles.named_parameters()}
-    order = [i for g in state["param_groups"] for i in g["params"]]
-    if len(order) != len(params):
-        raise ValueError(f"the checkpoint's optimizer holds {len(order)} parameters, this run's phase {len(params)}")
-    name_of = {i: names[id(p)] for i, p in zip(range(len(params)), params)}
+    saved = sum(len(g["params"]) for g in state["param_groups"])
+    if saved != len(params):
+        raise ValueError(f"the checkpoint's optimizer holds {saved} parameters, this run's phase {len(params)}")
+    name_of = [names[id(p)] for p in params]
     settings = {k: v for k, v in state["param_groups"][0].items() if k != "params"}
     return {"state": {name_of[i]: v for i, v in state["state"].items()},
             "param_groups": [{**settings, "params": [names[id(p)] for p in g["params"]]} for g in opt.param_groups]}
