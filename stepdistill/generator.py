@@ -15,11 +15,15 @@ with one shared network, which learns each step from the others' updates too (do
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from . import batch_split
 from .denoiser import NetworkDenoiser
+
+log = logging.getLogger("stepdistill")
 
 LCM_SIGMA_DATA = 0.5  # fixed in diffusers' LCMScheduler
 LCM_ORIGINAL_STEPS = 50   # LCMScheduler's default original_inference_steps
@@ -88,6 +92,11 @@ class FewStepGenerator(nn.Module):
         self.later_experts = nn.ModuleList(later_experts or [])
         if self.later_experts and len(self.later_experts) != len(ts) - 1:
             raise ValueError(f"step experts: {len(self.later_experts) + 1} networks for {len(ts)} steps")
+        untrained = [k for k in range(1, len(ts) + 1) if k not in self.train_steps]
+        if self.later_experts and untrained:   # a network per step: those of steps never trained keep their init
+            log.warning("generator.step_experts with generator.train_steps=%s: the networks of steps %s are never "
+                        "trained and stay their initial weights (the teacher's copy where the student starts from it)",
+                        self.train_steps, ", ".join(map(str, untrained)))
 
     @property
     def step_experts(self) -> bool:

@@ -5,8 +5,6 @@ trainer see tensors and a ``Denoiser``.
 """
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from ..checks import at_least, or_default
@@ -16,8 +14,6 @@ from ..methods.gan import probe_feature_shape
 from ..networks.heads import ClassifierHead
 from ..roles import Roles
 from ..samplers import ddim_sample
-
-log = logging.getLogger("stepdistill")
 
 
 def shared_base(model_cfg) -> bool:
@@ -126,15 +122,9 @@ class Benchmark:
                              "set one of them to false")
         if int(generator_cfg.steps) < 2:
             raise ValueError("generator.step_experts needs a few-step generator (generator.steps >= 2)")
-        steps = int(generator_cfg.steps)
-        untrained = [k for k in range(1, steps + 1) if k not in (generator_cfg.get("train_steps") or range(1, steps + 1))]
-        if untrained:
-            log.warning("generator.step_experts with generator.train_steps=%s: the networks of steps %s are never "
-                        "trained and stay their initial weights (the teacher's copy where the student starts from it)",
-                        list(generator_cfg.train_steps), ", ".join(map(str, untrained)))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**62, ())))   # from the run's stream, which stays where it was
-            return [self.make_generator_denoiser() for _ in range(steps - 1)]
+            return [self.make_generator_denoiser() for _ in range(int(generator_cfg.steps) - 1)]
 
     def shared_base_students(self, model_cfg, generator_cfg):
         """Shared-base mode: the fake score and the generator are LoRA adapters on the teacher's own network."""
