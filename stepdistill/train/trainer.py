@@ -298,11 +298,16 @@ class Trainer:
 
     # --- one step ------------------------------------------------------------------------------------------
     def train_step(self, batch_source: BatchSource) -> tuple[str, dict | None]:
+        """One update of the phase this step belongs to: its logs, or None where the update was skipped."""
         phase = self.method.phase(self.step)
-        roles = self.run.roles
-        roles.train_only(self.method.phases[phase], self.role_params)
+        self.run.roles.train_only(self.method.phases[phase], self.role_params)
         opt = self.optimizers[phase]
-        opt.zero_grad(set_to_none=True)
+        try:
+            return phase, self._update(phase, opt, batch_source)
+        finally:   # freed after every update, made or skipped: each role's gradients were held through the other
+            opt.zero_grad(set_to_none=True)   # phase's steps (~3.4 GB per SD1.5 UNet in fp32)
+
+    def _update(self, phase: str, opt, batch_source: BatchSource) -> dict | None:
         finite, logs = self._accumulate_gradients(phase, batch_source)
         grad_norm = float("nan")
         # fp16 on a GPU: accelerate's backward multiplies the loss by its GradScaler's scale. The gradients are
@@ -323,12 +328,10 @@ class Trainer:
                 overflow = not finite and scaler.get_scale() >= 1.0
                 scaler.update()
         if overflow:
-            opt.zero_grad(set_to_none=True)
             log.info("fp16 gradient overflow at step %d: %s update skipped, loss scale now %g", self.step, phase,
                      scaler.get_scale())
-            return phase, None
+            return None
         if not finite:  # skip the update, keep the weights, stop after several in a row
-            opt.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row[phase] += 1
             log.warning("non-finite %s loss/gradient at step %d: update skipped (%d %s updates in a row)", phase,
                         self.step, self.nonfinite_in_a_row[phase], phase)
@@ -339,17 +342,14 @@ class Trainer:
                 raise NonFiniteError(f"{self.max_nonfinite} non-finite {phase} updates in a row (last at step "
                                      f"{self.step}): lower optim.{phase}.lr, set optim.{phase}.grad_clip, or use "
                                      f"trainer.mixed_precision=no{resume}")
-            return phase, None
+            return None
         self.nonfinite_in_a_row[phase] = 0
         opt.step()
         self.schedulers[phase].step()
         if phase == "generator" and self.ema is not None:
             self.ema.update(self.ema_decay)
-        # freed now, not at this phase's next step: each role's gradients were held through the other phase's
-        # steps (~3.4 GB per SD1.5 UNet in fp32)
-        opt.zero_grad(set_to_none=True)
         values = mean_over_processes(logs, self.device)
-        return phase, {f"{phase}/{k}": v for k, v in {**values, "grad_norm": grad_norm}.items()}
+        return {f"{phase}/{k}": v for k, v in {**values, "grad_norm": grad_norm}.items()}
 
     def _accumulate_gradients(self, phase: str, batch_source: BatchSource) -> tuple[bool, dict]:
         """Loss and backward of each micro-batch (one without gradient accumulation); returns whether every loss
