@@ -54,7 +54,7 @@ class DigitsBenchmark(Benchmark):
         self.images, self.labels = load_digits_tensor()
         side = self.images.shape[-1]
         res = at_least("benchmark.resolution", or_default(cfg.get("resolution"), side))
-        size = self.teacher.net.config.sample_size
+        size = unet.sample_size
         if res != side or size not in (side, [side, side], (side, side)):
             # the real images (the GAN's, the regression's) and the feature network are 8x8: a 16x16 teacher trained
             # on 8x8 reals and failed at its first evaluation

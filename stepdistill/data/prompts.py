@@ -95,19 +95,20 @@ class EmbeddingCache:
     def table(self, prompts: list[str], encode) -> "EmbeddingTable":
         """The embeddings of `prompts`, row i for prompts[i]; `encode(list[str])` runs only on the missing ones,
         `chunk` prompts at a time."""
-        where, keys = self.index(), [self.key(p) for p in prompts]
-        missing = sorted({p for p, k in zip(prompts, keys) if k not in where})
+        where, key_of = self.index(), {p: self.key(p) for p in prompts}
+        missing = sorted(p for p, k in key_of.items() if k not in where)
         chunks = range(0, len(missing), self.chunk)
         if len(chunks) > 1:
             from tqdm.auto import tqdm
             chunks = tqdm(chunks, desc=f"text embeddings of {len(missing)} prompts (cached)", leave=False)
         for i in chunks:
             part = missing[i:i + self.chunk]
-            fresh = {self.key(p): e.detach().cpu().contiguous() for p, e in zip(part, encode(part))}
+            fresh = {key_of[p]: e.detach().cpu().contiguous() for p, e in zip(part, encode(part))}
             shard = self.folder / f"{hashlib.sha1(''.join(sorted(fresh)).encode()).hexdigest()[:16]}.safetensors"
             save_tensors(fresh, shard)
             where.update(dict.fromkeys(fresh, shard))
             self.encoded += len(part)
+        keys = [key_of[p] for p in prompts]
         return EmbeddingTable([where[k] for k in keys], keys)
 
     def get(self, prompts: list[str], encode) -> torch.Tensor:

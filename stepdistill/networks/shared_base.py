@@ -95,13 +95,10 @@ class AdapterView(nn.Module):
         else:
             self.adapter_params = nn.ParameterList(shared.params(adapter))
 
-    @property
-    def config(self):          # so the Denoiser calls it like the diffusers model it stands for
-        return self.shared.unet.config
-
     def __getattr__(self, name):
-        """The shared network's submodules (`mid_block`, `down_blocks`: the GAN head's `method.gan.feature_module`)
-        as a full copy would have them."""
+        """The shared network's attributes as a full copy would have them: its `config` (the Denoiser calls the view
+        like the diffusers model it stands for) and submodules (`mid_block`, `down_blocks`: the GAN head's
+        `method.gan.feature_module`)."""
         try:
             return super().__getattr__(name)
         except AttributeError:
