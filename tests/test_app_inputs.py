@@ -127,6 +127,24 @@ def test_compare_shows_the_evaluation_at_the_runs_own_sampling(tmp_path):
     assert notes["one_step"] in (tmp_path / "out" / "comparison.md").read_text()
 
 
+def test_compare_redraws_a_gmm_run_as_its_final_evaluation_did(gmm_run, tmp_path):
+    """By default a gmm row re-samples at the run's eval.num_samples and eval.seed and scores as its evaluations do:
+    the row is the run's final evaluation (it re-sampled with seed 0 and drew the metric's reference with it).
+    num_samples= and seed= given with image runs, which they do not change, get a note."""
+    from stepdistill.cli.compare import compare
+    final = [r for r in records(gmm_run) if r.get("kind") == "eval" and "source" not in r][-1]   # training's
+    row = compare([gmm_run], tmp_path / "default")["rows"][0]
+    for key in ("high_quality_fraction", "sliced_w2", "modes_covered"):
+        assert row[key] == pytest.approx(final[f"student_{key}"], rel=1e-6), key
+    other = compare([gmm_run], tmp_path / "other", seed=7)
+    assert other["rows"][0]["sliced_w2"] != pytest.approx(row["sliced_w2"], rel=1e-6)
+    assert other["evaluations"] == []   # no image rows: nothing to note
+    digits_run(tmp_path / "d", "run", [{"kind": "train", "step": 50, "seconds": 5.0}])
+    notes = compare([gmm_run, tmp_path / "d"], tmp_path / "mixed", num_samples=20, seed=7)["evaluations"]
+    assert notes[-1].startswith("num_samples=20 and seed=7 re-sample the gmm runs only; the 1 image row(s)")
+    assert notes[-1] in (tmp_path / "mixed" / "comparison.md").read_text()
+
+
 def test_compare_row_without_an_evaluation_at_its_sampling_has_no_fd(tmp_path):
     from stepdistill.cli.compare import compare
     digits_run(tmp_path / "a", "run", [{"kind": "train", "step": 50, "seconds": 5.0},

@@ -577,3 +577,26 @@ def test_digits_metrics_of_diverged_or_too_few_samples(tmp_path):
     assert few["pr_num_samples"] == 3 and few["num_nonfinite"] == 0
     ok = bm.evaluate(x[8:], labels[8:])
     assert ok["num_nonfinite"] == 0 and all(math.isfinite(ok[k]) for k in ("fd", "precision", "recall", "class_accuracy"))
+
+
+@pytest.mark.parametrize("scale", [None, 0.0, 2.5])
+def test_teacher_reference_samples_the_teacher_at_the_distilled_guidance(tmp_path, scale):
+    """The teacher_* metrics describe the teacher the student is distilled from: at `method.guidance` when set (0,
+    the unconditional teacher, included), else the benchmark's default. They used benchmark.guidance always, so
+    a sweep over method.guidance compared every student with the same, differently guided teacher."""
+    from conftest import compose_cfg
+    from stepdistill.train.evaluation import Evaluator
+    from stepdistill.train.setup import build_run
+
+    run = build_run(compose_cfg("benchmark=digits", "eval.num_samples=10", "eval.batch_size=10",
+                                *([] if scale is None else [f"method.guidance={scale}"])))
+    seen = []
+    real = run.benchmark.teacher_sample
+
+    def spy(noise, cond=None, steps=None, guidance=None):
+        seen.append(guidance)
+        return real(noise, cond, 2, guidance)   # 2 steps: the scale is what is checked
+    run.benchmark.teacher_sample = spy
+    metrics = Evaluator(run, tmp_path).evaluate(0, teacher_reference=True)
+    expected = run.benchmark.guidance if scale is None else scale
+    assert seen == [expected] and metrics["teacher_guidance"] == expected

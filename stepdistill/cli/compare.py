@@ -1,7 +1,8 @@
-"""`stepdistill-compare runs=[D1,D2,...] out=DIR [num_samples=N]`: one table (and figure) over finished runs.
+"""`stepdistill-compare runs=[D1,D2,...] out=DIR [num_samples=N] [seed=S]`: one table (and figure) over finished runs.
 
 Each entry of `runs` is a run folder or a folder of run folders (a Hydra multirun sweep). Per run:
-  * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples, fixed seed) and scored
+  * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples and seed, by default the run's
+    eval.num_samples and eval.seed: its final evaluation's samples when that used them) and scored
     against the exact mixture: modes covered, per-mode mass error, HQ fraction, mode width, sliced W2
     (eval/gmm_metrics.py); the figure shows every student's samples over its mixture's density contours, one
     row per benchmark.
@@ -10,7 +11,8 @@ Each entry of `runs` is a run folder or a folder of run folders (a Hydra multiru
     them (digits). That is the training's last (final) evaluation, or a later `stepdistill-eval` of the run at its
     trained step count; never an evaluation at another step count (`stepdistill-eval steps=K`) or of each step
     along the chain (`every_step=true`), which stepdistill-eval also appends to metrics.jsonl. Which one each row
-    shows is printed below the table (and written under it in comparison.md).
+    shows is printed below the table (and written under it in comparison.md). num_samples= and seed= do not
+    apply to them: a note says so, and `stepdistill-eval run_dir=D eval.num_samples=N eval.seed=S` re-scores one.
 Every row also gives the run's training time (seconds of the last logged train step) and its step count.
 Writes DIR/comparison.md, DIR/comparison.json, (points benchmarks) DIR/comparison.png and, where the runs evaluated
 during training, DIR/comparison_curves.png (each student metric against the step, one line per run), and prints
@@ -28,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..checks import at_least, make_folder, or_default
 from . import CONF_DIR, checked_groups, set_threads, user_errors
 
+POINTS_BENCHMARKS = ("gmm", "gmm_unbalanced")   # re-sampled and scored against the exact mixture
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
 IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_fd", "teacher_latent_fd",
                  "latent_fd_ratio", "fid", "clip_score")
@@ -130,7 +133,7 @@ def metric(value) -> float | None:
 
 
 def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
-                seed: int) -> tuple[dict, object, str | None]:
+                seed: int | None) -> tuple[dict, object, str | None]:
     """One table row; the re-drawn student samples for points benchmarks (else None); for image benchmarks, which
     logged evaluation the row's metrics come from (else None)."""
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -140,16 +143,17 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
     # reach trainer.max_steps)
     row = {"benchmark": str(cfg.benchmark.name), "method": run_label(cfg), "run": run_dir.name,
            "run_dir": str(run_dir), "train_steps": train.get("step"), "train_seconds": train.get("seconds")}
-    if cfg.benchmark.name.startswith("gmm"):
+    if cfg.benchmark.name in POINTS_BENCHMARKS:
         from ..eval.gmm_metrics import gmm_metrics
         from ..train.checkpoint import latest_checkpoint
         from .sample import sample_student
         if latest_checkpoint(run_dir / "checkpoints") is None:   # a job that failed before its first save
             return row, None, "no checkpoint: the run stopped before its first save"
         n = int(or_default(num_samples, cfg.eval.num_samples))
+        seed = int(or_default(seed, cfg.eval.seed))
         samples, _ = sample_student(run_dir, n, seed=seed)
         mixture = _mixture(cfg)
-        metrics = gmm_metrics(samples, mixture, seed=seed)
+        metrics = gmm_metrics(samples, mixture)   # its exact reference draws as the run's own evaluations
         row.update({k: metrics[k] for k in POINT_COLUMNS}, num_samples=n)
         return row, (samples, mixture), None
     row["fd"], row["teacher_fd"] = metric(evaluation.get("student_fd")), metric(evaluation.get("teacher_fd"))
@@ -201,7 +205,18 @@ def curve_labels(runs: list[tuple[str, Path]]) -> list[str]:
     return [n if named.count(n) == 1 else f"{label} ({d})" for n, (label, d) in zip(named, runs)]
 
 
-def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict:
+def sampling_note(rows: list[dict], num_samples: int | None, seed: int | None) -> list[str]:
+    """A line when num_samples= or seed= was given and some rows are logged image evaluations, which they do not
+    change (they were silently unused)."""
+    given = [f"{k}={v}" for k, v in (("num_samples", num_samples), ("seed", seed)) if v is not None]
+    images = [r for r in rows if r["benchmark"] not in POINTS_BENCHMARKS]
+    if not (given and images):
+        return []
+    return [f"{' and '.join(given)} re-sample the gmm runs only; the {len(images)} image row(s) show logged "
+            "evaluations: `stepdistill-eval run_dir=D eval.num_samples=N eval.seed=S` re-scores a run"]
+
+
+def compare(entries, out, num_samples: int | None = None, seed: int | None = None) -> dict:
     from ..eval.curves import curve_panels, run_records, save_comparison_curves
     from ..eval.grids import save_gmm_scatter_grid
     out = make_folder(out, "out")
@@ -220,7 +235,7 @@ def compare(entries, out, num_samples: int | None = None, seed: int = 0) -> dict
             panels.setdefault(row["benchmark"], (mixture, []))[1].append((title, samples))
     rows.sort(key=lambda r: (r["benchmark"], r["method"]))
     table = markdown_table(rows)
-    notes = evaluation_notes(rows, evaluations)
+    notes = evaluation_notes(rows, evaluations) + sampling_note(rows, num_samples, seed)
     (out / "comparison.md").write_text(table + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else ""))
     # NaN (a mode width with no mode covered, a diverged student's FD) as null: JSON has no NaN
     finite = [{k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in r.items()} for r in rows]
@@ -247,7 +262,8 @@ def main(cfg: DictConfig) -> None:
     n = cfg.get("num_samples")
     n = None if n is None else at_least("num_samples", n, 2)
     set_threads(cfg.get("num_threads"))
-    result = compare(runs, cfg.out, n, int(cfg.seed))
+    seed = cfg.get("seed")
+    result = compare(runs, cfg.out, n, None if seed is None else at_least("seed", seed, 0))
     print(result["table"])
     if result["evaluations"]:
         print("\nmetrics from:\n" + "\n".join(f"  {n}" for n in result["evaluations"]))

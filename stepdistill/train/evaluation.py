@@ -125,6 +125,8 @@ class Evaluator:
         if teacher_reference:
             metrics.update({f"teacher_{k}": v for k, v in self.benchmark_metrics(teacher, cond).items()})
             metrics["teacher_steps"] = bm.teacher_steps
+            if bm.conditional:
+                metrics["teacher_guidance"] = self.teacher_guidance
         # a re-evaluation at another step count must not overwrite the grid training wrote for this step
         suffix = "" if steps is None else f"_{int(steps)}steps"
         name = f"{step_dir_name(step)}{suffix}{figure_tag}"
@@ -195,10 +197,18 @@ class Evaluator:
             metrics.update(clip_score(images, prompts, clip_model, device=device))
         return metrics
 
+    @property
+    def teacher_guidance(self) -> float:
+        """The CFG scale of the teacher the student is distilled from: `method.guidance` (the benchmark's default
+        when unset), not `benchmark.guidance`, which a sweep over method.guidance leaves where it was."""
+        scale = self.run.cfg.method.get("guidance")   # 0 is a scale: the unconditional teacher
+        return float(getattr(self.run.benchmark, "guidance", 1.0) if scale is None else scale)
+
     def teacher_samples(self, noise, cond):
-        """The teacher's samples from the eval noise, computed once per sample count."""
+        """The teacher's samples from the eval noise at the distilled CFG scale, computed once per sample count."""
         n = noise.shape[0]
         if n not in self._teacher_cache:   # inside evaluate's forked RNG
             self._teacher_cache[n] = teacher_sample_batched(self.run.benchmark, noise, cond,
-                                                            batch_size=int(self.cfg.batch_size))
+                                                            batch_size=int(self.cfg.batch_size),
+                                                            guidance=self.teacher_guidance)
         return self._teacher_cache[n]
