@@ -4,6 +4,7 @@ stepdistill-compare shows the evaluation at the run's own sampling whatever step
 import json
 
 import pytest
+import torch
 from conftest import GMM_FAST, compose_cfg, run_app
 
 
@@ -213,6 +214,26 @@ def test_sample_refuses_an_out_it_cannot_write_before_sampling(gmm_run, tmp_path
         proc = run_app("stepdistill.cli.sample", f"run_dir={gmm_run}", "num_samples=4", f"out={out}", check=False)
         assert_one_line_error(proc, "stepdistill-sample", f"out={out}: give the file to write")
     assert not list(tmp_path.parent.glob("*.tmp.npz"))
+
+
+def test_sample_warns_when_a_students_samples_are_not_finite(gmm_run, tmp_path):
+    """A student whose weights went NaN had its NaN samples written without a word; they are still written (worth
+    looking at), with a warning that counts them. A finite student's sampling warns of nothing."""
+    import shutil
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+    run = tmp_path / "run"
+    shutil.copytree(gmm_run, run)
+    for f in (run / "checkpoints" / "step_0000003").glob("generator*.safetensors"):
+        save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in load_file(str(f)).items()}, str(f))
+    proc = run_app("stepdistill.cli.sample", f"run_dir={run}", "num_samples=5", f"out={tmp_path / 'nan.npz'}")
+    assert proc.stderr.strip() == ("stepdistill-sample: warning: 5 of 5 samples hold NaN or inf: the student "
+                                   "diverged or overflowed: an earlier checkpoint=STEP may not")
+    assert np.isnan(np.load(tmp_path / "nan.npz")["samples"]).all()
+    proc = run_app("stepdistill.cli.sample", f"run_dir={gmm_run}", "num_samples=5", f"out={tmp_path / 'ok.npz'}")
+    assert "warning" not in proc.stderr
 
 
 def test_a_checkpoint_folder_is_found_relative_to_the_run(gmm_run, tmp_path, monkeypatch):
