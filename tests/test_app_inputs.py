@@ -247,6 +247,26 @@ def test_a_checkpoint_folder_is_found_relative_to_the_run(gmm_run, tmp_path, mon
         find_checkpoint(gmm_run, "checkpoints/step_0000009")
 
 
+def test_eval_refuses_another_runs_checkpoint(gmm_run, tmp_path):
+    """checkpoint=<another run's checkpoint folder> was scored and logged into run_dir's metrics.jsonl at that run's
+    step, as if it were this run's; stepdistill-eval names the run to evaluate it with. Its own folders, absolute
+    or relative, still work."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(gmm_run, other)
+    before = records(gmm_run)
+    proc = run_app("stepdistill.cli.evaluate", f"run_dir={gmm_run}", "num_samples=20",
+                   f"checkpoint={other / 'checkpoints' / 'step_0000003'}", check=False)
+    assert_one_line_error(proc, "stepdistill-eval", f"is not one of {(gmm_run / 'checkpoints').resolve()}'s "
+                          f"checkpoints: stepdistill-eval logs into run_dir's metrics.jsonl, so evaluate it with "
+                          f"run_dir= its own run folder ({other.resolve()})")
+    assert records(gmm_run) == before
+    from stepdistill.cli.evaluate import evaluate_run
+    own = gmm_run / "checkpoints" / "step_0000003"
+    assert evaluate_run(gmm_run, overrides=["eval.num_samples=20", "eval.teacher_reference=false"],
+                        checkpoint=str(own))["source"] == "stepdistill-eval"
+
+
 def test_another_networks_checkpoint_is_one_line(gmm_run, tmp_path):
     """A checkpoint of another network was a RuntimeError, which the apps printed as a traceback."""
     import torch

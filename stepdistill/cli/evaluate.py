@@ -46,15 +46,23 @@ TRAINING_ONLY = ("eval.every", "eval.final", "eval.final_num_samples")
 
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool | None = None,
                  every_step: bool = False, checkpoint=None, device: str | None = None) -> dict:
-    """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or folder), logged at its step; the
+    """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or one of its checkpoint folders),
+    logged at its step; the
     networks on `device` (None: the CPU). `teacher_reference` None: the run's eval.teacher_reference (after
     `overrides`)."""
     from ..train.checkpoint import checkpoint_step
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
-    from ..train.setup import load_run
+    from ..train.setup import find_checkpoint, load_run
 
-    run = load_run(run_dir, overrides, checkpoint, device)
+    run_dir = run_folder(run_dir)
+    ckpt = find_checkpoint(run_dir, checkpoint)
+    own = (run_dir / "checkpoints").resolve()
+    if ckpt.resolve().parent != own:   # its metrics would be logged as this run's, at the foreign step
+        raise ValueError(f"checkpoint={checkpoint} is not one of {own}'s checkpoints: stepdistill-eval logs into "
+                         f"run_dir's metrics.jsonl, so evaluate it with run_dir= its own run folder "
+                         f"({ckpt.resolve().parent.parent})")
+    run = load_run(run_dir, overrides, ckpt, device)
     step = checkpoint_step(run.checkpoint)   # not trainer.max_steps: a stopped run's latest step is earlier
     evaluator = Evaluator(run, Path(run_dir))
     if teacher_reference is None:
