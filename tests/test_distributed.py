@@ -121,6 +121,8 @@ def test_two_process_resume_continues_the_one_process_run(tmp_path, one_process,
         res = subprocess.run(LAUNCH + FAST + extra + part + [f"trainer={trainer}", f"hydra.run.dir={tmp_path / 'ddp'}"],
                              capture_output=True, text=True, env=env, timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
+    # each process logged its lines into train.log too, so every line was there twice
+    assert (tmp_path / "ddp" / "train.log").read_text().count(f"resumed from {tmp_path / 'ddp'}") == 1
     resumed = next(r for r in rows(tmp_path / "ddp") if r["step"] == 10 and r["kind"] == "train" and "critic/loss" in r)
     one = next(r for r in rows(straight) if r["step"] == 10)
     for key in (k for k in one if "/" in k):

@@ -91,10 +91,22 @@ def summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+def leave_the_log_file_to_rank_0() -> None:
+    """Under `accelerate launch`, every process's Hydra set up a handler on the run's train.log, so each warning
+    and info line was written once per process. The other ranks keep their console (stderr) lines."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 @checked_groups("stepdistill-train", "train")
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="train")
 @user_errors("stepdistill-train")
 def main(cfg: DictConfig) -> None:
+    leave_the_log_file_to_rank_0()
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.trainer.resume and in_multirun():
         from ..train.checkpoint import latest_checkpoint
