@@ -80,12 +80,15 @@ def test_image_folder_captions_orientation_and_16_bit(tmp_path, caplog):
 def test_teacher_sample_keys_tell_prompt_lists_apart():
     """The key joined its parts with "|": ["a cat|a dog"] read the cached samples of ["a cat", "a dog"]."""
     from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.train.batches import regression_pairs_key
     bm = build_benchmark(compose_cfg(*TINY).benchmark)
     keys = []
     for prompts in (["a cat|a dog"], ["a cat", "a dog"], ["a cat", "a dog"]):
         bm.prompts = prompts
-        keys.append(bm.teacher_samples_key(4))
-    assert keys[0] != keys[1] == keys[2]
+        keys.append((bm.teacher_samples_key(4), regression_pairs_key(bm, 4, 0)))
+    assert keys[0][0] != keys[1][0] == keys[2][0]
+    # the regression pairs' key follows the prompts too, not the prompt file's path alone
+    assert keys[0][1] != keys[1][1] == keys[2][1]
 
 
 def test_parquet_prompts(tmp_path):

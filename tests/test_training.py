@@ -417,6 +417,28 @@ def test_regression_pairs_cached_in_the_run_folder_follow_the_settings(gmm_cfg, 
     assert (coarse - make_regression_pairs(bm, 16, 1)["target"]).abs().max() > 1e-3
 
 
+def test_regression_pairs_key_follows_the_teachers_weights_not_only_its_path(tmp_path):
+    """The key hashed the config, which names the teacher by path: a teacher re-trained into the same folder (or a
+    prompt file rewritten) kept the key, and a rerun in that run folder read the old teacher's pairs."""
+    import shutil
+
+    from conftest import digits_cfg
+    from stepdistill.benchmarks.digits import SHIPPED_TEACHER
+    from stepdistill.benchmarks.registry import build_benchmark
+    from stepdistill.train.batches import regression_pairs_key
+    teacher = tmp_path / "teacher"
+    shutil.copytree(SHIPPED_TEACHER, teacher)
+    cfg = digits_cfg("method=dmd", f"benchmark.teacher.path={teacher}").benchmark
+
+    def key():
+        return regression_pairs_key(build_benchmark(cfg), 8, 0)
+    before = key()
+    assert key() == before
+    weights = next(teacher.rglob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())   # rewritten in place: same path, same size, a new file
+    assert key() != before
+
+
 @pytest.mark.slow
 def test_default_run_meets_its_budget(tmp_path):
     """The README's main job: `stepdistill-train` with no arguments (slow: several minutes)."""

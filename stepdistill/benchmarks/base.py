@@ -193,3 +193,9 @@ class Benchmark:
     def config_record(self) -> dict:
         """Resolved facts written into the run's config.yaml (e.g. the mixture's means)."""
         return {}
+
+    def content_key(self) -> str:
+        """What the files the benchmark reads hold (the teacher's weights, a prompt list), for cache keys: its
+        config names them by path, and a path keeps its name when the file behind it changes. "" when it reads
+        none (the analytic gmm)."""
+        return ""

@@ -161,6 +161,10 @@ class DigitsBenchmark(Benchmark):
             x = teacher_above_student(arrange(teacher_samples), x, 10)
         return save_image_grid(x, path, nrow=10)
 
+    def content_key(self) -> str:
+        from ..data.cache import model_key
+        return model_key(self.path)
+
     def config_record(self):
         return {"teacher_resolved": {"path": str(self.path), "guidance": self.guidance,
                                      "teacher_steps": self.teacher_steps}}

@@ -226,12 +226,14 @@ class TextToImageBenchmark(Benchmark):
     def eval_labels(self, n: int) -> list[str]:
         return [self.prompts[i % len(self.prompts)] for i in range(n)]
 
-    def teacher_samples_key(self, n: int) -> str:
-        """The cache key of `n` teacher samples standing in for real data: everything they depend on, the negative
-        prompt (CFG's unconditional branch) included."""
+    def content_key(self) -> str:
+        """The teacher's weights, the prompts and the negative prompt (CFG's unconditional branch)."""
         # the prompts as one JSON list: joined by digest's "|", ["a cat|a dog"] had the key of ["a cat", "a dog"]
-        return digest(model_key(self.path), self.guidance, self.teacher_steps, n, self.data_shape,
-                      self.cfg.get("negative_prompt") or "", json.dumps(list(self.prompts)))
+        return digest(model_key(self.path), self.cfg.get("negative_prompt") or "", json.dumps(list(self.prompts)))
+
+    def teacher_samples_key(self, n: int) -> str:
+        """The cache key of `n` teacher samples standing in for real data: everything they depend on."""
+        return digest(self.content_key(), self.guidance, self.teacher_steps, n, self.data_shape)
 
     @cached_property
     def real_samples(self) -> tuple[torch.Tensor, torch.Tensor]:

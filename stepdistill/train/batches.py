@@ -17,9 +17,10 @@ from .evaluation import teacher_sample_batched
 
 def regression_pairs_key(benchmark, num: int, seed: int, guidance: float | None = None, chunk: int = 256) -> str:
     """The cache key of the pairs: everything they depend on. The cache sits in the run folder under a fixed name,
-    so a rerun there with other settings (pairs, seed, CFG scale, teacher, its sampler) makes them again."""
+    so a rerun there with other settings (pairs, seed, CFG scale, teacher, its sampler), or with the teacher's
+    weights or the prompt file rewritten in place (`content_key`), makes them again."""
     settings = OmegaConf.to_yaml(benchmark.cfg) if getattr(benchmark, "cfg", None) is not None else ""
-    return digest(num, seed, guidance, chunk, settings, benchmark.config_record())
+    return digest(num, seed, guidance, chunk, settings, benchmark.config_record(), benchmark.content_key())
 
 
 def make_regression_pairs(benchmark, num: int, seed: int, path: Path | None = None, chunk: int = 256,
