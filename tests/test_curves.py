@@ -136,9 +136,34 @@ def test_comparison_curves_put_each_run_on_each_metric(tmp_path, monkeypatch):
             "gmm sim": curve_panels([{"step": 5, "kind": "eval", "student_sliced_w2": 0.4, "student_num_samples": 100},
                                      {"step": 9, "kind": "eval", "student_sliced_w2": 0.1, "student_num_samples": 900}])}
     drawn = {}
-    monkeypatch.setattr(curves, "draw_panels", lambda panels, out: drawn.update(out=out, panels=panels) or str(out))
+    monkeypatch.setattr(curves, "draw_panels", lambda panels, out, **kw: drawn.update(out=out, panels=panels, **kw)
+                        or str(out))
     assert curves.save_comparison_curves(tmp_path / "c.png", runs) == str(tmp_path / "c.png")
+    assert drawn["shared_legend"]
     assert [(p.title, p.series) for p in drawn["panels"]] == [
         ("sliced_w2", {"gmm dmd2": ([5], [0.3]), "gmm dmd": ([5], [0.2]), "gmm sim, 100 samples": ([5], [0.4]),
                        "gmm sim, 900 samples": ([9], [0.1])}),
         ("mmd", {"gmm dmd2": ([5], [0.1])})]
+
+
+def test_a_shared_legend_names_each_run_once_in_one_colour_everywhere(tmp_path, monkeypatch):
+    """Comparison curves: a legend in every panel, of a sweep's long folder names, covered the curves. One legend
+    under the panels names each series once, and a series has one colour (and style) in every panel, also where
+    another panel lacks an earlier series."""
+    from matplotlib.figure import Figure
+
+    from stepdistill.eval.curves import Panel, draw_panels
+    figures = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **kw: figures.append(fig) or real_savefig(fig, *a, **kw))
+    names = [f"digits dmd2 ({i}_method.critic_steps={i},trainer.max_steps=2000)" for i in range(12)]
+    panels = [Panel("fd", {n: ([1, 2], [float(i), 1.0]) for i, n in enumerate(names)}),
+              Panel("recall", {n: ([1, 2], [0.5, 0.6]) for n in names[5:]})]
+    assert draw_panels(panels, tmp_path / "c.png", shared_legend=True) == str(tmp_path / "c.png")
+    fig = figures[-1]
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == names
+    look = [{line.get_label(): (line.get_color(), line.get_linestyle()) for line in ax.get_lines()} for ax in fig.axes[:2]]
+    assert all(look[1][n] == look[0][n] for n in names[5:])
+    assert len(set(look[0].values())) == 12   # past the 10 colours, a new line style

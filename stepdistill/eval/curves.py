@@ -141,40 +141,57 @@ def save_comparison_curves(path, runs: dict[str, list[Panel]]) -> str | None:
             for name, points in p.series.items():   # "student", or "student, N samples" per sample count
                 if name == "student" or name.startswith("student, "):
                     merged.setdefault(p.title, Panel(p.title)).series[label + name[len("student"):]] = points
-    return draw_panels(list(merged.values()), Path(path))
+    # one legend under the panels, one colour per run in every panel: a legend in each panel of a sweep's long
+    # folder names covered its curves
+    return draw_panels(list(merged.values()), Path(path), shared_legend=True)
 
 
-def draw_panels(panels: list[Panel], out: Path, cols: int = 4) -> str | None:
+LEGEND_ROW_INCHES = 0.18
+
+
+def draw_panels(panels: list[Panel], out: Path, cols: int = 4, shared_legend: bool = False) -> str | None:
+    """`shared_legend`: each series keeps one colour across the panels and is named once, under them."""
     from matplotlib.figure import Figure
 
     if not panels:
         return None
     cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
-    width, height = 3.6 * cols, 2.7 * rows
+    names = list(dict.fromkeys(name for p in panels for name in p.series)) if shared_legend else []
+    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
+    styles = {name: ("-", ":", "-.", "--")[i // 10 % 4] for i, name in enumerate(names)}   # past 10 colours
+    legend_h = (len(names) + 1) * LEGEND_ROW_INCHES if names else 0.0
+    width, height = 3.6 * cols, 2.7 * rows + legend_h
     fig = Figure(figsize=(width, height), dpi=80)
     # margins fixed in inches, not a constrained layout: measuring every tick label to place the panels took half
     # of the ~0.8 s a 10-panel figure costs, and training redraws it at every evaluation
     gap_w, gap_h = 0.75, 0.75   # room for a panel's y tick labels, and for its x label and the next title
-    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.3 / height,
-                        wspace=gap_w / (3.6 - gap_w), hspace=gap_h / (2.7 - gap_h))
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=(0.5 + legend_h) / height,
+                        top=1 - 0.3 / height, wspace=gap_w / (3.6 - gap_w), hspace=gap_h / (2.7 - gap_h))
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    handles: dict = {}
     for ax, panel in zip(axes, panels):
         for name, (steps, values) in panel.series.items():
             marker = "o" if len(steps) < 30 else None   # evaluations are few: show where they were taken
+            style = {"color": colours[name], "ls": styles[name]} if name in colours else {}
             if panel.spread and name in panel.spread:
-                ax.errorbar(steps, values, yerr=panel.spread[name], marker=marker, ms=3, capsize=2, label=name)
+                line = ax.errorbar(steps, values, yerr=panel.spread[name], marker=marker, ms=3, capsize=2, label=name,
+                                   **style)
             else:
-                ax.plot(steps, values, marker=marker, ms=3, lw=1, label=name)
+                line = ax.plot(steps, values, marker=marker, ms=3, lw=1, label=name, **style)[0]
+            handles.setdefault(name, line)
         if panel.reference is not None:
             ax.axhline(panel.reference, color="k", ls="--", lw=1, label=panel.reference_label)
         ax.set_title(panel.title, fontsize="medium")
         ax.set_xlabel("step", fontsize="small")
         ax.tick_params(labelsize="small")
-        if len(panel.series) > 1 or panel.reference is not None:
+        if not shared_legend and (len(panel.series) > 1 or panel.reference is not None):
             ax.legend(fontsize="x-small")
     for ax in axes[len(panels):]:
         ax.set_axis_off()
+    if names:   # one name per row, left-aligned under the panels, however long a sweep's folder names are
+        fig.legend([handles[n] for n in names], names, loc="lower left", bbox_to_anchor=(0.1 / width, 0.05 / height),
+                   fontsize="small", frameon=False, borderaxespad=0, labelspacing=0.25, handlelength=2.5)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, format="png", dpi=80)
     return str(out)
