@@ -66,6 +66,12 @@ def target_for(x0, noise, x, a, s, prediction_type: str, sigma_data: float = 0.5
     raise ValueError(check_prediction_type(prediction_type))
 
 
+def eps_mse_weight_of_v(a, s):
+    """The factor that turns a v-prediction's squared error into that of the eps it implies at fixed x_t:
+    eps = (s x + a v) / (a^2 + s^2), so a^2 / (a^2 + s^2)^2; snr / (snr + 1) on VP (SiD-LSG's weight)."""
+    return a**2 / (a**2 + s**2) ** 2
+
+
 def eps_from_x0(x0, x, a, s):
     return (x - a * x0) / s
 

@@ -63,10 +63,12 @@ def test_multirun_gives_each_job_its_own_folder(tmp_path):
     from stepdistill.eval.gmm_metrics import gmm_metrics
     from omegaconf import OmegaConf
     for row in rows:
-        npz = tmp_path / "s.npz"
-        run_app("stepdistill.cli.sample", f"run_dir='{row['run_dir']}'", "num_samples=300", f"out={npz}")
+        npz, cfg = tmp_path / "s.npz", OmegaConf.load(Path(row["run_dir"]) / "config.yaml")
+        # compare re-samples at the run's own eval.seed
+        run_app("stepdistill.cli.sample", f"run_dir='{row['run_dir']}'", "num_samples=300", f"seed={cfg.eval.seed}",
+                f"out={npz}")
         with np.load(npz) as f:
-            ref = gmm_metrics(torch.from_numpy(f["samples"]), _mixture(OmegaConf.load(Path(row["run_dir"]) / "config.yaml")))
+            ref = gmm_metrics(torch.from_numpy(f["samples"]), _mixture(cfg))
         assert row["mode_mass_error"] == pytest.approx(ref["mode_mass_error"], rel=1e-5)
         assert row["sliced_w2"] == pytest.approx(ref["sliced_w2"], rel=1e-4)
         assert row["mode_std_ratio"] == pytest.approx(ref["mode_std_ratio"], rel=1e-5)

@@ -178,6 +178,33 @@ def test_guided_denoising_loss_regresses_the_guided_output():
     assert fake.prediction_type == "v_prediction"   # the target above is the shipped teacher's
 
 
+@pytest.mark.parametrize("weighting", ["reference", "native"])
+def test_critic_loss_of_a_v_prediction_teacher_is_eps_mse_as_sid_lsgs(weighting):
+    """SiD-LSG's code trains the fake score of a v-prediction teacher with v-MSE times snr / (snr + 1): the MSE of
+    the eps the network implies, written out here from its v output. `native` keeps v-MSE (this SiD before)."""
+    from conftest import digits_cfg
+    from stepdistill.train.setup import build_run
+    run = build_run(digits_cfg("method=sid", f"method.critic_weighting={weighting}"))
+    fake = run.roles["fake_score"]
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t, cond = torch.tensor([10.0, 300.0, 600.0, 900.0]), torch.tensor([1, 3, 5, 7])
+    with torch.no_grad():
+        got = run.method.fake_score_loss(x0, cond, t, noise)
+        a, s = fake.schedule.alpha(t)[:, None, None, None], fake.schedule.sigma(t)[:, None, None, None]
+        x_t = a * x0 + s * noise
+        v = fake.raw(x_t, t, cond)
+        eps = (s * x_t + a * v) / (a**2 + s**2)
+        mse = ((eps - noise) ** 2 if weighting == "reference" else (v - (a * noise - s * x0)) ** 2).mean()
+    torch.testing.assert_close(got, mse, rtol=1e-4, atol=1e-7)
+    if weighting == "reference":   # the same as the reference code's v-MSE x snr / (snr + 1) on VP
+        snr = (a / s) ** 2
+        lsg = (((v - (a * noise - s * x0)) ** 2).flatten(1).mean(1) * (snr / (snr + 1)).flatten()).mean()
+        torch.testing.assert_close(got, lsg, rtol=1e-4, atol=1e-7)
+    with pytest.raises(ValueError, match="unknown method.critic_weighting 'eps'"):
+        build_run(digits_cfg("method=sid", "method.critic_weighting=eps"))
+
+
 @pytest.mark.parametrize("overrides,cond_is_null,scale", [((), False, 1.0), (("method.cfg_strategy=zero",), True, 1.0),
                                                           (("method.fake_train_guidance=1.5",), False, 1.5)])
 def test_critic_phase_conditions(overrides, cond_is_null, scale):

@@ -15,7 +15,9 @@ Benchmark.build_roles). The critic is trained with the teacher's denoising loss 
 1:1 by default, at the noise levels of SiD's code (`critic_noise=reference`): EDM's log-normal sigma (ln sigma ~
 N(-1.2, 1.2^2), the teacher's own training distribution) on an EDM teacher, as SiD's `SID_EDMLoss`; the generator
 loss's [t_min, t_max] on VP and flow schedules, as SiD-LSG's training loop draws both from one range. `full`
-draws the whole range, as DMD's critic (and this SiD before session 37).
+draws the whole range, as DMD's critic (and this SiD before session 37). Its loss (`critic_weighting=reference`)
+is SiD-LSG's for a v-prediction teacher: v-MSE times snr / (snr + 1), the MSE of the implied eps; on EDM and eps
+teachers the network's own loss, which is SiD's and SiD-LSG's there (`native`: the own loss everywhere).
 
 Guidance for conditional teachers (`cfg_strategy`):
   lsg   SiD-LSG (Zhou et al., ICLR 2025): separate CFG scales for the teacher (`guidance`), for evaluating the fake
@@ -46,6 +48,7 @@ from __future__ import annotations
 import torch
 
 from .. import batch_split
+from ..prediction import eps_mse_weight_of_v
 from .base import LossOut, Method, check_t_range
 from .distribution_matching import check_normalizer, denoising_error
 
@@ -107,6 +110,8 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
         self.normalizer = check_normalizer(cfg.get("normalizer", "sample"))
         self.t_range = check_t_range(cfg)
         self.critic_noise, self.critic_lognormal = self._check_critic_noise(cfg, models["fake_score"].schedule)
+        fake_type = getattr(models["fake_score"], "prediction_type", None)   # None: an exact (analytic) score
+        self.critic_eps_weighted = self._check_critic_weighting(cfg, fake_type)
         self.strategy = str(cfg.get("cfg_strategy", "lsg"))
         if self.strategy not in CFG_STRATEGIES:
             raise ValueError(f"unknown method.cfg_strategy {self.strategy!r}: use one of {', '.join(CFG_STRATEGIES)}")
@@ -146,6 +151,19 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
                      "with an unconditional teacher" if not getattr(models["teacher"], "conditional", False) else None)
             if where:
                 raise ValueError(f"method.fake_cond_dropout={given} is not used {where}: set it to null")
+
+    @staticmethod
+    def _check_critic_weighting(cfg, prediction_type: str | None) -> bool:
+        """`method.critic_weighting`: whether the critic's loss is weighted to eps-space MSE. `reference` is SiD's
+        code: SiD-LSG (VP teachers) regresses eps, or v weighted by snr / (snr + 1), which is the same loss; SiD on
+        EDM trains with EDM's own loss, the network's native one, as is eps-MSE for an eps teacher. `native`: the
+        network's own loss everywhere (for a v-prediction teacher v-MSE, x0's error weighted by snr + 1 where
+        eps-MSE weights it by snr: far more weight at high noise)."""
+        mode = str(cfg.get("critic_weighting", "reference"))
+        if mode not in ("reference", "native"):
+            raise ValueError(f"unknown method.critic_weighting {mode!r}: use reference (SiD's code: eps-space MSE on "
+                             "VP teachers) or native (the teacher's own denoising loss)")
+        return mode == "reference" and prediction_type == "v_prediction"
 
     @staticmethod
     def _check_critic_noise(cfg, schedule) -> tuple[str, tuple[float, float] | None]:
@@ -207,8 +225,12 @@ class SiD(Method):   # the base class's roles and phases: teacher, fake score, g
         fake = self.models["fake_score"]
         if t is None:
             t = self.critic_t(x_fake.shape[0], x_fake.device)
-        return fake.denoising_loss(x_fake.detach(), t, self.fake_train_cond(cond), noise,
-                                   guidance=self.scales[2]).mean()
+        per_sample = fake.denoising_loss(x_fake.detach(), t, self.fake_train_cond(cond), noise,
+                                         guidance=self.scales[2])
+        if self.critic_eps_weighted:   # SiD-LSG's code: eps-space MSE (its v-MSE times snr / (snr + 1))
+            a, s = fake.coeffs(fake._as_batch_t(t, x_fake), per_sample, dtype=per_sample.dtype)
+            per_sample = per_sample * eps_mse_weight_of_v(a, s)
+        return per_sample.mean()
 
     def fake_train_cond(self, cond):
         """The fake score's condition when it is trained: Zero-CFG's null one, else `fake_cond_dropout` of the
