@@ -688,6 +688,8 @@ def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
     assert (cfg.benchmark.name, cfg.benchmark.guidance, cfg.method.critic_steps) == ("text_to_image", 1.75, 10)
     assert cfg.optim.generator.lr == cfg.optim.critic.lr == 1e-5 and cfg.model.gradient_checkpointing
     assert list(cfg.optim.generator.betas) == list(cfg.optim.critic.betas) == [0.9, 0.999]   # DMD2's train_sd.py
+    # ... whose fake score trains on the iteration's generator images; its warm-up lasts ~8 iterations on 64 GPUs
+    assert cfg.method.reuse_generator_samples and cfg.optim.generator.warmup_steps == 0
 
 
 def test_sdxl_unconditional_branch_and_recipe():
@@ -703,6 +705,7 @@ def test_sdxl_unconditional_branch_and_recipe():
     cfg = compose_cfg("experiment=sdxl_dmd2_4step", "benchmark.teacher.path=/models/sdxl")
     assert list(cfg.generator.timesteps) == [999, 749, 499, 249] and cfg.benchmark.guidance == 8.0
     assert list(cfg.optim.generator.betas) == [0.9, 0.999] and not cfg.generator.per_sample_step
+    assert cfg.method.reuse_generator_samples
 
 
 def test_real_image_folder_latents_are_cached_and_used(tmp_path):

@@ -47,9 +47,8 @@ TRAINING_ONLY = ("eval.every", "eval.final", "eval.final_num_samples")
 def evaluate_run(run_dir, steps=None, overrides=None, teacher_reference: bool | None = None,
                  every_step: bool = False, checkpoint=None, device: str | None = None) -> dict:
     """Evaluate the run's latest checkpoint (or `checkpoint`: a step number or one of its checkpoint folders),
-    logged at its step; the
-    networks on `device` (None: the CPU). `teacher_reference` None: the run's eval.teacher_reference (after
-    `overrides`)."""
+    logged at its step; the networks on `device` (None: the CPU). `teacher_reference` None: the run's
+    eval.teacher_reference (after `overrides`)."""
     from ..train.checkpoint import checkpoint_step
     from ..train.evaluation import Evaluator
     from ..train.loggers import MetricsLogger
