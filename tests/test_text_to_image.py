@@ -83,12 +83,12 @@ def test_teacher_sample_keys_tell_prompt_lists_apart():
     from stepdistill.train.batches import regression_pairs_key
     bm = build_benchmark(compose_cfg(*TINY).benchmark)
     keys = []
-    for prompts in (["a cat|a dog"], ["a cat", "a dog"], ["a cat", "a dog"]):
+    for prompts in (["a cat|a dog"], ["a cat", "a dog"], ["a cat", "a dog"], ["a cow", "a dog"]):
         bm.prompts = prompts
         keys.append((bm.teacher_samples_key(4), regression_pairs_key(bm, 4, 0)))
-    assert keys[0][0] != keys[1][0] == keys[2][0]
-    # the regression pairs' key follows the prompts too, not the prompt file's path alone
-    assert keys[0][1] != keys[1][1] == keys[2][1]
+    assert keys[0][0] != keys[1][0] == keys[2][0] != keys[3][0]
+    # the regression pairs' key follows the prompts too: it had the prompt file's path and the prompts' count only
+    assert keys[1][1] == keys[2][1] != keys[3][1]
 
 
 def test_parquet_prompts(tmp_path):
