@@ -137,6 +137,16 @@ def test_compare_redraws_a_gmm_run_as_its_final_evaluation_did(gmm_run, tmp_path
     row = compare([gmm_run], tmp_path / "default")["rows"][0]
     for key in ("high_quality_fraction", "sliced_w2", "modes_covered"):
         assert row[key] == pytest.approx(final[f"student_{key}"], rel=1e-6), key
+    # a larger final evaluation (eval.final_num_samples): its count, not eval.num_samples
+    import shutil
+
+    from omegaconf import OmegaConf
+    larger = tmp_path / "larger"
+    shutil.copytree(gmm_run, larger)
+    cfg = OmegaConf.load(larger / "config.yaml")
+    cfg.eval.final_num_samples = 70
+    OmegaConf.save(cfg, larger / "config.yaml")
+    assert compare([larger], tmp_path / "final_count")["rows"][0]["num_samples"] == 70
     other = compare([gmm_run], tmp_path / "other", seed=7)
     assert other["rows"][0]["sliced_w2"] != pytest.approx(row["sliced_w2"], rel=1e-6)
     assert other["evaluations"] == []   # no image rows: nothing to note

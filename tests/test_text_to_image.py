@@ -692,6 +692,16 @@ def test_gradient_checkpointing_switch_and_sd15_recipe(tmp_path):
     assert cfg.method.reuse_generator_samples and cfg.optim.generator.warmup_steps == 0
 
 
+def test_a_real_teacher_keeps_each_methods_critic_ratio():
+    """benchmark/tiny_sd.yaml set method.critic_steps=2 for every method, and text_to_image and tiny_sdxl inherit
+    it: a real teacher ran DMD2 at 2 instead of 5, rCM at 2 instead of 4, and DMD, SiD and SIM at 1:2 instead of
+    1:1. The tiny pipelines' 2 is DMD2's alone now (benchmark_method presets)."""
+    ratios = {b: {m: compose_cfg(f"benchmark={b}", f"method={m}").method.critic_steps
+                  for m in ("dmd", "dmd2", "sid", "sim", "rcm")} for b in ("text_to_image", "tiny_sd", "tiny_sdxl")}
+    assert ratios["text_to_image"] == {"dmd": 1, "dmd2": 5, "sid": 1, "sim": 1, "rcm": 4}
+    assert ratios["tiny_sd"] == ratios["tiny_sdxl"] == {"dmd": 1, "dmd2": 2, "sid": 1, "sim": 1, "rcm": 4}
+
+
 def test_sdxl_unconditional_branch_and_recipe():
     """SDXL's CFG branch, as its pipeline builds it for an empty negative prompt: zero states and pooled
     embedding, the same size/crop ids."""

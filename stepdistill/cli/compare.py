@@ -1,8 +1,8 @@
 """`stepdistill-compare runs=[D1,D2,...] out=DIR [num_samples=N] [seed=S]`: one table (and figure) over finished runs.
 
 Each entry of `runs` is a run folder or a folder of run folders (a Hydra multirun sweep). Per run:
-  * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples and seed, by default the run's
-    eval.num_samples and eval.seed: its final evaluation's samples when that used them) and scored
+  * points benchmarks (gmm, gmm_unbalanced): the student is re-sampled (num_samples and seed, by default those of
+    the run's final evaluation: eval.final_num_samples, else eval.num_samples, and eval.seed) and scored
     against the exact mixture: modes covered, per-mode mass error, HQ fraction, mode width, sliced W2
     (eval/gmm_metrics.py); the figure shows every student's samples over its mixture's density contours, one
     row per benchmark.
@@ -149,7 +149,8 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
         from .sample import sample_student
         if latest_checkpoint(run_dir / "checkpoints") is None:   # a job that failed before its first save
             return row, None, "no checkpoint: the run stopped before its first save"
-        n = int(or_default(num_samples, cfg.eval.num_samples))
+        # the final evaluation's count: eval.final_num_samples where the run set one
+        n = int(or_default(num_samples, or_default(cfg.eval.get("final_num_samples"), cfg.eval.num_samples)))
         seed = int(or_default(seed, cfg.eval.seed))
         samples, _ = sample_student(run_dir, n, seed=seed)
         mixture = _mixture(cfg)
