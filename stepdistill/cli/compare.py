@@ -28,7 +28,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from ..checks import at_least, make_folder, or_default
-from . import CONF_DIR, checked_groups, set_threads, user_errors
+from . import CONF_DIR, checked_groups, first_set, set_threads, user_errors
 
 POINTS_BENCHMARKS = ("gmm", "gmm_unbalanced")   # re-sampled and scored against the exact mixture
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
@@ -150,7 +150,7 @@ def compare_run(run_dir: Path, records: list[dict], num_samples: int | None,
         if latest_checkpoint(run_dir / "checkpoints") is None:   # a job that failed before its first save
             return row, None, "no checkpoint: the run stopped before its first save"
         # the final evaluation's count: eval.final_num_samples where the run set one
-        n = int(or_default(num_samples, or_default(cfg.eval.get("final_num_samples"), cfg.eval.num_samples)))
+        n = int(first_set(num_samples, cfg.eval.get("final_num_samples"), cfg.eval.num_samples))
         seed = int(or_default(seed, cfg.eval.seed))
         samples, _ = sample_student(run_dir, n, seed=seed)
         mixture = _mixture(cfg)

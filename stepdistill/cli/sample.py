@@ -114,18 +114,18 @@ def main(cfg: DictConfig) -> None:
         source = f"of benchmark {cfg.benchmark.name} ({steps or bm.teacher_steps} sampler steps) "
     path = write_npz(cfg.out, samples, labels)
     print(f"wrote {samples.shape[0]} {what} {tuple(samples.shape[1:])} {source}to {path}")
-    if warning := nonfinite_warning(samples, "the student" if run_dir else "the teacher"):
+    if warning := nonfinite_warning(samples, student=bool(run_dir)):
         print(f"stepdistill-sample: warning: {warning}", file=sys.stderr)
 
 
-def nonfinite_warning(samples, who: str) -> str | None:
+def nonfinite_warning(samples, student: bool) -> str | None:
     """A line when some samples hold NaN or inf (written as they are: a diverged student's output is worth
     looking at), which a metric or a viewer downstream would otherwise meet without a word."""
     import torch
     bad = int((~torch.isfinite(samples.flatten(1))).any(1).sum())
     if not bad:
         return None
-    hint = ": an earlier checkpoint=STEP may not" if who == "the student" else ""
+    who, hint = ("the student", ": an earlier checkpoint=STEP may not") if student else ("the teacher", "")
     return f"{bad} of {samples.shape[0]} samples hold NaN or inf: {who} diverged or overflowed{hint}"
 
 

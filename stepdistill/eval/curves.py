@@ -158,8 +158,8 @@ def draw_panels(panels: list[Panel], out: Path, cols: int = 4, shared_legend: bo
     cols = min(cols, len(panels))
     rows = math.ceil(len(panels) / cols)
     names = list(dict.fromkeys(name for p in panels for name in p.series)) if shared_legend else []
-    colours = {name: f"C{i % 10}" for i, name in enumerate(names)}
-    styles = {name: ("-", ":", "-.", "--")[i // 10 % 4] for i, name in enumerate(names)}   # past 10 colours
+    # one colour per series, and past ten colours another line style
+    looks = {name: {"color": f"C{i % 10}", "ls": ("-", ":", "-.", "--")[i // 10 % 4]} for i, name in enumerate(names)}
     legend_h = (len(names) + 1) * LEGEND_ROW_INCHES if names else 0.0
     width, height = 3.6 * cols, 2.7 * rows + legend_h
     fig = Figure(figsize=(width, height), dpi=80)
@@ -173,7 +173,7 @@ def draw_panels(panels: list[Panel], out: Path, cols: int = 4, shared_legend: bo
     for ax, panel in zip(axes, panels):
         for name, (steps, values) in panel.series.items():
             marker = "o" if len(steps) < 30 else None   # evaluations are few: show where they were taken
-            style = {"color": colours[name], "ls": styles[name]} if name in colours else {}
+            style = looks.get(name, {})
             if panel.spread and name in panel.spread:
                 line = ax.errorbar(steps, values, yerr=panel.spread[name], marker=marker, ms=3, capsize=2, label=name,
                                    **style)

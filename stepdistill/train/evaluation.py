@@ -199,10 +199,10 @@ class Evaluator:
 
     @property
     def teacher_guidance(self) -> float:
-        """The CFG scale of the teacher the student is distilled from: `method.guidance` (the benchmark's default
-        when unset), not `benchmark.guidance`, which a sweep over method.guidance leaves where it was."""
-        scale = self.run.cfg.method.get("guidance")   # 0 is a scale: the unconditional teacher
-        return float(getattr(self.run.benchmark, "guidance", 1.0) if scale is None else scale)
+        """The CFG scale of the teacher the student is distilled from: `method.guidance` (build_run resolves an
+        unset one to the benchmark's default), not `benchmark.guidance`, which a sweep over method.guidance leaves
+        where it was."""
+        return float(self.run.cfg.method.guidance)
 
     def teacher_samples(self, noise, cond):
         """The teacher's samples from the eval noise at the distilled CFG scale, computed once per sample count."""
