@@ -156,6 +156,8 @@ def test_fsdp_resumes_a_one_process_checkpoint(tmp_path, one_process):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run_app("stepdistill.cli.train", *FAST, "trainer=fsdp", "trainer.max_steps=5", "logger.every=5",
             f"hydra.run.dir={tmp_path}")
+    # one process has nothing to shard over: said, not silent
+    assert "trainer=fsdp with one process: there is nothing to shard over" in (tmp_path / "train.log").read_text()
     res = subprocess.run(LAUNCH + FAST + ["trainer=fsdp", "trainer.resume=true", f"hydra.run.dir={tmp_path}"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

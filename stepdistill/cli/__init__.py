@@ -291,6 +291,7 @@ def compose_config(overrides: list[str], config_name: str = "train"):
     from hydra import compose, initialize_config_dir
 
     from .override_types import check_values, split_overrides
+    from .unread_settings import unread_setting
     overrides = list(overrides)
     msg = (unknown_group_choice(overrides) or unknown_setting(overrides)
            or setting_of_another_choice(config_name, overrides))
@@ -300,6 +301,8 @@ def compose_config(overrides: list[str], config_name: str = "train"):
     with initialize_config_dir(CONF_DIR, version_base=None):
         cfg = compose(config_name, overrides=overrides)
         check_values(compose(config_name, overrides=choices), cfg, values)
+    if config_name == "train" and (msg := unread_setting(cfg, [key for key, _ in values])):
+        raise ValueError(msg)
     return cfg
 
 
@@ -348,9 +351,15 @@ def _check_hydra_overrides(args) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig
 
-    from .override_types import check_override_types
+    from .override_types import check_override_types, split_overrides
+    from .unread_settings import unread_setting
     if args and isinstance(args[0], DictConfig) and HydraConfig.initialized():
         check_override_types(args[0])
+        hc = HydraConfig.get()
+        if hc.job.config_name == "train":
+            msg = unread_setting(args[0], [key for key, _ in split_overrides(hc.overrides.task, hc.runtime.choices)[1]])
+            if msg:
+                raise ValueError(msg)
 
 
 def pick_device(name) -> str:

@@ -216,6 +216,7 @@ def check_bench_overrides(benchmarks, methods, overrides: list[str]) -> None:
 
     from .override_types import check_values, split_overrides
     from . import setting_of_another_choice
+    from .unread_settings import unread_setting
     values = split_overrides(overrides)[1]   # the bench takes its group choices as benchmark= and methods= only
     failed = []
     with initialize_config_dir(CONF_DIR, version_base=None):
@@ -228,6 +229,9 @@ def check_bench_overrides(benchmarks, methods, overrides: list[str]) -> None:
                     failed.append(choices)
                     continue
                 check_values(compose("train", overrides=choices), cfg, values)
+                msg = unread_setting(cfg, [key for key, _ in values])
+                if msg:
+                    raise ValueError(f"{' '.join(choices)}: {msg}")
     for choices in failed:   # a setting of another benchmark's or method's (benchmark.radius on digits) is named;
         msg = setting_of_another_choice("train", [*choices, *overrides])   # else the child ends with Hydra's words
         if msg:

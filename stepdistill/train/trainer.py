@@ -124,6 +124,9 @@ class Trainer:
         run.roles.to(self.device)
         fc = tc.get("fsdp") or {}
         self.fsdp = bool(fc.get("enabled", False)) and self.world > 1
+        if fc.get("enabled", False) and self.world == 1:   # it ran unsharded without a word
+            log.warning("trainer=fsdp with one process: there is nothing to shard over, so the networks are whole "
+                        "(start it with accelerate launch --multi_gpu --num_processes N to shard them)")
         if self.fsdp:   # before the optimizers and the EMA: they hold the sharded parameters
             check_fsdp_supported(self.cfg)
             shard_roles(run.roles, self.device, self.world, list(fc.get("wrap", WRAP_DEFAULT)),
