@@ -26,6 +26,19 @@ CASES = [
      "[-1.2,1.2]", "[1.0,0.5]"),
     (["method=dmd", "method.regression.num_pairs=8"], None, "method.regression.lpips_resize", 224, 64),
     (["method=dmd2", "generator=four_step"], None, "method.step_embedding_gain", 30.0, 3.0),
+    # reference is lognormal on an EDM teacher only
+    (["method=sid"], ["method=sid", *EDM], "method.critic_lognormal", "[-1.2,1.2]", "[1.0,0.5]"),
+    (["method=sid"], None, "method.critic_weighting", "reference", "native"),   # the gmm's fake score is EDM
+    (["method=fdistill", "method.divergence=rkl"], ["method=fdistill"], "method.ratio_bins", 10, 0),
+    (["method=fdistill", "method.divergence=rkl"], ["method=fdistill"], "method.log_ratio_clip", "[-3.0,3.0]",
+     "[-0.1,0.1]"),
+    (["method=dmd2", "generator=four_step", "generator.train_steps=[4]"], ["method=dmd2", "generator=four_step"],
+     "method.dm_above_next_input", "false", "true"),
+    (["method=dmd2"], None, "attention.backend", "diffusers", "sdpa"),
+    (["method=scm"], ["method=dmd2"], "benchmark.fake_score_from_teacher", "false", "true"),
+    (["method=dmd2", "benchmark.means=[[0,3],[3,0],[-3,0]]"], ["method=dmd2"], "benchmark.num_modes", 8, 4),
+    (["method=dmd2", "benchmark.network.fourier_features=0"], ["method=dmd2"], "benchmark.network.fourier_scale",
+     1.0, 3.0),
     # a benchmark's method: block (gmm's) gives every method these
     (["method=scm"], ["method=dmd2"], "method.critic_steps", 1, 3),
     (["method=scm"], ["method=dmd2"], "method.normalizer", "batch", "sample"),
@@ -66,7 +79,7 @@ def test_the_messages_say_what_is_read_where():
     assert msg == ("method.init_sigma would be ignored: it is read only with a one-step student without explicit "
                    "timesteps (generator.steps=1, generator.timesteps=null)")
     # where the condition holds, or for the settings of a method's own file, nothing is said
-    cfg = compose_config(["benchmark=gmm", "method=sida", "model.shared_base=true"])
+    cfg = compose_config(["benchmark=gmm", "method=sida", "model.shared_base=true", *EDM])
     assert unread_setting(cfg, ["method.adv.generator_weight", "method.init_sigma", "model.lora_rank",
                                 "generator.lora_alpha", "optim.critic.lr", "method.critic_lognormal"]) is None
 
@@ -79,6 +92,20 @@ def test_lora_settings_outside_shared_base_mode_are_refused():
         compose_config(["benchmark=digits", "generator.lora_alpha=8"])
     compose_config(["benchmark=digits", "generator.lora_rank=4", "generator.lora_alpha=8"])
     compose_config(["benchmark=digits", "model.shared_base=true", "model.lora_rank=4", "generator.lora_alpha=8"])
+
+
+def test_text_to_image_data_settings_need_their_data():
+    with pytest.raises(ValueError, match=r"^benchmark.num_real would be ignored: .*benchmark.data.images=null"):
+        compose_config(["benchmark=tiny_sd", "benchmark.data.images=/data", "benchmark.num_real=8"])
+    with pytest.raises(ValueError, match=r"^benchmark.data.prompt_column would be ignored: .*benchmark.data.prompts"):
+        compose_config(["benchmark=tiny_sd", "benchmark.data.prompt_column=caption"])
+    compose_config(["benchmark=tiny_sd", "benchmark.num_real=8", "benchmark.data.prompts=/p.csv",
+                    "benchmark.data.prompt_column=caption"])
+
+
+def test_an_experiment_presets_own_method_key_is_not_refused():
+    """`method.experiment_for` is in no method file: an experiment preset's, which build_run reads."""
+    compose_config(["benchmark=gmm", "experiment=sid_from_scratch", "method=sid", "method.experiment_for=[sid]"])
 
 
 def test_fsdp_settings_need_fsdp():

@@ -43,6 +43,21 @@ def _shared_base(cfg) -> bool:
     return bool((cfg.get("model") or {}).get("shared_base"))
 
 
+def _points(cfg) -> bool:
+    """The gmm benchmarks: MLP students from scratch (no attention) around an EDM-preconditioned fake score."""
+    return str(cfg.benchmark.name).startswith("gmm")
+
+
+def _data(cfg) -> dict:
+    return cfg.benchmark.get("data") or {}
+
+
+def _exits_before_the_last(cfg) -> bool:
+    """Backward simulation trains some step k < K (generator.train_steps, null = all of 1..K)."""
+    steps = int(cfg.generator.steps)
+    return any(int(k) < steps for k in (cfg.generator.get("train_steps") or range(1, steps + 1)))
+
+
 RULES = (
     # benchmarks/base.py generator_timesteps: explicit timesteps win, and a multi-step student starts at the top
     ReadWhen(("method.init_sigma",), lambda c: int(c.generator.steps) == 1 and c.generator.get("timesteps") is None,
@@ -67,8 +82,31 @@ RULES = (
     ReadWhen(("method.ratio_ema",), lambda c: int(c.method.get("ratio_bins") or 0) > 0, "method.ratio_bins > 0"),
     ReadWhen(("method.weighting_width",), lambda c: c.method.get("weighting") == "adaptive",
              "method.weighting=adaptive (the learned w(t))"),
-    ReadWhen(("method.critic_lognormal",), lambda c: c.method.get("critic_noise") in ("lognormal", "reference"),
-             "method.critic_noise=lognormal (or reference, on an EDM teacher)"),
+    # sid.py _check_critic_noise: reference is lognormal on an EDM schedule (a gmm's benchmark.schedule.kind=edm;
+    # the digits and text-to-image teachers are VP), loss_range elsewhere
+    ReadWhen(("method.critic_lognormal",),
+             lambda c: c.method.get("critic_noise") == "lognormal" or (
+                 c.method.get("critic_noise") == "reference" and (c.benchmark.get("schedule") or {}).get("kind") == "edm"),
+             "method.critic_noise=lognormal (or reference, on an EDM teacher: benchmark.schedule.kind=edm)"),
+    # sid.py: the reference weighting differs from the native loss only for a v-prediction fake score; the gmm's is EDM
+    ReadWhen(("method.critic_weighting",), lambda c: not _points(c), "a v-prediction teacher (digits; not the gmm's)"),
+    # fdistill.py: h = 1 for the reverse KL, whatever the ratio (DMD2 bit for bit); the GAN still trains
+    ReadWhen(("method.log_ratio_clip", "method.ratio_bins", "method.ratio_ema"),
+             lambda c: c.method.get("divergence") != "rkl", "a method.divergence other than rkl (whose weight is 1)"),
+    # dmd2.py _dm_noise_ranges: the bound moves only the exit steps k < K
+    ReadWhen(("method.dm_above_next_input",), _exits_before_the_last,
+             "an exit step before the last (generator.steps > 1, generator.train_steps not only [K])"),
+    ReadWhen(("attention.backend",), lambda c: not _points(c), "networks with attention layers (not the gmm's MLPs)"),
+    ReadWhen(("benchmark.fake_score_from_teacher",), has_critic, "a method with a critic (method=scm has none)"),
+    # gmm.py: explicit means replace the circle
+    ReadWhen(("benchmark.num_modes", "benchmark.radius"), lambda c: not c.benchmark.get("means"), "benchmark.means=null"),
+    ReadWhen(("benchmark.network.fourier_scale", "benchmark.network.generator_fourier_scale"),
+             lambda c: int(c.benchmark.network.get("fourier_features") or 0) > 0,
+             "benchmark.network.fourier_features > 0"),
+    # text_to_image.py real_samples: given images replace the teacher samples standing in for them
+    ReadWhen(("benchmark.num_real",), lambda c: not _data(c).get("images"), "benchmark.data.images=null"),
+    ReadWhen(("benchmark.data.prompt_column",), lambda c: bool(_data(c).get("prompts")),
+             "benchmark.data.prompts=FILE (a .csv or .parquet file)"),
     ReadWhen(("method.regression.lpips_weights", "method.regression.lpips_resize"),
              lambda c: c.method.regression.get("distance") == "lpips", "method.regression.distance=lpips"),
 )
@@ -97,14 +135,15 @@ def unread_setting(cfg: DictConfig, keys) -> str | None:
         if key.startswith("method.") and "method" in cfg and "name" in cfg.method:
             name, top = str(cfg.method.name), ".".join(key.split(".")[:2])
             own = method_own_settings(name)
-            if own and top not in own:
-                from . import CONF_DIR
-                readers = sorted(f.stem for f in (Path(CONF_DIR) / "method").glob("*.yaml")
-                                 if top in method_own_settings(f.stem))
-                by = f"only method={' or '.join(readers)} read{'s' if len(readers) == 1 else ''} it" if readers else \
-                    "no method reads it"
-                return (f"{key}: method={name} never reads it ({by}; a benchmark's defaults put it in every "
-                        "method's config): leave it out")
+            from . import CONF_DIR
+            readers = sorted(f.stem for f in (Path(CONF_DIR) / "method").glob("*.yaml")
+                             if top in method_own_settings(f.stem))
+            # a key no method file has is another file's (an experiment preset's method.experiment_for, read by
+            # build_run)
+            if own and readers and top not in own:
+                return (f"{key}: method={name} never reads it (only method={' or '.join(readers)} "
+                        f"read{'s' if len(readers) == 1 else ''} it; a benchmark's defaults put it in every method's "
+                        "config): leave it out")
         for rule in RULES:
             if rule.covers(key) and not rule.condition(cfg):
                 return f"{key} would be ignored: it is read only with {rule.needs}"
