@@ -171,3 +171,22 @@ def guided(den, x_t, t, cond, w):
     c, u = den._x0_single(x_t, t, cond), den._x0_single(x_t, t, null)
     return u + w * (c - u)
 
+
+def generator_output_grad(run, batch, seed):
+    """(loss, the gradient of the generator phase's loss at the generator's output for batch["noise"])."""
+    gen, outs = run.roles["generator"], []
+    forward = gen.forward
+
+    def spy(noise, *args, **kwargs):
+        out = forward(noise, *args, **kwargs)
+        if noise is batch["noise"]:
+            x = out[0] if isinstance(out, tuple) else out   # (x, exit steps) with return_steps
+            x.retain_grad()
+            outs.append(x)
+        return out
+    gen.forward = spy
+    torch.manual_seed(seed)
+    out = run.method.loss("generator", batch, 0)
+    out.loss.backward()
+    del gen.forward
+    return out, outs[0].grad

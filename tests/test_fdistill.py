@@ -4,6 +4,7 @@ each phase reaches only its roles; every divergence trains; clear errors."""
 import pytest
 import torch
 
+from stepdistill import batch_split
 from stepdistill.methods.distribution_matching import dmd_loss
 from stepdistill.methods.fdistill import DIVERGENCES, f_weights
 from stepdistill.networks.gmm import GaussianMixture, GMMDenoiser, circle_means
@@ -84,6 +85,7 @@ def test_gradient_is_dmd_gradient_scaled_by_exact_ratio_weights(divergence):
     seen = {}
 
     def exact_weights(x_t, t):
+        seen["x_t"], seen["t"] = x_t, t
         a, s = sched.alpha(t).double(), sched.sigma(t).double()
         log_r = real.log_prob(x_t.double(), a, s) - fake.log_prob(x_t.double(), a, s)
         seen["log_r"], seen["w"] = log_r, f_weights(log_r, divergence, (-3.0, 3.0))
@@ -97,6 +99,11 @@ def test_gradient_is_dmd_gradient_scaled_by_exact_ratio_weights(divergence):
         loss.backward()
         grads.append(x.grad)
     plain, weighted = grads
+    # the ratio is read where the scores are: the noised sample at the DM loss's own noise level
+    torch.manual_seed(0)
+    t = sched.sample_t(16, 0.02, 0.98)
+    torch.testing.assert_close(seen["t"], t)
+    torch.testing.assert_close(seen["x_t"], sched.add_noise(x0, batch_split.randn_like(x0), t))
     w, log_r = seen["w"], seen["log_r"]
     h = H[divergence](log_r.clamp(-3.0, 3.0).exp())
     torch.testing.assert_close(w, h / h.mean())

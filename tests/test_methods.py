@@ -557,6 +557,26 @@ def test_dmd_generator_loss_weights_the_regression_term(gmm_cfg):
     torch.testing.assert_close(preds[0].grad, lam * 2 * (pred - target) / pred.numel(), rtol=1e-5, atol=1e-8)
 
 
+def test_dmd_generator_loss_passes_its_settings_and_gradient_to_the_dm_term(gmm_cfg):
+    """Catches DMD's generator loss detaching its samples from the DM term (the regression term alone would still
+    move the generator) or dropping its noise range and normaliser (the defaults differ from these): the
+    gradient at the samples equals dmd_loss's, replayed with the settings written out."""
+    from stepdistill.methods.distribution_matching import dmd_loss
+    from stepdistill.train.batches import BatchSource, make_regression_pairs
+    run = build_run(gmm_cfg("method=dmd", "method.regression.num_pairs=16", "method.t_min=0.2", "method.t_max=0.6",
+                            "method.normalizer=sample"))
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu", make_regression_pairs(run.benchmark, 16, 0))()
+    from conftest import generator_output_grad
+    out, grad = generator_output_grad(run, batch, 0)
+    torch.manual_seed(0)
+    x = run.roles["generator"](batch["noise"], batch["cond"]).detach().requires_grad_()
+    dm, _ = dmd_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, (0.2, 0.6), "sample")
+    dm.backward()
+    assert out.logs["loss_dm"] == pytest.approx(dm.item(), rel=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-9)
+    assert grad.abs().max() > 0
+
+
 @pytest.mark.parametrize("method", ["dmd", "dmd2", "fdistill", "sim", "rcm"])
 def test_fake_guidance_needs_a_trained_unconditional_branch(gmm_cfg, method):
     """These methods train their fake score on conditional rows only: `method.fake_guidance=2` was accepted and mixed

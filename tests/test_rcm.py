@@ -36,14 +36,22 @@ def test_generator_loss_is_scm_plus_weighted_dmd_on_student_samples():
     torch.manual_seed(1)
     assert torch.equal(during.loss, scm_part(4).loss) and "loss_dm" not in during.logs
 
+    gen = run.roles["generator"]
     torch.manual_seed(2)
     after = m.generator_loss(batch, 5)
+    got = torch.autograd.grad(after.loss, list(gen.parameters()))
     torch.manual_seed(2)
     expected = scm_part(5).loss
-    x = run.roles["generator"](torch.randn_like(batch["noise"]), batch["cond"])   # fresh noise, not the sCM noise
+    x = gen(torch.randn_like(batch["noise"]), batch["cond"])   # fresh noise, not the sCM noise
     dm, _ = dmd_loss(x, run.roles["teacher"], run.roles["fake_score"], batch["cond"], 1.0, 1.0, (0.02, 0.98), "batch")
     torch.testing.assert_close(after.loss, expected + 0.3 * dm)
     assert after.logs["loss_dm"] == pytest.approx(dm.item())
+    # and its gradient: the DMD term reaches the student through its samples (a detached x keeps the value only)
+    g_scm = torch.autograd.grad(expected, list(gen.parameters()), retain_graph=True)
+    g_dm = torch.autograd.grad(dm, list(gen.parameters()))
+    for a, s, d in zip(got, g_scm, g_dm):
+        torch.testing.assert_close(a, s + 0.3 * d, rtol=1e-4, atol=1e-7)
+    assert sum(d.abs().sum() for d in g_dm) > 1e-3 * sum(s.abs().sum() for s in g_scm)   # a term one can see
 
 
 def test_gradients_reach_only_each_phase_roles():

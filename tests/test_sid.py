@@ -302,15 +302,18 @@ def test_sida_gradient_paths(gmm_cfg):
     batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
     assert_phase_reaches_only(run, "generator", ("generator",))
     assert_phase_reaches_only(run, "critic", ("fake_score",))
-    # the GAN term reaches the generator through the (frozen) critic's encoder
+    # the GAN term reaches the generator through the (frozen) critic's encoder: SiDA's generator gradient is not
+    # plain SiD's on the same draws (the same loss with the adversarial weight at 0)
+    gen = run.roles["generator"]
     run.roles.train_only(("generator",))
-    x = run.roles["generator"](batch["noise"])
-    from stepdistill.methods.sida import encoder_logit
-    from stepdistill.networks.heads import find_feature_module, tap_features
-    with tap_features(find_feature_module(run.roles["fake_score"].net)) as tap:
-        logit = encoder_logit(tap["run"](run.roles["fake_score"].raw, x, torch.full((16,), 500.0), None), 16)
-    (g,) = torch.autograd.grad(logit.sum(), x)
-    assert g.abs().sum() > 0
+    grads = {}
+    for weight in (0.5, 0.0):
+        run.method.weights = (weight, run.method.weights[1])   # adv.generator_weight, as __init__ reads it
+        torch.manual_seed(3)
+        out = run.method.loss("generator", batch, 0)
+        grads[weight] = torch.autograd.grad(out.loss, list(gen.parameters()))
+    diff = sum((a - b).abs().sum() for a, b in zip(grads[0.5], grads[0.0]))
+    assert diff > 1e-4 * sum(b.abs().sum() for b in grads[0.0])
 
 
 def test_sida_generator_term_is_the_weighted_per_position_gan_loss_and_reaches_the_generator():
@@ -362,15 +365,21 @@ def test_sid_fewstep_is_sid_on_the_uniform_mixture_of_the_k_step_outputs(gmm_cfg
     gradient): recomputed by hand from the same random draws, and every exit step occurs in a batch."""
     from stepdistill.train.batches import BatchSource
     from stepdistill.train.setup import build_run
-    run = build_run(gmm_cfg("method=sid_fewstep"))
+    # alpha and the noise range away from sid_loss's defaults (1.2, [0, 0.8]): the method must pass them on
+    run = build_run(gmm_cfg("method=sid_fewstep", "method.alpha=0.9", "method.t_min=0.1", "method.t_max=0.5"))
     gen, batch = run.roles["generator"], BatchSource(run.benchmark, run.method.batch_keys, 64, "cpu")()
     torch.manual_seed(5)
     got = run.method.loss("generator", batch, 0).loss
     torch.manual_seed(5)
     x, ks = gen(batch["noise"], return_steps=True)
-    ref, _ = sid_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, 1.2, (0.0, 0.8),
+    ref, _ = sid_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, 0.9, (0.1, 0.5),
                       normalizer="batch")
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.manual_seed(5)
+    x, _ = gen(batch["noise"], return_steps=True)
+    defaults, _ = sid_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, 1.2, (0.0, 0.8),
+                           normalizer="batch")
+    assert abs(defaults.item() - ref.item()) > 1e-3 * abs(ref.item())   # the check can tell them apart
     assert set(ks.tolist()) == {1, 2, 3, 4} and gen.num_steps == 4
 
 

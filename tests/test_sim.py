@@ -179,6 +179,29 @@ def test_generator_phase_trains_only_the_generator_and_runs_on_both_benchmarks(g
         build_run(gmm_cfg("method=sim", "method.normalizer=bogus"))
 
 
+def test_sim_generator_loss_passes_its_settings_to_sim_loss(gmm_cfg):
+    """Catches SIM's generator loss dropping c, the noise range or the normaliser: the settings here differ from
+    sim_loss's defaults (0.1, [0.02, 0.98], none), and the loss and the gradient at the generator's output equal
+    sim_loss's with them written out."""
+    from conftest import generator_output_grad
+    from stepdistill.train.batches import BatchSource
+    from stepdistill.train.setup import build_run
+    run = build_run(gmm_cfg("method=sim", "method.c=0.3", "method.t_min=0.2", "method.t_max=0.6",
+                            "method.normalizer=batch"))
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 16, "cpu")()
+    out, grad = generator_output_grad(run, batch, 0)
+    torch.manual_seed(0)
+    x = run.roles["generator"](batch["noise"], batch["cond"]).detach().requires_grad_()
+    ref, _ = sim_loss(x, run.roles["teacher"], run.roles["fake_score"], None, 1.0, 1.0, c=0.3, t_range=(0.2, 0.6),
+                      normalizer="batch")
+    ref.backward()
+    assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-9)
+    torch.manual_seed(0)
+    x = run.roles["generator"](batch["noise"], batch["cond"]).detach()
+    assert abs(sim_loss(x, run.roles["teacher"], run.roles["fake_score"])[0].item() - ref.item()) > 1e-3 * abs(ref.item())
+
+
 @pytest.mark.parametrize("normalizer", ["sample", "batch"])
 def test_normalizers_divide_by_each_samples_or_the_batchs_denoising_error(sched, teacher, setup, normalizer):
     """Catches normalizer="sample" silently computing "batch" (or the reverse, or a weight that is not detached):
