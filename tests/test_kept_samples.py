@@ -89,7 +89,7 @@ def test_resume_between_a_generator_and_a_critic_phase_is_exact(gmm_cfg, tmp_pat
     assert kept["x"].shape == (64, 2) and kept["cond"] is None
     train(gmm_cfg(*common, "trainer.max_steps=30", "trainer.resume=true"), resumed)
     from safetensors.torch import load_file
-    for role in ("generator", "fake_score", "gan_head"):
+    for role in ("generator", "generator_ema", "fake_score", "gan_head"):   # the EMA: what sampling uses
         a, b = (load_file(str(d / f"checkpoints/step_0000030/{role}.safetensors")) for d in (straight, resumed))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{role}.{k}")

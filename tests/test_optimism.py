@@ -16,13 +16,18 @@ def _adamw_delta(theta, grad, m, v, t, lr, betas, eps, wd):
     return lr * wd * theta + lr * m_hat / (v_hat.sqrt() + eps), m, v
 
 
+@pytest.mark.parametrize("fused", [False, True])   # True: the trainer's, through make_adamw
 @pytest.mark.parametrize("eta", [1.0, 0.5])
-def test_each_update_is_the_optimistic_combination_of_adamw_steps(eta):
+def test_each_update_is_the_optimistic_combination_of_adamw_steps(eta, fused):
     """θ_{t+1} = θ_t − (1 + η)Δ_t + ηΔ_{t−1}, with Δ_t the AdamW step at θ_t (no previous step at t = 1)."""
     torch.manual_seed(0)
     lr, betas, eps, wd = 0.01, (0.5, 0.9), 1e-8, 0.1
     p = torch.nn.Parameter(torch.randn(5, 3, dtype=torch.float64))
-    opt = OptimisticAdamW([p], eta, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+    if fused:
+        opt = make_adamw([p], eta, lr=lr, betas=betas, eps=eps, weight_decay=wd)
+        assert isinstance(opt, OptimisticAdamW) and opt.defaults["fused"]
+    else:
+        opt = OptimisticAdamW([p], eta, lr=lr, betas=betas, eps=eps, weight_decay=wd)
     theta, m, v, prev = p.detach().clone(), torch.zeros_like(p), torch.zeros_like(p), torch.zeros_like(p)
     for t in range(1, 6):
         grad = torch.randn_like(p)
@@ -62,18 +67,19 @@ def test_optimism_damps_the_rotation_of_a_bilinear_game():
     assert plain > 0.5 and optimistic < 0.1, (plain, optimistic)
 
 
-def test_state_dict_round_trip_continues_exactly():
+@pytest.mark.parametrize("fused", [False, True])
+def test_state_dict_round_trip_continues_exactly(fused):
     torch.manual_seed(1)
     grads = [torch.randn(4, 2) for _ in range(6)]
 
     def run(split: bool):
         p = torch.nn.Parameter(torch.ones(4, 2))
-        opt = OptimisticAdamW([p], 1.0, lr=0.05, weight_decay=0.01)
+        opt = OptimisticAdamW([p], 1.0, lr=0.05, weight_decay=0.01, fused=fused)
         for i, g in enumerate(grads):
             if split and i == 3:   # a fresh optimizer from the saved state, as on resume
                 state = opt.state_dict()
                 assert "optimism_prev" in state["state"][0]
-                opt = OptimisticAdamW([p], 1.0, lr=0.05, weight_decay=0.01)
+                opt = OptimisticAdamW([p], 1.0, lr=0.05, weight_decay=0.01, fused=fused)
                 opt.load_state_dict(state)
             p.grad = g.clone()
             opt.step()
@@ -91,7 +97,7 @@ def test_trainer_builds_optimistic_optimizers_and_resumes_exactly(gmm_cfg, tmp_p
     train(gmm_cfg(*common, "trainer.max_steps=20", "trainer.resume=true"), resumed)
     st = torch.load(resumed / "checkpoints/step_0000020/trainer_state.pt", weights_only=True)
     assert all("optimism_prev" in s for s in st["optimizers"]["generator"]["state"].values())
-    for role in ("generator", "fake_score", "gan_head"):
+    for role in ("generator", "generator_ema", "fake_score", "gan_head"):   # the EMA: what sampling uses
         a, b = (load_file(str(d / f"checkpoints/step_0000020/{role}.safetensors")) for d in (straight, resumed))
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=f"{role}.{k}")

@@ -66,8 +66,9 @@ def test_a_signal_mid_run_checkpoints_that_step_and_resume_continues_exactly(tmp
     assert rows[-1]["stopped_by"] == "SIGTERM" and not any(r["kind"] == "eval" for r in rows)
     assert signal.getsignal(signal.SIGTERM) is before   # restored after the run
     train(compose_cfg(*common, "trainer.resume=true"), stopped)
-    for role in ("generator", "fake_score", "gan_head"):
+    for role in ("generator", "generator_ema", "fake_score", "gan_head"):   # the EMA: what sampling and export use
         a, b = _weights(straight, role), _weights(stopped, role)
+        assert a, role
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=f"{role}.{name}")
 

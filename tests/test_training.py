@@ -52,8 +52,11 @@ def test_gmm_fake_score_from_teacher_trains(gmm_cfg, tmp_path, method):
 
 
 def test_resume_is_exact(gmm_cfg, tmp_path):
+    # LR warm-ups that span the resume (8 generator and 12 critic updates by step 20): a resume that left the LR
+    # schedulers at their start would run other rates (a constant rate alone cannot tell)
     common = ["method=dmd2", "trainer.checkpoint_every=10", "trainer.keep_checkpoints=5", "eval.every=10",
-              "eval.num_samples=64", "eval.batch_size=64"]
+              "eval.num_samples=64", "eval.batch_size=64", "optim.generator.warmup_steps=12",
+              "optim.critic.warmup_steps=16"]
     straight = tmp_path / "straight"
     train(gmm_cfg(*common, "trainer.max_steps=40"), straight)
     resumed = tmp_path / "resumed"
@@ -68,6 +71,13 @@ def test_resume_is_exact(gmm_cfg, tmp_path):
     st_b = torch.load(resumed / "checkpoints/step_0000040/trainer_state.pt", weights_only=True)
     assert st_a["step"] == st_b["step"] == 40
     assert torch.equal(st_a["rng_cpu"], st_b["rng_cpu"])
+    assert st_a["schedulers"] == st_b["schedulers"]
+    for phase in ("generator", "critic"):
+        opt_a, opt_b = st_a["optimizers"][phase], st_b["optimizers"][phase]
+        assert opt_a["param_groups"] == opt_b["param_groups"]
+        for i, state in opt_a["state"].items():
+            for k, v in state.items():
+                assert torch.equal(v, opt_b["state"][i][k]), (phase, i, k)
 
 
 def test_resume_takes_the_configured_learning_rates_and_betas(gmm_cfg, tmp_path, caplog):
@@ -471,12 +481,22 @@ def test_gmm_dmd2_default_run_reaches_the_measured_quality(tmp_path):
     (["trainer.mixed_precision=bf16"], None),
 ])
 def test_loggers_and_precision_switches(gmm_cfg, tmp_path, monkeypatch, extra, produced):
+    import torch.nn.modules.linear as linear_module
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    dtypes, linear = set(), linear_module.F.linear
+
+    def spy(*args, **kwargs):   # the dtype the networks' linear layers compute in
+        out = linear(*args, **kwargs)
+        dtypes.add(out.dtype)
+        return out
+    monkeypatch.setattr(linear_module.F, "linear", spy)
     result = train(gmm_cfg("trainer.max_steps=6", "trainer.export=false", *extra), tmp_path)
     assert (tmp_path / "metrics.jsonl").is_file() and result["train_seconds"] > 0
     if produced:
         assert (tmp_path / produced).is_dir() and any((tmp_path / produced).rglob("*"))
+    # bf16 autocast reaches the networks; without it they stay float32
+    assert (torch.bfloat16 in dtypes) == ("trainer.mixed_precision=bf16" in extra) and torch.float32 in dtypes
 
 
 @pytest.mark.parametrize("backend, folder", [("tensorboard", "tensorboard"), ("wandb", "wandb")])
