@@ -585,3 +585,38 @@ def test_fake_guidance_needs_a_trained_unconditional_branch(gmm_cfg, method):
     with pytest.raises(ValueError, match=f"method.fake_guidance=2.0: method '{method}' trains its fake score on "
                                          "conditional rows only"):
         build_run(gmm_cfg(f"method={method}", "method.fake_guidance=2.0"))
+
+
+# (method, settings, the fake score's scale in the generator loss): on digits, a teacher with CFG; every
+# generator-level test on the gmm runs at guidance 1, where a swapped or dropped scale changes nothing
+GUIDED = [("dmd", ["method.regression.num_pairs=4"], 1.0), ("dmd2", [], 1.0), ("fdistill", [], 1.0),
+          ("sim", [], 1.0), ("sid", ["method.fake_guidance=1.5"], 1.5), ("sida", ["method.fake_guidance=1.5"], 1.5),
+          ("scm", [], None), ("rcm", ["method.warmup_steps=0"], 1.0)]
+
+
+@pytest.mark.parametrize("method, extra, fake_scale", GUIDED, ids=[g[0] for g in GUIDED])
+def test_the_teacher_is_guided_at_method_guidance_and_the_fake_score_at_its_own_scale(method, extra, fake_scale):
+    """Each generator loss calls the teacher at `method.guidance` and the fake score at `method.fake_guidance`
+    (every call, and at least one of each)."""
+    from conftest import digits_cfg
+    from stepdistill.train.batches import BatchSource, make_regression_pairs
+    run = build_run(digits_cfg(f"method={method}", "method.guidance=2.5", *extra))
+    pairs = (make_regression_pairs(run.benchmark, 4, 0, guidance=2.5) if "reg_noise" in run.method.batch_keys
+             else None)
+    batch = BatchSource(run.benchmark, run.method.batch_keys, 4, "cpu", pairs)()
+    scales = {"teacher": [], "fake_score": []}
+    for role, seen in scales.items():
+        if role in run.roles:
+            x0 = run.roles[role].x0
+
+            def spy(x_t, t, cond=None, guidance=1.0, *args, _x0=x0, _seen=seen, **kwargs):
+                _seen.append(float(guidance))
+                return _x0(x_t, t, cond, guidance, *args, **kwargs)
+            run.roles[role].x0 = spy
+    torch.manual_seed(0)
+    run.method.loss("generator", batch, 10)
+    assert scales["teacher"] and set(scales["teacher"]) == {2.5}
+    if fake_scale is None:
+        assert "fake_score" not in run.roles
+    else:
+        assert scales["fake_score"] and set(scales["fake_score"]) == {fake_scale}
