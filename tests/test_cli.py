@@ -279,14 +279,22 @@ def test_group_choices_checked_before_hydra_composes(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()
 
 
-def test_sample_and_eval_take_a_device(tmp_path):
+def test_sample_and_eval_take_a_device(tmp_path, monkeypatch):
     """`device=` (sample and eval): auto is the GPU where torch sees one; a GPU it does not see, or an unknown
     name, is one line. Sampling always ran on the CPU, on a GPU machine too."""
+    import stepdistill.cli.sample as sample_module
     from stepdistill.cli import pick_device
     assert pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu") and pick_device("cpu") == "cpu"
+    devices, sample_teacher = [], sample_module.sample_teacher
+
+    def spy(*args, device=None, **kwargs):   # the device the app hands to the sampler
+        devices.append(device)
+        return sample_teacher(*args, device=device, **kwargs)
+    monkeypatch.setattr(sample_module, "sample_teacher", spy)
     args = ["benchmark=gmm", "teacher_steps=4", "num_samples=8"]
     run_app("stepdistill.cli.sample", *args, "device=cpu", f"out={tmp_path / 'cpu.npz'}")
     run_app("stepdistill.cli.sample", *args, f"out={tmp_path / 'auto.npz'}")
+    assert devices == ["cpu", pick_device("auto")]
     with np.load(tmp_path / "cpu.npz") as a, np.load(tmp_path / "auto.npz") as b:
         np.testing.assert_allclose(a["samples"], b["samples"], atol=1e-5)
     bad = [("device=tpu", "device=tpu: use auto, cpu, cuda or cuda:N")]
@@ -585,8 +593,10 @@ def test_apps_reject_bad_counts_in_one_line(tmp_path, args, message):
 @pytest.mark.parametrize("args, message", [
     (["stepdistill.cli.export"], "stepdistill-export: error: give run_dir=D"),
     (["stepdistill.cli.export", "run_dir=D"], "config.yaml not found: run_dir= must be a stepdistill-train run"),
-    (["stepdistill.cli.evaluate", "run_dir=D"], "stepdistill-eval: error: "),
-    (["stepdistill.cli.sample", "run_dir=D", "num_samples=4", "out=x.npz"], "stepdistill-sample: error: "),
+    (["stepdistill.cli.evaluate", "run_dir=D"],
+     "no_run/config.yaml not found: run_dir= must be a stepdistill-train run folder"),
+    (["stepdistill.cli.sample", "run_dir=D", "num_samples=4", "out=x.npz"],
+     "no_run/config.yaml not found: run_dir= must be a stepdistill-train run folder"),
     (["stepdistill.cli.compare"], "stepdistill-compare: error: give runs="),
     (["stepdistill.cli.teacher", "benchmark=gmm"], "the gmm teacher is analytic"),
     (["stepdistill.cli.bench", "benchmark=nope"], "stepdistill-bench: error: unknown benchmark 'nope'"),

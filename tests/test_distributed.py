@@ -73,7 +73,8 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, one_process,
     ddp = rows(tmp_path / "ddp")
     summary = [r for r in ddp if "processes" in r]
     assert len(summary) == 1 and summary[0]["processes"] == 2
-    assert summary[0]["weight_spread_across_processes"] == 0.0     # averaged gradients: identical weights
+    if "trainer=fsdp" not in overrides:   # sharded weights have one copy each: nothing to compare across ranks
+        assert summary[0]["weight_spread_across_processes"] == 0.0     # averaged gradients: identical weights
     one = rows(one_dir)[0]
     step10 = {k: v for k, v in ddp[0].items() if "/" in k}   # every logged loss term and gradient norm
     assert ddp[0]["step"] == one["step"] == 10 and any(k.endswith("/loss") for k in step10)
@@ -91,7 +92,12 @@ def test_two_processes_stay_in_sync_and_match_one_process(tmp_path, one_process,
             # Adam turns float-order differences of near-zero gradients into up to ~lr per step
             torch.testing.assert_close(w_ddp[k], w_one[k], rtol=1e-3, atol=1e-4)
     if "trainer.export=true" in overrides:   # rank 0 exports plain weights from the final checkpoint
-        assert (tmp_path / "ddp" / "export" / "model_index.json").is_file()
+        from stepdistill.cli.sample import sample_student
+        from stepdistill.pipelines import PointsFewStepPipeline
+        pipe = PointsFewStepPipeline.from_pretrained(tmp_path / "ddp" / "export")
+        samples, _ = sample_student(tmp_path / "ddp", 50, seed=5)
+        torch.testing.assert_close(pipe(batch_size=50, generator=torch.Generator().manual_seed(5)), samples,
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path):

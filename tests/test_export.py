@@ -104,6 +104,24 @@ def test_gmm_run_export_matches_sample_cli(gmm_cfg, tmp_path):
     torch.testing.assert_close(theirs, samples, atol=1e-5, rtol=1e-5)
 
 
+def test_digits_run_export_matches_sample_cli_with_its_labels(tmp_path):
+    """stepdistill-sample's samples and the labels it writes beside them: the exported pipeline given those labels
+    and the seed draws the same images (a sampler that wrote other labels than it sampled with would not)."""
+    from conftest import digits_cfg
+    from stepdistill.cli.sample import sample_student
+    from stepdistill.cli.train import train
+    from stepdistill.pipelines import ClassConditionalFewStepPipeline
+    # 3 steps: two critic updates, then one generator update
+    result = train(digits_cfg("trainer.max_steps=3", "trainer.checkpoint_every=0"), tmp_path)
+    samples, labels = sample_student(tmp_path, 12, seed=5)
+    assert len(set(labels.tolist())) == 10 and samples.shape == (12, 1, 8, 8)
+    pipe = ClassConditionalFewStepPipeline.from_pretrained(result["export"])
+    theirs = pipe(class_labels=labels, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(theirs, samples, atol=2e-5, rtol=0)
+    shifted = pipe(class_labels=(torch.as_tensor(labels) + 1) % 10, generator=torch.Generator().manual_seed(5))
+    assert (shifted - samples).abs().max() > 1e-2   # the labels matter
+
+
 def _cfg():
     from omegaconf import OmegaConf
     return OmegaConf.create({"benchmark": {"name": "test"}, "method": {"name": "dmd2"}})

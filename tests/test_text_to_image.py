@@ -246,6 +246,7 @@ def test_text_teacher_cfg_is_one_batched_call_on_the_negative_prompt():
         c, u = teacher.x0(x, t, cond), teacher.x0(x, t, null)
     assert calls == [6]       # cond and uncond in one batched call
     torch.testing.assert_close(guided, u + 3.0 * (c - u), rtol=1e-4, atol=1e-4)
+    assert (c - u).abs().max() > 1e-2   # the prompts matter: a wrong negative prompt or scale would show
 
 
 def test_bad_text_to_image_inputs(tmp_path):
@@ -304,14 +305,15 @@ pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
 assert type(pipe.scheduler).__name__ == "LCMScheduler"
 prompts, out = json.loads(sys.argv[2]), {}
 for name, kw in json.loads(sys.argv[3]).items():
-    g = torch.Generator().manual_seed(7)
     size = kw.pop("latent_size", 8)
-    latents = torch.randn(len(prompts), 4, size, size, generator=g)
-    res = pipe(prompts, latents=latents, generator=g, guidance_scale=1.0, output_type="latent", **kw).images
-    img = pipe(prompts, latents=latents, generator=torch.Generator().manual_seed(8), guidance_scale=1.0,
-               output_type="np", **kw).images
-    out[name] = {"latents": res.flatten().tolist(), "image_shape": list(img.shape),
-                 "image_finite": bool(torch.isfinite(torch.from_numpy(img)).all())}
+    draws = []
+    for output_type in ("latent", "np"):   # the same latents and the same generator state: the image decodes res
+        g = torch.Generator().manual_seed(7)
+        latents = torch.randn(len(prompts), 4, size, size, generator=g)
+        draws.append(pipe(prompts, latents=latents, generator=g, guidance_scale=1.0, output_type=output_type,
+                          **kw).images)
+    res, img = draws
+    out[name] = {"latents": res.flatten().tolist(), "image_shape": list(img.shape), "image": img.flatten().tolist()}
 out["pipeline"] = type(pipe).__name__
 out["stepdistill_imported"] = any(m.startswith("stepdistill") for m in sys.modules)
 print(json.dumps(out))
@@ -323,6 +325,16 @@ def run_stock_pipeline(export_dir, prompts, calls: dict) -> dict:
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def give_the_student_weights_of_its_own(run):
+    """An untrained (or barely trained) student is the teacher: an export of the teacher's UNet, or of the raw
+    generator instead of the EMA copy, would match it too."""
+    from stepdistill.networks.lora import diffusers_unet
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in diffusers_unet(run.student().denoiser).parameters():
+            p.add_(0.02 * torch.randn_like(p))
 
 
 def our_latents(run, prompts, timesteps=None, latent_size=8):
@@ -345,24 +357,35 @@ def test_tiny_sd_dmd2_trains_and_exports_a_stock_stable_diffusion_pipeline(tmp_p
     cfg = compose_cfg(*TINY, f"benchmark={name}", "trainer.max_steps=6", "eval.every=3", "trainer.checkpoint_every=6")
     trained = build_run(cfg)
     Trainer(trained, tmp_path).fit()
-    export_run(trained, tmp_path / "export")
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "student_latent_fd" in r]
     assert evals and all(np.isfinite(r["student_latent_fd"]) for r in evals)
     assert evals[-1]["student_latent_fd_num_samples"] == 16
     assert (tmp_path / "samples" / "step_0000006.png").is_file()
-    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
-    assert info["pipeline"] == pipeline and info["trained_timesteps"] == [999]
-
     run = trained
     prompts = ["a photo of a cat", "a zebra on the moon!"]
+    # 2 generator updates at lr 2e-5, averaged by the EMA, leave the student ~1e-7 from the teacher
+    from stepdistill.train.evaluation import student_sample
+    give_the_student_weights_of_its_own(run)
+    export_run(trained, tmp_path / "export")
     out = run_stock_pipeline(tmp_path / "export", prompts, {"one": {"num_inference_steps": 1},
                                                             "four": {"num_inference_steps": 4}})
     assert out["stepdistill_imported"] is False and out["pipeline"] == pipeline
+    info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
+    assert info["pipeline"] == pipeline and info["trained_timesteps"] == [999]
     for key, steps in (("one", 1), ("four", 4)):
-        ours = our_latents(run, prompts, run.student().default_timesteps(steps))
+        ts = run.student().default_timesteps(steps)
+        ours = our_latents(run, prompts, ts)
         np.testing.assert_allclose(np.array(out[key]["latents"]), ours.flatten().numpy(), rtol=1e-4, atol=1e-4)
-        assert out[key]["image_shape"] == [2, 16, 16, 3] and out[key]["image_finite"]
+        g = torch.Generator().manual_seed(7)
+        raw = student_sample(run.roles["generator"], torch.randn(2, 4, 8, 8, generator=g),
+                             run.benchmark.prompt_cond(prompts), ts, g)
+        assert (raw - ours).abs().max() > 1e-2   # the EMA copy is what was exported
+        # the stock pipeline's images are stepdistill's decode of the same latents (benchmark.to_output)
+        assert out[key]["image_shape"] == [2, 16, 16, 3]
+        np.testing.assert_allclose(np.array(out[key]["image"]),
+                                   run.benchmark.to_output(ours).permute(0, 2, 3, 1).flatten().numpy(),
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_custom_timesteps_round_trip(tmp_path):
@@ -371,6 +394,7 @@ def test_custom_timesteps_round_trip(tmp_path):
     from stepdistill.train.setup import build_run
     ts = [999, 749, 499, 249]
     run = build_run(compose_cfg(*TINY, "generator=four_step", f"generator.timesteps=[{','.join(map(str, ts))}]"))
+    give_the_student_weights_of_its_own(run)
     export_run(run, tmp_path / "export")
     info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
     assert info["trained_timesteps"] == ts and f"timesteps={ts}" in info["sample"] and "height" not in info["sample"]
@@ -385,6 +409,7 @@ def test_a_student_trained_off_the_default_resolution_says_how_to_sample_it(tmp_
     from stepdistill.export import export_run
     from stepdistill.train.setup import build_run
     run = build_run(compose_cfg(*TINY, "benchmark=tiny_sdxl", "benchmark.resolution=32"))
+    give_the_student_weights_of_its_own(run)
     export_run(run, tmp_path / "export")
     info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
     assert "height=32, width=32" in info["sample"]
@@ -651,6 +676,11 @@ def test_shared_base_mode_memory_losses_and_export(tmp_path):
     ema = view.shared.params("generator_ema")
     assert not all(torch.equal(a, b) for a, b in zip(ema, view.shared.params("generator")))   # an average
 
+    # 3 steps leave the EMA adapter ~1e-2 of the generator's small move off 0: give it weights that matter, so an
+    # export of the teacher, or of the generator's adapter instead of the EMA's, would not match
+    with torch.no_grad():
+        for p in (p for n, p in unet.named_parameters() if "lora_B.generator_ema." in n):
+            p.normal_(0, 0.05)
     export_run(shared_run, tmp_path / "export")
     info = json.loads((tmp_path / "export" / "stepdistill_student.json").read_text())
     assert info["lora"]["rank"] == 16
@@ -662,6 +692,7 @@ def test_shared_base_mode_memory_losses_and_export(tmp_path):
     ours = our_latents(shared_run, [prompt]).flatten().numpy()
     for name in ("export", "lora", "fused"):
         np.testing.assert_allclose(np.array(out[name]), ours, rtol=1e-4, atol=1e-4, err_msg=name)
+    assert np.abs(np.array(out["teacher"]) - ours).max() > 1e-2     # the EMA adapter is what made the difference
 
 
 def test_shared_base_needs_a_diffusers_teacher():

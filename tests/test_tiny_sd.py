@@ -17,7 +17,8 @@ for steps in (1, 4):
     g = torch.Generator().manual_seed(0)
     img = pipe(["a photo of a cat", "a zebra on the moon!"], num_inference_steps=steps, guidance_scale=3.0,
                output_type="np", generator=g).images
-    out[steps] = [list(img.shape), float(img.min()), float(img.max()), bool(torch.isfinite(torch.from_numpy(img)).all())]
+    img = torch.from_numpy(img)
+    out[steps] = [list(img.shape), bool(torch.isfinite(img).all()), float(img.std()), float((img[0] - img[1]).abs().max())]
 out["stepdistill_imported"] = any(m.startswith("stepdistill") for m in sys.modules)
 print(json.dumps(out))
 """
@@ -45,9 +46,10 @@ def test_tiny_sd_folder_loads_and_samples_in_stock_diffusers(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["stepdistill_imported"] is False
-    for steps in ("1", "4"):
-        shape, lo, hi, finite = out[steps]
-        assert shape == [2, 16, 16, 3] and finite and 0.0 <= lo <= hi <= 1.0
+    for steps in ("1", "4"):   # (the pipeline clamps to [0, 1]: a range check would hold for any output)
+        shape, finite, spread, between_prompts = out[steps]
+        assert shape == [2, 16, 16, 3] and finite
+        assert spread > 1e-2 and between_prompts > 1e-3   # images, not a constant, and the prompt reaches them
 
 
 def test_the_tiny_tokenizer_is_the_same_in_every_process():
