@@ -259,3 +259,27 @@ def test_every_divergence_trains_and_clear_errors(gmm_cfg, tmp_path):
     with pytest.raises(ValueError, match="method.ratio_bins=5, but the checkpoint kept the means of 10 noise-level "
                                          "bins: resume with method.ratio_bins=10"):
         build_run(gmm_cfg("method=fdistill", "method.ratio_bins=5")).method.load_state_dict(state, "cpu")
+
+
+def test_a_skipped_step_leaves_the_ratio_bins_as_they_were(gmm_cfg, tmp_path):
+    """A generator update skipped as non-finite moves no weight, and its density ratios do not enter the kept
+    bin means either (they were folded in at the next step or the next save)."""
+    run = build_run(gmm_cfg("method=fdistill", "method.ratio_ema=0.5", "method.critic_warmup_steps=0"))
+    trainer, m = Trainer(run, tmp_path), run.method
+    batches = BatchSource(run.benchmark, m.batch_keys, 32, "cpu")
+    for _ in range(3):   # critic, generator, critic: the generator's ratios are in the means
+        trainer.train_step(batches)
+        trainer.step += 1
+    before = m.state_dict()["ratio_bin_means"].clone()
+    assert not torch.equal(before, torch.ones_like(before))
+    loss = m.loss
+
+    def nan_loss(*args):
+        out = loss(*args)
+        out.loss = out.loss * float("nan")
+        return out
+    m.loss = nan_loss
+    phase, logs = trainer.train_step(batches)
+    assert phase == "generator" and logs is None and trainer.nonfinite_in_a_row["generator"] == 1
+    assert torch.equal(m.state_dict()["ratio_bin_means"], before)
+

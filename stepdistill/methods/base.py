@@ -88,6 +88,11 @@ class Method:
         period = int(self.cfg.get("critic_steps", 1)) + 1
         return "generator" if (step - warm) % period == period - 1 else "critic"
 
+    def discard_step(self, step: int) -> None:
+        """The trainer skipped trainer step `step`'s update (a non-finite loss or gradient, an fp16 overflow): what
+        the method gathered from it for later steps is dropped, as the weights were not moved (f-distill's ratio
+        bins). Most methods gather nothing."""
+
     def state_dict(self) -> dict:
         """What the method carries from one step to the next (checkpointed with the trainer's state). Collective
         under several processes: every process calls it."""

@@ -149,6 +149,10 @@ class FDistill(DMD2):
             self.bin_means = update_bin_means(self.bin_means, self._pending, self.ratio_ema)
             self._pending = None
 
+    def discard_step(self, step: int) -> None:
+        if step == self._pending_step:   # a skipped update's ratios do not enter the kept means
+            self._pending = None
+
     @property
     def schedule(self):
         return self.models["teacher"].schedule

@@ -330,6 +330,8 @@ class Trainer:
                 # a scale >= 1 that overflowed is the scaler's business (it backs off), not a diverging run
                 overflow = not finite and scaler.get_scale() >= 1.0
                 scaler.update()
+        if not finite:   # no update: neither does the method keep what it gathered from this step
+            self.method.discard_step(self.step)
         if overflow:
             log.info("fp16 gradient overflow at step %d: %s update skipped, loss scale now %g", self.step, phase,
                      scaler.get_scale())
