@@ -128,22 +128,28 @@ def method_own_settings(name: str) -> frozenset[str]:
     return frozenset(keys)
 
 
+def another_methods_setting(cfg: DictConfig, key: str) -> str | None:
+    """The error for a `method.*` key that some method's own files set but not the chosen method's, else None (a
+    key no method file has is another file's: an experiment preset's method.experiment_for, read by build_run)."""
+    from . import CONF_DIR
+    name, top = str(cfg.method.name), ".".join(key.split(".")[:2])
+    own = method_own_settings(name)
+    readers = sorted(f.stem for f in (Path(CONF_DIR) / "method").glob("*.yaml") if top in method_own_settings(f.stem))
+    if not own or not readers or top in own:
+        return None
+    return (f"{key}: method={name} never reads it (only method={' or '.join(readers)} "
+            f"read{'s' if len(readers) == 1 else ''} it; a benchmark's defaults put it in every method's config): "
+            "leave it out")
+
+
 def unread_setting(cfg: DictConfig, keys) -> str | None:
     """The one-line error for the first of `keys` (settings the command line gives a value) that a run with the
     composed config `cfg` never reads, else None."""
     for key in keys:
-        if key.startswith("method.") and "method" in cfg and "name" in cfg.method:
-            name, top = str(cfg.method.name), ".".join(key.split(".")[:2])
-            own = method_own_settings(name)
-            from . import CONF_DIR
-            readers = sorted(f.stem for f in (Path(CONF_DIR) / "method").glob("*.yaml")
-                             if top in method_own_settings(f.stem))
-            # a key no method file has is another file's (an experiment preset's method.experiment_for, read by
-            # build_run)
-            if own and readers and top not in own:
-                return (f"{key}: method={name} never reads it (only method={' or '.join(readers)} "
-                        f"read{'s' if len(readers) == 1 else ''} it; a benchmark's defaults put it in every method's "
-                        "config): leave it out")
+        if key.startswith("method.") and "name" in (cfg.get("method") or {}):
+            msg = another_methods_setting(cfg, key)
+            if msg:
+                return msg
         for rule in RULES:
             if rule.covers(key) and not rule.condition(cfg):
                 return f"{key} would be ignored: it is read only with {rule.needs}"
