@@ -721,3 +721,19 @@ def test_sample_eval_and_export_take_an_earlier_checkpoint(tmp_path, gmm_cfg):
     proc = run_app("stepdistill.cli.sample", f"run_dir={run_dir}", "checkpoint=3", "num_samples=5",
                    f"out={tmp_path}/x.npz", check=False)
     assert proc.returncode == 2 and "checkpoint=3:" in proc.stderr and "it has steps [4, 8]" in proc.stderr
+
+
+def test_a_sweep_jobs_folder_is_taken_as_written(tmp_path):
+    """A sweep names its jobs' folders after their overrides (`0_benchmark=gmm,method=dmd2`): as run_dir= or
+    hydra.run.dir= unquoted, Hydra's grammar refused them in several lines ("mismatched input '='")."""
+    from stepdistill.cli import quote_folder_values
+    job = tmp_path / "0_benchmark=gmm,method=dmd2,trainer.max_steps=2"
+    run_app("stepdistill.cli.train", *FAST, "trainer.max_steps=2", f"hydra.run.dir={job}")
+    assert (job / "checkpoints" / "step_0000002").is_dir() and not list(tmp_path.glob("'*"))
+    run_app("stepdistill.cli.sample", f"run_dir={job}", "num_samples=4", f"out={job / 'x.npz'}")
+    with np.load(job / "x.npz") as f:
+        assert f["samples"].shape == (4, 2)
+    # values without "=", lists, dicts and quoted values stay as they are
+    kept = ["method=dmd2", "generator.timesteps=[999,499]", "runs=[a=b]", "out='a=b'", "trainer.max_steps=2"]
+    assert quote_folder_values(kept) == kept
+    assert quote_folder_values(["run_dir=x/0_a=1,b=2"]) == ["run_dir='x/0_a=1,b=2'"]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_app
 from stepdistill.cli.train import train
 from stepdistill.train import checkpoint as ckpt_mod
 from stepdistill.train.checkpoint import latest_checkpoint, list_checkpoints
@@ -291,7 +292,13 @@ def test_a_run_that_leaves_the_generator_no_update_says_so(gmm_cfg, tmp_path, ca
     exported its initial generator without a word."""
     with caplog.at_level("WARNING"):
         train(gmm_cfg("trainer.max_steps=3", "method.critic_warmup_steps=3", "trainer.export=false"), tmp_path)
-    assert "trainer.max_steps=3 leaves the generator no update after the critic's warm-up" in caplog.text
+    assert ("trainer.max_steps=3 leaves the generator no update: its first comes at step 5, after "
+            "method.critic_warmup_steps=3 warm-up steps and method.critic_steps=1 critic updates" in caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING"):   # no warm-up: the critic's updates before the first generator update
+        train(gmm_cfg("trainer.max_steps=2", "method.critic_warmup_steps=0", "method.critic_steps=2",
+                      "trainer.export=false"), tmp_path / "ttur")
+    assert "trainer.max_steps=2 leaves the generator no update: its first comes at step 3" in caplog.text
 
 
 def test_no_checkpoint_is_taken_amid_non_finite_updates(gmm_cfg, tmp_path):
@@ -320,6 +327,12 @@ def test_a_damaged_newest_checkpoint_names_its_file_and_the_one_before(gmm_cfg, 
                                              rf"aside to resume from {tmp_path / 'checkpoints' / 'step_0000002'}$"):
             train(gmm_cfg("trainer.max_steps=6", "trainer.checkpoint_every=2", "trainer.resume=true",
                           "trainer.export=false"), tmp_path)
+        # stepdistill-sample, -eval and -export load the newest too: one line, not a safetensors traceback
+        proc = run_app("stepdistill.cli.sample", f"run_dir={tmp_path}", "num_samples=4", f"out={tmp_path / 'x.npz'}",
+                       check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert (f"stepdistill-sample: error: checkpoint {newest} is damaged ({damage}: " in proc.stderr
+                and proc.stderr.rstrip().endswith("): pass checkpoint=2 for the one before it"))
         (newest / damage).write_bytes(data)
 
 

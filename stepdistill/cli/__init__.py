@@ -236,6 +236,8 @@ def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = (), defa
     given = False
     for arg in args:
         key, sep, value = arg.partition("=")
+        if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"":   # quoted (quote_folder_values)
+            value = value[1:-1]
         if not sep or key not in ("hydra.run.dir", "hydra.sweep.dir", *run_dir_keys) or "$" in value or not value:
             continue
         given = True
@@ -252,6 +254,22 @@ def unwritable_run_dir(args: list[str], run_dir_keys: tuple[str, ...] = (), defa
     return None
 
 
+def quote_folder_values(args: list[str]) -> list[str]:
+    """A value holding "=" (a sweep job's folder, `0_benchmark=gmm,method=dmd`) quoted for Hydra's grammar, which
+    refused `run_dir=multirun/.../0_benchmark=gmm,method=dmd` in several lines: no value of a setting can hold
+    an unquoted "=", so quoting changes nothing else. Lists and dicts are left as they are (`runs=[...]`: give
+    the sweep's folder instead, or quote each item)."""
+    quoted = []
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep and "=" in value and not key.startswith("-") and value[:1] not in "'\"[{":
+            quote = "'" if "'" not in value else '"' if '"' not in value else None
+            if quote:
+                arg = f"{key}={quote}{value}{quote}"
+        quoted.append(arg)
+    return quoted
+
+
 def checked_groups(app: str, config_name: str, run_dir_keys: tuple[str, ...] = ()):
     """Outside `@hydra.main` (whose `config_name` it is): the command line's config group choices and setting
     names are checked (above) before the Hydra app composes its config, which happens before the app's own error
@@ -259,7 +277,7 @@ def checked_groups(app: str, config_name: str, run_dir_keys: tuple[str, ...] = (
     def wrap(hydra_main):
         @functools.wraps(hydra_main)
         def entry():
-            args = sys.argv[1:]
+            sys.argv[1:] = args = quote_folder_values(sys.argv[1:])
             msg = (unknown_group_choice(args) or unknown_setting(args)
                    or unwritable_run_dir(args, run_dir_keys, default_in_cwd=config_name in ("train", "teacher"))
                    or setting_of_another_choice(config_name, args))

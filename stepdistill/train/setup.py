@@ -12,7 +12,7 @@ from ..benchmarks.registry import build_benchmark
 from ..checks import non_negative, run_folder
 from ..methods import method_class
 from ..roles import Roles
-from .checkpoint import checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint
+from .checkpoint import checkpoint_step, damaged_file, latest_checkpoint, list_checkpoints, load_checkpoint
 from .ema import make_ema
 
 
@@ -134,7 +134,16 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
     ckpt = find_checkpoint(run_dir, checkpoint)
     run = build_run(cfg, with_method=False)
-    load_checkpoint(ckpt, checkpoint_roles(run.roles))
+    try:
+        load_checkpoint(ckpt, checkpoint_roles(run.roles))
+    except Exception as e:   # a file damaged after it was written: one line naming it and what to load instead
+        damage = damaged_file(ckpt)
+        if damage is None:
+            raise
+        earlier = [c for c in list_checkpoints(Path(run_dir) / "checkpoints") if checkpoint_step(c) < checkpoint_step(ckpt)]
+        fallback = (f"pass checkpoint={checkpoint_step(earlier[-1])} for the one before it" if earlier
+                    else "no earlier checkpoint is left")
+        raise ValueError(f"checkpoint {ckpt} is damaged ({damage}): {fallback}") from e
     for m in run.roles.values():
         m.eval()
     if device is not None:   # the teacher among the roles: its samples (teacher references) are made there too

@@ -8,6 +8,7 @@ phases) -> log / eval / checkpoint.
 from __future__ import annotations
 
 import datetime
+import itertools
 import logging
 import math
 import time
@@ -142,10 +143,12 @@ class Trainer:
         self.role_params = run.roles.parameter_lists()  # the roles are fixed from here on
         updates = phase_update_counts(self.method, int(tc.max_steps))
         if "generator" in updates and updates["generator"] == 0:   # a run that exports its initial network, silently
-            log.warning("trainer.max_steps=%d leaves the generator no update after the critic's warm-up "
-                        "(method.critic_warmup_steps=%s): the student stays its initial network; raise "
-                        "trainer.max_steps or lower the warm-up", int(tc.max_steps),
-                        self.cfg.method.get("critic_warmup_steps"))
+            first = next(s for s in itertools.count() if self.method.phase(s) == "generator")
+            mc = self.cfg.method
+            log.warning("trainer.max_steps=%d leaves the generator no update: its first comes at step %d, after "
+                        "method.critic_warmup_steps=%s warm-up steps and method.critic_steps=%s critic updates; the "
+                        "student stays its initial network: raise trainer.max_steps above %d", int(tc.max_steps),
+                        first + 1, mc.get("critic_warmup_steps") or 0, mc.get("critic_steps", 1), first)
         drop_step = self.cfg.optim.get("lr_drop_step")   # a trainer step; each phase drops at its own update count
         if drop_step is not None:
             drop_step = at_least("optim.lr_drop_step", drop_step, 0)
