@@ -48,6 +48,11 @@ def _points(cfg) -> bool:
     return str(cfg.benchmark.name).startswith("gmm")
 
 
+def _edm(cfg) -> bool:
+    """An EDM teacher: a gmm's `benchmark.schedule.kind=edm` (the digits and text-to-image teachers are VP)."""
+    return (cfg.benchmark.get("schedule") or {}).get("kind") == "edm"
+
+
 def _data(cfg) -> dict:
     return cfg.benchmark.get("data") or {}
 
@@ -85,8 +90,8 @@ RULES = (
     # sid.py _check_critic_noise: reference is lognormal on an EDM schedule (a gmm's benchmark.schedule.kind=edm;
     # the digits and text-to-image teachers are VP), loss_range elsewhere
     ReadWhen(("method.critic_lognormal",),
-             lambda c: c.method.get("critic_noise") == "lognormal" or (
-                 c.method.get("critic_noise") == "reference" and (c.benchmark.get("schedule") or {}).get("kind") == "edm"),
+             lambda c: c.method.get("critic_noise") == "lognormal" or (c.method.get("critic_noise") == "reference"
+                                                                        and _edm(c)),
              "method.critic_noise=lognormal (or reference, on an EDM teacher: benchmark.schedule.kind=edm)"),
     # sid.py: the reference weighting differs from the native loss only for a v-prediction fake score; the gmm's is EDM
     ReadWhen(("method.critic_weighting",), lambda c: not _points(c), "a v-prediction teacher (digits; not the gmm's)"),
@@ -99,7 +104,8 @@ RULES = (
     ReadWhen(("attention.backend",), lambda c: not _points(c), "networks with attention layers (not the gmm's MLPs)"),
     ReadWhen(("benchmark.fake_score_from_teacher",), has_critic, "a method with a critic (method=scm has none)"),
     # gmm.py: explicit means replace the circle
-    ReadWhen(("benchmark.num_modes", "benchmark.radius"), lambda c: not c.benchmark.get("means"), "benchmark.means=null"),
+    ReadWhen(("benchmark.num_modes", "benchmark.radius"), lambda c: not c.benchmark.get("means"),
+             "benchmark.means=null"),
     ReadWhen(("benchmark.network.fourier_scale", "benchmark.network.generator_fourier_scale"),
              lambda c: int(c.benchmark.network.get("fourier_features") or 0) > 0,
              "benchmark.network.fourier_features > 0"),

@@ -140,7 +140,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
         damage = damaged_file(ckpt)
         if damage is None:
             raise
-        earlier = [c for c in list_checkpoints(Path(run_dir) / "checkpoints") if checkpoint_step(c) < checkpoint_step(ckpt)]
+        earlier = [c for c in list_checkpoints(Path(run_dir) / "checkpoints")
+                   if checkpoint_step(c) < checkpoint_step(ckpt)]
         fallback = (f"pass checkpoint={checkpoint_step(earlier[-1])} for the one before it" if earlier
                     else "no earlier checkpoint is left")
         raise ValueError(f"checkpoint {ckpt} is damaged ({damage}): {fallback}") from e
