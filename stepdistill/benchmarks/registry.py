@@ -1,6 +1,10 @@
 """`benchmark.name` -> Benchmark class."""
 from __future__ import annotations
 
+# the 2-D mixtures: exact scores, MLP students from scratch (no attention); compare re-samples them and scores them
+# against the exact mixture
+POINTS_BENCHMARKS = ("gmm", "gmm_unbalanced")
+
 
 def build_benchmark(cfg):
     from .digits import DigitsBenchmark

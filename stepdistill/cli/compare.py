@@ -27,10 +27,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from ..benchmarks.registry import POINTS_BENCHMARKS
 from ..checks import at_least, make_folder, or_default
 from . import CONF_DIR, checked_groups, first_set, set_threads, user_errors
 
-POINTS_BENCHMARKS = ("gmm", "gmm_unbalanced")   # re-sampled and scored against the exact mixture
 POINT_COLUMNS = ("modes_covered", "mode_mass_error", "high_quality_fraction", "mode_std_ratio", "sliced_w2")
 IMAGE_COLUMNS = ("fd", "teacher_fd", "fd_ratio", "precision", "recall", "latent_fd", "teacher_latent_fd",
                  "latent_fd_ratio", "fid", "clip_score")

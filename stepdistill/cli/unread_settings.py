@@ -20,6 +20,8 @@ from typing import Callable
 
 from omegaconf import DictConfig
 
+from ..benchmarks.registry import POINTS_BENCHMARKS
+
 
 def has_critic(cfg: DictConfig) -> bool:
     from ..methods import method_class
@@ -45,7 +47,7 @@ def _shared_base(cfg) -> bool:
 
 def _points(cfg) -> bool:
     """The gmm benchmarks: MLP students from scratch (no attention) around an EDM-preconditioned fake score."""
-    return str(cfg.benchmark.name).startswith("gmm")
+    return str(cfg.benchmark.name) in POINTS_BENCHMARKS
 
 
 def _edm(cfg) -> bool:

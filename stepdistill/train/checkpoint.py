@@ -103,6 +103,14 @@ def list_checkpoints(root: Path) -> list[Path]:
     return [found[step] for step in sorted(found)]
 
 
+def checkpoint_before(root: Path, ckpt: Path) -> Path | None:
+    """The newest checkpoint under `root` of an earlier step than `ckpt` (what to fall back on when it is
+    damaged), or None."""
+    step = checkpoint_step(ckpt)
+    earlier = [c for c in list_checkpoints(root) if checkpoint_step(c) < step]
+    return earlier[-1] if earlier else None
+
+
 def checkpoint_step(path: Path) -> int:
     """The step a checkpoint folder holds (from its name: step_XXXXXXX, or .old_step_XXXXXXX_PID)."""
     m = STEP_DIR.match(path.name) or MOVED_ASIDE.match(path.name)

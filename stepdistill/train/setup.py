@@ -12,7 +12,8 @@ from ..benchmarks.registry import build_benchmark
 from ..checks import non_negative, run_folder
 from ..methods import method_class
 from ..roles import Roles
-from .checkpoint import checkpoint_step, damaged_file, latest_checkpoint, list_checkpoints, load_checkpoint
+from .checkpoint import (checkpoint_before, checkpoint_step, damaged_file, latest_checkpoint, list_checkpoints,
+                         load_checkpoint)
 from .ema import make_ema
 
 
@@ -140,9 +141,8 @@ def load_run(run_dir: str | Path, overrides: list[str] | None = None, checkpoint
         damage = damaged_file(ckpt)
         if damage is None:
             raise
-        earlier = [c for c in list_checkpoints(Path(run_dir) / "checkpoints")
-                   if checkpoint_step(c) < checkpoint_step(ckpt)]
-        fallback = (f"pass checkpoint={checkpoint_step(earlier[-1])} for the one before it" if earlier
+        earlier = checkpoint_before(Path(run_dir) / "checkpoints", ckpt)
+        fallback = (f"pass checkpoint={checkpoint_step(earlier)} for the one before it" if earlier
                     else "no earlier checkpoint is left")
         raise ValueError(f"checkpoint {ckpt} is damaged ({damage}): {fallback}") from e
     for m in run.roles.values():

@@ -25,8 +25,8 @@ from .. import batch_split
 from ..checks import NonFiniteError, at_least, eval_sample_count, non_negative
 from ..data.cache import cache_holds
 from .batches import BatchSource, make_regression_pairs, regression_pairs_key
-from .checkpoint import (damaged_file, latest_checkpoint, list_checkpoints, load_checkpoint, load_sharded_checkpoint,
-                         save_checkpoint)
+from .checkpoint import (checkpoint_before, damaged_file, latest_checkpoint, load_checkpoint,
+                         load_sharded_checkpoint, save_checkpoint)
 from .distributed import all_finite, any_process, average_gradients, mean_over_processes, weight_spread
 from .ema import EMA
 from .evaluation import Evaluator
@@ -234,8 +234,8 @@ class Trainer:
         except Exception as e:   # another config's roles or shapes, or a file damaged since it was written
             damage = damaged_file(ckpt)
             if damage is not None:
-                earlier = list_checkpoints(self.run_dir / "checkpoints")[:-1]
-                fallback = (f"move {ckpt} aside to resume from {earlier[-1]}" if earlier
+                earlier = checkpoint_before(self.run_dir / "checkpoints", ckpt)
+                fallback = (f"move {ckpt} aside to resume from {earlier}" if earlier
                             else "no earlier checkpoint is left: start a new run in another hydra.run.dir")
                 raise ValueError(f"trainer.resume=true but checkpoint {ckpt} is damaged ({damage}): "
                                  f"{fallback}") from e
